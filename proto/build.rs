@@ -1,0 +1,39 @@
+//! Compiles the .proto contract with protox (pure Rust, no system protoc) and
+//! derives the YAML/JSON form of every resource message from the same types.
+
+const RESOURCE_MESSAGES: &[&str] = &[
+    "ObjectMeta",
+    "LabelSelector",
+    "LabelSelectorRequirement",
+    "Condition",
+    "Event",
+    "NodeFacts",
+    "Node",
+    "NodeSpec",
+    "NodeStatus",
+    "NodeSet",
+    "NodeSetSpec",
+    "NodeSetStatus",
+    "AgentProfile",
+    "AgentProfileSpec",
+    "AgentProfileStatus",
+    "AgentSettings",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/nodekeeper/v1/resources.proto", "proto/nodekeeper/v1/link.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    let mut builder = tonic_prost_build::configure().btree_map(".");
+    for m in RESOURCE_MESSAGES {
+        builder = builder.message_attribute(
+            format!(".nodekeeper.v1.{m}"),
+            "#[derive(serde::Serialize, serde::Deserialize)]\n\
+             #[serde(rename_all = \"camelCase\", default, deny_unknown_fields)]",
+        );
+    }
+    builder.compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! The nodekeeper contract: wire messages of the agent link, the resource
+//! model and its validation. Every other crate uses these definitions, so the
+//! agent, hub, CLI and tests can never disagree about a field.
+
+pub mod document;
+pub mod resource;
+pub mod selector;
+pub mod time;
+pub mod validate;
+
+/// Generated protobuf types and the `AgentLink` gRPC service.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("nodekeeper.v1");
+}
+
+pub use resource::{Kind, Resource, ResourceError};
+
+/// The `apiVersion` every nodekeeper resource carries.
+pub const API_VERSION: &str = "nodekeeper.io/v1";
+
+/// Version of the agent link protocol spoken by this build.
+pub const LINK_PROTOCOL: u32 = 1;
+
+/// Version of this build (the workspace version).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
