@@ -1,1 +1,113 @@
-fn main(){}
+//! The hub daemon's entry point.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use nodekeeper_hub::config::{self, HubConfig};
+use nodekeeper_hub::fleet::{Fleet, FleetConfig};
+use nodekeeper_hub::link::LinkService;
+use nodekeeper_hub::metrics::Metrics;
+use nodekeeper_hub::store::Store;
+use nodekeeper_proto::daemon;
+use nodekeeper_proto::v1::agent_link_server::AgentLinkServer;
+
+#[derive(Parser)]
+#[command(name = "nodekeeper-hub", version, about = "nodekeeper hub: agent links, operator API, fleet state")]
+struct Args {
+    /// Configuration file.
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+fn main() {
+    daemon::exit_on_error(main_inner().map_err(|e| format!("{e:#}")), "nodekeeper-hub");
+}
+
+fn main_inner() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
+    let cfg = HubConfig::load(&args.config, explicit)?;
+    daemon::init_logging(&cfg.log_level, cfg.log_format == "json");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: HubConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating stateDir {}; set stateDir in the config to a writable directory", cfg.state_dir.display()))?;
+    let metrics = Metrics::new();
+    let store_path = cfg.store_path();
+    let (store, loaded) = Store::open(&store_path, metrics.clone())?;
+    tracing::info!(store = %store_path.display(), nodes = loaded.nodes.len(), resources = loaded.resources.len(), "store loaded");
+    let fleet = Fleet::new(
+        store,
+        loaded,
+        metrics,
+        FleetConfig { grace: Duration::from_secs(cfg.node_monitor_grace_period_seconds) },
+    )?;
+
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen.grpc)
+        .await
+        .with_context(|| format!("binding listen.grpc {}", cfg.listen.grpc))?;
+    let http_listener = tokio::net::TcpListener::bind(cfg.listen.http)
+        .await
+        .with_context(|| format!("binding listen.http {}", cfg.listen.http))?;
+    tracing::info!(grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, version = nodekeeper_proto::VERSION, "hub listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grpc = {
+        let mut stop = stop_rx.clone();
+        let svc = AgentLinkServer::new(LinkService::new(fleet.clone()));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        )
+    };
+    let http = {
+        let mut stop = stop_rx.clone();
+        let app = nodekeeper_hub::api::router(fleet.clone());
+        tokio::spawn(async move {
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+    let ticker = {
+        let fleet: Arc<Fleet> = fleet.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                t.tick().await;
+                fleet.tick();
+            }
+        })
+    };
+    daemon::notify_ready();
+
+    tokio::select! {
+        _ = daemon::shutdown_signal() => {}
+        r = grpc => { r??; anyhow::bail!("gRPC server stopped unexpectedly"); }
+    }
+    daemon::notify_stopping();
+    let _ = stop_tx.send(true);
+    ticker.abort();
+    match tokio::time::timeout(Duration::from_secs(5), http).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server error at shutdown"),
+        Err(_) => tracing::warn!("HTTP server did not stop within 5 s"),
+        _ => {}
+    }
+    tracing::info!("hub stopped");
+    Ok(())
+}

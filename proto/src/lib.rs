@@ -2,6 +2,9 @@
 //! model and its validation. Every other crate uses these definitions, so the
 //! agent, hub, CLI and tests can never disagree about a field.
 
+pub mod config;
+#[cfg(feature = "daemon")]
+pub mod daemon;
 pub mod document;
 pub mod resource;
 pub mod selector;

@@ -1,0 +1,140 @@
+//! The operator HTTP/JSON API. Handlers translate HTTP to fleet calls and
+//! fleet errors to status codes; the logic lives in [`crate::fleet`].
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use nodekeeper_proto::document::parse_resources;
+use nodekeeper_proto::{Kind, ResourceError};
+use serde_json::{Value, json};
+
+use crate::fleet::{Fleet, FleetError};
+
+/// Largest request body accepted (a resource file), in bytes.
+const MAX_BODY: usize = 4 << 20;
+
+/// An API error: `{"error": "...", "field": "..."}` with a fitting status.
+pub struct ApiError(StatusCode, String, Option<String>);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.1 });
+        if let Some(f) = self.2 {
+            body["field"] = Value::String(f);
+        }
+        (self.0, axum::Json(body)).into_response()
+    }
+}
+
+impl From<FleetError> for ApiError {
+    fn from(e: FleetError) -> Self {
+        let code = match &e {
+            FleetError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            FleetError::NotFound { .. } => StatusCode::NOT_FOUND,
+            FleetError::Conflict { .. } => StatusCode::CONFLICT,
+            FleetError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let field = e.field().map(String::from);
+        ApiError(code, e.to_string(), field)
+    }
+}
+
+impl From<ResourceError> for ApiError {
+    fn from(e: ResourceError) -> Self {
+        FleetError::Invalid(e).into()
+    }
+}
+
+type Api = Arc<Fleet>;
+type JsonResult = Result<axum::Json<Value>, ApiError>;
+
+/// The operator API router.
+pub fn router(fleet: Arc<Fleet>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", get(get_node))
+        .route("/v1/fleet/summary", get(summary))
+        .route("/v1/apply", axum::routing::post(apply_any))
+        .route("/v1/{kind}", get(list).post(apply_kind))
+        .route("/v1/{kind}/{name}", get(get_one).delete(delete_one))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(fleet)
+}
+
+fn kind_of(plural: &str) -> Result<Kind, ApiError> {
+    Kind::ALL.iter().copied().find(|k| k.plural() == plural).ok_or_else(|| {
+        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.plural()).collect();
+        let msg = if Kind::planned(plural) {
+            format!("{plural} are not served by this hub version yet")
+        } else {
+            format!("unknown kind {plural:?}; one of nodes, {}", known.join(", "))
+        };
+        ApiError(StatusCode::NOT_FOUND, msg, Some("kind".into()))
+    })
+}
+
+async fn metrics(State(f): State<Api>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        f.metrics.encode(),
+    )
+}
+
+async fn list_nodes(State(f): State<Api>) -> JsonResult {
+    Ok(axum::Json(json!({ "items": f.list_nodes() })))
+}
+
+async fn get_node(State(f): State<Api>, Path(name): Path<String>) -> JsonResult {
+    let node = f.get_node(&name)?;
+    Ok(axum::Json(serde_json::to_value(node).unwrap_or(Value::Null)))
+}
+
+async fn summary(State(f): State<Api>) -> JsonResult {
+    Ok(axum::Json(serde_json::to_value(f.summary()).unwrap_or(Value::Null)))
+}
+
+async fn list(State(f): State<Api>, Path(kind): Path<String>) -> JsonResult {
+    let kind = kind_of(&kind)?;
+    Ok(axum::Json(json!({ "items": f.list(kind) })))
+}
+
+async fn get_one(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> JsonResult {
+    let kind = kind_of(&kind)?;
+    Ok(axum::Json(f.get(kind, &name)?))
+}
+
+async fn delete_one(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> JsonResult {
+    let kind = kind_of(&kind)?;
+    Ok(axum::Json(f.delete(kind, &name).await?))
+}
+
+async fn apply_kind(State(f): State<Api>, Path(kind): Path<String>, body: String) -> JsonResult {
+    let kind = kind_of(&kind)?;
+    let docs = parse_resources(&body)?;
+    if let Some((i, d)) = docs.iter().enumerate().find(|(_, d)| d.kind() != kind) {
+        return Err(ResourceError::new(
+            "kind",
+            format!("{} posted to /v1/{}; use /v1/{} or /v1/apply", d.kind().name(), kind.plural(), d.kind().plural()),
+        )
+        .in_document(i + 1)
+        .into());
+    }
+    apply_docs(&f, docs).await
+}
+
+async fn apply_any(State(f): State<Api>, body: String) -> JsonResult {
+    let docs = parse_resources(&body)?;
+    apply_docs(&f, docs).await
+}
+
+async fn apply_docs(f: &Fleet, docs: Vec<nodekeeper_proto::Resource>) -> JsonResult {
+    let results = f.apply(docs).await?;
+    Ok(axum::Json(json!({ "items": results })))
+}

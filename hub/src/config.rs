@@ -1,0 +1,106 @@
+//! The hub's configuration file (`/etc/nodekeeper/hub.yaml`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use nodekeeper_proto::config::ConfigError;
+use serde::Deserialize;
+
+/// Default path of the configuration file.
+pub const DEFAULT_PATH: &str = "/etc/nodekeeper/hub.yaml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct HubConfig {
+    pub listen: Listen,
+    pub state_dir: PathBuf,
+    pub store: StoreConfig,
+    /// How long a node may miss heartbeats before its Ready turns Unknown
+    /// (never less than three of its heartbeat intervals).
+    pub node_monitor_grace_period_seconds: u64,
+    /// error, warn, info, debug, trace (RUST_LOG overrides).
+    pub log_level: String,
+    /// text or json.
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Only `sqlite` is available today.
+    pub driver: String,
+    /// SQLite file; default `<stateDir>/hub.db`.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            listen: Listen::default(),
+            state_dir: PathBuf::from("/var/lib/nodekeeper-hub"),
+            store: StoreConfig::default(),
+            node_monitor_grace_period_seconds: 40,
+            log_level: "info".into(),
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            grpc: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            http: SocketAddr::from(([127, 0, 0, 1], 7080)),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { driver: "sqlite".into(), path: None }
+    }
+}
+
+impl HubConfig {
+    /// Loads and checks the file; `required` when given explicitly.
+    pub fn load(path: &Path, required: bool) -> Result<HubConfig, ConfigError> {
+        let c: HubConfig = nodekeeper_proto::config::load(path, required)?;
+        c.check(path)?;
+        Ok(c)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.store.driver != "sqlite" {
+            return Err(ConfigError::invalid(
+                path,
+                "store.driver",
+                format!("{:?} is not available; only \"sqlite\" is supported", self.store.driver),
+            ));
+        }
+        if !nodekeeper_proto::validate::LOG_LEVELS.contains(&self.log_level.as_str()) {
+            return Err(ConfigError::invalid(path, "logLevel", format!("{:?} is not a log level", self.log_level)));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::invalid(path, "logFormat", "must be text or json"));
+        }
+        if self.node_monitor_grace_period_seconds == 0 {
+            return Err(ConfigError::invalid(path, "nodeMonitorGracePeriodSeconds", "must be at least 1"));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(ConfigError::invalid(path, "stateDir", "must be an absolute path"));
+        }
+        Ok(())
+    }
+
+    /// The SQLite file.
+    pub fn store_path(&self) -> PathBuf {
+        self.store.path.clone().unwrap_or_else(|| self.state_dir.join("hub.db"))
+    }
+}

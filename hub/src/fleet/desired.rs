@@ -1,0 +1,90 @@
+//! What a node should run: the pure computation of its desired agent
+//! settings from the AgentProfiles that select it.
+
+use std::collections::BTreeMap;
+
+use nodekeeper_proto::selector::selects;
+use nodekeeper_proto::v1::{AgentProfile, AgentSettings};
+
+/// Log level when no AgentProfile sets one.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Heartbeat interval when no AgentProfile sets one.
+pub const DEFAULT_HEARTBEAT_SECONDS: u32 = 10;
+
+/// Merges every AgentProfile whose selector matches `labels`, in name order:
+/// a later profile's `logLevel`/`heartbeatSeconds` win, labels accumulate
+/// (later wins per key). Selection uses the node's own labels (agent config
+/// and operator labels), never labels a profile adds, so profiles cannot
+/// select each other in circles.
+pub fn settings<'a>(
+    labels: &BTreeMap<String, String>,
+    profiles: impl Iterator<Item = &'a AgentProfile>,
+) -> AgentSettings {
+    let mut out = AgentSettings {
+        log_level: DEFAULT_LOG_LEVEL.to_string(),
+        heartbeat_seconds: DEFAULT_HEARTBEAT_SECONDS,
+        labels: BTreeMap::new(),
+        profiles: Vec::new(),
+    };
+    for p in profiles {
+        let Some(spec) = p.spec.as_ref() else { continue };
+        if !selects(spec.node_selector.as_ref(), labels) {
+            continue;
+        }
+        if let Some(l) = &spec.log_level {
+            out.log_level = l.clone();
+        }
+        if let Some(h) = spec.heartbeat_seconds {
+            out.heartbeat_seconds = h;
+        }
+        out.labels.extend(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out.profiles.push(p.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodekeeper_proto::v1::{AgentProfileSpec, LabelSelector, ObjectMeta};
+
+    fn profile(name: &str, sel: &[(&str, &str)], level: Option<&str>, hb: Option<u32>, labels: &[(&str, &str)]) -> AgentProfile {
+        AgentProfile {
+            metadata: Some(ObjectMeta { name: name.into(), ..Default::default() }),
+            spec: Some(AgentProfileSpec {
+                node_selector: Some(LabelSelector {
+                    match_labels: sel.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                    match_expressions: vec![],
+                }),
+                log_level: level.map(String::from),
+                heartbeat_seconds: hb,
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_without_profiles() {
+        let s = settings(&BTreeMap::new(), std::iter::empty());
+        assert_eq!(s.log_level, "info");
+        assert_eq!(s.heartbeat_seconds, 10);
+        assert!(s.profiles.is_empty());
+    }
+
+    #[test]
+    fn matching_profiles_merge_in_order_and_others_are_ignored() {
+        let ps = [
+            profile("a-all", &[], Some("warn"), Some(30), &[("team", "infra")]),
+            profile("b-gpu", &[("gpu", "yes")], Some("debug"), None, &[("team", "ml"), ("x", "1")]),
+            profile("c-arm", &[("arch", "arm64")], Some("trace"), Some(5), &[]),
+        ];
+        let labels: BTreeMap<String, String> = [("gpu".to_string(), "yes".to_string())].into();
+        let s = settings(&labels, ps.iter());
+        assert_eq!(s.log_level, "debug");
+        assert_eq!(s.heartbeat_seconds, 30);
+        assert_eq!(s.labels.get("team").map(String::as_str), Some("ml"));
+        assert_eq!(s.labels.get("x").map(String::as_str), Some("1"));
+        assert_eq!(s.profiles, vec!["a-all", "b-gpu"]);
+    }
+}

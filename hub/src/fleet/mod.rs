@@ -1,0 +1,225 @@
+//! The fleet: the hub's in-memory index of nodes and resources, kept in step
+//! with the store, and every operation the API and the agent link perform on
+//! it. Nothing here knows about HTTP or gRPC, so both front ends (and the
+//! planned `Fleet` gRPC service) call the same code.
+
+pub mod desired;
+mod nodes;
+mod resources;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use nodekeeper_proto::v1::{DesiredState, Node};
+use nodekeeper_proto::{Kind, Resource, ResourceError};
+use tokio::sync::{oneshot, watch};
+
+use crate::metrics::Metrics;
+use crate::store::{Loaded, Store, StoreError};
+
+pub use nodes::SessionHandles;
+pub use resources::{ApplyAction, ApplyResult};
+
+/// Errors of fleet operations, mapped to status codes by each front end.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{0}")]
+    Invalid(#[from] ResourceError),
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: String, name: String },
+    #[error("{field}: {message}")]
+    Conflict { field: String, message: String },
+    #[error("store: {0}; nothing was applied, retry when the store is healthy")]
+    Store(String),
+}
+
+impl FleetError {
+    /// The field the error is about, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            FleetError::Invalid(e) => Some(&e.field),
+            FleetError::Conflict { field, .. } => Some(field),
+            FleetError::NotFound { .. } => Some("metadata.name"),
+            FleetError::Store(_) => None,
+        }
+    }
+}
+
+/// Tunables of the fleet.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// How long a node may go without heartbeats before Ready turns Unknown
+    /// (at least three of the node's own heartbeat intervals).
+    pub grace: Duration,
+}
+
+/// Counts for `/v1/fleet/summary`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCounts {
+    pub total: u64,
+    pub ready: u64,
+    pub not_ready: u64,
+    pub unknown: u64,
+    pub in_sync: u64,
+    pub connected: u64,
+}
+
+/// The fleet summary.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub nodes: NodeCounts,
+    /// Resources per kind (plural name).
+    pub resources: BTreeMap<String, u64>,
+    /// The newest desired-state revision the hub has computed.
+    pub revision: u64,
+}
+
+pub(crate) struct NodeEntry {
+    /// The persisted form.
+    node: Node,
+    last_heartbeat: Instant,
+    last_seen: SystemTime,
+    /// Id of the open session, if any.
+    session: Option<u64>,
+    /// Dropping it ends the open session's outbound stream.
+    kill: Option<oneshot::Sender<()>>,
+    /// Latest desired state; sessions subscribe.
+    desired_tx: Arc<watch::Sender<DesiredState>>,
+    /// Highest report sequence committed to the store; sessions subscribe.
+    ack_tx: Arc<watch::Sender<u64>>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    nodes: BTreeMap<String, NodeEntry>,
+    resources: BTreeMap<(Kind, String), Resource>,
+    resource_version: u64,
+    revision: u64,
+    next_session: u64,
+}
+
+/// The fleet; shared by every front end behind an `Arc`.
+pub struct Fleet {
+    state: Mutex<State>,
+    /// Serializes resource writers (apply/delete) across their store commit.
+    apply_lock: tokio::sync::Mutex<()>,
+    store: Store,
+    pub metrics: Metrics,
+    config: FleetConfig,
+    started: Instant,
+}
+
+pub(crate) const COUNTER_RESOURCE_VERSION: &str = "resource_version";
+pub(crate) const COUNTER_REVISION: &str = "revision";
+
+impl Fleet {
+    /// Rebuilds the fleet from what the store loaded.
+    pub fn new(store: Store, loaded: Loaded, metrics: Metrics, config: FleetConfig) -> Result<Arc<Fleet>, StoreError> {
+        let mut state = State {
+            resource_version: loaded.counters.get(COUNTER_RESOURCE_VERSION).copied().unwrap_or(0),
+            revision: loaded.counters.get(COUNTER_REVISION).copied().unwrap_or(0),
+            ..Default::default()
+        };
+        for (kind, body) in loaded.resources {
+            let value: serde_json::Value = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
+                path: "resources".into(),
+                row: kind.clone(),
+                reason: e.to_string(),
+            })?;
+            let r = Resource::from_value(value).map_err(|e| StoreError::Corrupt {
+                path: "resources".into(),
+                row: kind.clone(),
+                reason: e.to_string(),
+            })?;
+            state.resources.insert((r.kind(), r.name().to_string()), r);
+        }
+        let now = Instant::now();
+        for node in loaded.nodes {
+            let Some(name) = node.metadata.as_ref().map(|m| m.name.clone()) else { continue };
+            let status = node.status.clone().unwrap_or_default();
+            let desired = DesiredState { revision: status.desired_revision, settings: status.settings.clone() };
+            let last_seen =
+                nodekeeper_proto::time::parse_rfc3339(&status.last_seen).unwrap_or(SystemTime::UNIX_EPOCH);
+            state.nodes.insert(
+                name,
+                NodeEntry {
+                    node,
+                    // The grace period starts when the hub starts, as Kubernetes' node
+                    // lifecycle controller does after a restart.
+                    last_heartbeat: now,
+                    last_seen,
+                    session: None,
+                    kill: None,
+                    desired_tx: Arc::new(watch::channel(desired).0),
+                    ack_tx: Arc::new(watch::channel(status.report_sequence).0),
+                },
+            );
+        }
+        Ok(Arc::new(Fleet {
+            state: Mutex::new(state),
+            apply_lock: tokio::sync::Mutex::new(()),
+            store,
+            metrics,
+            config,
+            started: now,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; keep serving rather than
+        // poisoning every later request.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The fleet summary.
+    pub fn summary(&self) -> Summary {
+        let st = self.lock();
+        let mut s = Summary { revision: st.revision, ..Default::default() };
+        for e in st.nodes.values() {
+            s.nodes.total += 1;
+            match nodes::ready_status(&e.node) {
+                "True" => s.nodes.ready += 1,
+                "False" => s.nodes.not_ready += 1,
+                _ => s.nodes.unknown += 1,
+            }
+            if nodes::in_sync(&e.node) {
+                s.nodes.in_sync += 1;
+            }
+            if e.session.is_some() {
+                s.nodes.connected += 1;
+            }
+        }
+        for k in Kind::ALL {
+            s.resources.insert(k.plural().to_string(), 0);
+        }
+        for (k, _) in st.resources.keys() {
+            *s.resources.entry(k.plural().to_string()).or_default() += 1;
+        }
+        s
+    }
+
+    /// Whether the hub has finished starting (store loaded, listeners up).
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// Clones of the per-node channels a store callback needs after commit.
+type Pushes = Vec<(Arc<watch::Sender<DesiredState>>, DesiredState)>;
+
+fn push_all(pushes: Pushes) {
+    for (tx, d) in pushes {
+        tx.send_if_modified(|cur| {
+            if d.revision > cur.revision {
+                *cur = d;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+

@@ -1,0 +1,404 @@
+//! Nodes: agent sessions, heartbeats and the Ready condition, report ingest
+//! with per-node sequence numbers, and applied revisions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use nodekeeper_proto::time::{now_rfc3339, rfc3339};
+use nodekeeper_proto::v1::{
+    Condition, DesiredState, Event, Hello, Node, NodeStatus, ObjectMeta, Report, Welcome, report,
+};
+use nodekeeper_proto::{API_VERSION, validate};
+use tokio::sync::{oneshot, watch};
+
+use super::{COUNTER_REVISION, Fleet, FleetError, NodeEntry, Pushes, State, desired, push_all};
+use crate::store::Write;
+
+/// Recent events kept per node (identical events are aggregated).
+const RECENT_EVENTS: usize = 50;
+
+/// What a new session gets: its id, the welcome, and subscriptions to the
+/// node's desired state and committed report sequence.
+pub struct SessionHandles {
+    pub id: u64,
+    pub node: String,
+    pub welcome: Welcome,
+    pub desired: watch::Receiver<DesiredState>,
+    pub acks: watch::Receiver<u64>,
+    /// Resolves when a newer session of the same node replaces this one.
+    pub replaced: oneshot::Receiver<()>,
+}
+
+pub(super) fn ready_status(node: &Node) -> &str {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"))
+        .map(|c| c.status.as_str())
+        .unwrap_or("Unknown")
+}
+
+pub(super) fn in_sync(node: &Node) -> bool {
+    node.status.as_ref().is_some_and(|s| s.desired_revision == s.applied_revision)
+}
+
+/// Sets the Ready condition; true when its status or reason changed.
+fn set_ready(status: &mut NodeStatus, value: &str, reason: &str, message: &str) -> bool {
+    let now = now_rfc3339();
+    if let Some(c) = status.conditions.iter_mut().find(|c| c.r#type == "Ready") {
+        if c.status == value && c.reason == reason {
+            return false;
+        }
+        if c.status != value {
+            c.last_transition_time = now.clone();
+        }
+        c.status = value.into();
+        c.reason = reason.into();
+        c.message = message.into();
+        c.last_heartbeat_time = now;
+        return true;
+    }
+    status.conditions.insert(
+        0,
+        Condition {
+            r#type: "Ready".into(),
+            status: value.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: now.clone(),
+            last_heartbeat_time: now,
+            source: "hub".into(),
+        },
+    );
+    true
+}
+
+fn upsert_condition(status: &mut NodeStatus, c: Condition) {
+    if c.r#type == "Ready" {
+        return; // owned by the hub
+    }
+    match status.conditions.iter_mut().find(|x| x.r#type == c.r#type) {
+        Some(x) => *x = c,
+        None => status.conditions.push(c),
+    }
+}
+
+fn add_event(status: &mut NodeStatus, mut e: Event) {
+    let count = e.count.max(1);
+    if let Some(i) = status
+        .recent_events
+        .iter()
+        .position(|x| x.reason == e.reason && x.message == e.message && x.source == e.source)
+    {
+        let mut x = status.recent_events.remove(i);
+        x.count += count;
+        x.time = e.time;
+        x.severity = e.severity;
+        status.recent_events.push(x);
+    } else {
+        e.count = count;
+        if e.first_time.is_empty() {
+            e.first_time = e.time.clone();
+        }
+        status.recent_events.push(e);
+        if status.recent_events.len() > RECENT_EVENTS {
+            status.recent_events.remove(0);
+        }
+    }
+}
+
+/// The labels selectors see: the agent's own, then the operator's.
+pub(super) fn base_labels(node: &Node) -> BTreeMap<String, String> {
+    let mut labels = node.status.as_ref().map(|s| s.agent_labels.clone()).unwrap_or_default();
+    if let Some(spec) = &node.spec {
+        labels.extend(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    labels
+}
+
+impl State {
+    /// Recomputes one node's desired settings; on a change bumps the revision
+    /// and returns the push to make after commit.
+    pub(super) fn recompute(&mut self, name: &str) -> Option<(Arc<watch::Sender<DesiredState>>, DesiredState)> {
+        let profiles = self.resources.values().filter_map(|r| match r {
+            nodekeeper_proto::Resource::AgentProfile(p) => Some(p),
+            _ => None,
+        });
+        let entry = self.nodes.get_mut(name)?;
+        let base = base_labels(&entry.node);
+        let settings = desired::settings(&base, profiles);
+        let status = entry.node.status.get_or_insert_with(Default::default);
+        if status.settings.as_ref() == Some(&settings) && status.desired_revision > 0 {
+            return None;
+        }
+        self.revision += 1;
+        let status = entry.node.status.get_or_insert_with(Default::default);
+        status.desired_revision = self.revision;
+        let mut labels = base;
+        labels.extend(settings.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        status.settings = Some(settings.clone());
+        entry.node.metadata.get_or_insert_with(Default::default).labels = labels;
+        Some((entry.desired_tx.clone(), DesiredState { revision: self.revision, settings: Some(settings) }))
+    }
+}
+
+impl Fleet {
+    /// Opens a session for an agent's Hello: registers or updates the node,
+    /// computes its desired state, and returns the session's subscriptions.
+    pub fn open_session(&self, hello: Hello) -> Result<SessionHandles, FleetError> {
+        validate::dns_subdomain("hello.nodeName", &hello.node_name)?;
+        validate::labels("hello.labels", &hello.labels)?;
+        let facts = hello.facts.unwrap_or_default();
+        let mut st = self.lock();
+        st.next_session += 1;
+        let id = st.next_session;
+        let name = hello.node_name.clone();
+        if let Some(e) = st.nodes.get(&name) {
+            let known = e.node.status.as_ref().and_then(|s| s.facts.as_ref()).map(|f| f.machine_id.as_str());
+            if e.session.is_some() && known.is_some_and(|m| !m.is_empty() && m != facts.machine_id) {
+                self.metrics.sessions_rejected.inc();
+                return Err(FleetError::Conflict {
+                    field: "hello.nodeName".into(),
+                    message: format!(
+                        "node {name:?} is connected from another machine (machine-id {}); give this agent a unique nodeName",
+                        known.unwrap_or_default()
+                    ),
+                });
+            }
+        }
+        let now = Instant::now();
+        let entry = st.nodes.entry(name.clone()).or_insert_with(|| NodeEntry {
+            node: Node {
+                api_version: API_VERSION.into(),
+                kind: "Node".into(),
+                metadata: Some(ObjectMeta { name: name.clone(), creation_timestamp: now_rfc3339(), ..Default::default() }),
+                spec: Some(Default::default()),
+                status: Some(Default::default()),
+            },
+            last_heartbeat: now,
+            last_seen: SystemTime::now(),
+            session: None,
+            kill: None,
+            desired_tx: Arc::new(watch::channel(DesiredState::default()).0),
+            ack_tx: Arc::new(watch::channel(0).0),
+        });
+        let (kill_tx, replaced) = oneshot::channel();
+        entry.kill = Some(kill_tx); // drops (and so ends) any previous session
+        entry.session = Some(id);
+        entry.last_heartbeat = now;
+        entry.last_seen = SystemTime::now();
+        let status = entry.node.status.get_or_insert_with(Default::default);
+        status.facts = Some(facts);
+        status.agent_labels = hello.labels;
+        status.applied_revision = hello.applied_revision;
+        status.last_seen = rfc3339(entry.last_seen);
+        set_ready(status, "True", "AgentConnected", "agent link is up and heartbeating");
+        let acks = entry.ack_tx.subscribe();
+        let report_sequence = *acks.borrow();
+        let push = st.recompute(&name);
+        let mut writes = Vec::new();
+        if push.is_some() {
+            writes.push(Write::Counter { key: COUNTER_REVISION, value: st.revision });
+            self.metrics.desired_pushed.inc();
+        }
+        let entry = st.nodes.get(&name).ok_or_else(|| FleetError::Store("node vanished".into()))?;
+        writes.push(Write::PutNode(Box::new(entry.node.clone())));
+        let desired = entry.desired_tx.subscribe();
+        drop(st);
+        let pushes: Pushes = push.into_iter().collect();
+        self.store.submit(writes, Some(Box::new(move |r| if r.is_ok() { push_all(pushes) })));
+        self.metrics.sessions_opened.inc();
+        self.metrics.sessions_active.inc();
+        Ok(SessionHandles {
+            id,
+            node: name,
+            welcome: Welcome { report_sequence, hub_version: nodekeeper_proto::VERSION.into() },
+            desired,
+            acks,
+            replaced,
+        })
+    }
+
+    /// Closes a session. Ready turns Unknown at once (the link is gone), unless
+    /// a newer session of the node already replaced this one.
+    pub fn close_session(&self, name: &str, id: u64) {
+        self.metrics.sessions_active.dec();
+        let mut st = self.lock();
+        let Some(e) = st.nodes.get_mut(name) else { return };
+        if e.session != Some(id) {
+            return;
+        }
+        e.session = None;
+        e.kill = None;
+        let status = e.node.status.get_or_insert_with(Default::default);
+        status.last_seen = rfc3339(e.last_seen);
+        if set_ready(status, "Unknown", "AgentDisconnected", "agent link closed") {
+            let node = e.node.clone();
+            drop(st);
+            self.store.submit(vec![Write::PutNode(Box::new(node))], None);
+        }
+    }
+
+    /// A heartbeat: refreshes liveness in memory; writes only on a change
+    /// (Ready transition or a new applied revision), like a node lease.
+    pub fn heartbeat(&self, name: &str, id: u64, applied_revision: u64) {
+        self.metrics.heartbeats.inc();
+        let mut st = self.lock();
+        let Some(e) = st.nodes.get_mut(name) else { return };
+        if e.session != Some(id) {
+            return;
+        }
+        e.last_heartbeat = Instant::now();
+        e.last_seen = SystemTime::now();
+        let status = e.node.status.get_or_insert_with(Default::default);
+        let mut changed = set_ready(status, "True", "AgentConnected", "agent link is up and heartbeating");
+        if status.applied_revision != applied_revision {
+            status.applied_revision = applied_revision;
+            changed = true;
+        }
+        if changed {
+            status.last_seen = rfc3339(e.last_seen);
+            let node = e.node.clone();
+            drop(st);
+            self.store.submit(vec![Write::PutNode(Box::new(node))], None);
+        }
+    }
+
+    /// The agent applied a desired revision.
+    pub fn applied(&self, name: &str, id: u64, revision: u64, error: &str) {
+        let mut st = self.lock();
+        let Some(e) = st.nodes.get_mut(name) else { return };
+        if e.session != Some(id) {
+            return;
+        }
+        if !error.is_empty() {
+            tracing::warn!(node = name, revision, error, "agent could not apply desired state");
+            return;
+        }
+        let status = e.node.status.get_or_insert_with(Default::default);
+        if status.applied_revision == revision {
+            return;
+        }
+        status.applied_revision = revision;
+        let node = e.node.clone();
+        drop(st);
+        self.store.submit(vec![Write::PutNode(Box::new(node))], None);
+    }
+
+    /// Ingests reports in sequence order. A sequence number at or below the
+    /// node's highest one is a replay and is ignored. The acknowledgement goes
+    /// out only after the node's new state is committed.
+    pub fn ingest(&self, name: &str, id: u64, reports: Vec<Report>) {
+        let mut st = self.lock();
+        let Some(e) = st.nodes.get_mut(name) else { return };
+        if e.session != Some(id) {
+            return;
+        }
+        let status = e.node.status.get_or_insert_with(Default::default);
+        let (mut accepted, mut dups) = (0u64, 0u64);
+        for r in reports {
+            if r.sequence <= status.report_sequence {
+                dups += 1;
+                continue;
+            }
+            status.report_sequence = r.sequence;
+            status.reports_received += 1;
+            status.reports_dropped += r.dropped_before;
+            accepted += 1;
+            match r.body {
+                Some(report::Body::Condition(c)) => {
+                    if let Some(c) = c.condition {
+                        upsert_condition(status, c);
+                    }
+                }
+                Some(report::Body::Event(ev)) => add_event(status, ev),
+                None => {}
+            }
+        }
+        self.metrics.reports_received.inc_by(accepted);
+        self.metrics.reports_duplicate.inc_by(dups);
+        if accepted == 0 {
+            return;
+        }
+        let seq = status.report_sequence;
+        let node = e.node.clone();
+        let ack = e.ack_tx.clone();
+        drop(st);
+        self.store.submit(
+            vec![Write::PutNode(Box::new(node))],
+            Some(Box::new(move |r| {
+                if r.is_ok() {
+                    ack.send_if_modified(|cur| {
+                        let newer = seq > *cur;
+                        if newer {
+                            *cur = seq;
+                        }
+                        newer
+                    });
+                }
+            })),
+        );
+    }
+
+    /// Turns Ready to Unknown for nodes whose heartbeats stopped for longer
+    /// than the grace period (at least three of their heartbeat intervals),
+    /// and refreshes the fleet gauges. Run about once a second.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let mut writes = Vec::new();
+        let mut st = self.lock();
+        let (mut ready, mut in_sync_n) = (0i64, 0i64);
+        let total = st.nodes.len() as i64;
+        for e in st.nodes.values_mut() {
+            let status = e.node.status.get_or_insert_with(Default::default);
+            let hb = status.settings.as_ref().map(|s| s.heartbeat_seconds).unwrap_or(desired::DEFAULT_HEARTBEAT_SECONDS);
+            let grace = self.config.grace.max(Duration::from_secs(u64::from(hb) * 3));
+            if now.duration_since(e.last_heartbeat) > grace
+                && set_ready(status, "Unknown", "NodeStatusUnknown", "agent stopped posting heartbeats")
+            {
+                status.last_seen = rfc3339(e.last_seen);
+                writes.push(Write::PutNode(Box::new(e.node.clone())));
+            }
+            if ready_status(&e.node) == "True" {
+                ready += 1;
+            }
+            if in_sync(&e.node) {
+                in_sync_n += 1;
+            }
+        }
+        drop(st);
+        self.metrics.nodes.set(total);
+        self.metrics.nodes_ready.set(ready);
+        self.metrics.nodes_in_sync.set(in_sync_n);
+        if !writes.is_empty() {
+            self.store.submit(writes, None);
+        }
+    }
+
+    fn view(e: &NodeEntry) -> Node {
+        let mut n = e.node.clone();
+        let status = n.status.get_or_insert_with(Default::default);
+        status.connected = e.session.is_some();
+        status.last_seen = rfc3339(e.last_seen);
+        if e.session.is_some()
+            && let Some(c) = status.conditions.iter_mut().find(|c| c.r#type == "Ready")
+        {
+            c.last_heartbeat_time = rfc3339(e.last_seen);
+        }
+        n
+    }
+
+    /// Every node, sorted by name, with live fields filled in.
+    pub fn list_nodes(&self) -> Vec<Node> {
+        self.lock().nodes.values().map(Self::view).collect()
+    }
+
+    /// One node.
+    pub fn get_node(&self, name: &str) -> Result<Node, FleetError> {
+        self.lock()
+            .nodes
+            .get(name)
+            .map(Self::view)
+            .ok_or_else(|| FleetError::NotFound { kind: "Node".into(), name: name.into() })
+    }
+}

@@ -1,0 +1,248 @@
+//! Operator resources: apply with optimistic concurrency and generations,
+//! list/get with computed status, delete; every change recomputes the
+//! desired state of the nodes and streams what changed.
+
+use nodekeeper_proto::time::now_rfc3339;
+use nodekeeper_proto::v1::{AgentProfileStatus, NodeSetStatus};
+use nodekeeper_proto::{Kind, Resource};
+
+use super::nodes::{base_labels, in_sync, ready_status};
+use super::{COUNTER_RESOURCE_VERSION, COUNTER_REVISION, Fleet, FleetError, Pushes, State, push_all};
+use crate::store::Write;
+
+/// What an apply did to one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyAction {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+/// The outcome for one applied document.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApplyResult {
+    pub action: ApplyAction,
+    pub resource: serde_json::Value,
+}
+
+impl State {
+    /// Recomputes every node; returns the writes and pushes for what changed.
+    fn recompute_all(&mut self) -> (Vec<Write>, Pushes) {
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        let mut writes = Vec::new();
+        let mut pushes = Vec::new();
+        for name in names {
+            if let Some(push) = self.recompute(&name) {
+                pushes.push(push);
+                if let Some(e) = self.nodes.get(&name) {
+                    writes.push(Write::PutNode(Box::new(e.node.clone())));
+                }
+            }
+        }
+        if !pushes.is_empty() {
+            writes.push(Write::Counter { key: COUNTER_REVISION, value: self.revision });
+        }
+        (writes, pushes)
+    }
+
+    fn with_status(&self, r: &Resource) -> Resource {
+        let mut r = r.clone();
+        match &mut r {
+            Resource::NodeSet(ns) => {
+                let sel = ns.spec.as_ref().and_then(|s| s.selector.as_ref());
+                let mut st = NodeSetStatus::default();
+                for e in self.nodes.values() {
+                    if nodekeeper_proto::selector::selects(sel, &base_labels(&e.node)) {
+                        st.nodes += 1;
+                        if ready_status(&e.node) == "True" {
+                            st.ready += 1;
+                        }
+                    }
+                }
+                ns.status = Some(st);
+            }
+            Resource::AgentProfile(ap) => {
+                let name = ap.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
+                let mut st = AgentProfileStatus::default();
+                for e in self.nodes.values() {
+                    let selected = e
+                        .node
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.settings.as_ref())
+                        .is_some_and(|s| s.profiles.iter().any(|p| p == name));
+                    if selected {
+                        st.selected_nodes += 1;
+                        if in_sync(&e.node) {
+                            st.in_sync_nodes += 1;
+                        }
+                    }
+                }
+                ap.status = Some(st);
+            }
+        }
+        r
+    }
+}
+
+fn not_found(kind: Kind, name: &str) -> FleetError {
+    FleetError::NotFound { kind: kind.name().into(), name: name.into() }
+}
+
+impl Fleet {
+    /// Applies validated resources as one unit: every document is checked
+    /// (resourceVersion conflicts) before any is written, and all writes are
+    /// committed in one transaction. Applying the same document twice changes
+    /// nothing.
+    pub async fn apply(&self, docs: Vec<Resource>) -> Result<Vec<ApplyResult>, FleetError> {
+        let _guard = self.apply_lock.lock().await;
+        // 1. Plan against the current state.
+        let mut planned: Vec<(ApplyAction, Resource)> = Vec::new();
+        let mut rv;
+        {
+            let st = self.lock();
+            rv = st.resource_version;
+            for (i, mut doc) in docs.into_iter().enumerate() {
+                let key = (doc.kind(), doc.name().to_string());
+                if planned.iter().any(|(_, p)| (p.kind(), p.name()) == (key.0, key.1.as_str())) {
+                    return Err(FleetError::Conflict {
+                        field: "metadata.name".into(),
+                        message: format!("document {}: {} {:?} appears twice in one apply", i + 1, key.0.name(), key.1),
+                    });
+                }
+                doc.normalize_envelope();
+                let sent_rv = doc.metadata().resource_version.clone();
+                let existing = st.resources.get(&key);
+                match existing {
+                    None if !sent_rv.is_empty() => {
+                        return Err(FleetError::Conflict {
+                            field: "metadata.resourceVersion".into(),
+                            message: format!(
+                                "document {}: {} {:?} does not exist; remove metadata.resourceVersion to create it",
+                                i + 1,
+                                key.0.name(),
+                                key.1
+                            ),
+                        });
+                    }
+                    Some(cur) if !sent_rv.is_empty() && sent_rv != cur.metadata().resource_version => {
+                        return Err(FleetError::Conflict {
+                            field: "metadata.resourceVersion".into(),
+                            message: format!(
+                                "document {}: {} {:?} was changed since it was read (resourceVersion {} is stale, current {}); get it again and reapply",
+                                i + 1,
+                                key.0.name(),
+                                key.1,
+                                sent_rv,
+                                cur.metadata().resource_version
+                            ),
+                        });
+                    }
+                    _ => {}
+                }
+                let action = match existing {
+                    None => {
+                        rv += 1;
+                        let m = doc.metadata_mut();
+                        m.generation = 1;
+                        m.creation_timestamp = now_rfc3339();
+                        m.resource_version = rv.to_string();
+                        ApplyAction::Created
+                    }
+                    Some(cur) => {
+                        let spec_changed = cur.spec_value() != doc.spec_value();
+                        let labels_changed = cur.metadata().labels != doc.metadata().labels;
+                        let cm = cur.metadata().clone();
+                        let m = doc.metadata_mut();
+                        m.creation_timestamp = cm.creation_timestamp;
+                        if !spec_changed && !labels_changed {
+                            m.generation = cm.generation;
+                            m.resource_version = cm.resource_version;
+                            ApplyAction::Unchanged
+                        } else {
+                            rv += 1;
+                            m.generation = cm.generation + u64::from(spec_changed) as i64;
+                            m.resource_version = rv.to_string();
+                            ApplyAction::Configured
+                        }
+                    }
+                };
+                planned.push((action, doc));
+            }
+        }
+        // 2. Commit the resources.
+        let mut writes: Vec<Write> = planned
+            .iter()
+            .filter(|(a, _)| *a != ApplyAction::Unchanged)
+            .map(|(_, r)| Write::PutResource {
+                kind: r.kind().name().into(),
+                name: r.name().into(),
+                body: r.to_value().to_string(),
+            })
+            .collect();
+        if !writes.is_empty() {
+            writes.push(Write::Counter { key: COUNTER_RESOURCE_VERSION, value: rv });
+            self.store.commit(writes).await.map_err(FleetError::Store)?;
+        }
+        // 3. Install in memory and recompute the nodes' desired state.
+        let results = {
+            let mut st = self.lock();
+            st.resource_version = rv;
+            for (a, r) in &planned {
+                if *a != ApplyAction::Unchanged {
+                    st.resources.insert((r.kind(), r.name().to_string()), r.clone());
+                }
+            }
+            planned
+                .iter()
+                .map(|(a, r)| ApplyResult { action: *a, resource: st.with_status(r).to_value() })
+                .collect()
+        };
+        self.fan_out();
+        Ok(results)
+    }
+
+    /// Recomputes every node's desired state and streams the changes once
+    /// they are committed.
+    fn fan_out(&self) {
+        let (writes, pushes) = self.lock().recompute_all();
+        if writes.is_empty() {
+            return;
+        }
+        self.metrics.desired_pushed.inc_by(pushes.len() as u64);
+        self.store.submit(writes, Some(Box::new(move |r| if r.is_ok() { push_all(pushes) })));
+    }
+
+    /// Every resource of a kind, sorted by name, with computed status.
+    pub fn list(&self, kind: Kind) -> Vec<serde_json::Value> {
+        let st = self.lock();
+        st.resources
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|(_, r)| st.with_status(r).to_value())
+            .collect()
+    }
+
+    /// One resource with computed status.
+    pub fn get(&self, kind: Kind, name: &str) -> Result<serde_json::Value, FleetError> {
+        let st = self.lock();
+        st.resources
+            .get(&(kind, name.to_string()))
+            .map(|r| st.with_status(r).to_value())
+            .ok_or_else(|| not_found(kind, name))
+    }
+
+    /// Deletes a resource and recomputes the nodes it affected.
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<serde_json::Value, FleetError> {
+        let _guard = self.apply_lock.lock().await;
+        let existing = self.get(kind, name)?;
+        self.store
+            .commit(vec![Write::DeleteResource { kind: kind.name().into(), name: name.into() }])
+            .await
+            .map_err(FleetError::Store)?;
+        self.lock().resources.remove(&(kind, name.to_string()));
+        self.fan_out();
+        Ok(existing)
+    }
+}

@@ -1,0 +1,9 @@
+//! nodekeeper-hub: streams desired state to agents over gRPC, aggregates
+//! their reports, and serves the operator API, on an embedded SQLite store.
+
+pub mod api;
+pub mod config;
+pub mod fleet;
+pub mod link;
+pub mod metrics;
+pub mod store;

@@ -1,0 +1,80 @@
+//! Prometheus metrics of the hub (conventional names: `nodekeeper_hub_*`,
+//! counters end in `_total`).
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// All hub metrics; cheap to clone (shared handles).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub reports_received: Counter,
+    pub reports_duplicate: Counter,
+    pub heartbeats: Counter,
+    pub sessions_opened: Counter,
+    pub sessions_rejected: Counter,
+    pub sessions_active: Gauge,
+    pub desired_pushed: Counter,
+    pub store_batches: Counter,
+    pub store_writes: Counter,
+    pub store_commit_seconds: Histogram,
+    pub nodes: Gauge,
+    pub nodes_ready: Gauge,
+    pub nodes_in_sync: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::default();
+        let m = Metrics {
+            registry: Arc::new(Registry::default()),
+            reports_received: Counter::default(),
+            reports_duplicate: Counter::default(),
+            heartbeats: Counter::default(),
+            sessions_opened: Counter::default(),
+            sessions_rejected: Counter::default(),
+            sessions_active: Gauge::default(),
+            desired_pushed: Counter::default(),
+            store_batches: Counter::default(),
+            store_writes: Counter::default(),
+            store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            nodes: Gauge::default(),
+            nodes_ready: Gauge::default(),
+            nodes_in_sync: Gauge::default(),
+        };
+        r.register("nodekeeper_hub_reports_received", "Reports accepted from agents (each sequence number once)", m.reports_received.clone());
+        r.register("nodekeeper_hub_reports_duplicate", "Reports ignored because their sequence number was already persisted", m.reports_duplicate.clone());
+        r.register("nodekeeper_hub_heartbeats", "Heartbeats received", m.heartbeats.clone());
+        r.register("nodekeeper_hub_sessions_opened", "Agent sessions accepted", m.sessions_opened.clone());
+        r.register("nodekeeper_hub_sessions_rejected", "Agent sessions refused (bad hello, name conflict)", m.sessions_rejected.clone());
+        r.register("nodekeeper_hub_sessions_active", "Agent sessions open now", m.sessions_active.clone());
+        r.register("nodekeeper_hub_desired_pushed", "Desired-state revisions computed for nodes", m.desired_pushed.clone());
+        r.register("nodekeeper_hub_store_batches", "Store transactions committed", m.store_batches.clone());
+        r.register("nodekeeper_hub_store_writes", "Rows written to the store", m.store_writes.clone());
+        r.register("nodekeeper_hub_store_commit_seconds", "Time to commit one store batch", m.store_commit_seconds.clone());
+        r.register("nodekeeper_hub_nodes", "Registered nodes", m.nodes.clone());
+        r.register("nodekeeper_hub_nodes_ready", "Nodes whose Ready condition is True", m.nodes_ready.clone());
+        r.register("nodekeeper_hub_nodes_in_sync", "Nodes whose applied revision equals the desired revision", m.nodes_in_sync.clone());
+        Metrics { registry: Arc::new(r), ..m }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

@@ -1,0 +1,100 @@
+//! Runtime helpers both daemons share: logging with a level that can change
+//! at run time, systemd readiness and watchdog, and termination signals.
+
+use std::time::Duration;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::reload;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Changes the log level of a running daemon.
+#[derive(Clone)]
+pub struct LogLevel {
+    handle: reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    overridden: bool,
+}
+
+impl LogLevel {
+    /// Sets the level (`info`, `debug`, ...). Ignored while `RUST_LOG` is set,
+    /// so an operator debugging by hand keeps control.
+    pub fn set(&self, level: &str) -> Result<(), String> {
+        if self.overridden {
+            return Ok(());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| format!("log level {level:?}: {e}"))?;
+        self.handle.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+/// Installs the global subscriber: text or JSON lines on stderr (journald
+/// picks them up under systemd). `RUST_LOG` overrides `level`.
+pub fn init_logging(level: &str, json: bool) -> LogLevel {
+    let env = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
+    let overridden = env.is_some();
+    let filter = env
+        .as_deref()
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")));
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry.with(fmt.json().flatten_event(true)).init();
+    } else {
+        registry.with(fmt).init();
+    }
+    LogLevel { handle, overridden }
+}
+
+/// Tells systemd the daemon is ready (no-op outside systemd), and starts
+/// watchdog pings at half the configured interval when `WatchdogSec=` is set.
+/// The pings run on the async runtime, so a wedged runtime stops them and
+/// systemd restarts the daemon.
+pub fn notify_ready() {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "sd_notify READY failed");
+    }
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let period = Duration::from_micros(usec / 2);
+        tracing::info!(?period, "systemd watchdog enabled");
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+}
+
+/// Tells systemd the daemon is stopping.
+pub fn notify_stopping() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Runs a daemon's main function and turns an error into one clear line on
+/// stderr and exit status 1 (no backtrace: the message says what to do).
+pub fn exit_on_error(result: Result<(), impl std::fmt::Display>, program: &str) {
+    if let Err(e) = result {
+        eprintln!("{program}: {e}");
+        std::process::exit(1);
+    }
+}
