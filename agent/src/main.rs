@@ -1,1 +1,128 @@
-fn main(){}
+//! The agent daemon's entry point.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use nodekeeper_agent::config::{self, AgentConfig};
+use nodekeeper_agent::detect::facts::{self, FactRoots};
+use nodekeeper_agent::link::{self, LinkConfig};
+use nodekeeper_agent::metrics::Metrics;
+use nodekeeper_agent::report::outbox::Outbox;
+use nodekeeper_agent::runtime::{Agent, AgentParts};
+use nodekeeper_agent::store::AgentStore;
+use nodekeeper_agent::{converge, status};
+use nodekeeper_proto::daemon;
+use nodekeeper_proto::v1::Event;
+
+#[derive(Parser)]
+#[command(name = "nodekeeper-agent", version, about = "nodekeeper node agent")]
+struct Args {
+    /// Configuration file.
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+fn main() {
+    daemon::exit_on_error(main_inner().map_err(|e| format!("{e:#}")), "nodekeeper-agent");
+}
+
+fn main_inner() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
+    let cfg = AgentConfig::load(&args.config, explicit)?;
+    let log = daemon::init_logging(&cfg.log_level, cfg.log_format == "json");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run(cfg, log))
+}
+
+async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating stateDir {}; set stateDir to a writable directory", cfg.state_dir.display()))?;
+    let store = Arc::new(AgentStore::open(&cfg.state_dir.join("agent.db"))?);
+    let outbox = Outbox::open(store.clone(), cfg.outbox.max_reports)?;
+    let name = cfg.node_name();
+    let agent = Arc::new(Agent::new(AgentParts {
+        name: name.clone(),
+        labels: cfg.labels.clone(),
+        facts: facts::collect(&FactRoots::default()),
+        hub: cfg.hub.as_ref().map(|h| h.address.clone()),
+        outbox,
+        store: Some(store),
+        log: Some(log),
+        metrics: Metrics::new(),
+    }));
+    let span = tracing::info_span!("agent", node = %name);
+    let _enter = span.enter();
+    if let Err(e) = converge::settings::restore(&agent) {
+        tracing::error!(error = %e, "cannot apply the cached desired state; running with defaults until the hub sends one");
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let listener = status::bind(&cfg.socket, &cfg.socket_group)?;
+    let socket_task = {
+        let mut stop = stop_rx.clone();
+        let app = status::router(agent.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+    if let Some(addr) = cfg.metrics.listen {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics.listen {addr}"))?;
+        let app = status::router(agent.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        });
+    }
+    let link_task = match &agent.hub {
+        Some(address) => {
+            let lc = LinkConfig::default();
+            let ep = link::endpoint(address, &lc).map_err(anyhow::Error::msg)?;
+            tracing::info!(hub = %address, "starting hub link");
+            Some(tokio::spawn(link::run(agent.clone(), ep, lc, stop_rx.clone())))
+        }
+        None => {
+            tracing::info!("no hub configured: standalone mode");
+            None
+        }
+    };
+    agent
+        .record_event(Event {
+            severity: "Info".into(),
+            reason: "AgentStarted".into(),
+            message: format!("nodekeeper-agent {} started", nodekeeper_proto::VERSION),
+            source: "agent".into(),
+            ..Default::default()
+        })
+        .context("recording the start event")?;
+    tracing::info!(socket = %cfg.socket.display(), version = nodekeeper_proto::VERSION, "agent ready");
+    daemon::notify_ready();
+
+    daemon::shutdown_signal().await;
+    daemon::notify_stopping();
+    let _ = stop_tx.send(true);
+    if let Some(t) = link_task
+        && tokio::time::timeout(Duration::from_secs(5), t).await.is_err()
+    {
+        tracing::warn!("hub link did not stop within 5 s");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), socket_task).await;
+    let _ = std::fs::remove_file(&cfg.socket);
+    tracing::info!("agent stopped");
+    Ok(())
+}

@@ -22,9 +22,16 @@ impl LogLevel {
         if self.overridden {
             return Ok(());
         }
-        let filter = EnvFilter::try_new(level).map_err(|e| format!("log level {level:?}: {e}"))?;
+        let filter = EnvFilter::try_new(directives(level)).map_err(|e| format!("log level {level:?}: {e}"))?;
         self.handle.reload(filter).map_err(|e| e.to_string())
     }
+}
+
+/// Filter directives for a level: the daemon's own spans at `level`, the
+/// HTTP/2 and gRPC plumbing no noisier than `info` (its debug output is
+/// per-frame and drowns everything else).
+fn directives(level: &str) -> String {
+    format!("{level},h2=info,hyper=info,hyper_util=info,tower=info,tonic=info")
 }
 
 /// Installs the global subscriber: text or JSON lines on stderr (journald
@@ -35,7 +42,7 @@ pub fn init_logging(level: &str, json: bool) -> LogLevel {
     let filter = env
         .as_deref()
         .and_then(|s| EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")));
+        .unwrap_or_else(|| EnvFilter::try_new(directives(level)).unwrap_or_else(|_| EnvFilter::new("info")));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

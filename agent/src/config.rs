@@ -1,0 +1,128 @@
+//! The agent's configuration file (`/etc/nodekeeper/agent.yaml`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use nodekeeper_proto::config::ConfigError;
+use serde::Deserialize;
+
+/// Default path of the configuration file.
+pub const DEFAULT_PATH: &str = "/etc/nodekeeper/agent.yaml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Default: the hostname.
+    pub node_name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Absent: standalone mode.
+    pub hub: Option<HubLink>,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Group that may use the socket (mode 0660); skipped if it does not exist.
+    pub socket_group: String,
+    pub metrics: MetricsConfig,
+    pub outbox: OutboxConfig,
+    /// Local detectors (the DetectorSet spec schema); no detector keys exist yet.
+    pub detectors: Detectors,
+    pub log_level: String,
+    /// text or json.
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HubLink {
+    /// `http://host:port` of the hub's gRPC listener.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Optional TCP address for `/metrics` (the socket always serves it).
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Reports kept while the hub is unreachable; the oldest are dropped past it.
+    pub max_reports: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Detectors {}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig { max_reports: 10_000 }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            node_name: None,
+            labels: BTreeMap::new(),
+            hub: None,
+            state_dir: PathBuf::from("/var/lib/nodekeeper"),
+            socket: PathBuf::from("/run/nodekeeper/agent.sock"),
+            socket_group: "nodekeeper".into(),
+            metrics: MetricsConfig::default(),
+            outbox: OutboxConfig::default(),
+            detectors: Detectors::default(),
+            log_level: "info".into(),
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Loads and checks the file; `required` when given explicitly.
+    pub fn load(path: &Path, required: bool) -> Result<AgentConfig, ConfigError> {
+        let c: AgentConfig = nodekeeper_proto::config::load(path, required)?;
+        c.check(path)?;
+        Ok(c)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        use nodekeeper_proto::validate;
+        if let Some(n) = &self.node_name {
+            validate::dns_subdomain("nodeName", n).map_err(|e| ConfigError::invalid(path, "nodeName", e.message))?;
+        }
+        validate::labels("labels", &self.labels).map_err(|e| ConfigError::invalid(path, &e.field, e.message))?;
+        if let Some(h) = &self.hub
+            && !(h.address.starts_with("http://") || h.address.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(
+                path,
+                "hub.address",
+                format!("{:?} must be a URL like http://hub.example:7443", h.address),
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(ConfigError::invalid(path, "stateDir", "must be an absolute path"));
+        }
+        if !self.socket.is_absolute() {
+            return Err(ConfigError::invalid(path, "socket", "must be an absolute path"));
+        }
+        if self.outbox.max_reports == 0 {
+            return Err(ConfigError::invalid(path, "outbox.maxReports", "must be at least 1"));
+        }
+        if !validate::LOG_LEVELS.contains(&self.log_level.as_str()) {
+            return Err(ConfigError::invalid(path, "logLevel", format!("{:?} is not a log level", self.log_level)));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::invalid(path, "logFormat", "must be text or json"));
+        }
+        Ok(())
+    }
+
+    /// The node name: configured, else the hostname (lower-cased).
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| crate::detect::facts::hostname().to_ascii_lowercase())
+    }
+}

@@ -1,0 +1,59 @@
+//! Applying the agent settings of a desired state: log level, heartbeat
+//! interval, extra labels. Desired state comes from the network, so it is
+//! checked before anything changes, and cached on disk so the agent applies
+//! it at start even when the hub is unreachable.
+
+use nodekeeper_proto::v1::{AgentSettings, DesiredState};
+use nodekeeper_proto::validate;
+use prost::Message;
+
+use crate::runtime::{Agent, default_settings};
+use crate::store::keys;
+
+/// Checks settings received from the hub.
+pub fn check(s: &AgentSettings) -> Result<(), String> {
+    if !validate::LOG_LEVELS.contains(&s.log_level.as_str()) {
+        return Err(format!("settings.logLevel: {:?} is not a log level", s.log_level));
+    }
+    if !validate::HEARTBEAT_RANGE.contains(&s.heartbeat_seconds) {
+        return Err(format!("settings.heartbeatSeconds: {} is out of range", s.heartbeat_seconds));
+    }
+    validate::labels("settings.labels", &s.labels).map_err(|e| e.to_string())
+}
+
+/// Applies a desired state: checks it, persists it (with a store), then
+/// switches the running settings. Nothing changes when it fails.
+pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
+    let settings = d.settings.clone().unwrap_or_else(default_settings);
+    check(&settings)?;
+    if let Some(store) = &agent.store {
+        store
+            .put_all(&[
+                (keys::DESIRED, d.encode_to_vec()),
+                (keys::APPLIED_REVISION, d.revision.to_be_bytes().to_vec()),
+            ])
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(log) = &agent.log {
+        log.set(&settings.log_level)?;
+    }
+    let mut cur = agent.desired.lock().unwrap_or_else(|p| p.into_inner());
+    let changed = cur.settings.as_ref() != Some(&settings);
+    *cur = DesiredState { revision: d.revision, settings: Some(settings) };
+    drop(cur);
+    agent.metrics.applied_revision.set(d.revision as i64);
+    if changed {
+        tracing::info!(revision = d.revision, "applied new agent settings");
+    }
+    Ok(())
+}
+
+/// Applies the cached desired state at start, before any hub is reached.
+pub fn restore(agent: &Agent) -> Result<(), String> {
+    let Some(store) = &agent.store else { return Ok(()) };
+    let Some(bytes) = store.get(keys::DESIRED).map_err(|e| e.to_string())? else { return Ok(()) };
+    let d = DesiredState::decode(bytes.as_slice()).map_err(|e| format!("cached desired state is unreadable: {e}"))?;
+    apply(agent, &d)?;
+    tracing::info!(revision = d.revision, "applied cached desired state");
+    Ok(())
+}

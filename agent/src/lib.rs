@@ -1,0 +1,12 @@
+//! nodekeeper-agent: detects faults on its node, converges node components
+//! to their declared state, reports to the hub, and serves a local socket.
+
+pub mod config;
+pub mod converge;
+pub mod detect;
+pub mod link;
+pub mod metrics;
+pub mod report;
+pub mod runtime;
+pub mod status;
+pub mod store;

@@ -1,0 +1,186 @@
+//! The hub link: one `AgentLink.Session` stream at a time, Hello first, then
+//! heartbeats, reports from the outbox and acknowledgements of applied
+//! desired state; reconnects with exponential backoff and full jitter.
+
+pub mod backoff;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodekeeper_proto::time::now_rfc3339;
+use nodekeeper_proto::v1::agent_link_client::AgentLinkClient;
+use nodekeeper_proto::v1::{
+    AgentMessage, Applied, Heartbeat, HubMessage, ReportBatch, agent_message, hub_message,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::converge;
+use crate::runtime::Agent;
+use backoff::Backoff;
+
+/// Reports per batch message.
+const BATCH: usize = 500;
+/// Reports sent but not yet acknowledged before the link waits for acks.
+const MAX_IN_FLIGHT: u64 = 5_000;
+
+/// Link tunables.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub connect_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            connect_timeout: Duration::from_secs(5),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a session ended.
+enum End {
+    Shutdown,
+    /// The session was up, then closed.
+    Closed(String),
+}
+
+/// Builds the endpoint for a hub address (`http://host:port`).
+pub fn endpoint(address: &str, cfg: &LinkConfig) -> Result<Endpoint, String> {
+    Endpoint::from_shared(address.to_string())
+        .map(|e| {
+            e.connect_timeout(cfg.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .keep_alive_while_idle(true)
+        })
+        .map_err(|e| format!("hub.address {address:?}: {e}"))
+}
+
+/// Runs the link until `shutdown` turns true.
+pub async fn run(agent: Arc<Agent>, endpoint: Endpoint, cfg: LinkConfig, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap);
+    loop {
+        let result = tokio::select! {
+            r = session(&agent, &endpoint, &mut backoff) => r,
+            _ = shutdown.wait_for(|s| *s) => Ok(End::Shutdown),
+        };
+        agent.set_link(|l| l.connected = false);
+        match result {
+            Ok(End::Shutdown) => return,
+            Ok(End::Closed(why)) => {
+                tracing::warn!(reason = %why, "hub session closed; reconnecting");
+                agent.set_link(|l| l.last_error = Some(why));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot reach hub");
+                agent.set_link(|l| l.last_error = Some(e));
+            }
+        }
+        agent.metrics.link_failures.inc();
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+fn msg(body: agent_message::Body) -> AgentMessage {
+    AgentMessage { body: Some(body) }
+}
+
+/// One session: `Err` when it never got established.
+async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> Result<End, String> {
+    let channel: Channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let mut client = AgentLinkClient::new(channel);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(64);
+    tx.send(msg(agent_message::Body::Hello(agent.hello())))
+        .await
+        .map_err(|_| "session closed before hello".to_string())?;
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("hub refused the session: {}", s.message()))?
+        .into_inner();
+    let welcome = match inbound.message().await {
+        Ok(Some(HubMessage { body: Some(hub_message::Body::Welcome(w)) })) => w,
+        Ok(Some(_)) => return Err("hub did not start with Welcome".into()),
+        Ok(None) => return Err("hub closed the session".into()),
+        Err(s) => return Err(format!("hub refused the session: {}", s.message())),
+    };
+    backoff.reset();
+    agent.metrics.link_sessions.inc();
+    agent.set_link(|l| {
+        l.connected = true;
+        l.last_connected = Some(now_rfc3339());
+        l.last_error = None;
+        l.sessions += 1;
+    });
+    tracing::info!(hub_version = %welcome.hub_version, hub_sequence = welcome.report_sequence, "hub session open");
+
+    // Everything up to what the hub has is done; replay the rest.
+    agent.with_outbox(|o| o.ack(welcome.report_sequence)).map_err(|e| e.to_string())?;
+    let mut sent = welcome.report_sequence;
+    let mut acked = welcome.report_sequence;
+    let mut next_heartbeat = Instant::now() + heartbeat_interval(agent);
+
+    loop {
+        // Send what is pending, within the in-flight window.
+        while sent.saturating_sub(acked) < MAX_IN_FLIGHT {
+            let batch = agent.with_outbox(|o| o.after(sent, BATCH));
+            let Some(last) = batch.last().map(|r| r.sequence) else { break };
+            let n = batch.len() as u64;
+            if tx.send(msg(agent_message::Body::Reports(ReportBatch { reports: batch }))).await.is_err() {
+                return Ok(End::Closed("hub stream closed".into()));
+            }
+            agent.metrics.reports_sent.inc_by(n);
+            sent = last;
+        }
+        let unsent = agent.with_outbox(|o| o.last_sequence()) > sent;
+        tokio::select! {
+            _ = agent.outbox_changed.notified(), if !unsent => {}
+            _ = tokio::time::sleep_until(next_heartbeat) => {
+                let hb = Heartbeat { applied_revision: agent.applied_revision() };
+                if tx.send(msg(agent_message::Body::Heartbeat(hb))).await.is_err() {
+                    return Ok(End::Closed("hub stream closed".into()));
+                }
+                next_heartbeat = Instant::now() + heartbeat_interval(agent);
+            }
+            m = inbound.message() => match m {
+                Ok(Some(HubMessage { body: Some(body) })) => match body {
+                    hub_message::Body::Desired(d) => {
+                        let error = converge::settings::apply(agent, &d).err().unwrap_or_default();
+                        if !error.is_empty() {
+                            tracing::error!(revision = d.revision, %error, "refused desired state from hub");
+                        }
+                        let applied = Applied { revision: d.revision, error };
+                        if tx.send(msg(agent_message::Body::Applied(applied))).await.is_err() {
+                            return Ok(End::Closed("hub stream closed".into()));
+                        }
+                        next_heartbeat = next_heartbeat.min(Instant::now() + heartbeat_interval(agent));
+                    }
+                    hub_message::Body::ReportAck(a) => {
+                        agent.with_outbox(|o| o.ack(a.sequence)).map_err(|e| e.to_string())?;
+                        acked = acked.max(a.sequence);
+                    }
+                    hub_message::Body::Welcome(_) => tracing::warn!("ignoring a second Welcome"),
+                },
+                Ok(Some(HubMessage { body: None })) => {}
+                Ok(None) => return Ok(End::Closed("hub ended the session".into())),
+                Err(s) => return Ok(End::Closed(format!("hub stream error: {}", s.message()))),
+            },
+        }
+    }
+}
+
+fn heartbeat_interval(agent: &Agent) -> Duration {
+    Duration::from_secs(u64::from(agent.settings().heartbeat_seconds.max(1)))
+}

@@ -1,0 +1,204 @@
+//! The running agent's shared state: identity, applied desired state, the
+//! outbox, recent events and the link's status. The link, the status socket
+//! and converge all work on one `Agent`; hollow agents are many of them in one
+//! process, without a store.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use nodekeeper_proto::daemon::LogLevel;
+use nodekeeper_proto::time::{now_rfc3339, rfc3339};
+use nodekeeper_proto::v1::{AgentSettings, DesiredState, Event, Hello, NodeFacts, report};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::report::outbox::Outbox;
+use crate::store::{AgentStore, StoreError};
+
+/// Recent events kept for the socket's `/v1/events`.
+const RECENT_EVENTS: usize = 100;
+
+/// What the link knows about the hub connection.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkStatus {
+    pub connected: bool,
+    pub last_connected: Option<String>,
+    pub last_error: Option<String>,
+    pub sessions: u64,
+}
+
+/// One agent.
+pub struct Agent {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub facts: NodeFacts,
+    /// Hub address; `None` in standalone mode.
+    pub hub: Option<String>,
+    pub started: SystemTime,
+    pub metrics: Metrics,
+    pub(crate) store: Option<Arc<AgentStore>>,
+    pub(crate) log: Option<LogLevel>,
+    pub(crate) desired: Mutex<DesiredState>,
+    outbox: Mutex<Outbox>,
+    /// Woken when a report is added to the outbox.
+    pub outbox_changed: Notify,
+    events: Mutex<VecDeque<Event>>,
+    link: Mutex<LinkStatus>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Built-in settings before any desired state arrives.
+pub fn default_settings() -> AgentSettings {
+    AgentSettings { log_level: "info".into(), heartbeat_seconds: 10, labels: BTreeMap::new(), profiles: vec![] }
+}
+
+/// Parts of a new [`Agent`].
+pub struct AgentParts {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub facts: NodeFacts,
+    pub hub: Option<String>,
+    pub outbox: Outbox,
+    pub store: Option<Arc<AgentStore>>,
+    pub log: Option<LogLevel>,
+    pub metrics: Metrics,
+}
+
+impl Agent {
+    pub fn new(p: AgentParts) -> Agent {
+        Agent {
+            name: p.name,
+            labels: p.labels,
+            facts: p.facts,
+            hub: p.hub,
+            started: SystemTime::now(),
+            metrics: p.metrics,
+            store: p.store,
+            log: p.log,
+            desired: Mutex::new(DesiredState { revision: 0, settings: Some(default_settings()) }),
+            outbox: Mutex::new(p.outbox),
+            outbox_changed: Notify::new(),
+            events: Mutex::new(VecDeque::new()),
+            link: Mutex::new(LinkStatus::default()),
+        }
+    }
+
+    /// The applied desired state.
+    pub fn desired(&self) -> DesiredState {
+        lock(&self.desired).clone()
+    }
+
+    /// The applied revision.
+    pub fn applied_revision(&self) -> u64 {
+        lock(&self.desired).revision
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> AgentSettings {
+        lock(&self.desired).settings.clone().unwrap_or_else(default_settings)
+    }
+
+    /// The Hello that opens a session.
+    pub fn hello(&self) -> Hello {
+        Hello {
+            node_name: self.name.clone(),
+            facts: Some(self.facts.clone()),
+            labels: self.labels.clone(),
+            applied_revision: self.applied_revision(),
+            last_report_sequence: self.with_outbox(|o| o.last_sequence()),
+            protocol: nodekeeper_proto::LINK_PROTOCOL,
+        }
+    }
+
+    /// Runs `f` on the outbox.
+    pub fn with_outbox<T>(&self, f: impl FnOnce(&mut Outbox) -> T) -> T {
+        let mut o = lock(&self.outbox);
+        let before = o.dropped_total();
+        let out = f(&mut o);
+        self.metrics.outbox_pending.set(o.pending() as i64);
+        self.metrics.outbox_dropped.inc_by(o.dropped_total() - before);
+        out
+    }
+
+    /// Queues a report for the hub (stored first) and wakes the link.
+    /// In standalone mode there is no hub and nothing is queued.
+    pub fn report(&self, body: report::Body) -> Result<Option<u64>, StoreError> {
+        if self.hub.is_none() {
+            return Ok(None);
+        }
+        let seq = self.with_outbox(|o| o.push(body))?;
+        self.outbox_changed.notify_one();
+        Ok(Some(seq))
+    }
+
+    /// Records an event: kept for `/v1/events` (identical events aggregated)
+    /// and reported to the hub.
+    pub fn record_event(&self, mut ev: Event) -> Result<Option<u64>, StoreError> {
+        if ev.time.is_empty() {
+            ev.time = now_rfc3339();
+        }
+        let seq = self.report(report::Body::Event(ev.clone()))?;
+        self.metrics.events_recorded.inc();
+        let mut events = lock(&self.events);
+        if let Some(i) = events.iter().position(|e| e.reason == ev.reason && e.message == ev.message && e.source == ev.source) {
+            let mut e = events.remove(i).unwrap_or_default();
+            e.count += 1;
+            e.time = ev.time;
+            events.push_back(e);
+        } else {
+            ev.count = 1;
+            ev.first_time = ev.time.clone();
+            events.push_back(ev);
+            if events.len() > RECENT_EVENTS {
+                events.pop_front();
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Recent events, oldest first.
+    pub fn events(&self) -> Vec<Event> {
+        lock(&self.events).iter().cloned().collect()
+    }
+
+    /// Updates the link status.
+    pub fn set_link(&self, f: impl FnOnce(&mut LinkStatus)) {
+        let mut l = lock(&self.link);
+        f(&mut l);
+        self.metrics.link_connected.set(i64::from(l.connected));
+    }
+
+    /// The link status.
+    pub fn link(&self) -> LinkStatus {
+        lock(&self.link).clone()
+    }
+
+    /// The document `/v1/status` serves.
+    pub fn status(&self) -> serde_json::Value {
+        let d = self.desired();
+        let (pending, last_seq, dropped, cap) =
+            self.with_outbox(|o| (o.pending(), o.last_sequence(), o.dropped_total(), o.cap()));
+        json!({
+            "nodeName": self.name,
+            "version": nodekeeper_proto::VERSION,
+            "mode": if self.hub.is_some() { "hub" } else { "standalone" },
+            "started": rfc3339(self.started),
+            "labels": self.labels,
+            "facts": self.facts,
+            "appliedRevision": d.revision,
+            "settings": d.settings.unwrap_or_else(default_settings),
+            "hub": self.hub.as_ref().map(|a| {
+                let l = self.link();
+                json!({"address": a, "connected": l.connected, "lastConnected": l.last_connected,
+                       "lastError": l.last_error, "sessions": l.sessions})
+            }),
+            "outbox": {"pending": pending, "lastSequence": last_seq, "dropped": dropped, "capacity": cap},
+        })
+    }
+}

@@ -1,0 +1,119 @@
+//! The node-local status socket: HTTP/JSON over a Unix socket (mode 0660,
+//! group `socketGroup`), for nkctl on the node and local tooling.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use nodekeeper_proto::v1::Event;
+use serde_json::json;
+
+use crate::runtime::Agent;
+
+/// Severities a local event may carry.
+const SEVERITIES: &[&str] = &["Info", "Warning", "Error"];
+
+/// The socket's routes (also served on `metrics.listen` for `/metrics`).
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/events", get(events).post(post_event))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(agent)
+}
+
+async fn status(State(a): State<Arc<Agent>>) -> impl IntoResponse {
+    axum::Json(a.status())
+}
+
+async fn events(State(a): State<Arc<Agent>>) -> impl IntoResponse {
+    axum::Json(json!({ "items": a.events() }))
+}
+
+async fn metrics(State(a): State<Arc<Agent>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        a.metrics.encode(),
+    )
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NewEvent {
+    reason: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default = "default_severity")]
+    severity: String,
+    #[serde(default = "default_source")]
+    source: String,
+}
+
+fn default_severity() -> String {
+    "Info".into()
+}
+
+fn default_source() -> String {
+    "local".into()
+}
+
+fn bad(field: &str, msg: String) -> (StatusCode, axum::Json<serde_json::Value>) {
+    (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(json!({ "error": msg, "field": field })))
+}
+
+/// Records an event on this node (from a script, a plugin or an operator);
+/// answers once it is stored in the outbox.
+async fn post_event(State(a): State<Arc<Agent>>, body: String) -> impl IntoResponse {
+    let e: NewEvent = match serde_json::from_str(&body) {
+        Ok(e) => e,
+        Err(e) => return bad("", format!("event must be JSON {{reason, message, severity}}: {e}")),
+    };
+    let reason_ok = !e.reason.is_empty() && e.reason.len() <= 128 && e.reason.chars().all(|c| c.is_ascii_alphanumeric());
+    if !reason_ok {
+        return bad("reason", format!("{:?} must be 1-128 ASCII letters and digits (CamelCase)", e.reason));
+    }
+    if !SEVERITIES.contains(&e.severity.as_str()) {
+        return bad("severity", format!("{:?}: one of {}", e.severity, SEVERITIES.join(", ")));
+    }
+    if e.message.len() > 4096 {
+        return bad("message", "longer than 4096 bytes".into());
+    }
+    let ev = Event { reason: e.reason, message: e.message, severity: e.severity, source: e.source, ..Default::default() };
+    match a.record_event(ev) {
+        Ok(seq) => (StatusCode::CREATED, axum::Json(json!({ "sequence": seq }))),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "error": e.to_string() }))),
+    }
+}
+
+/// Binds the socket: removes a stale one, creates the directory, sets mode
+/// 0660 and the group.
+pub fn bind(path: &Path, group: &str) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding socket {}; set `socket` in the config to a writable path", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => {
+            if let Err(e) = nix::unistd::chown(path, None, Some(g.gid)) {
+                tracing::warn!(socket = %path.display(), group, error = %e, "cannot give the socket to its group");
+            }
+        }
+        _ => tracing::debug!(group, "socket group does not exist; socket stays root-only"),
+    }
+    Ok(listener)
+}
