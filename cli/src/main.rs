@@ -1,1 +1,219 @@
-fn main(){}
+//! nkctl: kubectl-like CLI over the hub's operator API and the agent's
+//! local socket.
+
+mod client;
+mod output;
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use client::{Target, call, check};
+use hyper::Method;
+use nodekeeper_proto::Kind;
+use output::Format;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(name = "nkctl", version, about = "Operate a nodekeeper fleet")]
+struct Cli {
+    /// Hub operator API.
+    #[arg(long, global = true, env = "NODEKEEPER_HUB", default_value = "http://127.0.0.1:7080")]
+    hub: String,
+    /// Agent socket, for `nkctl node ...`.
+    #[arg(long, global = true, env = "NODEKEEPER_SOCKET", default_value = "/run/nodekeeper/agent.sock")]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List resources, or show one: nodes, nodesets (ns), agentprofiles (ap).
+    Get { kind: String, name: Option<String> },
+    /// Show one resource in detail.
+    Describe { kind: String, name: String },
+    /// Apply resources from files (`-` for stdin); several documents per file.
+    /// Every document is checked before any is applied.
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+    },
+    /// Delete a resource.
+    Delete { kind: String, name: String },
+    /// The fleet summary.
+    Summary,
+    /// This node, through the agent's local socket.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// The agent's status.
+    Status,
+    /// Recent events on this node.
+    Events,
+    /// Record an event on this node (sent to the hub).
+    Event {
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = "")]
+        message: String,
+        #[arg(long, default_value = "Info")]
+        severity: String,
+    },
+}
+
+/// What a kind argument names.
+enum What {
+    Nodes,
+    Kind(Kind),
+}
+
+fn what(s: &str) -> anyhow::Result<What> {
+    match s.to_ascii_lowercase().as_str() {
+        "node" | "nodes" | "no" => Ok(What::Nodes),
+        other => match Kind::parse(other) {
+            Some(k) => Ok(What::Kind(k)),
+            None if Kind::planned(other) => bail!("{other} are not available in this version yet"),
+            None => bail!("unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap)"),
+        },
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = cli.output;
+    match cli.cmd {
+        Cmd::Node { cmd } => return node(Target::Unix(cli.socket), cmd, out).await,
+        Cmd::Apply { files } => return apply(&Target::hub(&cli.hub)?, &files, out).await,
+        _ => {}
+    }
+    let hub = Target::hub(&cli.hub)?;
+    match cli.cmd {
+        Cmd::Get { kind, name } => {
+            let w = what(&kind)?;
+            let path = match (&w, &name) {
+                (What::Nodes, None) => "/v1/nodes".to_string(),
+                (What::Nodes, Some(n)) => format!("/v1/nodes/{n}"),
+                (What::Kind(k), None) => format!("/v1/{}", k.plural()),
+                (What::Kind(k), Some(n)) => format!("/v1/{}/{n}", k.plural()),
+            };
+            let v = check(call(&hub, Method::GET, &path, None).await?)?;
+            if matches!(out, Format::Json | Format::Yaml) {
+                return output::structured(&v, out);
+            }
+            let items = if name.is_some() { vec![v] } else { v.get("items").and_then(Value::as_array).cloned().unwrap_or_default() };
+            if items.is_empty() {
+                eprintln!("No resources found.");
+                return Ok(());
+            }
+            match w {
+                What::Nodes => output::nodes(&items, out == Format::Wide),
+                What::Kind(k) => output::resources(k, &items, out == Format::Wide),
+            }
+        }
+        Cmd::Describe { kind, name } => {
+            let w = what(&kind)?;
+            let path = match &w {
+                What::Nodes => format!("/v1/nodes/{name}"),
+                What::Kind(k) => format!("/v1/{}/{name}", k.plural()),
+            };
+            let v = check(call(&hub, Method::GET, &path, None).await?)?;
+            match (w, out) {
+                (_, Format::Json) => output::structured(&v, Format::Json)?,
+                (What::Nodes, _) => output::describe_node(&v),
+                (What::Kind(_), _) => output::structured(&v, Format::Yaml)?,
+            }
+        }
+        Cmd::Delete { kind, name } => {
+            let What::Kind(k) = what(&kind)? else {
+                bail!("nodes are removed by stopping their agent; they cannot be deleted here yet")
+            };
+            check(call(&hub, Method::DELETE, &format!("/v1/{}/{name}", k.plural()), None).await?)?;
+            println!("{}/{name} deleted", k.name().to_ascii_lowercase());
+        }
+        Cmd::Summary => {
+            let v = check(call(&hub, Method::GET, "/v1/fleet/summary", None).await?)?;
+            output::structured(&v, if out == Format::Yaml { Format::Yaml } else { Format::Json })?;
+        }
+        Cmd::Node { .. } | Cmd::Apply { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+async fn apply(hub: &Target, files: &[String], out: Format) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for f in files {
+        let body = if f == "-" {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+            s
+        } else {
+            std::fs::read_to_string(f).with_context(|| format!("reading {f}"))?
+        };
+        // Check locally first so the error names the file.
+        nodekeeper_proto::document::parse_resources(&body).map_err(|e| anyhow::anyhow!("{f}: {e}"))?;
+        if !text.is_empty() {
+            text.push_str("\n---\n");
+        }
+        text.push_str(&body);
+    }
+    let v = check(call(hub, Method::POST, "/v1/apply", Some(text)).await?)?;
+    if matches!(out, Format::Json | Format::Yaml) {
+        return output::structured(&v, out);
+    }
+    for item in v.get("items").and_then(Value::as_array).into_iter().flatten() {
+        let r = &item["resource"];
+        println!(
+            "{}/{} {}",
+            r["kind"].as_str().unwrap_or_default().to_ascii_lowercase(),
+            r["metadata"]["name"].as_str().unwrap_or_default(),
+            item["action"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn node(sock: Target, cmd: NodeCmd, out: Format) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::Status => {
+            let v = check(call(&sock, Method::GET, "/v1/status", None).await?)?;
+            match out {
+                Format::Json | Format::Yaml => output::structured(&v, out)?,
+                _ => output::node_status(&v),
+            }
+        }
+        NodeCmd::Events => {
+            let v = check(call(&sock, Method::GET, "/v1/events", None).await?)?;
+            match out {
+                Format::Json | Format::Yaml => output::structured(&v, out)?,
+                _ => output::events(v.get("items").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default(), false),
+            }
+        }
+        NodeCmd::Event { reason, message, severity } => {
+            let body = json!({"reason": reason, "message": message, "severity": severity}).to_string();
+            let v = check(call(&sock, Method::POST, "/v1/events", Some(body)).await?)?;
+            match v.get("sequence").and_then(Value::as_u64) {
+                Some(seq) => println!("event recorded (report sequence {seq})"),
+                None => println!("event recorded (standalone: kept on this node)"),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! Rendering resources: tables (kubectl-like), wide tables, JSON, YAML, and
+//! `describe` text.
+
+use std::time::SystemTime;
+
+use comfy_table::{Table, presets};
+use serde_json::Value;
+
+/// Output formats (`-o`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+}
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(v, |v, k| v.get(k).unwrap_or(&Value::Null))
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// "5s", "3m", "2h", "4d" since an RFC 3339 time.
+pub fn age(rfc3339: &str) -> String {
+    let Some(t) = nodekeeper_proto::time::parse_rfc3339(rfc3339) else { return "<unknown>".into() };
+    let secs = SystemTime::now().duration_since(t).map(|d| d.as_secs()).unwrap_or(0);
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING);
+    t.set_header(header.iter().map(|h| h.to_string()));
+    t
+}
+
+fn print_table(t: Table) {
+    // comfy-table pads with one space on each side; trim for kubectl-like output.
+    for line in t.to_string().lines() {
+        println!("{}", line.trim_end().strip_prefix(' ').unwrap_or(line.trim_end()));
+    }
+}
+
+/// Ready / NotReady / Unknown of a node.
+pub fn node_ready(n: &Value) -> String {
+    s(n, &["status", "conditions"])
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c.get("type").and_then(Value::as_str) == Some("Ready")))
+        .map(|c| match c.get("status").and_then(Value::as_str) {
+            Some("True") => "Ready".to_string(),
+            Some("False") => "NotReady".to_string(),
+            _ => "Unknown".to_string(),
+        })
+        .unwrap_or_else(|| "Unknown".into())
+}
+
+fn labels(v: &Value) -> String {
+    v.as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", text(v))).collect::<Vec<_>>().join(","))
+        .unwrap_or_default()
+}
+
+fn selector(v: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(m) = s(v, &["matchLabels"]).as_object() {
+        parts.extend(m.iter().map(|(k, v)| format!("{k}={}", text(v))));
+    }
+    if let Some(es) = s(v, &["matchExpressions"]).as_array() {
+        for e in es {
+            let vals = s(e, &["values"]).as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default();
+            let (k, op) = (text(s(e, &["key"])), text(s(e, &["operator"])));
+            parts.push(match op.as_str() {
+                "Exists" => k,
+                "DoesNotExist" => format!("!{k}"),
+                "In" => format!("{k} in ({vals})"),
+                _ => format!("{k} notin ({vals})"),
+            });
+        }
+    }
+    if parts.is_empty() { "<all>".into() } else { parts.join(",") }
+}
+
+fn bytes_human(b: u64) -> String {
+    format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64)
+}
+
+/// Prints nodes.
+pub fn nodes(items: &[Value], wide: bool) {
+    let mut header = vec!["NAME", "STATUS", "REVISION", "AGENT", "LAST SEEN", "AGE"];
+    if wide {
+        header.extend(["KERNEL", "OS", "ARCH", "CPUS", "MEMORY", "ADDRESSES", "LABELS"]);
+    }
+    let mut t = table(&header);
+    for n in items {
+        let st = s(n, &["status"]);
+        let applied = st.get("appliedRevision").and_then(Value::as_u64).unwrap_or(0);
+        let desired = st.get("desiredRevision").and_then(Value::as_u64).unwrap_or(0);
+        let rev = if applied == desired { format!("{applied}") } else { format!("{applied}/{desired}") };
+        let mut row = vec![
+            text(s(n, &["metadata", "name"])),
+            node_ready(n),
+            rev,
+            text(s(st, &["facts", "agentVersion"])),
+            age(&text(s(st, &["lastSeen"]))),
+            age(&text(s(n, &["metadata", "creationTimestamp"]))),
+        ];
+        if wide {
+            let f = s(st, &["facts"]);
+            row.extend([
+                text(s(f, &["kernel"])),
+                text(s(f, &["os"])),
+                text(s(f, &["arch"])),
+                text(s(f, &["cpus"])),
+                bytes_human(s(f, &["memoryBytes"]).as_u64().unwrap_or(0)),
+                s(f, &["addresses"]).as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default(),
+                labels(s(n, &["metadata", "labels"])),
+            ]);
+        }
+        t.add_row(row);
+    }
+    print_table(t);
+}
+
+/// Prints resources of an operator kind.
+pub fn resources(kind: nodekeeper_proto::Kind, items: &[Value], wide: bool) {
+    use nodekeeper_proto::Kind;
+    match kind {
+        Kind::NodeSet => {
+            let mut t = table(&["NAME", "SELECTOR", "NODES", "READY", "AGE"]);
+            for r in items {
+                t.add_row(vec![
+                    text(s(r, &["metadata", "name"])),
+                    selector(s(r, &["spec", "selector"])),
+                    text(s(r, &["status", "nodes"])),
+                    text(s(r, &["status", "ready"])),
+                    age(&text(s(r, &["metadata", "creationTimestamp"]))),
+                ]);
+            }
+            print_table(t);
+        }
+        Kind::AgentProfile => {
+            let mut header = vec!["NAME", "SELECTOR", "LOG LEVEL", "HEARTBEAT", "NODES", "IN SYNC", "AGE"];
+            if wide {
+                header.extend(["GENERATION", "LABELS"]);
+            }
+            let mut t = table(&header);
+            for r in items {
+                let spec = s(r, &["spec"]);
+                let mut row = vec![
+                    text(s(r, &["metadata", "name"])),
+                    selector(s(spec, &["nodeSelector"])),
+                    text(s(spec, &["logLevel"])),
+                    s(spec, &["heartbeatSeconds"]).as_u64().map(|h| format!("{h}s")).unwrap_or_default(),
+                    text(s(r, &["status", "selectedNodes"])),
+                    text(s(r, &["status", "inSyncNodes"])),
+                    age(&text(s(r, &["metadata", "creationTimestamp"]))),
+                ];
+                if wide {
+                    row.extend([text(s(r, &["metadata", "generation"])), labels(s(spec, &["labels"]))]);
+                }
+                t.add_row(row);
+            }
+            print_table(t);
+        }
+    }
+}
+
+/// Prints a value as JSON or YAML.
+pub fn structured(v: &Value, format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Yaml => print!("{}", serde_norway::to_string(v)?),
+        _ => println!("{}", serde_json::to_string_pretty(v)?),
+    }
+    Ok(())
+}
+
+/// `nkctl describe node`.
+pub fn describe_node(n: &Value) {
+    let st = s(n, &["status"]);
+    let f = s(st, &["facts"]);
+    println!("Name:              {}", text(s(n, &["metadata", "name"])));
+    let ls = s(n, &["metadata", "labels"]).as_object().cloned().unwrap_or_default();
+    let mut first = true;
+    for (k, v) in &ls {
+        println!("{}{k}={}", if first { "Labels:            " } else { "                   " }, text(v));
+        first = false;
+    }
+    if first {
+        println!("Labels:            <none>");
+    }
+    println!("Created:           {}", text(s(n, &["metadata", "creationTimestamp"])));
+    println!("Status:            {}", node_ready(n));
+    println!("Connected:         {}", text(s(st, &["connected"])));
+    println!("Last seen:         {} ({} ago)", text(s(st, &["lastSeen"])), age(&text(s(st, &["lastSeen"]))));
+    println!("Facts:");
+    for (label, key) in [
+        ("Hostname", "hostname"),
+        ("Machine ID", "machineId"),
+        ("Boot ID", "bootId"),
+        ("Kernel", "kernel"),
+        ("OS", "os"),
+        ("Arch", "arch"),
+        ("CPUs", "cpus"),
+        ("Agent version", "agentVersion"),
+    ] {
+        println!("  {:<16} {}", format!("{label}:"), text(s(f, &[key])));
+    }
+    println!("  {:<16} {}", "Memory:", bytes_human(s(f, &["memoryBytes"]).as_u64().unwrap_or(0)));
+    let addrs = s(f, &["addresses"]).as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    println!("  {:<16} {}", "Addresses:", addrs);
+    let (applied, desired) = (text(s(st, &["appliedRevision"])), text(s(st, &["desiredRevision"])));
+    let sync = if applied == desired { "in sync" } else { "not in sync" };
+    println!("Desired state:     revision {desired}, applied {applied} ({sync})");
+    let set = s(st, &["settings"]);
+    let profiles = s(set, &["profiles"]).as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    println!(
+        "  Settings:        logLevel={} heartbeatSeconds={} profiles=[{}]",
+        text(s(set, &["logLevel"])),
+        text(s(set, &["heartbeatSeconds"])),
+        profiles
+    );
+    println!(
+        "Reports:           sequence {}, received {}, dropped by agent {}",
+        text(s(st, &["reportSequence"])),
+        text(s(st, &["reportsReceived"])),
+        text(s(st, &["reportsDropped"]))
+    );
+    println!("Conditions:");
+    let mut t = table(&["TYPE", "STATUS", "REASON", "LAST TRANSITION", "MESSAGE"]);
+    for c in s(st, &["conditions"]).as_array().into_iter().flatten() {
+        t.add_row(vec![
+            text(s(c, &["type"])),
+            text(s(c, &["status"])),
+            text(s(c, &["reason"])),
+            age(&text(s(c, &["lastTransitionTime"]))),
+            text(s(c, &["message"])),
+        ]);
+    }
+    indent(t);
+    println!("Events:");
+    events(s(st, &["recentEvents"]).as_array().map(Vec::as_slice).unwrap_or_default(), true);
+}
+
+/// Prints events (newest last).
+pub fn events(items: &[Value], indented: bool) {
+    let mut t = table(&["LAST SEEN", "COUNT", "SEVERITY", "REASON", "SOURCE", "MESSAGE"]);
+    for e in items {
+        t.add_row(vec![
+            age(&text(s(e, &["time"]))),
+            text(s(e, &["count"])),
+            text(s(e, &["severity"])),
+            text(s(e, &["reason"])),
+            text(s(e, &["source"])),
+            text(s(e, &["message"])),
+        ]);
+    }
+    if indented { indent(t) } else { print_table(t) }
+}
+
+fn indent(t: Table) {
+    for line in t.to_string().lines() {
+        println!("  {}", line.trim_end().strip_prefix(' ').unwrap_or(line.trim_end()));
+    }
+}
+
+/// `nkctl node status`.
+pub fn node_status(v: &Value) {
+    println!("Node:              {}", text(s(v, &["nodeName"])));
+    println!("Agent:             {} ({} mode), started {}", text(s(v, &["version"])), text(s(v, &["mode"])), text(s(v, &["started"])));
+    if let Some(h) = v.get("hub").filter(|h| !h.is_null()) {
+        let state = if s(h, &["connected"]).as_bool() == Some(true) { "connected" } else { "disconnected" };
+        println!("Hub:               {} ({state})", text(s(h, &["address"])));
+        if let Some(e) = s(h, &["lastError"]).as_str() {
+            println!("  Last error:      {e}");
+        }
+    }
+    let set = s(v, &["settings"]);
+    println!("Applied revision:  {}", text(s(v, &["appliedRevision"])));
+    println!(
+        "Settings:          logLevel={} heartbeatSeconds={} labels={}",
+        text(s(set, &["logLevel"])),
+        text(s(set, &["heartbeatSeconds"])),
+        labels(s(set, &["labels"]))
+    );
+    let o = s(v, &["outbox"]);
+    println!(
+        "Outbox:            {} pending of {}, last sequence {}, dropped {}",
+        text(s(o, &["pending"])),
+        text(s(o, &["capacity"])),
+        text(s(o, &["lastSequence"])),
+        text(s(o, &["dropped"]))
+    );
+}
