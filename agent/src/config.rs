@@ -113,7 +113,11 @@ impl AgentConfig {
             return Err(ConfigError::invalid(path, "outbox.maxReports", "must be at least 1"));
         }
         if !validate::LOG_LEVELS.contains(&self.log_level.as_str()) {
-            return Err(ConfigError::invalid(path, "logLevel", format!("{:?} is not a log level", self.log_level)));
+            return Err(ConfigError::invalid(
+                path,
+                "logLevel",
+                format!("{:?} is not a log level", self.log_level),
+            ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::invalid(path, "logFormat", "must be text or json"));
@@ -123,6 +127,8 @@ impl AgentConfig {
 
     /// The node name: configured, else the hostname (lower-cased).
     pub fn node_name(&self) -> String {
-        self.node_name.clone().unwrap_or_else(|| crate::detect::facts::hostname().to_ascii_lowercase())
+        self.node_name
+            .clone()
+            .unwrap_or_else(|| crate::detect::facts::hostname().to_ascii_lowercase())
     }
 }

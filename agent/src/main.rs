@@ -43,8 +43,12 @@ fn main_inner() -> anyhow::Result<()> {
 }
 
 async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating stateDir {}; set stateDir to a writable directory", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
+        format!(
+            "creating stateDir {}; set stateDir to a writable directory",
+            cfg.state_dir.display()
+        )
+    })?;
     let store = Arc::new(AgentStore::open(&cfg.state_dir.join("agent.db"))?);
     let outbox = Outbox::open(store.clone(), cfg.outbox.max_reports)?;
     let name = cfg.node_name();
@@ -78,7 +82,9 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         })
     };
     if let Some(addr) = cfg.metrics.listen {
-        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics.listen {addr}"))?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics.listen {addr}"))?;
         let app = status::router(agent.clone());
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {

@@ -26,15 +26,50 @@ impl Metrics {
     pub fn new() -> Metrics {
         let m = Metrics::default();
         let mut r = Registry::default();
-        r.register("nodekeeper_agent_outbox_pending", "Reports waiting for the hub's acknowledgement", m.outbox_pending.clone());
-        r.register("nodekeeper_agent_outbox_dropped", "Reports dropped because the outbox was full", m.outbox_dropped.clone());
-        r.register("nodekeeper_agent_reports_sent", "Reports sent to the hub (replays included)", m.reports_sent.clone());
-        r.register("nodekeeper_agent_link_connected", "1 while a session with the hub is open", m.link_connected.clone());
-        r.register("nodekeeper_agent_link_sessions", "Sessions opened with the hub", m.link_sessions.clone());
-        r.register("nodekeeper_agent_link_failures", "Failed connection attempts or broken sessions", m.link_failures.clone());
-        r.register("nodekeeper_agent_applied_revision", "Desired-state revision applied", m.applied_revision.clone());
-        r.register("nodekeeper_agent_events_recorded", "Events recorded on this node", m.events_recorded.clone());
-        Metrics { registry: Arc::new(r), ..m }
+        r.register(
+            "nodekeeper_agent_outbox_pending",
+            "Reports waiting for the hub's acknowledgement",
+            m.outbox_pending.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_outbox_dropped",
+            "Reports dropped because the outbox was full",
+            m.outbox_dropped.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_reports_sent",
+            "Reports sent to the hub (replays included)",
+            m.reports_sent.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_link_connected",
+            "1 while a session with the hub is open",
+            m.link_connected.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_link_sessions",
+            "Sessions opened with the hub",
+            m.link_sessions.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_link_failures",
+            "Failed connection attempts or broken sessions",
+            m.link_failures.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_applied_revision",
+            "Desired-state revision applied",
+            m.applied_revision.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_events_recorded",
+            "Events recorded on this node",
+            m.events_recorded.clone(),
+        );
+        Metrics {
+            registry: Arc::new(r),
+            ..m
+        }
     }
 
     /// The text exposition format.

@@ -55,7 +55,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Built-in settings before any desired state arrives.
 pub fn default_settings() -> AgentSettings {
-    AgentSettings { log_level: "info".into(), heartbeat_seconds: 10, labels: BTreeMap::new(), profiles: vec![] }
+    AgentSettings {
+        log_level: "info".into(),
+        heartbeat_seconds: 10,
+        labels: BTreeMap::new(),
+        profiles: vec![],
+    }
 }
 
 /// Parts of a new [`Agent`].
@@ -81,7 +86,10 @@ impl Agent {
             metrics: p.metrics,
             store: p.store,
             log: p.log,
-            desired: Mutex::new(DesiredState { revision: 0, settings: Some(default_settings()) }),
+            desired: Mutex::new(DesiredState {
+                revision: 0,
+                settings: Some(default_settings()),
+            }),
             outbox: Mutex::new(p.outbox),
             outbox_changed: Notify::new(),
             events: Mutex::new(VecDeque::new()),
@@ -146,7 +154,10 @@ impl Agent {
         let seq = self.report(report::Body::Event(ev.clone()))?;
         self.metrics.events_recorded.inc();
         let mut events = lock(&self.events);
-        if let Some(i) = events.iter().position(|e| e.reason == ev.reason && e.message == ev.message && e.source == ev.source) {
+        if let Some(i) = events
+            .iter()
+            .position(|e| e.reason == ev.reason && e.message == ev.message && e.source == ev.source)
+        {
             let mut e = events.remove(i).unwrap_or_default();
             e.count += 1;
             e.time = ev.time;

@@ -30,7 +30,11 @@ impl Target {
         if hostport.is_empty() || hostport.contains('/') {
             bail!("--hub {url}: expected http://host:port");
         }
-        let hostport = if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:80") };
+        let hostport = if hostport.contains(':') {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:80")
+        };
         Ok(Target::Tcp(hostport))
     }
 
@@ -63,14 +67,20 @@ pub async fn call(target: &Target, method: Method, path: &str, body: Option<Stri
         .context("building request")?;
     let resp = match target {
         Target::Tcp(h) => {
-            let stream = tokio::net::TcpStream::connect(h)
-                .await
-                .with_context(|| format!("cannot reach the {}; is the hub running? (--hub or NODEKEEPER_HUB)", target.describe()))?;
+            let stream = tokio::net::TcpStream::connect(h).await.with_context(|| {
+                format!(
+                    "cannot reach the {}; is the hub running? (--hub or NODEKEEPER_HUB)",
+                    target.describe()
+                )
+            })?;
             send(stream, req).await
         }
         Target::Unix(p) => {
             let stream = tokio::net::UnixStream::connect(p).await.with_context(|| {
-                format!("cannot reach the {}; is the agent running, and may you use its socket? (--socket)", target.describe())
+                format!(
+                    "cannot reach the {}; is the agent running, and may you use its socket? (--socket)",
+                    target.describe()
+                )
             })?;
             send(stream, req).await
         }
@@ -102,7 +112,12 @@ pub fn check(resp: Response) -> anyhow::Result<Value> {
     if resp.status.is_success() {
         return Ok(resp.body);
     }
-    let msg = resp.body.get("error").and_then(Value::as_str).map(String::from).unwrap_or_else(|| resp.body.to_string());
+    let msg = resp
+        .body
+        .get("error")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .unwrap_or_else(|| resp.body.to_string());
     match resp.body.get("field").and_then(Value::as_str) {
         Some(f) if !f.is_empty() && !msg.contains(f) => bail!("{msg} (field {f})"),
         _ => bail!("{msg}"),

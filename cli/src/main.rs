@@ -22,7 +22,12 @@ struct Cli {
     #[arg(long, global = true, env = "NODEKEEPER_HUB", default_value = "http://127.0.0.1:7080")]
     hub: String,
     /// Agent socket, for `nkctl node ...`.
-    #[arg(long, global = true, env = "NODEKEEPER_SOCKET", default_value = "/run/nodekeeper/agent.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "NODEKEEPER_SOCKET",
+        default_value = "/run/nodekeeper/agent.sock"
+    )]
     socket: PathBuf,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
@@ -118,7 +123,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if matches!(out, Format::Json | Format::Yaml) {
                 return output::structured(&v, out);
             }
-            let items = if name.is_some() { vec![v] } else { v.get("items").and_then(Value::as_array).cloned().unwrap_or_default() };
+            let items = if name.is_some() {
+                vec![v]
+            } else {
+                v.get("items").and_then(Value::as_array).cloned().unwrap_or_default()
+            };
             if items.is_empty() {
                 eprintln!("No resources found.");
                 return Ok(());
@@ -150,7 +159,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Summary => {
             let v = check(call(&hub, Method::GET, "/v1/fleet/summary", None).await?)?;
-            output::structured(&v, if out == Format::Yaml { Format::Yaml } else { Format::Json })?;
+            output::structured(
+                &v,
+                if out == Format::Yaml {
+                    Format::Yaml
+                } else {
+                    Format::Json
+                },
+            )?;
         }
         Cmd::Node { .. } | Cmd::Apply { .. } => unreachable!("handled above"),
     }
@@ -203,10 +219,20 @@ async fn node(sock: Target, cmd: NodeCmd, out: Format) -> anyhow::Result<()> {
             let v = check(call(&sock, Method::GET, "/v1/events", None).await?)?;
             match out {
                 Format::Json | Format::Yaml => output::structured(&v, out)?,
-                _ => output::events(v.get("items").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default(), false),
+                _ => output::events(
+                    v.get("items")
+                        .and_then(Value::as_array)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default(),
+                    false,
+                ),
             }
         }
-        NodeCmd::Event { reason, message, severity } => {
+        NodeCmd::Event {
+            reason,
+            message,
+            severity,
+        } => {
             let body = json!({"reason": reason, "message": message, "severity": severity}).to_string();
             let v = check(call(&sock, Method::POST, "/v1/events", Some(body)).await?)?;
             match v.get("sequence").and_then(Value::as_u64) {

@@ -29,7 +29,9 @@ fn text(v: &Value) -> String {
 
 /// "5s", "3m", "2h", "4d" since an RFC 3339 time.
 pub fn age(rfc3339: &str) -> String {
-    let Some(t) = nodekeeper_proto::time::parse_rfc3339(rfc3339) else { return "<unknown>".into() };
+    let Some(t) = nodekeeper_proto::time::parse_rfc3339(rfc3339) else {
+        return "<unknown>".into();
+    };
     let secs = SystemTime::now().duration_since(t).map(|d| d.as_secs()).unwrap_or(0);
     match secs {
         0..=119 => format!("{secs}s"),
@@ -57,7 +59,10 @@ fn print_table(t: Table) {
 pub fn node_ready(n: &Value) -> String {
     s(n, &["status", "conditions"])
         .as_array()
-        .and_then(|cs| cs.iter().find(|c| c.get("type").and_then(Value::as_str) == Some("Ready")))
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+        })
         .map(|c| match c.get("status").and_then(Value::as_str) {
             Some("True") => "Ready".to_string(),
             Some("False") => "NotReady".to_string(),
@@ -68,7 +73,12 @@ pub fn node_ready(n: &Value) -> String {
 
 fn labels(v: &Value) -> String {
     v.as_object()
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", text(v))).collect::<Vec<_>>().join(","))
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .unwrap_or_default()
 }
 
@@ -79,7 +89,10 @@ fn selector(v: &Value) -> String {
     }
     if let Some(es) = s(v, &["matchExpressions"]).as_array() {
         for e in es {
-            let vals = s(e, &["values"]).as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default();
+            let vals = s(e, &["values"])
+                .as_array()
+                .map(|a| a.iter().map(text).collect::<Vec<_>>().join(","))
+                .unwrap_or_default();
             let (k, op) = (text(s(e, &["key"])), text(s(e, &["operator"])));
             parts.push(match op.as_str() {
                 "Exists" => k,
@@ -89,7 +102,11 @@ fn selector(v: &Value) -> String {
             });
         }
     }
-    if parts.is_empty() { "<all>".into() } else { parts.join(",") }
+    if parts.is_empty() {
+        "<all>".into()
+    } else {
+        parts.join(",")
+    }
 }
 
 fn bytes_human(b: u64) -> String {
@@ -107,7 +124,11 @@ pub fn nodes(items: &[Value], wide: bool) {
         let st = s(n, &["status"]);
         let applied = st.get("appliedRevision").and_then(Value::as_u64).unwrap_or(0);
         let desired = st.get("desiredRevision").and_then(Value::as_u64).unwrap_or(0);
-        let rev = if applied == desired { format!("{applied}") } else { format!("{applied}/{desired}") };
+        let rev = if applied == desired {
+            format!("{applied}")
+        } else {
+            format!("{applied}/{desired}")
+        };
         let mut row = vec![
             text(s(n, &["metadata", "name"])),
             node_ready(n),
@@ -124,7 +145,10 @@ pub fn nodes(items: &[Value], wide: bool) {
                 text(s(f, &["arch"])),
                 text(s(f, &["cpus"])),
                 bytes_human(s(f, &["memoryBytes"]).as_u64().unwrap_or(0)),
-                s(f, &["addresses"]).as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default(),
+                s(f, &["addresses"])
+                    .as_array()
+                    .map(|a| a.iter().map(text).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default(),
                 labels(s(n, &["metadata", "labels"])),
             ]);
         }
@@ -162,7 +186,10 @@ pub fn resources(kind: nodekeeper_proto::Kind, items: &[Value], wide: bool) {
                     text(s(r, &["metadata", "name"])),
                     selector(s(spec, &["nodeSelector"])),
                     text(s(spec, &["logLevel"])),
-                    s(spec, &["heartbeatSeconds"]).as_u64().map(|h| format!("{h}s")).unwrap_or_default(),
+                    s(spec, &["heartbeatSeconds"])
+                        .as_u64()
+                        .map(|h| format!("{h}s"))
+                        .unwrap_or_default(),
                     text(s(r, &["status", "selectedNodes"])),
                     text(s(r, &["status", "inSyncNodes"])),
                     age(&text(s(r, &["metadata", "creationTimestamp"]))),
@@ -194,7 +221,15 @@ pub fn describe_node(n: &Value) {
     let ls = s(n, &["metadata", "labels"]).as_object().cloned().unwrap_or_default();
     let mut first = true;
     for (k, v) in &ls {
-        println!("{}{k}={}", if first { "Labels:            " } else { "                   " }, text(v));
+        println!(
+            "{}{k}={}",
+            if first {
+                "Labels:            "
+            } else {
+                "                   "
+            },
+            text(v)
+        );
         first = false;
     }
     if first {
@@ -203,7 +238,11 @@ pub fn describe_node(n: &Value) {
     println!("Created:           {}", text(s(n, &["metadata", "creationTimestamp"])));
     println!("Status:            {}", node_ready(n));
     println!("Connected:         {}", text(s(st, &["connected"])));
-    println!("Last seen:         {} ({} ago)", text(s(st, &["lastSeen"])), age(&text(s(st, &["lastSeen"]))));
+    println!(
+        "Last seen:         {} ({} ago)",
+        text(s(st, &["lastSeen"])),
+        age(&text(s(st, &["lastSeen"])))
+    );
     println!("Facts:");
     for (label, key) in [
         ("Hostname", "hostname"),
@@ -217,14 +256,24 @@ pub fn describe_node(n: &Value) {
     ] {
         println!("  {:<16} {}", format!("{label}:"), text(s(f, &[key])));
     }
-    println!("  {:<16} {}", "Memory:", bytes_human(s(f, &["memoryBytes"]).as_u64().unwrap_or(0)));
-    let addrs = s(f, &["addresses"]).as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    println!(
+        "  {:<16} {}",
+        "Memory:",
+        bytes_human(s(f, &["memoryBytes"]).as_u64().unwrap_or(0))
+    );
+    let addrs = s(f, &["addresses"])
+        .as_array()
+        .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
     println!("  {:<16} {}", "Addresses:", addrs);
     let (applied, desired) = (text(s(st, &["appliedRevision"])), text(s(st, &["desiredRevision"])));
     let sync = if applied == desired { "in sync" } else { "not in sync" };
     println!("Desired state:     revision {desired}, applied {applied} ({sync})");
     let set = s(st, &["settings"]);
-    let profiles = s(set, &["profiles"]).as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    let profiles = s(set, &["profiles"])
+        .as_array()
+        .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
     println!(
         "  Settings:        logLevel={} heartbeatSeconds={} profiles=[{}]",
         text(s(set, &["logLevel"])),
@@ -250,7 +299,13 @@ pub fn describe_node(n: &Value) {
     }
     indent(t);
     println!("Events:");
-    events(s(st, &["recentEvents"]).as_array().map(Vec::as_slice).unwrap_or_default(), true);
+    events(
+        s(st, &["recentEvents"])
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default(),
+        true,
+    );
 }
 
 /// Prints events (newest last).
@@ -278,9 +333,18 @@ fn indent(t: Table) {
 /// `nkctl node status`.
 pub fn node_status(v: &Value) {
     println!("Node:              {}", text(s(v, &["nodeName"])));
-    println!("Agent:             {} ({} mode), started {}", text(s(v, &["version"])), text(s(v, &["mode"])), text(s(v, &["started"])));
+    println!(
+        "Agent:             {} ({} mode), started {}",
+        text(s(v, &["version"])),
+        text(s(v, &["mode"])),
+        text(s(v, &["started"]))
+    );
     if let Some(h) = v.get("hub").filter(|h| !h.is_null()) {
-        let state = if s(h, &["connected"]).as_bool() == Some(true) { "connected" } else { "disconnected" };
+        let state = if s(h, &["connected"]).as_bool() == Some(true) {
+            "connected"
+        } else {
+            "disconnected"
+        };
         println!("Hub:               {} ({state})", text(s(h, &["address"])));
         if let Some(e) = s(h, &["lastError"]).as_str() {
             println!("  Last error:      {e}");

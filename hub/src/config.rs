@@ -64,7 +64,10 @@ impl Default for Listen {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { driver: "sqlite".into(), path: None }
+        StoreConfig {
+            driver: "sqlite".into(),
+            path: None,
+        }
     }
 }
 
@@ -85,13 +88,21 @@ impl HubConfig {
             ));
         }
         if !nodekeeper_proto::validate::LOG_LEVELS.contains(&self.log_level.as_str()) {
-            return Err(ConfigError::invalid(path, "logLevel", format!("{:?} is not a log level", self.log_level)));
+            return Err(ConfigError::invalid(
+                path,
+                "logLevel",
+                format!("{:?} is not a log level", self.log_level),
+            ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::invalid(path, "logFormat", "must be text or json"));
         }
         if self.node_monitor_grace_period_seconds == 0 {
-            return Err(ConfigError::invalid(path, "nodeMonitorGracePeriodSeconds", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                path,
+                "nodeMonitorGracePeriodSeconds",
+                "must be at least 1",
+            ));
         }
         if !self.state_dir.is_absolute() {
             return Err(ConfigError::invalid(path, "stateDir", "must be an absolute path"));

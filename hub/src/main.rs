@@ -15,7 +15,11 @@ use nodekeeper_proto::daemon;
 use nodekeeper_proto::v1::agent_link_server::AgentLinkServer;
 
 #[derive(Parser)]
-#[command(name = "nodekeeper-hub", version, about = "nodekeeper hub: agent links, operator API, fleet state")]
+#[command(
+    name = "nodekeeper-hub",
+    version,
+    about = "nodekeeper hub: agent links, operator API, fleet state"
+)]
 struct Args {
     /// Configuration file.
     #[arg(long, default_value = config::DEFAULT_PATH)]
@@ -31,13 +35,20 @@ fn main_inner() -> anyhow::Result<()> {
     let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
     let cfg = HubConfig::load(&args.config, explicit)?;
     daemon::init_logging(&cfg.log_level, cfg.log_format == "json");
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     rt.block_on(run(cfg))
 }
 
 async fn run(cfg: HubConfig) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating stateDir {}; set stateDir in the config to a writable directory", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
+        format!(
+            "creating stateDir {}; set stateDir in the config to a writable directory",
+            cfg.state_dir.display()
+        )
+    })?;
     let metrics = Metrics::new();
     let store_path = cfg.store_path();
     let (store, loaded) = Store::open(&store_path, metrics.clone())?;
@@ -46,7 +57,9 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
         store,
         loaded,
         metrics,
-        FleetConfig { grace: Duration::from_secs(cfg.node_monitor_grace_period_seconds) },
+        FleetConfig {
+            grace: Duration::from_secs(cfg.node_monitor_grace_period_seconds),
+        },
     )?;
 
     let grpc_listener = tokio::net::TcpListener::bind(cfg.listen.grpc)

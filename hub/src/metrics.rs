@@ -53,20 +53,67 @@ impl Metrics {
             nodes_ready: Gauge::default(),
             nodes_in_sync: Gauge::default(),
         };
-        r.register("nodekeeper_hub_reports_received", "Reports accepted from agents (each sequence number once)", m.reports_received.clone());
-        r.register("nodekeeper_hub_reports_duplicate", "Reports ignored because their sequence number was already persisted", m.reports_duplicate.clone());
+        r.register(
+            "nodekeeper_hub_reports_received",
+            "Reports accepted from agents (each sequence number once)",
+            m.reports_received.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_reports_duplicate",
+            "Reports ignored because their sequence number was already persisted",
+            m.reports_duplicate.clone(),
+        );
         r.register("nodekeeper_hub_heartbeats", "Heartbeats received", m.heartbeats.clone());
-        r.register("nodekeeper_hub_sessions_opened", "Agent sessions accepted", m.sessions_opened.clone());
-        r.register("nodekeeper_hub_sessions_rejected", "Agent sessions refused (bad hello, name conflict)", m.sessions_rejected.clone());
-        r.register("nodekeeper_hub_sessions_active", "Agent sessions open now", m.sessions_active.clone());
-        r.register("nodekeeper_hub_desired_pushed", "Desired-state revisions computed for nodes", m.desired_pushed.clone());
-        r.register("nodekeeper_hub_store_batches", "Store transactions committed", m.store_batches.clone());
-        r.register("nodekeeper_hub_store_writes", "Rows written to the store", m.store_writes.clone());
-        r.register("nodekeeper_hub_store_commit_seconds", "Time to commit one store batch", m.store_commit_seconds.clone());
+        r.register(
+            "nodekeeper_hub_sessions_opened",
+            "Agent sessions accepted",
+            m.sessions_opened.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_sessions_rejected",
+            "Agent sessions refused (bad hello, name conflict)",
+            m.sessions_rejected.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_sessions_active",
+            "Agent sessions open now",
+            m.sessions_active.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_desired_pushed",
+            "Desired-state revisions computed for nodes",
+            m.desired_pushed.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_store_batches",
+            "Store transactions committed",
+            m.store_batches.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_store_writes",
+            "Rows written to the store",
+            m.store_writes.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_store_commit_seconds",
+            "Time to commit one store batch",
+            m.store_commit_seconds.clone(),
+        );
         r.register("nodekeeper_hub_nodes", "Registered nodes", m.nodes.clone());
-        r.register("nodekeeper_hub_nodes_ready", "Nodes whose Ready condition is True", m.nodes_ready.clone());
-        r.register("nodekeeper_hub_nodes_in_sync", "Nodes whose applied revision equals the desired revision", m.nodes_in_sync.clone());
-        Metrics { registry: Arc::new(r), ..m }
+        r.register(
+            "nodekeeper_hub_nodes_ready",
+            "Nodes whose Ready condition is True",
+            m.nodes_ready.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_nodes_in_sync",
+            "Nodes whose applied revision equals the desired revision",
+            m.nodes_in_sync.clone(),
+        );
+        Metrics {
+            registry: Arc::new(r),
+            ..m
+        }
     }
 
     /// The text exposition format.

@@ -17,7 +17,11 @@ pub enum ConfigError {
 impl ConfigError {
     /// An invalid value found after parsing (a semantic check).
     pub fn invalid(path: &Path, key: &str, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid { path: path.to_path_buf(), key: key.to_string(), reason: reason.into() }
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -27,7 +31,12 @@ pub fn load<T: DeserializeOwned + Default>(path: &Path, required: bool) -> Resul
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(T::default()),
-        Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
     };
     parse(path, &text)
 }
@@ -43,8 +52,15 @@ pub fn parse<T: DeserializeOwned + Default>(path: &Path, text: &str) -> Result<T
         let key = if key == "." { "(top level)".to_string() } else { key };
         let reason = e.into_inner().to_string();
         // serde_norway prefixes the path itself; keep it once.
-        let reason = reason.strip_prefix(&format!("{key}: ")).map(String::from).unwrap_or(reason);
-        ConfigError::Invalid { path: path.to_path_buf(), key, reason }
+        let reason = reason
+            .strip_prefix(&format!("{key}: "))
+            .map(String::from)
+            .unwrap_or(reason);
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        }
     })
 }
 
@@ -71,7 +87,10 @@ mod tests {
         let p = Path::new("/etc/x.yaml");
         let e = parse::<Cfg>(p, "hub:\n  adress: x\n").expect_err("unknown key");
         let s = e.to_string();
-        assert!(s.contains("/etc/x.yaml") && s.contains("hub.adress") && s.contains("unknown field"), "{s}");
+        assert!(
+            s.contains("/etc/x.yaml") && s.contains("hub.adress") && s.contains("unknown field"),
+            "{s}"
+        );
         let e = parse::<Cfg>(p, "hub:\n  port: lots\n").expect_err("bad value");
         assert!(e.to_string().contains("hub.port"), "{e}");
         let c = parse::<Cfg>(p, "stateDir: /tmp/a\nhub: {address: 'http://h:1'}\n").expect("valid");

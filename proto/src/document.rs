@@ -76,7 +76,8 @@ spec:
 
     #[test]
     fn json_items_list_is_flattened() {
-        let text = r#"{"items":[{"apiVersion":"nodekeeper.io/v1","kind":"NodeSet","metadata":{"name":"a"},"spec":{}}]}"#;
+        let text =
+            r#"{"items":[{"apiVersion":"nodekeeper.io/v1","kind":"NodeSet","metadata":{"name":"a"},"spec":{}}]}"#;
         assert_eq!(parse_resources(text).expect("valid").len(), 1);
     }
 
@@ -87,7 +88,9 @@ spec:
     #[test]
     fn errors_name_the_document_and_field() {
         let good = "apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {name: a}\nspec: {}\n";
-        let e = err(&format!("{good}---\napiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {{name: b}}\nspec: {{heartbeatSeconds: 0}}\n"));
+        let e = err(&format!(
+            "{good}---\napiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {{name: b}}\nspec: {{heartbeatSeconds: 0}}\n"
+        ));
         assert_eq!(e.document, Some(2));
         assert_eq!(e.field, "spec.heartbeatSeconds");
 
@@ -95,7 +98,9 @@ spec:
         assert_eq!(e.field, "spec.logLevl");
         assert!(e.message.contains("unknown field"), "{e}");
 
-        let e = err("apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: b}\nspec: {heartbeatSeconds: soon}\n");
+        let e = err(
+            "apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: b}\nspec: {heartbeatSeconds: soon}\n",
+        );
         assert_eq!(e.field, "spec.heartbeatSeconds");
 
         let e = err("apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: b}\nspec: {logLevel: loud}\n");
@@ -110,10 +115,14 @@ spec:
         let e = err("apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {name: Bad_Name}\nspec: {}\n");
         assert_eq!(e.field, "metadata.name");
 
-        let e = err("apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {name: a}\nspec:\n  selector:\n    matchExpressions:\n    - {key: zone, operator: Near, values: [a]}\n");
+        let e = err(
+            "apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {name: a}\nspec:\n  selector:\n    matchExpressions:\n    - {key: zone, operator: Near, values: [a]}\n",
+        );
         assert_eq!(e.field, "spec.selector.matchExpressions[0].operator");
 
-        let e = err("apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {name: a}\nspec:\n  selector:\n    matchLabels: {zone: 'a b'}\n");
+        let e = err(
+            "apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {name: a}\nspec:\n  selector:\n    matchLabels: {zone: 'a b'}\n",
+        );
         assert!(e.field.starts_with("spec.selector.matchLabels"), "{e}");
 
         let e = err("apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {name: a}\n");

@@ -22,7 +22,11 @@ pub struct ResourceError {
 impl ResourceError {
     /// An error about `field`.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into(), document: None }
+        Self {
+            field: field.into(),
+            message: message.into(),
+            document: None,
+        }
     }
 
     /// The same error, located in document `n` (1-based).
@@ -169,9 +173,12 @@ impl Resource {
     /// Parses and validates one resource document already read into JSON.
     /// Errors name the field (`spec.nodeSelector.matchExpressions[0].operator`).
     pub fn from_value(value: Value) -> Result<Resource, ResourceError> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| ResourceError::new("", "a resource must be a mapping with apiVersion, kind, metadata and spec"))?;
+        let obj = value.as_object().ok_or_else(|| {
+            ResourceError::new(
+                "",
+                "a resource must be a mapping with apiVersion, kind, metadata and spec",
+            )
+        })?;
         let api = obj.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
         if api != API_VERSION {
             return Err(ResourceError::new(
@@ -188,7 +195,10 @@ impl Resource {
             .copied()
             .find(|k| k.name() == kind_str)
             .ok_or_else(|| {
-                ResourceError::new("kind", format!("unknown kind {kind_str:?}; one of NodeSet, AgentProfile"))
+                ResourceError::new(
+                    "kind",
+                    format!("unknown kind {kind_str:?}; one of NodeSet, AgentProfile"),
+                )
             })?;
         let mut r = match kind {
             Kind::NodeSet => Resource::NodeSet(typed(value)?),

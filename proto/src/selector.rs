@@ -11,9 +11,7 @@ impl LabelSelector {
     /// Whether `labels` satisfy every `matchLabels` entry and every
     /// `matchExpressions` requirement. An empty selector selects everything.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.match_expressions.iter().all(|r| r.matches(labels))
     }
 }
@@ -76,6 +74,11 @@ mod tests {
         assert!(!sel.matches(&labels(&[("zone", "a"), ("tier", "db")])));
         assert!(!sel.matches(&labels(&[("zone", "a"), ("gpu", "x"), ("tier", "ml")])));
         assert!(!sel.matches(&labels(&[("zone", "a"), ("gpu", "x"), ("tier", "db"), ("drain", "")])));
-        assert!(!sel.matches(&labels(&[("zone", "a"), ("gpu", "x"), ("tier", "db"), ("arch", "arm64")])));
+        assert!(!sel.matches(&labels(&[
+            ("zone", "a"),
+            ("gpu", "x"),
+            ("tier", "db"),
+            ("arch", "arm64")
+        ])));
     }
 }

@@ -80,10 +80,16 @@ pub fn selector(field: &str, sel: &LabelSelector) -> Result<(), ResourceError> {
         }
         let needs_values = matches!(r.operator.as_str(), "In" | "NotIn");
         if needs_values && r.values.is_empty() {
-            return Err(ResourceError::new(format!("{f}.values"), format!("{} needs at least one value", r.operator)));
+            return Err(ResourceError::new(
+                format!("{f}.values"),
+                format!("{} needs at least one value", r.operator),
+            ));
         }
         if !needs_values && !r.values.is_empty() {
-            return Err(ResourceError::new(format!("{f}.values"), format!("{} takes no values", r.operator)));
+            return Err(ResourceError::new(
+                format!("{f}.values"),
+                format!("{} takes no values", r.operator),
+            ));
         }
         for (j, v) in r.values.iter().enumerate() {
             label_value(&format!("{f}.values[{j}]"), v)?;
@@ -112,7 +118,9 @@ fn label_key(field: &str, key: &str) -> Result<(), ResourceError> {
     if name.is_empty() || name.len() > 63 || !label_chars(name) {
         return Err(ResourceError::new(
             field,
-            format!("label key {key:?} must be at most 63 characters of [A-Za-z0-9._-], starting and ending alphanumeric (an optional DNS prefix and '/' before it)"),
+            format!(
+                "label key {key:?} must be at most 63 characters of [A-Za-z0-9._-], starting and ending alphanumeric (an optional DNS prefix and '/' before it)"
+            ),
         ));
     }
     Ok(())
@@ -122,7 +130,9 @@ fn label_value(field: &str, v: &str) -> Result<(), ResourceError> {
     if v.len() > 63 || (!v.is_empty() && !label_chars(v)) {
         return Err(ResourceError::new(
             field,
-            format!("label value {v:?} must be empty or at most 63 characters of [A-Za-z0-9._-], starting and ending alphanumeric"),
+            format!(
+                "label value {v:?} must be empty or at most 63 characters of [A-Za-z0-9._-], starting and ending alphanumeric"
+            ),
         ));
     }
     Ok(())
@@ -130,7 +140,8 @@ fn label_value(field: &str, v: &str) -> Result<(), ResourceError> {
 
 fn label_chars(s: &str) -> bool {
     let b = s.as_bytes();
-    b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+    b.iter()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
         && b.first().is_some_and(u8::is_ascii_alphanumeric)
         && b.last().is_some_and(u8::is_ascii_alphanumeric)
 }
@@ -142,7 +153,8 @@ pub fn dns_subdomain(field: &str, s: &str) -> Result<(), ResourceError> {
         && s.split('.').all(|part| {
             let b = part.as_bytes();
             !b.is_empty()
-                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
                 && b[0] != b'-'
                 && b[b.len() - 1] != b'-'
         });
@@ -151,7 +163,9 @@ pub fn dns_subdomain(field: &str, s: &str) -> Result<(), ResourceError> {
     } else {
         Err(ResourceError::new(
             field,
-            format!("{s:?} must be a DNS-1123 subdomain: lower-case letters, digits, '-' and '.', at most 253 characters, starting and ending alphanumeric"),
+            format!(
+                "{s:?} must be a DNS-1123 subdomain: lower-case letters, digits, '-' and '.', at most 253 characters, starting and ending alphanumeric"
+            ),
         ))
     }
 }

@@ -1,1 +1,407 @@
+//! Harness for end-to-end tests: starts the real `nodekeeper-hub`,
+//! `nodekeeper-agent` and `nkctl` binaries with private state in a temp
+//! directory, and talks to them over real HTTP, gRPC and Unix sockets.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a workspace binary (built by `cargo build --workspace` or
+/// `scripts/test.sh`).
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let profile = std::env::var("NK_TEST_PROFILE").unwrap_or_else(|_| "debug".into());
+    let p = target.join(profile).join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A private temp directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("nk-e2e-{tag}-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("NK_KEEP_TEMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+/// A bound on waiting, not a timing assertion.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal HTTP/1.1 exchange; returns (status, body).
+fn http_exchange(mut s: impl Read + Write, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// HTTP over TCP.
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    http_exchange(s, method, path, body)
+}
+
+/// HTTP over a Unix socket.
+pub fn http_unix(path: &Path, method: &str, url: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    http_exchange(s, method, url, body)
+}
+
+/// GET returning JSON, `None` on any failure (for polling).
+pub fn get_json(addr: &str, path: &str) -> Option<Value> {
+    match http(addr, "GET", path, "") {
+        Ok((200, b)) => serde_json::from_str(&b).ok(),
+        _ => None,
+    }
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn daemon")
+}
+
+fn kill(child: &mut Child, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+}
+
+/// A running hub.
+pub struct Hub {
+    pub dir: PathBuf,
+    pub grpc: String,
+    pub http: String,
+    pub config: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Hub {
+    /// Starts a hub with its state in `dir/hub`. `extra` is appended to the config.
+    pub fn start(dir: &Path, extra: &str) -> Hub {
+        let d = dir.join("hub");
+        std::fs::create_dir_all(&d).expect("hub dir");
+        let (grpc, http) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let config = d.join("hub.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: {{grpc: \"{grpc}\", http: \"{http}\"}}\nstateDir: {}\n{extra}",
+                d.join("state").display()
+            ),
+        )
+        .expect("write hub config");
+        let mut h = Hub {
+            dir: d,
+            grpc,
+            http,
+            config,
+            child: None,
+            starts: 0,
+        };
+        h.restart();
+        h
+    }
+
+    /// `http://` address of the gRPC listener, for agents.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// `http://` address of the operator API, for nkctl.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// Starts (again) on the same state and ports; waits for /healthz.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "hub already running");
+        self.starts += 1;
+        let log = self.dir.join(format!("hub-{}.log", self.starts));
+        let child = spawn(
+            Command::new(bin("nodekeeper-hub")).arg("--config").arg(&self.config),
+            &log,
+        );
+        self.child = Some(child);
+        let addr = self.http.clone();
+        wait_for("hub /healthz", Duration::from_secs(30), || {
+            http(&addr, "GET", "/healthz", "").ok().filter(|r| r.0 == 200)
+        });
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, nix::sys::signal::Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("hub running");
+        kill(&mut c, nix::sys::signal::Signal::SIGTERM);
+        c.wait().expect("wait hub")
+    }
+
+    pub fn get(&self, path: &str) -> Option<Value> {
+        get_json(&self.http, path)
+    }
+
+    pub fn summary(&self) -> Value {
+        self.get("/v1/fleet/summary").expect("summary")
+    }
+
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.get(&format!("/v1/nodes/{name}"))
+    }
+
+    /// Runs nkctl against this hub.
+    pub fn nkctl(&self, args: &[&str]) -> Output {
+        nkctl(&self.http_url(), None, args, None)
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs nkctl; `stdin` is fed when given.
+pub fn nkctl(hub: &str, socket: Option<&Path>, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(bin("nkctl"));
+    cmd.arg("--hub").arg(hub);
+    if let Some(s) = socket {
+        cmd.arg("--socket").arg(s);
+    }
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = cmd.spawn().expect("spawn nkctl");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("nkctl output")
+}
+
+/// A running agent.
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Agent {
+    /// Starts an agent named `name` with state in `dir/<name>`; `hub` is the
+    /// hub's gRPC URL or `None` for standalone. `extra` is appended to the config.
+    pub fn start(dir: &Path, name: &str, hub: Option<&str>, extra: &str) -> Agent {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).expect("agent dir");
+        let socket = d.join("agent.sock");
+        let config = d.join("agent.yaml");
+        let hub_line = hub.map(|h| format!("hub: {{address: \"{h}\"}}\n")).unwrap_or_default();
+        std::fs::write(
+            &config,
+            format!(
+                "nodeName: {name}\nstateDir: {}\nsocket: {}\n{hub_line}{extra}",
+                d.join("state").display(),
+                socket.display()
+            ),
+        )
+        .expect("write agent config");
+        let mut a = Agent {
+            name: name.into(),
+            dir: d,
+            socket,
+            config,
+            child: None,
+            starts: 0,
+        };
+        a.restart();
+        a
+    }
+
+    /// Starts (again) with the same config and state; waits for the socket.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        self.starts += 1;
+        let _ = std::fs::remove_file(&self.socket);
+        let log = self.dir.join(format!("agent-{}.log", self.starts));
+        self.child = Some(spawn(
+            Command::new(bin("nodekeeper-agent")).arg("--config").arg(&self.config),
+            &log,
+        ));
+        let sock = self.socket.clone();
+        wait_for("agent socket", Duration::from_secs(30), || self.status_of(&sock));
+    }
+
+    fn status_of(&self, sock: &Path) -> Option<Value> {
+        match http_unix(sock, "GET", "/v1/status", "") {
+            Ok((200, b)) => serde_json::from_str(&b).ok(),
+            _ => None,
+        }
+    }
+
+    /// `/v1/status` from the socket.
+    pub fn status(&self) -> Option<Value> {
+        self.status_of(&self.socket)
+    }
+
+    /// Records an event through the socket; returns its report sequence.
+    pub fn event(&self, reason: &str, message: &str) -> u64 {
+        let body = format!("{{\"reason\":\"{reason}\",\"message\":\"{message}\"}}");
+        let (code, resp) = http_unix(&self.socket, "POST", "/v1/events", &body).expect("post event");
+        assert_eq!(code, 201, "event refused: {resp}");
+        let v: Value = serde_json::from_str(&resp).expect("json");
+        v["sequence"].as_u64().unwrap_or(0)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, nix::sys::signal::Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&mut self, s: nix::sys::signal::Signal) {
+        if let Some(c) = self.child.as_mut() {
+            kill(c, s);
+        }
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        kill(&mut c, nix::sys::signal::Signal::SIGTERM);
+        c.wait().expect("wait agent")
+    }
+
+    /// All of the agent's log so far.
+    pub fn log(&self) -> String {
+        (1..=self.starts)
+            .map(|i| std::fs::read_to_string(self.dir.join(format!("agent-{i}.log"))).unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+        self.kill9();
+    }
+}
+
+/// The Ready status of a node document.
+pub fn ready(node: &Value) -> String {
+    node["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Sum of the aggregated counts of a node's events with `reason`.
+pub fn event_count(node: &Value, reason: &str) -> u64 {
+    node["status"]["recentEvents"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["reason"] == reason)
+                .map(|e| e["count"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -16,7 +16,10 @@ pub fn check(s: &AgentSettings) -> Result<(), String> {
         return Err(format!("settings.logLevel: {:?} is not a log level", s.log_level));
     }
     if !validate::HEARTBEAT_RANGE.contains(&s.heartbeat_seconds) {
-        return Err(format!("settings.heartbeatSeconds: {} is out of range", s.heartbeat_seconds));
+        return Err(format!(
+            "settings.heartbeatSeconds: {} is out of range",
+            s.heartbeat_seconds
+        ));
     }
     validate::labels("settings.labels", &s.labels).map_err(|e| e.to_string())
 }
@@ -39,7 +42,10 @@ pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
     }
     let mut cur = agent.desired.lock().unwrap_or_else(|p| p.into_inner());
     let changed = cur.settings.as_ref() != Some(&settings);
-    *cur = DesiredState { revision: d.revision, settings: Some(settings) };
+    *cur = DesiredState {
+        revision: d.revision,
+        settings: Some(settings),
+    };
     drop(cur);
     agent.metrics.applied_revision.set(d.revision as i64);
     if changed {
@@ -50,8 +56,12 @@ pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
 
 /// Applies the cached desired state at start, before any hub is reached.
 pub fn restore(agent: &Agent) -> Result<(), String> {
-    let Some(store) = &agent.store else { return Ok(()) };
-    let Some(bytes) = store.get(keys::DESIRED).map_err(|e| e.to_string())? else { return Ok(()) };
+    let Some(store) = &agent.store else {
+        return Ok(());
+    };
+    let Some(bytes) = store.get(keys::DESIRED).map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
     let d = DesiredState::decode(bytes.as_slice()).map_err(|e| format!("cached desired state is unreadable: {e}"))?;
     apply(agent, &d)?;
     tracing::info!(revision = d.revision, "applied cached desired state");

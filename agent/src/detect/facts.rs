@@ -13,12 +13,17 @@ pub struct FactRoots {
 
 impl Default for FactRoots {
     fn default() -> Self {
-        FactRoots { etc: PathBuf::from("/etc"), proc: PathBuf::from("/proc") }
+        FactRoots {
+            etc: PathBuf::from("/etc"),
+            proc: PathBuf::from("/proc"),
+        }
     }
 }
 
 fn read_trim(p: &Path) -> String {
-    std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Parses os-release: `(PRETTY_NAME, ID, VERSION_ID)`.
@@ -27,7 +32,9 @@ pub fn parse_os_release(text: &str) -> (String, String, String) {
     let mut id = String::new();
     let mut version = String::new();
     for line in text.lines() {
-        let Some((k, v)) = line.split_once('=') else { continue };
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
         let v = v.trim().trim_matches('"').trim_matches('\'').to_string();
         match k.trim() {
             "PRETTY_NAME" => pretty = v,
@@ -52,7 +59,9 @@ pub fn parse_mem_total(meminfo: &str) -> u64 {
 /// Non-loopback IP addresses of up interfaces.
 fn addresses() -> Vec<String> {
     let mut out = Vec::new();
-    let Ok(ifaddrs) = nix::ifaddrs::getifaddrs() else { return out };
+    let Ok(ifaddrs) = nix::ifaddrs::getifaddrs() else {
+        return out;
+    };
     for ifa in ifaddrs {
         if !ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
             || ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
@@ -76,7 +85,10 @@ fn addresses() -> Vec<String> {
 
 /// The hostname as the kernel has it.
 pub fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
 }
 
 /// Collects every fact. Missing sources leave a field empty rather than
@@ -86,7 +98,9 @@ pub fn collect(roots: &FactRoots) -> NodeFacts {
         .or_else(|_| std::fs::read_to_string("/usr/lib/os-release"))
         .unwrap_or_default();
     let (os, os_id, os_version) = parse_os_release(&os_release);
-    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     NodeFacts {
         hostname: hostname(),
         machine_id: read_trim(&roots.etc.join("machine-id")),
@@ -109,9 +123,17 @@ mod tests {
 
     #[test]
     fn os_release_and_meminfo_parse() {
-        let (p, id, v) = parse_os_release("NAME=\"Debian GNU/Linux\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\nVERSION_ID=\"12\"\n");
-        assert_eq!((p.as_str(), id.as_str(), v.as_str()), ("Debian GNU/Linux 12 (bookworm)", "debian", "12"));
-        assert_eq!(parse_mem_total("MemTotal:       24589100 kB\nMemFree: 1 kB\n"), 24589100 * 1024);
+        let (p, id, v) = parse_os_release(
+            "NAME=\"Debian GNU/Linux\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\nVERSION_ID=\"12\"\n",
+        );
+        assert_eq!(
+            (p.as_str(), id.as_str(), v.as_str()),
+            ("Debian GNU/Linux 12 (bookworm)", "debian", "12")
+        );
+        assert_eq!(
+            parse_mem_total("MemTotal:       24589100 kB\nMemFree: 1 kB\n"),
+            24589100 * 1024
+        );
         assert_eq!(parse_mem_total("garbage"), 0);
     }
 

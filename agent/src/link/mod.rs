@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use nodekeeper_proto::time::now_rfc3339;
 use nodekeeper_proto::v1::agent_link_client::AgentLinkClient;
-use nodekeeper_proto::v1::{
-    AgentMessage, Applied, Heartbeat, HubMessage, ReportBatch, agent_message, hub_message,
-};
+use nodekeeper_proto::v1::{AgentMessage, Applied, Heartbeat, HubMessage, ReportBatch, agent_message, hub_message};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -111,7 +109,9 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
         .map_err(|s| format!("hub refused the session: {}", s.message()))?
         .into_inner();
     let welcome = match inbound.message().await {
-        Ok(Some(HubMessage { body: Some(hub_message::Body::Welcome(w)) })) => w,
+        Ok(Some(HubMessage {
+            body: Some(hub_message::Body::Welcome(w)),
+        })) => w,
         Ok(Some(_)) => return Err("hub did not start with Welcome".into()),
         Ok(None) => return Err("hub closed the session".into()),
         Err(s) => return Err(format!("hub refused the session: {}", s.message())),
@@ -127,7 +127,9 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
     tracing::info!(hub_version = %welcome.hub_version, hub_sequence = welcome.report_sequence, "hub session open");
 
     // Everything up to what the hub has is done; replay the rest.
-    agent.with_outbox(|o| o.ack(welcome.report_sequence)).map_err(|e| e.to_string())?;
+    agent
+        .with_outbox(|o| o.ack(welcome.report_sequence))
+        .map_err(|e| e.to_string())?;
     let mut sent = welcome.report_sequence;
     let mut acked = welcome.report_sequence;
     let mut next_heartbeat = Instant::now() + heartbeat_interval(agent);
@@ -136,9 +138,15 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
         // Send what is pending, within the in-flight window.
         while sent.saturating_sub(acked) < MAX_IN_FLIGHT {
             let batch = agent.with_outbox(|o| o.after(sent, BATCH));
-            let Some(last) = batch.last().map(|r| r.sequence) else { break };
+            let Some(last) = batch.last().map(|r| r.sequence) else {
+                break;
+            };
             let n = batch.len() as u64;
-            if tx.send(msg(agent_message::Body::Reports(ReportBatch { reports: batch }))).await.is_err() {
+            if tx
+                .send(msg(agent_message::Body::Reports(ReportBatch { reports: batch })))
+                .await
+                .is_err()
+            {
                 return Ok(End::Closed("hub stream closed".into()));
             }
             agent.metrics.reports_sent.inc_by(n);

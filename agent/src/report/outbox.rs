@@ -45,7 +45,9 @@ impl Outbox {
     /// An outbox backed by the agent store, with what it held at the last stop.
     pub fn open(store: Arc<AgentStore>, cap: usize) -> Result<Outbox, StoreError> {
         let mut pending: VecDeque<Report> = store.outbox_load()?.into();
-        let last_seq = store.get_u64(keys::LAST_SEQUENCE)?.max(pending.back().map_or(0, |r| r.sequence));
+        let last_seq = store
+            .get_u64(keys::LAST_SEQUENCE)?
+            .max(pending.back().map_or(0, |r| r.sequence));
         let mut dropped_pending = store.get_u64(keys::DROPPED_PENDING)?;
         // A smaller cap than last time: drop the oldest now, and say so.
         while pending.len() > cap.max(1) {
@@ -54,7 +56,15 @@ impl Outbox {
             }
         }
         let acked = pending.front().map_or(last_seq, |r| r.sequence.saturating_sub(1));
-        Ok(Outbox { pending, last_seq, acked, cap: cap.max(1), dropped_total: 0, dropped_pending, store: Some(store) })
+        Ok(Outbox {
+            pending,
+            last_seq,
+            acked,
+            cap: cap.max(1),
+            dropped_total: 0,
+            dropped_pending,
+            store: Some(store),
+        })
     }
 
     /// Appends a report and returns its sequence number. With a store, the
@@ -88,7 +98,11 @@ impl Outbox {
         }
         self.dropped_total += evicted.len() as u64;
         if !evicted.is_empty() {
-            tracing::warn!(dropped = evicted.len(), cap = self.cap, "outbox full: dropped the oldest reports");
+            tracing::warn!(
+                dropped = evicted.len(),
+                cap = self.cap,
+                "outbox full: dropped the oldest reports"
+            );
         }
         self.dropped_pending = 0;
         self.last_seq = report.sequence;
@@ -145,7 +159,10 @@ mod tests {
     use nodekeeper_proto::v1::Event;
 
     fn ev(reason: &str) -> report::Body {
-        report::Body::Event(Event { reason: reason.into(), ..Default::default() })
+        report::Body::Event(Event {
+            reason: reason.into(),
+            ..Default::default()
+        })
     }
 
     fn temp_store() -> (tempdir::Dir, Arc<AgentStore>) {
@@ -158,7 +175,8 @@ mod tests {
         pub struct Dir(pub std::path::PathBuf);
         impl Dir {
             pub fn new() -> Dir {
-                let p = std::env::temp_dir().join(format!("nk-outbox-{}-{}", std::process::id(), rand::random::<u64>()));
+                let p =
+                    std::env::temp_dir().join(format!("nk-outbox-{}-{}", std::process::id(), rand::random::<u64>()));
                 std::fs::create_dir_all(&p).expect("mkdir");
                 Dir(p)
             }
@@ -179,11 +197,17 @@ mod tests {
         }
         o.ack(2).expect("ack");
         assert_eq!(o.pending(), 3);
-        assert_eq!(o.after(3, 10).iter().map(|r| r.sequence).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(
+            o.after(3, 10).iter().map(|r| r.sequence).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
         drop(o);
         let mut o = Outbox::open(store, 100).expect("reopen");
         assert_eq!(o.last_sequence(), 5);
-        assert_eq!(o.after(0, 10).iter().map(|r| r.sequence).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            o.after(0, 10).iter().map(|r| r.sequence).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         assert_eq!(o.push(ev("R5")).expect("push"), 6);
     }
 

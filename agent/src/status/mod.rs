@@ -39,7 +39,10 @@ async fn events(State(a): State<Arc<Agent>>) -> impl IntoResponse {
 
 async fn metrics(State(a): State<Arc<Agent>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         a.metrics.encode(),
     )
 }
@@ -65,7 +68,10 @@ fn default_source() -> String {
 }
 
 fn bad(field: &str, msg: String) -> (StatusCode, axum::Json<serde_json::Value>) {
-    (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(json!({ "error": msg, "field": field })))
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        axum::Json(json!({ "error": msg, "field": field })),
+    )
 }
 
 /// Records an event on this node (from a script, a plugin or an operator);
@@ -73,22 +79,40 @@ fn bad(field: &str, msg: String) -> (StatusCode, axum::Json<serde_json::Value>) 
 async fn post_event(State(a): State<Arc<Agent>>, body: String) -> impl IntoResponse {
     let e: NewEvent = match serde_json::from_str(&body) {
         Ok(e) => e,
-        Err(e) => return bad("", format!("event must be JSON {{reason, message, severity}}: {e}")),
+        Err(e) => {
+            return bad("", format!("event must be JSON {{reason, message, severity}}: {e}"));
+        }
     };
-    let reason_ok = !e.reason.is_empty() && e.reason.len() <= 128 && e.reason.chars().all(|c| c.is_ascii_alphanumeric());
+    let reason_ok =
+        !e.reason.is_empty() && e.reason.len() <= 128 && e.reason.chars().all(|c| c.is_ascii_alphanumeric());
     if !reason_ok {
-        return bad("reason", format!("{:?} must be 1-128 ASCII letters and digits (CamelCase)", e.reason));
+        return bad(
+            "reason",
+            format!("{:?} must be 1-128 ASCII letters and digits (CamelCase)", e.reason),
+        );
     }
     if !SEVERITIES.contains(&e.severity.as_str()) {
-        return bad("severity", format!("{:?}: one of {}", e.severity, SEVERITIES.join(", ")));
+        return bad(
+            "severity",
+            format!("{:?}: one of {}", e.severity, SEVERITIES.join(", ")),
+        );
     }
     if e.message.len() > 4096 {
         return bad("message", "longer than 4096 bytes".into());
     }
-    let ev = Event { reason: e.reason, message: e.message, severity: e.severity, source: e.source, ..Default::default() };
+    let ev = Event {
+        reason: e.reason,
+        message: e.message,
+        severity: e.severity,
+        source: e.source,
+        ..Default::default()
+    };
     match a.record_event(ev) {
         Ok(seq) => (StatusCode::CREATED, axum::Json(json!({ "sequence": seq }))),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "error": e.to_string() }))),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": e.to_string() })),
+        ),
     }
 }
 
@@ -101,10 +125,16 @@ pub fn bind(path: &Path, group: &str) -> anyhow::Result<tokio::net::UnixListener
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
+        }
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding socket {}; set `socket` in the config to a writable path", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(path).with_context(|| {
+        format!(
+            "binding socket {}; set `socket` in the config to a writable path",
+            path.display()
+        )
+    })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod 0660 {}", path.display()))?;
     match nix::unistd::Group::from_name(group) {

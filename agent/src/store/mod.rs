@@ -35,7 +35,10 @@ pub struct AgentStore {
 impl AgentStore {
     /// Opens or creates the store.
     pub fn open(path: &Path) -> Result<AgentStore, StoreError> {
-        let err = |source| StoreError::Sqlite { path: path.to_path_buf(), source };
+        let err = |source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
         let conn = Connection::open(path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
@@ -44,7 +47,10 @@ impl AgentStore {
              CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);",
         )
         .map_err(err)?;
-        Ok(AgentStore { conn: Mutex::new(conn), path: path.to_path_buf() })
+        Ok(AgentStore {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+        })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -52,7 +58,10 @@ impl AgentStore {
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite { path: self.path.clone(), source }
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Reads a value.
@@ -92,7 +101,9 @@ impl AgentStore {
     /// Every pending report, in sequence order.
     pub fn outbox_load(&self) -> Result<Vec<Report>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT seq, body FROM outbox ORDER BY seq").map_err(|e| self.err(e))?;
+        let mut stmt = conn
+            .prepare("SELECT seq, body FROM outbox ORDER BY seq")
+            .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
             .map_err(|e| self.err(e))?;
@@ -102,7 +113,9 @@ impl AgentStore {
             match Report::decode(body.as_slice()) {
                 Ok(r) => out.push(r),
                 // One unreadable row must not stop the agent: skip it, say so.
-                Err(e) => tracing::error!(store = %self.path.display(), seq, error = %e, "skipping unreadable outbox record"),
+                Err(e) => {
+                    tracing::error!(store = %self.path.display(), seq, error = %e, "skipping unreadable outbox record")
+                }
             }
         }
         Ok(out)
@@ -113,10 +126,14 @@ impl AgentStore {
     pub fn outbox_push(&self, report: &Report, evict_upto: u64, dropped_pending: u64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        tx.execute("INSERT OR REPLACE INTO outbox (seq, body) VALUES (?1, ?2)", params![report.sequence as i64, report.encode_to_vec()])
-            .map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO outbox (seq, body) VALUES (?1, ?2)",
+            params![report.sequence as i64, report.encode_to_vec()],
+        )
+        .map_err(|e| self.err(e))?;
         if evict_upto > 0 {
-            tx.execute("DELETE FROM outbox WHERE seq <= ?1", [evict_upto as i64]).map_err(|e| self.err(e))?;
+            tx.execute("DELETE FROM outbox WHERE seq <= ?1", [evict_upto as i64])
+                .map_err(|e| self.err(e))?;
         }
         tx.execute(
             "INSERT OR REPLACE INTO kv (key, value) VALUES (?1, ?2), (?3, ?4)",

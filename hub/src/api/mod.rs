@@ -82,7 +82,10 @@ fn kind_of(plural: &str) -> Result<Kind, ApiError> {
 
 async fn metrics(State(f): State<Api>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         f.metrics.encode(),
     )
 }
@@ -121,7 +124,12 @@ async fn apply_kind(State(f): State<Api>, Path(kind): Path<String>, body: String
     if let Some((i, d)) = docs.iter().enumerate().find(|(_, d)| d.kind() != kind) {
         return Err(ResourceError::new(
             "kind",
-            format!("{} posted to /v1/{}; use /v1/{} or /v1/apply", d.kind().name(), kind.plural(), d.kind().plural()),
+            format!(
+                "{} posted to /v1/{}; use /v1/{} or /v1/apply",
+                d.kind().name(),
+                kind.plural(),
+                d.kind().plural()
+            ),
         )
         .in_document(i + 1)
         .into());

@@ -27,7 +27,9 @@ pub fn settings<'a>(
         profiles: Vec::new(),
     };
     for p in profiles {
-        let Some(spec) = p.spec.as_ref() else { continue };
+        let Some(spec) = p.spec.as_ref() else {
+            continue;
+        };
         if !selects(spec.node_selector.as_ref(), labels) {
             continue;
         }
@@ -37,8 +39,10 @@ pub fn settings<'a>(
         if let Some(h) = spec.heartbeat_seconds {
             out.heartbeat_seconds = h;
         }
-        out.labels.extend(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-        out.profiles.push(p.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default());
+        out.labels
+            .extend(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out.profiles
+            .push(p.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default());
     }
     out
 }
@@ -48,9 +52,18 @@ mod tests {
     use super::*;
     use nodekeeper_proto::v1::{AgentProfileSpec, LabelSelector, ObjectMeta};
 
-    fn profile(name: &str, sel: &[(&str, &str)], level: Option<&str>, hb: Option<u32>, labels: &[(&str, &str)]) -> AgentProfile {
+    fn profile(
+        name: &str,
+        sel: &[(&str, &str)],
+        level: Option<&str>,
+        hb: Option<u32>,
+        labels: &[(&str, &str)],
+    ) -> AgentProfile {
         AgentProfile {
-            metadata: Some(ObjectMeta { name: name.into(), ..Default::default() }),
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                ..Default::default()
+            }),
             spec: Some(AgentProfileSpec {
                 node_selector: Some(LabelSelector {
                     match_labels: sel.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
@@ -76,7 +89,13 @@ mod tests {
     fn matching_profiles_merge_in_order_and_others_are_ignored() {
         let ps = [
             profile("a-all", &[], Some("warn"), Some(30), &[("team", "infra")]),
-            profile("b-gpu", &[("gpu", "yes")], Some("debug"), None, &[("team", "ml"), ("x", "1")]),
+            profile(
+                "b-gpu",
+                &[("gpu", "yes")],
+                Some("debug"),
+                None,
+                &[("team", "ml"), ("x", "1")],
+            ),
             profile("c-arm", &[("arch", "arm64")], Some("trace"), Some(5), &[]),
         ];
         let labels: BTreeMap<String, String> = [("gpu".to_string(), "yes".to_string())].into();

@@ -138,11 +138,15 @@ impl Fleet {
         }
         let now = Instant::now();
         for node in loaded.nodes {
-            let Some(name) = node.metadata.as_ref().map(|m| m.name.clone()) else { continue };
+            let Some(name) = node.metadata.as_ref().map(|m| m.name.clone()) else {
+                continue;
+            };
             let status = node.status.clone().unwrap_or_default();
-            let desired = DesiredState { revision: status.desired_revision, settings: status.settings.clone() };
-            let last_seen =
-                nodekeeper_proto::time::parse_rfc3339(&status.last_seen).unwrap_or(SystemTime::UNIX_EPOCH);
+            let desired = DesiredState {
+                revision: status.desired_revision,
+                settings: status.settings.clone(),
+            };
+            let last_seen = nodekeeper_proto::time::parse_rfc3339(&status.last_seen).unwrap_or(SystemTime::UNIX_EPOCH);
             state.nodes.insert(
                 name,
                 NodeEntry {
@@ -177,7 +181,10 @@ impl Fleet {
     /// The fleet summary.
     pub fn summary(&self) -> Summary {
         let st = self.lock();
-        let mut s = Summary { revision: st.revision, ..Default::default() };
+        let mut s = Summary {
+            revision: st.revision,
+            ..Default::default()
+        };
         for e in st.nodes.values() {
             s.nodes.total += 1;
             match nodes::ready_status(&e.node) {
@@ -222,4 +229,3 @@ fn push_all(pushes: Pushes) {
         });
     }
 }
-

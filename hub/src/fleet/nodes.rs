@@ -39,7 +39,9 @@ pub(super) fn ready_status(node: &Node) -> &str {
 }
 
 pub(super) fn in_sync(node: &Node) -> bool {
-    node.status.as_ref().is_some_and(|s| s.desired_revision == s.applied_revision)
+    node.status
+        .as_ref()
+        .is_some_and(|s| s.desired_revision == s.applied_revision)
 }
 
 /// Sets the Ready condition; true when its status or reason changed.
@@ -138,7 +140,13 @@ impl State {
         labels.extend(settings.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         status.settings = Some(settings.clone());
         entry.node.metadata.get_or_insert_with(Default::default).labels = labels;
-        Some((entry.desired_tx.clone(), DesiredState { revision: self.revision, settings: Some(settings) }))
+        Some((
+            entry.desired_tx.clone(),
+            DesiredState {
+                revision: self.revision,
+                settings: Some(settings),
+            },
+        ))
     }
 }
 
@@ -154,7 +162,12 @@ impl Fleet {
         let id = st.next_session;
         let name = hello.node_name.clone();
         if let Some(e) = st.nodes.get(&name) {
-            let known = e.node.status.as_ref().and_then(|s| s.facts.as_ref()).map(|f| f.machine_id.as_str());
+            let known = e
+                .node
+                .status
+                .as_ref()
+                .and_then(|s| s.facts.as_ref())
+                .map(|f| f.machine_id.as_str());
             if e.session.is_some() && known.is_some_and(|m| !m.is_empty() && m != facts.machine_id) {
                 self.metrics.sessions_rejected.inc();
                 return Err(FleetError::Conflict {
@@ -171,7 +184,11 @@ impl Fleet {
             node: Node {
                 api_version: API_VERSION.into(),
                 kind: "Node".into(),
-                metadata: Some(ObjectMeta { name: name.clone(), creation_timestamp: now_rfc3339(), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    name: name.clone(),
+                    creation_timestamp: now_rfc3339(),
+                    ..Default::default()
+                }),
                 spec: Some(Default::default()),
                 status: Some(Default::default()),
             },
@@ -198,21 +215,37 @@ impl Fleet {
         let push = st.recompute(&name);
         let mut writes = Vec::new();
         if push.is_some() {
-            writes.push(Write::Counter { key: COUNTER_REVISION, value: st.revision });
+            writes.push(Write::Counter {
+                key: COUNTER_REVISION,
+                value: st.revision,
+            });
             self.metrics.desired_pushed.inc();
         }
-        let entry = st.nodes.get(&name).ok_or_else(|| FleetError::Store("node vanished".into()))?;
+        let entry = st
+            .nodes
+            .get(&name)
+            .ok_or_else(|| FleetError::Store("node vanished".into()))?;
         writes.push(Write::PutNode(Box::new(entry.node.clone())));
         let desired = entry.desired_tx.subscribe();
         drop(st);
         let pushes: Pushes = push.into_iter().collect();
-        self.store.submit(writes, Some(Box::new(move |r| if r.is_ok() { push_all(pushes) })));
+        self.store.submit(
+            writes,
+            Some(Box::new(move |r| {
+                if r.is_ok() {
+                    push_all(pushes)
+                }
+            })),
+        );
         self.metrics.sessions_opened.inc();
         self.metrics.sessions_active.inc();
         Ok(SessionHandles {
             id,
             node: name,
-            welcome: Welcome { report_sequence, hub_version: nodekeeper_proto::VERSION.into() },
+            welcome: Welcome {
+                report_sequence,
+                hub_version: nodekeeper_proto::VERSION.into(),
+            },
             desired,
             acks,
             replaced,
@@ -224,7 +257,9 @@ impl Fleet {
     pub fn close_session(&self, name: &str, id: u64) {
         self.metrics.sessions_active.dec();
         let mut st = self.lock();
-        let Some(e) = st.nodes.get_mut(name) else { return };
+        let Some(e) = st.nodes.get_mut(name) else {
+            return;
+        };
         if e.session != Some(id) {
             return;
         }
@@ -244,7 +279,9 @@ impl Fleet {
     pub fn heartbeat(&self, name: &str, id: u64, applied_revision: u64) {
         self.metrics.heartbeats.inc();
         let mut st = self.lock();
-        let Some(e) = st.nodes.get_mut(name) else { return };
+        let Some(e) = st.nodes.get_mut(name) else {
+            return;
+        };
         if e.session != Some(id) {
             return;
         }
@@ -267,7 +304,9 @@ impl Fleet {
     /// The agent applied a desired revision.
     pub fn applied(&self, name: &str, id: u64, revision: u64, error: &str) {
         let mut st = self.lock();
-        let Some(e) = st.nodes.get_mut(name) else { return };
+        let Some(e) = st.nodes.get_mut(name) else {
+            return;
+        };
         if e.session != Some(id) {
             return;
         }
@@ -290,7 +329,9 @@ impl Fleet {
     /// out only after the node's new state is committed.
     pub fn ingest(&self, name: &str, id: u64, reports: Vec<Report>) {
         let mut st = self.lock();
-        let Some(e) = st.nodes.get_mut(name) else { return };
+        let Some(e) = st.nodes.get_mut(name) else {
+            return;
+        };
         if e.session != Some(id) {
             return;
         }
@@ -351,10 +392,19 @@ impl Fleet {
         let total = st.nodes.len() as i64;
         for e in st.nodes.values_mut() {
             let status = e.node.status.get_or_insert_with(Default::default);
-            let hb = status.settings.as_ref().map(|s| s.heartbeat_seconds).unwrap_or(desired::DEFAULT_HEARTBEAT_SECONDS);
+            let hb = status
+                .settings
+                .as_ref()
+                .map(|s| s.heartbeat_seconds)
+                .unwrap_or(desired::DEFAULT_HEARTBEAT_SECONDS);
             let grace = self.config.grace.max(Duration::from_secs(u64::from(hb) * 3));
             if now.duration_since(e.last_heartbeat) > grace
-                && set_ready(status, "Unknown", "NodeStatusUnknown", "agent stopped posting heartbeats")
+                && set_ready(
+                    status,
+                    "Unknown",
+                    "NodeStatusUnknown",
+                    "agent stopped posting heartbeats",
+                )
             {
                 status.last_seen = rfc3339(e.last_seen);
                 writes.push(Write::PutNode(Box::new(e.node.clone())));
@@ -399,6 +449,9 @@ impl Fleet {
             .nodes
             .get(name)
             .map(Self::view)
-            .ok_or_else(|| FleetError::NotFound { kind: "Node".into(), name: name.into() })
+            .ok_or_else(|| FleetError::NotFound {
+                kind: "Node".into(),
+                name: name.into(),
+            })
     }
 }

@@ -41,7 +41,10 @@ impl State {
             }
         }
         if !pushes.is_empty() {
-            writes.push(Write::Counter { key: COUNTER_REVISION, value: self.revision });
+            writes.push(Write::Counter {
+                key: COUNTER_REVISION,
+                value: self.revision,
+            });
         }
         (writes, pushes)
     }
@@ -87,7 +90,10 @@ impl State {
 }
 
 fn not_found(kind: Kind, name: &str) -> FleetError {
-    FleetError::NotFound { kind: kind.name().into(), name: name.into() }
+    FleetError::NotFound {
+        kind: kind.name().into(),
+        name: name.into(),
+    }
 }
 
 impl Fleet {
@@ -105,10 +111,18 @@ impl Fleet {
             rv = st.resource_version;
             for (i, mut doc) in docs.into_iter().enumerate() {
                 let key = (doc.kind(), doc.name().to_string());
-                if planned.iter().any(|(_, p)| (p.kind(), p.name()) == (key.0, key.1.as_str())) {
+                if planned
+                    .iter()
+                    .any(|(_, p)| (p.kind(), p.name()) == (key.0, key.1.as_str()))
+                {
                     return Err(FleetError::Conflict {
                         field: "metadata.name".into(),
-                        message: format!("document {}: {} {:?} appears twice in one apply", i + 1, key.0.name(), key.1),
+                        message: format!(
+                            "document {}: {} {:?} appears twice in one apply",
+                            i + 1,
+                            key.0.name(),
+                            key.1
+                        ),
                     });
                 }
                 doc.normalize_envelope();
@@ -182,7 +196,10 @@ impl Fleet {
             })
             .collect();
         if !writes.is_empty() {
-            writes.push(Write::Counter { key: COUNTER_RESOURCE_VERSION, value: rv });
+            writes.push(Write::Counter {
+                key: COUNTER_RESOURCE_VERSION,
+                value: rv,
+            });
             self.store.commit(writes).await.map_err(FleetError::Store)?;
         }
         // 3. Install in memory and recompute the nodes' desired state.
@@ -196,7 +213,10 @@ impl Fleet {
             }
             planned
                 .iter()
-                .map(|(a, r)| ApplyResult { action: *a, resource: st.with_status(r).to_value() })
+                .map(|(a, r)| ApplyResult {
+                    action: *a,
+                    resource: st.with_status(r).to_value(),
+                })
                 .collect()
         };
         self.fan_out();
@@ -211,7 +231,14 @@ impl Fleet {
             return;
         }
         self.metrics.desired_pushed.inc_by(pushes.len() as u64);
-        self.store.submit(writes, Some(Box::new(move |r| if r.is_ok() { push_all(pushes) })));
+        self.store.submit(
+            writes,
+            Some(Box::new(move |r| {
+                if r.is_ok() {
+                    push_all(pushes)
+                }
+            })),
+        );
     }
 
     /// Every resource of a kind, sorted by name, with computed status.
@@ -238,7 +265,10 @@ impl Fleet {
         let _guard = self.apply_lock.lock().await;
         let existing = self.get(kind, name)?;
         self.store
-            .commit(vec![Write::DeleteResource { kind: kind.name().into(), name: name.into() }])
+            .commit(vec![Write::DeleteResource {
+                kind: kind.name().into(),
+                name: name.into(),
+            }])
             .await
             .map_err(FleetError::Store)?;
         self.lock().resources.remove(&(kind, name.to_string()));

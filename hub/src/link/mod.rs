@@ -36,7 +36,10 @@ type Outbound = mpsc::Sender<Result<HubMessage, Status>>;
 impl AgentLink for LinkService {
     type SessionStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send + 'static>>;
 
-    async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
@@ -57,9 +60,15 @@ fn status_of(e: FleetError) -> Status {
 
 async fn run_session(fleet: Arc<Fleet>, mut inbound: Streaming<AgentMessage>, tx: Outbound) {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-        Ok(Ok(Some(AgentMessage { body: Some(agent_message::Body::Hello(h)) }))) => h,
+        Ok(Ok(Some(AgentMessage {
+            body: Some(agent_message::Body::Hello(h)),
+        }))) => h,
         Ok(Ok(Some(_))) => {
-            let _ = tx.send(Err(Status::invalid_argument("the first message of a session must be Hello"))).await;
+            let _ = tx
+                .send(Err(Status::invalid_argument(
+                    "the first message of a session must be Hello",
+                )))
+                .await;
             return;
         }
         Ok(Ok(None)) => return,
@@ -91,7 +100,9 @@ async fn run_session(fleet: Arc<Fleet>, mut inbound: Streaming<AgentMessage>, tx
                     agent_message::Body::Heartbeat(hb) => fleet.heartbeat(&node, id, hb.applied_revision),
                     agent_message::Body::Reports(batch) => fleet.ingest(&node, id, batch.reports),
                     agent_message::Body::Applied(a) => fleet.applied(&node, id, a.revision, &a.error),
-                    agent_message::Body::Hello(_) => tracing::warn!("ignoring a second Hello in one session"),
+                    agent_message::Body::Hello(_) => {
+                        tracing::warn!("ignoring a second Hello in one session")
+                    }
                 },
                 Ok(Some(AgentMessage { body: None })) => {}
                 Ok(None) => break,
@@ -111,7 +122,11 @@ async fn run_session(fleet: Arc<Fleet>, mut inbound: Streaming<AgentMessage>, tx
 
 async fn outbound(mut h: SessionHandles, tx: Outbound) {
     let send = |body| HubMessage { body: Some(body) };
-    if tx.send(Ok(send(hub_message::Body::Welcome(h.welcome.clone())))).await.is_err() {
+    if tx
+        .send(Ok(send(hub_message::Body::Welcome(h.welcome.clone()))))
+        .await
+        .is_err()
+    {
         return;
     }
     let first = h.desired.borrow_and_update().clone();

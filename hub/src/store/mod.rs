@@ -33,12 +33,22 @@ pub enum StoreError {
 /// One write.
 pub enum Write {
     /// Insert or replace a resource (JSON body).
-    PutResource { kind: String, name: String, body: String },
-    DeleteResource { kind: String, name: String },
+    PutResource {
+        kind: String,
+        name: String,
+        body: String,
+    },
+    DeleteResource {
+        kind: String,
+        name: String,
+    },
     /// Insert or replace a node; coalesced per name within a batch.
     PutNode(Box<Node>),
     /// Set a counter (resource version, revision).
-    Counter { key: &'static str, value: u64 },
+    Counter {
+        key: &'static str,
+        value: u64,
+    },
 }
 
 /// Called once the writes it came with are committed (`Ok`) or failed.
@@ -87,7 +97,10 @@ impl Store {
     /// Opens (creating if needed) the SQLite store at `path`, reads everything
     /// back and starts the writer thread.
     pub fn open(path: &Path, metrics: Metrics) -> Result<(Store, Loaded), StoreError> {
-        let err = |source| StoreError::Sqlite { path: path.to_path_buf(), source };
+        let err = |source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
         let conn = open_conn(path).map_err(err)?;
         let loaded = load(&conn, path)?;
         let (tx, rx) = mpsc::channel::<Op>();
@@ -105,10 +118,8 @@ impl Store {
 
     /// Queues writes; `done` runs after they are committed.
     pub fn submit(&self, writes: Vec<Write>, done: Option<Done>) {
-        if let Err(mpsc::SendError(op)) = self.tx.send(Op { writes, done }) {
-            if let Some(d) = op.done {
-                d(Err(StoreError::Stopped.to_string()));
-            }
+        if let Err(mpsc::SendError(Op { done: Some(d), .. })) = self.tx.send(Op { writes, done }) {
+            d(Err(StoreError::Stopped.to_string()));
         }
     }
 
@@ -126,9 +137,14 @@ impl Store {
 }
 
 fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
-    let err = |source| StoreError::Sqlite { path: path.to_path_buf(), source };
+    let err = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut out = Loaded::default();
-    let mut stmt = conn.prepare("SELECT kind, body FROM resources ORDER BY kind, name").map_err(err)?;
+    let mut stmt = conn
+        .prepare("SELECT kind, body FROM resources ORDER BY kind, name")
+        .map_err(err)?;
     let rows = stmt
         .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
         .map_err(err)?;
@@ -197,7 +213,8 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
     let tx = conn.transaction()?;
     let mut written = 0u64;
     {
-        let mut put_res = tx.prepare_cached("INSERT OR REPLACE INTO resources (kind, name, body) VALUES (?1, ?2, ?3)")?;
+        let mut put_res =
+            tx.prepare_cached("INSERT OR REPLACE INTO resources (kind, name, body) VALUES (?1, ?2, ?3)")?;
         let mut del_res = tx.prepare_cached("DELETE FROM resources WHERE kind = ?1 AND name = ?2")?;
         let mut put_node = tx.prepare_cached("INSERT OR REPLACE INTO nodes (name, body) VALUES (?1, ?2)")?;
         let mut put_counter = tx.prepare_cached("INSERT OR REPLACE INTO counters (key, value) VALUES (?1, ?2)")?;
@@ -217,7 +234,8 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
                             continue;
                         }
                         buf.clear();
-                        n.encode(&mut buf).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                        n.encode(&mut buf)
+                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
                         put_node.execute(params![name, &buf])?;
                     }
                     Write::Counter { key, value } => {
