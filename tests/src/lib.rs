@@ -280,6 +280,7 @@ pub struct Agent {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
 }
@@ -288,6 +289,11 @@ impl Agent {
     /// Starts an agent named `name` with state in `dir/<name>`; `hub` is the
     /// hub's gRPC URL or `None` for standalone. `extra` is appended to the config.
     pub fn start(dir: &Path, name: &str, hub: Option<&str>, extra: &str) -> Agent {
+        Agent::start_env(dir, name, hub, extra, &[])
+    }
+
+    /// Like [`Agent::start`], with extra environment variables.
+    pub fn start_env(dir: &Path, name: &str, hub: Option<&str>, extra: &str, env: &[(&str, &str)]) -> Agent {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).expect("agent dir");
         let socket = d.join("agent.sock");
@@ -302,11 +308,13 @@ impl Agent {
             ),
         )
         .expect("write agent config");
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut a = Agent {
             name: name.into(),
             dir: d,
             socket,
             config,
+            env,
             child: None,
             starts: 0,
         };
@@ -320,10 +328,21 @@ impl Agent {
         self.starts += 1;
         let _ = std::fs::remove_file(&self.socket);
         let log = self.dir.join(format!("agent-{}.log", self.starts));
-        self.child = Some(spawn(
-            Command::new(bin("nodekeeper-agent")).arg("--config").arg(&self.config),
-            &log,
-        ));
+        let mut cmd = if self.env.iter().any(|(k, _)| k == "WATCHDOG_USEC") {
+            // systemd names the watched process in WATCHDOG_PID; a shell that
+            // execs the agent knows that pid in advance.
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg("export WATCHDOG_PID=$$; exec \"$0\" \"$@\"")
+                .arg(bin("nodekeeper-agent"));
+            c
+        } else {
+            Command::new(bin("nodekeeper-agent"))
+        };
+        cmd.arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        self.child = Some(spawn(&mut cmd, &log));
         let sock = self.socket.clone();
         wait_for("agent socket", Duration::from_secs(30), || self.status_of(&sock));
     }

@@ -451,3 +451,31 @@ fn resources_survive_a_hub_restart_and_sigterm_exits_cleanly() {
     let table = stdout(&hub.nkctl(&["get", "nodesets"]));
     assert!(table.contains("zone-one") && table.contains("zone=z1"), "{table}");
 }
+
+#[test]
+fn agent_tells_systemd_it_is_ready_and_pings_the_watchdog() {
+    // The sd_notify protocol itself, without systemd: a datagram socket stands
+    // in for systemd's notify socket (the booted-systemd test is in the
+    // packaging suite).
+    let tmp = TempDir::new("notify");
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let path = sock_path.to_str().expect("utf8");
+    let agent = Agent::start_env(
+        tmp.path(),
+        "node-n",
+        None,
+        "",
+        &[("NOTIFY_SOCKET", path), ("WATCHDOG_USEC", "200000")],
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        let n = sock.recv(&mut buf).expect("a notification from the agent");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(agent.status().is_some());
+}

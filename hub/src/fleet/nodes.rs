@@ -75,7 +75,23 @@ fn set_ready(status: &mut NodeStatus, value: &str, reason: &str, message: &str) 
     true
 }
 
-fn upsert_condition(status: &mut NodeStatus, c: Condition) {
+/// Longest message kept from an agent report; longer ones are cut, so one
+/// node cannot bloat the hub's memory.
+const MAX_MESSAGE: usize = 1024;
+
+fn truncate(s: &mut String) {
+    if s.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+}
+
+fn upsert_condition(status: &mut NodeStatus, mut c: Condition) {
+    truncate(&mut c.message);
     if c.r#type == "Ready" {
         return; // owned by the hub
     }
@@ -86,6 +102,7 @@ fn upsert_condition(status: &mut NodeStatus, c: Condition) {
 }
 
 fn add_event(status: &mut NodeStatus, mut e: Event) {
+    truncate(&mut e.message);
     let count = e.count.max(1);
     if let Some(i) = status
         .recent_events
