@@ -23,6 +23,14 @@ struct Args {
     /// Configuration file.
     #[arg(long, default_value = config::DEFAULT_PATH)]
     config: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Run many hollow agents in one process against a hub (scale tests).
+    Hollow(nodekeeper_agent::hollow::HollowArgs),
 }
 
 fn main() {
@@ -31,6 +39,15 @@ fn main() {
 
 fn main_inner() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Cmd::Hollow(h)) = args.cmd {
+        daemon::init_logging("warn", false);
+        daemon::raise_fd_limit();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        return rt.block_on(nodekeeper_agent::hollow::run(h));
+    }
     let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
     let cfg = AgentConfig::load(&args.config, explicit)?;
     let log = daemon::init_logging(&cfg.log_level, cfg.log_format == "json");

@@ -42,6 +42,9 @@ pub struct Agent {
     pub(crate) store: Option<Arc<AgentStore>>,
     pub(crate) log: Option<LogLevel>,
     pub(crate) desired: Mutex<DesiredState>,
+    /// When the applied desired state was applied (for `/v1/status` and the
+    /// hollow agents' fan-out latency).
+    pub(crate) applied_at: Mutex<Option<SystemTime>>,
     outbox: Mutex<Outbox>,
     /// Woken when a report is added to the outbox.
     pub outbox_changed: Notify,
@@ -90,6 +93,7 @@ impl Agent {
                 revision: 0,
                 settings: Some(default_settings()),
             }),
+            applied_at: Mutex::new(None),
             outbox: Mutex::new(p.outbox),
             outbox_changed: Notify::new(),
             events: Mutex::new(VecDeque::new()),
@@ -105,6 +109,11 @@ impl Agent {
     /// The applied revision.
     pub fn applied_revision(&self) -> u64 {
         lock(&self.desired).revision
+    }
+
+    /// When the applied desired state was applied in this process.
+    pub fn applied_at(&self) -> Option<SystemTime> {
+        *lock(&self.applied_at)
     }
 
     /// The settings in force.
@@ -203,6 +212,7 @@ impl Agent {
             "labels": self.labels,
             "facts": self.facts,
             "appliedRevision": d.revision,
+            "appliedAt": self.applied_at().map(rfc3339),
             "settings": d.settings.unwrap_or_else(default_settings),
             "hub": self.hub.as_ref().map(|a| {
                 let l = self.link();

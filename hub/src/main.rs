@@ -35,6 +35,7 @@ fn main_inner() -> anyhow::Result<()> {
     let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
     let cfg = HubConfig::load(&args.config, explicit)?;
     daemon::init_logging(&cfg.log_level, cfg.log_format == "json");
+    daemon::raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -62,9 +63,7 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
         },
     )?;
 
-    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen.grpc)
-        .await
-        .with_context(|| format!("binding listen.grpc {}", cfg.listen.grpc))?;
+    let grpc_listener = listen(cfg.listen.grpc).with_context(|| format!("binding listen.grpc {}", cfg.listen.grpc))?;
     let http_listener = tokio::net::TcpListener::bind(cfg.listen.http)
         .await
         .with_context(|| format!("binding listen.http {}", cfg.listen.http))?;
@@ -123,4 +122,17 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
     }
     tracing::info!("hub stopped");
     Ok(())
+}
+
+/// A listener with a deep accept backlog: after a hub restart thousands of
+/// agents reconnect within seconds.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }

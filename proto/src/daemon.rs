@@ -105,3 +105,18 @@ pub fn exit_on_error(result: Result<(), impl std::fmt::Display>, program: &str) 
         std::process::exit(1);
     }
 }
+
+/// Raises the open-files soft limit to the hard limit: a hub holds one socket
+/// per agent, and a hollow-agent process one per simulated node.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
+}

@@ -424,3 +424,54 @@ pub fn event_count(node: &Value, reason: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Hollow agents: `nodekeeper-agent hollow` with its control listener.
+pub struct Hollow {
+    pub control: String,
+    child: Option<Child>,
+}
+
+impl Hollow {
+    /// Starts `count` hollow agents against `hub` (gRPC URL).
+    pub fn start(dir: &Path, hub: &str, count: usize) -> Hollow {
+        let control = format!("127.0.0.1:{}", free_port());
+        let log = dir.join("hollow.log");
+        let child = spawn(
+            Command::new(bin("nodekeeper-agent")).args([
+                "hollow",
+                "--count",
+                &count.to_string(),
+                "--hub",
+                hub,
+                "--control",
+                &control,
+            ]),
+            &log,
+        );
+        let addr = control.clone();
+        wait_for("hollow control", Duration::from_secs(30), || get_json(&addr, "/stats"));
+        Hollow {
+            control,
+            child: Some(child),
+        }
+    }
+
+    pub fn stats(&self) -> Value {
+        get_json(&self.control, "/stats").expect("hollow stats")
+    }
+
+    /// Every agent queues `per_agent` condition changes.
+    pub fn burst(&self, per_agent: u64) {
+        let (code, body) = http(&self.control, "POST", &format!("/burst?perAgent={per_agent}"), "").expect("burst");
+        assert_eq!(code, 200, "{body}");
+    }
+}
+
+impl Drop for Hollow {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, nix::sys::signal::Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Hollow agents: many agents in one process for scale tests (kubemark's
+//! hollow nodes). Each has its own identity and facts and runs the real link
+//! code — the same stream, outbox logic and reconnect backoff — over its own
+//! connection; only the detectors are fake (a condition that flips at a given
+//! rate) and the outbox lives in memory.
+//!
+//! An optional control listener lets a benchmark trigger report bursts and
+//! read per-agent figures: `POST /burst?perAgent=K`, `GET /stats`,
+//! `GET /latency?sinceMs=T&revision=R`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Query, State};
+use axum::routing::{get, post};
+use nodekeeper_proto::time::now_rfc3339;
+use nodekeeper_proto::v1::{AgentSettings, Condition, ConditionChange, DesiredState, NodeFacts, report};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::link::{self, LinkConfig};
+use crate::metrics::Metrics;
+use crate::report::outbox::Outbox;
+use crate::runtime::{Agent, AgentParts, default_settings};
+
+/// Options of `nodekeeper-agent hollow`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HollowArgs {
+    /// Number of hollow agents.
+    #[arg(long)]
+    pub count: usize,
+    /// Hub gRPC address (`http://host:port`).
+    #[arg(long)]
+    pub hub: String,
+    /// Heartbeat interval until the hub's desired state sets one (as for real agents).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+    /// Condition changes per second per agent from the fake detector (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub report_rate: f64,
+    /// Seed for identities (machine and boot ids); the same seed gives the same fleet.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Node name prefix; names are `<prefix>-<index>`.
+    #[arg(long, default_value = "hollow")]
+    pub prefix: String,
+    /// Outbox capacity per agent.
+    #[arg(long, default_value_t = 10_000)]
+    pub outbox: usize,
+    /// Control listener for benchmarks (burst, stats, latency).
+    #[arg(long)]
+    pub control: Option<SocketAddr>,
+}
+
+/// Deterministic 128-bit hex id from (seed, index, salt) — splitmix64.
+fn hex_id(seed: u64, index: u64, salt: u64) -> String {
+    let mut x = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt;
+    let mut next = || {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    format!("{:016x}{:016x}", next(), next())
+}
+
+fn facts(args: &HollowArgs, i: usize) -> NodeFacts {
+    let boot = hex_id(args.seed, i as u64, 2);
+    NodeFacts {
+        hostname: format!("{}-{i:05}", args.prefix),
+        machine_id: hex_id(args.seed, i as u64, 1),
+        boot_id: format!(
+            "{}-{}-{}-{}-{}",
+            &boot[0..8],
+            &boot[8..12],
+            &boot[12..16],
+            &boot[16..20],
+            &boot[20..32]
+        ),
+        kernel: "6.1.0-hollow".into(),
+        os: "Hollow Linux 1".into(),
+        os_id: "hollow".into(),
+        os_version: "1".into(),
+        arch: if i % 4 == 3 { "aarch64" } else { "x86_64" }.into(),
+        cpus: 64,
+        memory_bytes: 256 << 30,
+        // Documentation range (RFC 5737): never a traffic target.
+        addresses: vec![format!("198.51.{}.{}", (i / 250) % 256, i % 250 + 1)],
+        agent_version: nodekeeper_proto::VERSION.into(),
+    }
+}
+
+fn hollow_agent(args: &HollowArgs, i: usize) -> Agent {
+    let mut labels = BTreeMap::new();
+    labels.insert("hollow".to_string(), "true".to_string());
+    labels.insert("zone".to_string(), format!("z{}", i % 3));
+    let agent = Agent::new(AgentParts {
+        name: format!("{}-{i:05}", args.prefix),
+        labels,
+        facts: facts(args, i),
+        hub: Some(args.hub.clone()),
+        outbox: Outbox::in_memory(args.outbox),
+        store: None,
+        log: None,
+        metrics: Metrics::default(),
+    });
+    let settings = AgentSettings {
+        heartbeat_seconds: args.heartbeat.as_secs().max(1) as u32,
+        ..default_settings()
+    };
+    *agent.desired.lock().unwrap_or_else(|p| p.into_inner()) = DesiredState {
+        revision: 0,
+        settings: Some(settings),
+    };
+    agent
+}
+
+/// A fake detector's condition change.
+fn flip(agent: &Agent, n: u64, reason: &str) {
+    let c = Condition {
+        r#type: "HollowProblem".into(),
+        status: if n % 2 == 0 { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: format!("fake detector change {n}"),
+        last_transition_time: now_rfc3339(),
+        last_heartbeat_time: String::new(),
+        source: "hollow".into(),
+    };
+    if let Err(e) = agent.report(report::Body::Condition(ConditionChange { condition: Some(c) })) {
+        tracing::warn!(node = %agent.name, error = %e, "hollow report failed");
+    }
+}
+
+async fn fake_detector(agent: Arc<Agent>, rate: f64) {
+    let period = Duration::from_secs_f64(1.0 / rate);
+    // Random phase, so agents do not report in lockstep.
+    tokio::time::sleep(period.mul_f64(rand::random::<f64>())).await;
+    let mut tick = tokio::time::interval(period);
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        flip(&agent, n, "FakeDetector");
+        n += 1;
+    }
+}
+
+type Fleet = Arc<Vec<Arc<Agent>>>;
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BurstQuery {
+    per_agent: u64,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LatencyQuery {
+    since_ms: u64,
+    revision: u64,
+}
+
+async fn burst(State(f): State<Fleet>, Query(q): Query<BurstQuery>) -> axum::Json<serde_json::Value> {
+    let per_agent = q.per_agent.min(10_000);
+    for a in f.iter() {
+        for n in 0..per_agent {
+            flip(a, n, "Burst");
+        }
+    }
+    axum::Json(json!({ "queued": per_agent * f.len() as u64 }))
+}
+
+async fn stats(State(f): State<Fleet>) -> axum::Json<serde_json::Value> {
+    let (mut rev_min, mut rev_max) = (u64::MAX, 0u64);
+    let (mut connected, mut sessions, mut pending, mut sent, mut last_seq) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    for a in f.iter() {
+        let l = a.link();
+        connected += u64::from(l.connected);
+        sessions += l.sessions;
+        let r = a.applied_revision();
+        rev_min = rev_min.min(r);
+        rev_max = rev_max.max(r);
+        let (p, s) = a.with_outbox(|o| (o.pending() as u64, o.last_sequence()));
+        pending += p;
+        last_seq += s;
+        sent += a.metrics.reports_sent.get();
+    }
+    axum::Json(json!({
+        "agents": f.len(), "connected": connected, "sessions": sessions,
+        "appliedRevisionMin": if f.is_empty() { 0 } else { rev_min },
+        "appliedRevisionMax": rev_max, "outboxPending": pending,
+        "reportsAssigned": last_seq, "reportsSent": sent,
+    }))
+}
+
+async fn latency(State(f): State<Fleet>, Query(q): Query<LatencyQuery>) -> axum::Json<serde_json::Value> {
+    let since = UNIX_EPOCH + Duration::from_millis(q.since_ms);
+    let mut ms: Vec<f64> = f
+        .iter()
+        .filter(|a| a.applied_revision() >= q.revision)
+        .filter_map(|a| a.applied_at())
+        .map(|t| t.duration_since(since).map_or(0.0, |d| d.as_secs_f64() * 1000.0))
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| ms.get(((ms.len() as f64 - 1.0) * p).round() as usize).copied();
+    axum::Json(json!({
+        "count": ms.len(), "p50Ms": pct(0.5), "p99Ms": pct(0.99), "maxMs": ms.last(),
+    }))
+}
+
+/// Runs the hollow agents until SIGTERM/SIGINT.
+pub async fn run(args: HollowArgs) -> anyhow::Result<()> {
+    let lc = LinkConfig::default();
+    let endpoint = link::endpoint(&args.hub, &lc).map_err(anyhow::Error::msg)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let fleet: Fleet = Arc::new((0..args.count).map(|i| Arc::new(hollow_agent(&args, i))).collect());
+    for a in fleet.iter() {
+        tokio::spawn(link::run(a.clone(), endpoint.clone(), lc.clone(), stop_rx.clone()));
+        if args.report_rate > 0.0 {
+            tokio::spawn(fake_detector(a.clone(), args.report_rate));
+        }
+    }
+    tracing::info!(count = args.count, hub = %args.hub, started = ?SystemTime::now(), "hollow agents started");
+    if let Some(addr) = args.control {
+        let app = axum::Router::new()
+            .route("/burst", post(burst))
+            .route("/stats", get(stats))
+            .route("/latency", get(latency))
+            .with_state(fleet.clone());
+        let l = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "hollow control listening");
+        tokio::spawn(async move { axum::serve(l, app).await });
+    }
+    nodekeeper_proto::daemon::shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_are_distinct_and_reproducible() {
+        let a = hex_id(7, 1, 1);
+        assert_eq!(a, hex_id(7, 1, 1));
+        assert_ne!(a, hex_id(7, 2, 1));
+        assert_ne!(a, hex_id(8, 1, 1));
+        assert_eq!(a.len(), 32);
+    }
+}

@@ -1,0 +1,230 @@
+"""Drives the hub-scale benchmark: see hub-scale.sh. Standard library only."""
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url, method="GET", body=None, timeout=30):
+    req = urllib.request.Request(url, method=method, data=body.encode() if body else None)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def jget(url):
+    return json.loads(http(url))
+
+
+def metric(hub_http, name):
+    for line in http(f"{hub_http}/metrics").splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def proc_cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def proc_mem(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
+
+
+def wait(what, timeout, poll, cond):
+    start = time.monotonic()
+    while True:
+        v = cond()
+        if v:
+            return time.monotonic() - start, v
+        if time.monotonic() - start > timeout:
+            print(f"!! timed out after {timeout}s waiting for {what}", file=sys.stderr)
+            return None, None
+        time.sleep(poll)
+
+
+def summary(hub_http):
+    try:
+        return jget(f"{hub_http}/v1/fleet/summary")
+    except Exception:
+        return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--count", type=int, default=10000)
+    args = ap.parse_args()
+    n = args.count
+    steady = int(os.environ.get("STEADY_SECONDS", "30"))
+    burst = int(os.environ.get("BURST_PER_AGENT", "10"))
+    record = os.environ.get("NO_RECORD") != "1"
+    tmp = tempfile.mkdtemp(prefix="nk-hub-scale-")
+    grpc, hport, cport = free_port(), free_port(), free_port()
+    hub_http = f"http://127.0.0.1:{hport}"
+    ctl = f"http://127.0.0.1:{cport}"
+    cfg = os.path.join(tmp, "hub.yaml")
+    with open(cfg, "w") as f:
+        f.write(f'listen: {{grpc: "127.0.0.1:{grpc}", http: "127.0.0.1:{hport}"}}\n'
+                f"stateDir: {tmp}/state\nlogLevel: warn\n")
+    procs = []
+
+    def start_hub():
+        p = subprocess.Popen([f"{args.bin}/nodekeeper-hub", "--config", cfg],
+                             stdout=open(os.path.join(tmp, "hub.log"), "a"), stderr=subprocess.STDOUT)
+        wait("hub /healthz", 30, 0.05, lambda: _ok(f"{hub_http}/healthz"))
+        return p
+
+    figures = []
+
+    def fig(name, value, unit=""):
+        line = f"{name}: {value}{(' ' + unit) if unit else ''}"
+        print(line, flush=True)
+        figures.append(line)
+
+    try:
+        hub = start_hub()
+        procs.append(hub)
+        t0 = time.monotonic()
+        hollow = subprocess.Popen(
+            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), "--hub", f"http://127.0.0.1:{grpc}",
+             "--control", f"127.0.0.1:{cport}", "--seed", "1"],
+            stdout=open(os.path.join(tmp, "hollow.log"), "w"), stderr=subprocess.STDOUT)
+        procs.append(hollow)
+        _, s = wait("all registered and Ready", 300, 0.05,
+                    lambda: (lambda s: s if s and s["nodes"]["ready"] >= n else None)(summary(hub_http)))
+        fig("register: all Ready after", f"{time.monotonic() - t0:.2f}", "s")
+
+        # Steady state at the default 10 s heartbeats.
+        time.sleep(5)
+        c0, w0 = proc_cpu_ticks(hub.pid), time.monotonic()
+        time.sleep(steady)
+        c1, w1 = proc_cpu_ticks(hub.pid), time.monotonic()
+        mem = proc_mem(hub.pid)
+        fig("steady: hub CPU", f"{(c1 - c0) / CLK_TCK / (w1 - w0) * 100:.1f}", f"% of one core over {steady}s")
+        fig("steady: hub RSS", f"{mem['VmRSS'] / 2**20:.0f}", "MiB")
+        hmem = proc_mem(hollow.pid)
+        fig("hollow: RSS per agent", f"{hmem['VmRSS'] / n / 1024:.1f}", f"KiB ({hmem['VmRSS'] / 2**20:.0f} MiB for {n})")
+
+        # Fan-out: one AgentProfile selecting every node.
+        rev0 = summary(hub_http)["revision"]
+        profile = ("apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: bench-fanout}\n"
+                   "spec: {logLevel: warn, heartbeatSeconds: 10, labels: {bench: fanout}}\n")
+        since_ms = int(time.time() * 1000)
+        t = time.monotonic()
+        http(f"{hub_http}/v1/apply", "POST", profile)
+        dt, _ = wait("fan-out inSync", 120, 0.01,
+                     lambda: (lambda s: s if s and s["nodes"]["inSync"] >= n and s["revision"] >= rev0 + n else None)(
+                         summary(hub_http)))
+        if dt is not None:
+            fig("fan-out: apply to all inSync", f"{time.monotonic() - t:.3f}", "s")
+        lat = jget(f"{ctl}/latency?sinceMs={since_ms}&revision={rev0 + 1}")
+        if lat["count"]:
+            fig("fan-out: per-node apply latency",
+                f"p50 {lat['p50Ms']:.0f} ms, p99 {lat['p99Ms']:.0f} ms, max {lat['maxMs']:.0f} ms", f"({lat['count']} nodes)")
+
+        # Report ingest: every hollow agent sends `burst` condition changes at once.
+        r0 = metric(hub_http, "nodekeeper_hub_reports_received_total")
+        total = n * burst
+        t = time.monotonic()
+        http(f"{ctl}/burst?perAgent={burst}", "POST")
+        dt, _ = wait("burst persisted", 300, 0.01,
+                     lambda: metric(hub_http, "nodekeeper_hub_reports_received_total") - r0 >= total)
+        dt_ack, _ = wait("burst acknowledged", 300, 0.02, lambda: jget(f"{ctl}/stats")["outboxPending"] == 0)
+        el = time.monotonic() - t
+        if dt is not None:
+            fig("ingest: burst of", f"{total} reports persisted and acknowledged in {el:.2f} s = {total / el:,.0f}",
+                "reports/s")
+        dups = metric(hub_http, "nodekeeper_hub_reports_duplicate_total")
+        fig("ingest: duplicates ignored", f"{dups:.0f}")
+
+        # Restart: SIGKILL the hub and start it on the same store.
+        hub.kill()
+        hub.wait()
+        procs.remove(hub)
+        time.sleep(1)
+        t = time.monotonic()
+        hub = start_hub()
+        procs.append(hub)
+        samples = []
+        def back():
+            s = summary(hub_http)
+            samples.append((time.monotonic(), metric(hub_http, "nodekeeper_hub_sessions_opened_total")))
+            ok = s and s["nodes"]["ready"] >= n and s["nodes"]["inSync"] >= n and s["nodes"]["connected"] >= n
+            return s if ok else None
+        dt, _ = wait("all back after restart", 300, 0.1, back)
+        if dt is not None:
+            fig("restart: SIGKILL to all Ready and inSync", f"{time.monotonic() - t:.2f}", "s")
+        peak = 0.0
+        for (ta, a), (tb, b) in zip(samples, samples[5:]):
+            if tb > ta:
+                peak = max(peak, (b - a) / (tb - ta))
+        fig("restart: peak session accept rate", f"{peak:,.0f}", "sessions/s (0.5 s window)")
+        size = sum(os.path.getsize(os.path.join(tmp, "state", f)) for f in os.listdir(os.path.join(tmp, "state")))
+        fig("store: size on disk", f"{size / 2**20:.1f}", f"MiB ({size / n / 1024:.1f} KiB per node)")
+        mem = proc_mem(hub.pid)
+        fig("restart: hub RSS after reconnect", f"{mem['VmRSS'] / 2**20:.0f}", "MiB")
+    finally:
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+                p.wait(timeout=10)
+            except Exception:
+                pass
+        logs = tmp + "-logs"
+        shutil.copytree(tmp, logs, ignore=shutil.ignore_patterns("*.db*"), dirs_exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"(logs kept in {logs})")
+
+    if record and figures:
+        cores = os.cpu_count()
+        with open("/proc/meminfo") as f:
+            memtotal = int(f.readline().split()[1]) / 2**20
+        model = ""
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        with open("BENCHMARKS.md", "a") as f:
+            f.write(f"\n### hub-scale, N = {n} — {datetime.date.today().isoformat()} (commit {commit})\n\n")
+            f.write(f"Command: `scripts/bench/hub-scale.sh {n}` (STEADY_SECONDS={steady}, BURST_PER_AGENT={burst})  \n")
+            f.write(f"Machine: {cores} cores ({model}), {memtotal:.1f} GiB memory; hub and hollow agents on the same machine\n\n")
+            for line in figures:
+                f.write(f"- {line}\n")
+
+
+def _ok(url):
+    try:
+        http(url, timeout=2)
+        return True
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    main()
