@@ -122,7 +122,7 @@ fn hollow_agent(args: &HollowArgs, i: usize) -> Agent {
 fn flip(agent: &Agent, n: u64, reason: &str) {
     let c = Condition {
         r#type: "HollowProblem".into(),
-        status: if n % 2 == 0 { "True" } else { "False" }.into(),
+        status: if n.is_multiple_of(2) { "True" } else { "False" }.into(),
         reason: reason.into(),
         message: format!("fake detector change {n}"),
         last_transition_time: now_rfc3339(),
