@@ -111,6 +111,16 @@ impl Agent {
         lock(&self.desired).revision
     }
 
+    /// Records a newly applied desired state; true when the settings changed.
+    pub(crate) fn set_applied(&self, d: DesiredState) -> bool {
+        let mut cur = lock(&self.desired);
+        let changed = cur.settings != d.settings;
+        *cur = d;
+        drop(cur);
+        *lock(&self.applied_at) = Some(SystemTime::now());
+        changed
+    }
+
     /// When the applied desired state was applied in this process.
     pub fn applied_at(&self) -> Option<SystemTime> {
         *lock(&self.applied_at)

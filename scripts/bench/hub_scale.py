@@ -136,6 +136,7 @@ def main():
         since_ms = int(time.time() * 1000)
         t = time.monotonic()
         http(f"{hub_http}/v1/apply", "POST", profile)
+        fig("fan-out: apply request answered after", f"{(time.monotonic() - t) * 1000:.0f}", "ms")
         dt, _ = wait("fan-out inSync", 120, 0.01,
                      lambda: (lambda s: s if s and s["nodes"]["inSync"] >= n and s["revision"] >= rev0 + n else None)(
                          summary(hub_http)))

@@ -40,13 +40,10 @@ pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
     if let Some(log) = &agent.log {
         log.set(&settings.log_level)?;
     }
-    let mut cur = agent.desired.lock().unwrap_or_else(|p| p.into_inner());
-    let changed = cur.settings.as_ref() != Some(&settings);
-    *cur = DesiredState {
+    let changed = agent.set_applied(DesiredState {
         revision: d.revision,
         settings: Some(settings),
-    };
-    drop(cur);
+    });
     agent.metrics.applied_revision.set(d.revision as i64);
     if changed {
         tracing::info!(revision = d.revision, "applied new agent settings");

@@ -8,6 +8,7 @@ mod nodes;
 mod resources;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,7 +17,7 @@ use nodekeeper_proto::{Kind, Resource, ResourceError};
 use tokio::sync::{oneshot, watch};
 
 use crate::metrics::Metrics;
-use crate::store::{Loaded, Store, StoreError};
+use crate::store::{Loaded, Store, StoreError, Write};
 
 pub use nodes::SessionHandles;
 pub use resources::{ApplyAction, ApplyResult};
@@ -97,7 +98,10 @@ pub(crate) struct State {
     nodes: BTreeMap<String, NodeEntry>,
     resources: BTreeMap<(Kind, String), Resource>,
     resource_version: u64,
+    /// The newest revision handed out.
     revision: u64,
+    /// Revisions up to this are reserved (a write is queued or committed).
+    revision_reserved: u64,
     next_session: u64,
 }
 
@@ -110,17 +114,28 @@ pub struct Fleet {
     pub metrics: Metrics,
     config: FleetConfig,
     started: Instant,
+    /// Revisions up to this are reserved durably.
+    revision_durable: Arc<AtomicU64>,
 }
 
 pub(crate) const COUNTER_RESOURCE_VERSION: &str = "resource_version";
-pub(crate) const COUNTER_REVISION: &str = "revision";
+/// The highest desired-state revision the hub may hand out (see
+/// [`Fleet::reserve_revisions`]).
+pub(crate) const COUNTER_REVISION_RESERVED: &str = "revision_reserved";
+/// Revisions reserved per durable write.
+const REVISION_BLOCK: u64 = 1_000_000;
+
+/// Desired settings per distinct label set, within one recomputation.
+pub(crate) type SettingsCache =
+    std::collections::HashMap<BTreeMap<String, String>, nodekeeper_proto::v1::AgentSettings>;
 
 impl Fleet {
     /// Rebuilds the fleet from what the store loaded.
     pub fn new(store: Store, loaded: Loaded, metrics: Metrics, config: FleetConfig) -> Result<Arc<Fleet>, StoreError> {
         let mut state = State {
             resource_version: loaded.counters.get(COUNTER_RESOURCE_VERSION).copied().unwrap_or(0),
-            revision: loaded.counters.get(COUNTER_REVISION).copied().unwrap_or(0),
+            // Start past everything an earlier run may have handed out.
+            revision: loaded.counters.get(COUNTER_REVISION_RESERVED).copied().unwrap_or(0),
             ..Default::default()
         };
         for (kind, body) in loaded.resources {
@@ -162,6 +177,18 @@ impl Fleet {
                 },
             );
         }
+        state.revision_reserved = state.revision + REVISION_BLOCK;
+        store
+            .commit_blocking(vec![Write::Counter {
+                key: COUNTER_REVISION_RESERVED,
+                value: state.revision_reserved,
+            }])
+            .map_err(|e| StoreError::Corrupt {
+                path: "counters".into(),
+                row: COUNTER_REVISION_RESERVED.into(),
+                reason: e,
+            })?;
+        let revision_durable = Arc::new(AtomicU64::new(state.revision_reserved));
         Ok(Arc::new(Fleet {
             state: Mutex::new(state),
             apply_lock: tokio::sync::Mutex::new(()),
@@ -169,6 +196,7 @@ impl Fleet {
             metrics,
             config,
             started: now,
+            revision_durable,
         }))
     }
 
@@ -208,24 +236,53 @@ impl Fleet {
         s
     }
 
+    /// Keeps desired-state revisions safe to stream before the nodes' rows are
+    /// committed: revisions are handed out from a block whose upper bound is
+    /// stored first, and a restarted hub starts above it. So a revision an
+    /// agent has seen is never handed out again for other content, even when
+    /// the hub crashed before committing it. Call with the lock held before
+    /// handing out up to `needed` revisions; it extends the reservation early
+    /// (without waiting) and blocks only when the durable bound is too low.
+    fn reserve_revisions(&self, st: &mut State, needed: u64) {
+        let want = st.revision + needed;
+        if want + REVISION_BLOCK / 2 >= st.revision_reserved {
+            st.revision_reserved = want + REVISION_BLOCK;
+            let value = st.revision_reserved;
+            let durable = self.revision_durable.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            self.store.submit(
+                vec![Write::Counter {
+                    key: COUNTER_REVISION_RESERVED,
+                    value,
+                }],
+                Some(Box::new(move |r| {
+                    if r.is_ok() {
+                        durable.fetch_max(value, Ordering::SeqCst);
+                    }
+                    let _ = tx.send(());
+                })),
+            );
+            if want > self.revision_durable.load(Ordering::SeqCst) {
+                let _ = rx.recv_timeout(Duration::from_secs(10));
+            }
+        }
+    }
+
     /// Whether the hub has finished starting (store loaded, listeners up).
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
 }
 
-/// Clones of the per-node channels a store callback needs after commit.
-type Pushes = Vec<(Arc<watch::Sender<DesiredState>>, DesiredState)>;
-
-fn push_all(pushes: Pushes) {
-    for (tx, d) in pushes {
-        tx.send_if_modified(|cur| {
-            if d.revision > cur.revision {
-                *cur = d;
-                true
-            } else {
-                false
-            }
-        });
-    }
+/// Streams a desired state to the node's sessions (latest value wins; an
+/// older revision never replaces a newer one).
+fn push(tx: &watch::Sender<DesiredState>, d: DesiredState) {
+    tx.send_if_modified(|cur| {
+        if d.revision > cur.revision {
+            *cur = d;
+            true
+        } else {
+            false
+        }
+    });
 }

@@ -12,8 +12,8 @@ use nodekeeper_proto::v1::{
 use nodekeeper_proto::{API_VERSION, validate};
 use tokio::sync::{oneshot, watch};
 
-use super::{COUNTER_REVISION, Fleet, FleetError, NodeEntry, Pushes, State, desired, push_all};
-use crate::store::Write;
+use super::{Fleet, FleetError, NodeEntry, SettingsCache, State, desired};
+use crate::store::{node_write, revisions_write};
 
 /// Recent events kept per node (identical events are aggregated).
 const RECENT_EVENTS: usize = 50;
@@ -46,11 +46,11 @@ pub(super) fn in_sync(node: &Node) -> bool {
 
 /// Sets the Ready condition; true when its status or reason changed.
 fn set_ready(status: &mut NodeStatus, value: &str, reason: &str, message: &str) -> bool {
-    let now = now_rfc3339();
     if let Some(c) = status.conditions.iter_mut().find(|c| c.r#type == "Ready") {
         if c.status == value && c.reason == reason {
             return false;
         }
+        let now = now_rfc3339();
         if c.status != value {
             c.last_transition_time = now.clone();
         }
@@ -60,6 +60,7 @@ fn set_ready(status: &mut NodeStatus, value: &str, reason: &str, message: &str) 
         c.last_heartbeat_time = now;
         return true;
     }
+    let now = now_rfc3339();
     status.conditions.insert(
         0,
         Condition {
@@ -138,14 +139,26 @@ pub(super) fn base_labels(node: &Node) -> BTreeMap<String, String> {
 impl State {
     /// Recomputes one node's desired settings; on a change bumps the revision
     /// and returns the push to make after commit.
-    pub(super) fn recompute(&mut self, name: &str) -> Option<(Arc<watch::Sender<DesiredState>>, DesiredState)> {
-        let profiles = self.resources.values().filter_map(|r| match r {
-            nodekeeper_proto::Resource::AgentProfile(p) => Some(p),
-            _ => None,
-        });
+    /// Nodes with the same labels share one computation through `cache`.
+    pub(super) fn recompute(
+        &mut self,
+        name: &str,
+        cache: &mut SettingsCache,
+    ) -> Option<(Arc<watch::Sender<DesiredState>>, DesiredState)> {
         let entry = self.nodes.get_mut(name)?;
         let base = base_labels(&entry.node);
-        let settings = desired::settings(&base, profiles);
+        let settings = match cache.get(&base) {
+            Some(s) => s.clone(),
+            None => {
+                let profiles = self.resources.values().filter_map(|r| match r {
+                    nodekeeper_proto::Resource::AgentProfile(p) => Some(p),
+                    _ => None,
+                });
+                let s = desired::settings(&base, profiles);
+                cache.insert(base.clone(), s.clone());
+                s
+            }
+        };
         let status = entry.node.status.get_or_insert_with(Default::default);
         if status.settings.as_ref() == Some(&settings) && status.desired_revision > 0 {
             return None;
@@ -229,31 +242,24 @@ impl Fleet {
         set_ready(status, "True", "AgentConnected", "agent link is up and heartbeating");
         let acks = entry.ack_tx.subscribe();
         let report_sequence = *acks.borrow();
-        let push = st.recompute(&name);
-        let mut writes = Vec::new();
+        self.reserve_revisions(&mut st, 1);
+        let push = st.recompute(&name, &mut SettingsCache::new());
         if push.is_some() {
-            writes.push(Write::Counter {
-                key: COUNTER_REVISION,
-                value: st.revision,
-            });
             self.metrics.desired_pushed.inc();
         }
         let entry = st
             .nodes
             .get(&name)
             .ok_or_else(|| FleetError::Store("node vanished".into()))?;
-        writes.push(Write::PutNode(Box::new(entry.node.clone())));
+        let write = node_write(&entry.node);
         let desired = entry.desired_tx.subscribe();
         drop(st);
-        let pushes: Pushes = push.into_iter().collect();
-        self.store.submit(
-            writes,
-            Some(Box::new(move |r| {
-                if r.is_ok() {
-                    push_all(pushes)
-                }
-            })),
-        );
+        // Revisions are never reused (see `reserve_revisions`), so the push need
+        // not wait for the node's row to be committed.
+        if let Some((tx, d)) = push {
+            super::push(&tx, d);
+        }
+        self.store.submit(vec![write], None);
         self.metrics.sessions_opened.inc();
         self.metrics.sessions_active.inc();
         Ok(SessionHandles {
@@ -285,9 +291,9 @@ impl Fleet {
         let status = e.node.status.get_or_insert_with(Default::default);
         status.last_seen = rfc3339(e.last_seen);
         if set_ready(status, "Unknown", "AgentDisconnected", "agent link closed") {
-            let node = e.node.clone();
+            let write = node_write(&e.node);
             drop(st);
-            self.store.submit(vec![Write::PutNode(Box::new(node))], None);
+            self.store.submit(vec![write], None);
         }
     }
 
@@ -305,16 +311,18 @@ impl Fleet {
         e.last_heartbeat = Instant::now();
         e.last_seen = SystemTime::now();
         let status = e.node.status.get_or_insert_with(Default::default);
-        let mut changed = set_ready(status, "True", "AgentConnected", "agent link is up and heartbeating");
-        if status.applied_revision != applied_revision {
-            status.applied_revision = applied_revision;
-            changed = true;
-        }
-        if changed {
+        let ready_changed = set_ready(status, "True", "AgentConnected", "agent link is up and heartbeating");
+        let applied_changed = status.applied_revision != applied_revision;
+        status.applied_revision = applied_revision;
+        if ready_changed || applied_changed {
             status.last_seen = rfc3339(e.last_seen);
-            let node = e.node.clone();
+            let write = if ready_changed {
+                node_write(&e.node)
+            } else {
+                revisions_write(&e.node)
+            };
             drop(st);
-            self.store.submit(vec![Write::PutNode(Box::new(node))], None);
+            self.store.submit(vec![write], None);
         }
     }
 
@@ -336,9 +344,9 @@ impl Fleet {
             return;
         }
         status.applied_revision = revision;
-        let node = e.node.clone();
+        let write = revisions_write(&e.node);
         drop(st);
-        self.store.submit(vec![Write::PutNode(Box::new(node))], None);
+        self.store.submit(vec![write], None);
     }
 
     /// Ingests reports in sequence order. A sequence number at or below the
@@ -379,11 +387,11 @@ impl Fleet {
             return;
         }
         let seq = status.report_sequence;
-        let node = e.node.clone();
+        let write = node_write(&e.node);
         let ack = e.ack_tx.clone();
         drop(st);
         self.store.submit(
-            vec![Write::PutNode(Box::new(node))],
+            vec![write],
             Some(Box::new(move |r| {
                 if r.is_ok() {
                     ack.send_if_modified(|cur| {
@@ -424,7 +432,7 @@ impl Fleet {
                 )
             {
                 status.last_seen = rfc3339(e.last_seen);
-                writes.push(Write::PutNode(Box::new(e.node.clone())));
+                writes.push(node_write(&e.node));
             }
             if ready_status(&e.node) == "True" {
                 ready += 1;

@@ -7,8 +7,8 @@ use nodekeeper_proto::v1::{AgentProfileStatus, NodeSetStatus};
 use nodekeeper_proto::{Kind, Resource};
 
 use super::nodes::{base_labels, in_sync, ready_status};
-use super::{COUNTER_RESOURCE_VERSION, COUNTER_REVISION, Fleet, FleetError, Pushes, State, push_all};
-use crate::store::Write;
+use super::{COUNTER_RESOURCE_VERSION, Fleet, FleetError, SettingsCache, State, push};
+use crate::store::{Write, revisions_write};
 
 /// What an apply did to one resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -27,26 +27,19 @@ pub struct ApplyResult {
 }
 
 impl State {
-    /// Recomputes every node; returns the writes and pushes for what changed.
-    fn recompute_all(&mut self) -> (Vec<Write>, Pushes) {
+    /// Recomputes every node and streams each change at once (delivery
+    /// overlaps the rest of the computation); returns the names that changed.
+    fn recompute_all(&mut self) -> Vec<String> {
         let names: Vec<String> = self.nodes.keys().cloned().collect();
-        let mut writes = Vec::new();
-        let mut pushes = Vec::new();
+        let mut cache = SettingsCache::new();
+        let mut changed = Vec::new();
         for name in names {
-            if let Some(push) = self.recompute(&name) {
-                pushes.push(push);
-                if let Some(e) = self.nodes.get(&name) {
-                    writes.push(Write::PutNode(Box::new(e.node.clone())));
-                }
+            if let Some((tx, d)) = self.recompute(&name, &mut cache) {
+                push(&tx, d);
+                changed.push(name);
             }
         }
-        if !pushes.is_empty() {
-            writes.push(Write::Counter {
-                key: COUNTER_REVISION,
-                value: self.revision,
-            });
-        }
-        (writes, pushes)
+        changed
     }
 
     fn with_status(&self, r: &Resource) -> Resource {
@@ -202,43 +195,45 @@ impl Fleet {
             });
             self.store.commit(writes).await.map_err(FleetError::Store)?;
         }
-        // 3. Install in memory and recompute the nodes' desired state.
-        let results = {
-            let mut st = self.lock();
-            st.resource_version = rv;
-            for (a, r) in &planned {
-                if *a != ApplyAction::Unchanged {
-                    st.resources.insert((r.kind(), r.name().to_string()), r.clone());
-                }
+        // 3. Install in memory, stream the nodes' new desired state, then
+        // answer with the resources' status (which counts the nodes).
+        let mut st = self.lock();
+        st.resource_version = rv;
+        for (a, r) in &planned {
+            if *a != ApplyAction::Unchanged {
+                st.resources.insert((r.kind(), r.name().to_string()), r.clone());
             }
-            planned
-                .iter()
-                .map(|(a, r)| ApplyResult {
-                    action: *a,
-                    resource: st.with_status(r).to_value(),
-                })
-                .collect()
-        };
-        self.fan_out();
+        }
+        let changed = planned.iter().any(|(a, _)| *a != ApplyAction::Unchanged);
+        if changed {
+            self.fan_out(&mut st);
+        }
+        let results = planned
+            .iter()
+            .map(|(a, r)| ApplyResult {
+                action: *a,
+                resource: st.with_status(r).to_value(),
+            })
+            .collect();
         Ok(results)
     }
 
-    /// Recomputes every node's desired state and streams the changes once
-    /// they are committed.
-    fn fan_out(&self) {
-        let (writes, pushes) = self.lock().recompute_all();
-        if writes.is_empty() {
+    /// Recomputes every node's desired state, streams the changes, and
+    /// queues the changed nodes' rows. Revisions are reserved for every node
+    /// first, so pushes need not wait for the rows' commit.
+    fn fan_out(&self, st: &mut State) {
+        self.reserve_revisions(st, st.nodes.len() as u64);
+        let changed = st.recompute_all();
+        if changed.is_empty() {
             return;
         }
-        self.metrics.desired_pushed.inc_by(pushes.len() as u64);
-        self.store.submit(
-            writes,
-            Some(Box::new(move |r| {
-                if r.is_ok() {
-                    push_all(pushes)
-                }
-            })),
-        );
+        self.metrics.desired_pushed.inc_by(changed.len() as u64);
+        let writes = changed
+            .iter()
+            .filter_map(|n| st.nodes.get(n))
+            .map(|e| revisions_write(&e.node))
+            .collect();
+        self.store.submit(writes, None);
     }
 
     /// Every resource of a kind, sorted by name, with computed status.
@@ -271,8 +266,9 @@ impl Fleet {
             }])
             .await
             .map_err(FleetError::Store)?;
-        self.lock().resources.remove(&(kind, name.to_string()));
-        self.fan_out();
+        let mut st = self.lock();
+        st.resources.remove(&(kind, name.to_string()));
+        self.fan_out(&mut st);
         Ok(existing)
     }
 }

@@ -1,16 +1,18 @@
-//! The agent link: the `AgentLink.Session` gRPC stream. One task reads what
-//! the agent sends; one writes the welcome, desired state (latest value wins)
-//! and report acknowledgements (cumulative, after commit).
+//! The agent link: the `AgentLink.Session` gRPC stream. The handler waits for
+//! the agent's Hello, opens the session, and answers with one stream composed
+//! of the welcome, the node's desired state (latest value wins) and report
+//! acknowledgements (cumulative, after commit); the connection task polls it
+//! directly, with no task or queue per session in between. One task reads
+//! what the agent sends.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt, stream};
 use nodekeeper_proto::v1::agent_link_server::AgentLink;
 use nodekeeper_proto::v1::{AgentMessage, HubMessage, ReportAck, agent_message, hub_message};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -30,22 +32,31 @@ impl LinkService {
     }
 }
 
-type Outbound = mpsc::Sender<Result<HubMessage, Status>>;
+type Outbound = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl AgentLink for LinkService {
-    type SessionStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send + 'static>>;
+    type SessionStream = Outbound;
 
-    async fn session(
-        &self,
-        request: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {
         let peer = request.remote_addr();
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let fleet = self.fleet.clone();
-        tokio::spawn(run_session(fleet, inbound, tx).instrument(tracing::info_span!("session", ?peer)));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(AgentMessage {
+                body: Some(agent_message::Body::Hello(h)),
+            }))) => h,
+            Ok(Ok(Some(_))) => return Err(Status::invalid_argument("the first message of a session must be Hello")),
+            Ok(Ok(None)) => return Err(Status::cancelled("stream ended before Hello")),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 15 s")),
+        };
+        let handles = self.fleet.open_session(hello).map_err(|e| {
+            tracing::warn!(?peer, error = %e, "refused agent session");
+            status_of(e)
+        })?;
+        let span = tracing::info_span!("node", node = %handles.node, session = handles.id);
+        tokio::spawn(read_agent(self.fleet.clone(), inbound, handles.node.clone(), handles.id).instrument(span));
+        Ok(Response::new(outbound(handles)))
     }
 }
 
@@ -58,100 +69,50 @@ fn status_of(e: FleetError) -> Status {
     }
 }
 
-async fn run_session(fleet: Arc<Fleet>, mut inbound: Streaming<AgentMessage>, tx: Outbound) {
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-        Ok(Ok(Some(AgentMessage {
-            body: Some(agent_message::Body::Hello(h)),
-        }))) => h,
-        Ok(Ok(Some(_))) => {
-            let _ = tx
-                .send(Err(Status::invalid_argument(
-                    "the first message of a session must be Hello",
-                )))
-                .await;
-            return;
-        }
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "session ended before hello");
-            return;
-        }
-        Err(_) => {
-            let _ = tx.send(Err(Status::deadline_exceeded("no Hello within 15 s"))).await;
-            return;
-        }
-    };
-    let handles = match fleet.open_session(hello) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::warn!(error = %e, "refused agent session");
-            let _ = tx.send(Err(status_of(e))).await;
-            return;
-        }
-    };
-    let (node, id) = (handles.node.clone(), handles.id);
-    let span = tracing::info_span!("node", node = %node, session = id);
-    async {
-        tracing::debug!("session open");
-        let writer = tokio::spawn(outbound(handles, tx).in_current_span());
-        loop {
-            match inbound.message().await {
-                Ok(Some(AgentMessage { body: Some(body) })) => match body {
-                    agent_message::Body::Heartbeat(hb) => fleet.heartbeat(&node, id, hb.applied_revision),
-                    agent_message::Body::Reports(batch) => fleet.ingest(&node, id, batch.reports),
-                    agent_message::Body::Applied(a) => fleet.applied(&node, id, a.revision, &a.error),
-                    agent_message::Body::Hello(_) => {
-                        tracing::warn!("ignoring a second Hello in one session")
-                    }
-                },
-                Ok(Some(AgentMessage { body: None })) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "session stream error");
-                    break;
-                }
+/// Reads heartbeats, reports and acknowledgements until the agent goes away.
+async fn read_agent(fleet: Arc<Fleet>, mut inbound: Streaming<AgentMessage>, node: String, id: u64) {
+    tracing::debug!("session open");
+    loop {
+        match inbound.message().await {
+            Ok(Some(AgentMessage { body: Some(body) })) => match body {
+                agent_message::Body::Heartbeat(hb) => fleet.heartbeat(&node, id, hb.applied_revision),
+                agent_message::Body::Reports(batch) => fleet.ingest(&node, id, batch.reports),
+                agent_message::Body::Applied(a) => fleet.applied(&node, id, a.revision, &a.error),
+                agent_message::Body::Hello(_) => tracing::warn!("ignoring a second Hello in one session"),
+            },
+            Ok(Some(AgentMessage { body: None })) => {}
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "session stream error");
+                break;
             }
         }
-        writer.abort();
-        fleet.close_session(&node, id);
-        tracing::debug!("session closed");
     }
-    .instrument(span)
-    .await
+    fleet.close_session(&node, id);
+    tracing::debug!("session closed");
 }
 
-async fn outbound(mut h: SessionHandles, tx: Outbound) {
-    let send = |body| HubMessage { body: Some(body) };
-    if tx
-        .send(Ok(send(hub_message::Body::Welcome(h.welcome.clone()))))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let first = h.desired.borrow_and_update().clone();
-    if first.revision > 0 && tx.send(Ok(send(hub_message::Body::Desired(first)))).await.is_err() {
-        return;
-    }
-    h.acks.borrow_and_update();
-    loop {
-        let msg = tokio::select! {
-            r = h.desired.changed() => {
-                if r.is_err() { return; }
-                hub_message::Body::Desired(h.desired.borrow_and_update().clone())
-            }
-            r = h.acks.changed() => {
-                if r.is_err() { return; }
-                hub_message::Body::ReportAck(ReportAck { sequence: *h.acks.borrow_and_update() })
-            }
-            _ = &mut h.replaced => {
-                let _ = tx.send(Err(Status::aborted("replaced by a newer session of the same node"))).await;
-                return;
-            }
-            _ = tx.closed() => return,
-        };
-        if tx.send(Ok(send(msg))).await.is_err() {
-            return;
-        }
-    }
+/// What the hub sends: Welcome, then desired states and acknowledgements as
+/// they change, until a newer session of the node replaces this one.
+fn outbound(h: SessionHandles) -> Outbound {
+    let msg = |body| HubMessage { body: Some(body) };
+    let welcome = stream::once(std::future::ready(msg(hub_message::Body::Welcome(h.welcome))));
+    // The current desired state first (if any), then every change.
+    let desired = WatchStream::new(h.desired)
+        .filter(|d| std::future::ready(d.revision > 0))
+        .map(move |d| msg(hub_message::Body::Desired(d)));
+    let acks =
+        WatchStream::from_changes(h.acks).map(move |s| msg(hub_message::Body::ReportAck(ReportAck { sequence: s })));
+    let replaced = stream::once(async move {
+        let _ = h.replaced.await;
+        Err(Status::aborted(
+            "session replaced by a newer one of the same node, or closed",
+        ))
+    });
+    // tonic ends the response at the first error, so `replaced` ends it.
+    Box::pin(
+        welcome
+            .map(Ok)
+            .chain(stream::select(stream::select(desired, acks).map(Ok), replaced)),
+    )
 }

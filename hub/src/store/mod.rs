@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use nodekeeper_proto::v1::Node;
+use nodekeeper_proto::v1::{AgentSettings, Node};
 use prost::Message;
 use rusqlite::{Connection, params};
 
@@ -42,13 +42,34 @@ pub enum Write {
         kind: String,
         name: String,
     },
-    /// Insert or replace a node; coalesced per name within a batch.
-    PutNode(Box<Node>),
+    /// Insert or replace a node (protobuf-encoded `Node`); coalesced per name
+    /// within a batch. Encoded by the caller: one buffer instead of a deep clone.
+    PutNode {
+        name: String,
+        body: Vec<u8>,
+        revisions: NodeRevisions,
+    },
+    /// Only a node's revisions: the small write of a fan-out or an agent's
+    /// acknowledgement. Coalesced with the node's other writes in a batch.
+    NodeRevisions {
+        name: String,
+        revisions: NodeRevisions,
+    },
     /// Set a counter (resource version, revision).
     Counter {
         key: &'static str,
         value: u64,
     },
+}
+
+/// A node's desired/applied revisions and desired settings, kept in their
+/// own columns so they can change without rewriting the node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeRevisions {
+    pub desired: u64,
+    pub applied: u64,
+    /// Encoded `AgentSettings`.
+    pub settings: Vec<u8>,
 }
 
 /// Called once the writes it came with are committed (`Ok`) or failed.
@@ -87,7 +108,10 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
         "CREATE TABLE IF NOT EXISTS resources (
             kind TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL,
             PRIMARY KEY (kind, name)) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS nodes (
+            name TEXT PRIMARY KEY, body BLOB NOT NULL,
+            desired_revision INTEGER NOT NULL, applied_revision INTEGER NOT NULL,
+            settings BLOB NOT NULL) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;",
     )?;
     Ok(conn)
@@ -123,6 +147,19 @@ impl Store {
         }
     }
 
+    /// Queues writes and blocks the calling thread until they are committed
+    /// (start-up only).
+    pub fn commit_blocking(&self, writes: Vec<Write>) -> Result<(), String> {
+        let (tx, rx) = mpsc::channel();
+        self.submit(
+            writes,
+            Some(Box::new(move |r| {
+                let _ = tx.send(r);
+            })),
+        );
+        rx.recv().map_err(|_| StoreError::Stopped.to_string())?
+    }
+
     /// Queues writes and waits until they are committed.
     pub async fn commit(&self, writes: Vec<Write>) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -151,17 +188,37 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
     for row in rows {
         out.resources.push(row.map_err(err)?);
     }
-    let mut stmt = conn.prepare("SELECT name, body FROM nodes").map_err(err)?;
+    let mut stmt = conn
+        .prepare("SELECT name, body, desired_revision, applied_revision, settings FROM nodes")
+        .map_err(err)?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+            ))
+        })
         .map_err(err)?;
     for row in rows {
-        let (name, body) = row.map_err(err)?;
-        let node = Node::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
+        let (name, body, desired, applied, settings) = row.map_err(err)?;
+        let corrupt = |e: prost::DecodeError| StoreError::Corrupt {
             path: path.to_path_buf(),
             row: format!("nodes/{name}"),
             reason: e.to_string(),
-        })?;
+        };
+        let mut node = Node::decode(body.as_slice()).map_err(corrupt)?;
+        // The columns are newer than the body when only revisions changed.
+        let status = node.status.get_or_insert_with(Default::default);
+        status.desired_revision = desired.max(0) as u64;
+        status.applied_revision = applied.max(0) as u64;
+        status.settings = if settings.is_empty() {
+            None
+        } else {
+            Some(AgentSettings::decode(settings.as_slice()).map_err(corrupt)?)
+        };
         out.nodes.push(node);
     }
     let mut stmt = conn.prepare("SELECT key, value FROM counters").map_err(err)?;
@@ -200,14 +257,24 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: PathBuf, metrics: 
 }
 
 fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> rusqlite::Result<()> {
-    // Coalesce node snapshots: only the last one per node in this batch is written.
-    let mut last_node: HashMap<&str, (usize, usize)> = HashMap::new();
-    for (i, op) in batch.iter().enumerate() {
-        for (j, w) in op.writes.iter().enumerate() {
-            if let Write::PutNode(n) = w {
-                let name = n.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
-                last_node.insert(name, (i, j));
+    // Coalesce per node: only the last snapshot is written, and a revisions
+    // write only when no later write of the node carries newer values.
+    let mut last_put: HashMap<&str, usize> = HashMap::new();
+    let mut last_any: HashMap<&str, usize> = HashMap::new();
+    let mut pos = 0usize;
+    for op in batch.iter() {
+        for w in &op.writes {
+            match w {
+                Write::PutNode { name, .. } => {
+                    last_put.insert(name.as_str(), pos);
+                    last_any.insert(name.as_str(), pos);
+                }
+                Write::NodeRevisions { name, .. } => {
+                    last_any.insert(name.as_str(), pos);
+                }
+                _ => {}
             }
+            pos += 1;
         }
     }
     let tx = conn.transaction()?;
@@ -216,11 +283,19 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
         let mut put_res =
             tx.prepare_cached("INSERT OR REPLACE INTO resources (kind, name, body) VALUES (?1, ?2, ?3)")?;
         let mut del_res = tx.prepare_cached("DELETE FROM resources WHERE kind = ?1 AND name = ?2")?;
-        let mut put_node = tx.prepare_cached("INSERT OR REPLACE INTO nodes (name, body) VALUES (?1, ?2)")?;
+        let mut put_node = tx.prepare_cached(
+            "INSERT OR REPLACE INTO nodes (name, body, desired_revision, applied_revision, settings)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut put_revisions = tx.prepare_cached(
+            "UPDATE nodes SET desired_revision = ?2, applied_revision = ?3, settings = ?4 WHERE name = ?1",
+        )?;
+        let mut pos = 0usize;
         let mut put_counter = tx.prepare_cached("INSERT OR REPLACE INTO counters (key, value) VALUES (?1, ?2)")?;
-        let mut buf = Vec::with_capacity(4096);
-        for (i, op) in batch.iter().enumerate() {
-            for (j, w) in op.writes.iter().enumerate() {
+        for op in batch.iter() {
+            for w in &op.writes {
+                pos += 1;
+                let here = pos - 1;
                 match w {
                     Write::PutResource { kind, name, body } => {
                         put_res.execute(params![kind, name, body])?;
@@ -228,15 +303,21 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
                     Write::DeleteResource { kind, name } => {
                         del_res.execute(params![kind, name])?;
                     }
-                    Write::PutNode(n) => {
-                        let name = n.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
-                        if last_node.get(name) != Some(&(i, j)) {
+                    Write::PutNode {
+                        name,
+                        body,
+                        revisions: r,
+                    } => {
+                        if last_put.get(name.as_str()) != Some(&here) {
                             continue;
                         }
-                        buf.clear();
-                        n.encode(&mut buf)
-                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                        put_node.execute(params![name, &buf])?;
+                        put_node.execute(params![name, body, r.desired as i64, r.applied as i64, r.settings])?;
+                    }
+                    Write::NodeRevisions { name, revisions: r } => {
+                        if last_any.get(name.as_str()) != Some(&here) {
+                            continue;
+                        }
+                        put_revisions.execute(params![name, r.desired as i64, r.applied as i64, r.settings])?;
                     }
                     Write::Counter { key, value } => {
                         put_counter.execute(params![key, *value as i64])?;
@@ -249,4 +330,37 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
     tx.commit()?;
     metrics.store_writes.inc_by(written);
     Ok(())
+}
+
+fn revisions_of(node: &Node) -> NodeRevisions {
+    let status = node.status.as_ref();
+    NodeRevisions {
+        desired: status.map_or(0, |s| s.desired_revision),
+        applied: status.map_or(0, |s| s.applied_revision),
+        settings: status
+            .and_then(|s| s.settings.as_ref())
+            .map(Message::encode_to_vec)
+            .unwrap_or_default(),
+    }
+}
+
+fn node_name(node: &Node) -> String {
+    node.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default()
+}
+
+/// The write that stores a whole node snapshot.
+pub fn node_write(node: &Node) -> Write {
+    Write::PutNode {
+        name: node_name(node),
+        body: node.encode_to_vec(),
+        revisions: revisions_of(node),
+    }
+}
+
+/// The write that stores only a node's revisions and desired settings.
+pub fn revisions_write(node: &Node) -> Write {
+    Write::NodeRevisions {
+        name: node_name(node),
+        revisions: revisions_of(node),
+    }
 }
