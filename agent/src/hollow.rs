@@ -49,6 +49,9 @@ pub struct HollowArgs {
     /// Outbox capacity per agent.
     #[arg(long, default_value_t = 10_000)]
     pub outbox: usize,
+    /// Runtime worker threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
     /// Control listener for benchmarks (burst, stats, latency).
     #[arg(long)]
     pub control: Option<SocketAddr>,

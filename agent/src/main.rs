@@ -43,6 +43,7 @@ fn main_inner() -> anyhow::Result<()> {
         daemon::init_logging("warn", false);
         daemon::raise_fd_limit();
         let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(h.workers.max(1))
             .enable_all()
             .build()
             .context("starting the async runtime")?;

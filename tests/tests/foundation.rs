@@ -217,6 +217,10 @@ fn hub_sigkill_and_restart_brings_the_agent_back_with_every_report_exactly_once(
     wait_for("first reports at the hub", T, || {
         hub.node("node-h").filter(|n| event_count(n, "BeforeCrash") == 20)
     });
+    // Acknowledged means committed at the hub.
+    wait_for("first reports acknowledged", T, || {
+        agent.status().filter(|s| s["outbox"]["pending"] == 0)
+    });
 
     hub.kill9();
     wait_for("agent notices", T, || {

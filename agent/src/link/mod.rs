@@ -132,7 +132,10 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
         .map_err(|e| e.to_string())?;
     let mut sent = welcome.report_sequence;
     let mut acked = welcome.report_sequence;
-    let mut next_heartbeat = Instant::now() + heartbeat_interval(agent);
+    // One timer for the whole session, reset when it fires or the interval
+    // shortens (re-arming a timer on every loop turn is measurable at scale).
+    let heartbeat = tokio::time::sleep(heartbeat_interval(agent));
+    tokio::pin!(heartbeat);
 
     loop {
         // Send what is pending, within the in-flight window.
@@ -155,12 +158,12 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
         let unsent = agent.with_outbox(|o| o.last_sequence()) > sent;
         tokio::select! {
             _ = agent.outbox_changed.notified(), if !unsent => {}
-            _ = tokio::time::sleep_until(next_heartbeat) => {
+            _ = &mut heartbeat => {
                 let hb = Heartbeat { applied_revision: agent.applied_revision() };
                 if tx.send(msg(agent_message::Body::Heartbeat(hb))).await.is_err() {
                     return Ok(End::Closed("hub stream closed".into()));
                 }
-                next_heartbeat = Instant::now() + heartbeat_interval(agent);
+                heartbeat.as_mut().reset(Instant::now() + heartbeat_interval(agent));
             }
             m = inbound.message() => match m {
                 Ok(Some(HubMessage { body: Some(body) })) => match body {
@@ -173,7 +176,10 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
                         if tx.send(msg(agent_message::Body::Applied(applied))).await.is_err() {
                             return Ok(End::Closed("hub stream closed".into()));
                         }
-                        next_heartbeat = next_heartbeat.min(Instant::now() + heartbeat_interval(agent));
+                        let sooner = Instant::now() + heartbeat_interval(agent);
+                        if sooner < heartbeat.deadline() {
+                            heartbeat.as_mut().reset(sooner);
+                        }
                     }
                     hub_message::Body::ReportAck(a) => {
                         agent.with_outbox(|o| o.ack(a.sequence)).map_err(|e| e.to_string())?;

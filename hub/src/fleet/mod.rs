@@ -56,7 +56,7 @@ pub struct FleetConfig {
 }
 
 /// Counts for `/v1/fleet/summary`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeCounts {
     pub total: u64,
@@ -78,9 +78,50 @@ pub struct Summary {
     pub revision: u64,
 }
 
+/// What a node contributes to the fleet counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Flags {
+    exists: bool,
+    /// "True", "False" or anything else as Unknown.
+    ready: Ready,
+    in_sync: bool,
+    connected: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Ready {
+    True,
+    False,
+    #[default]
+    Unknown,
+}
+
+impl NodeCounts {
+    fn add(&mut self, f: Flags, sign: i64) {
+        if !f.exists {
+            return;
+        }
+        let add = |n: &mut u64| *n = n.wrapping_add_signed(sign);
+        add(&mut self.total);
+        match f.ready {
+            Ready::True => add(&mut self.ready),
+            Ready::False => add(&mut self.not_ready),
+            Ready::Unknown => add(&mut self.unknown),
+        }
+        if f.in_sync {
+            add(&mut self.in_sync);
+        }
+        if f.connected {
+            add(&mut self.connected);
+        }
+    }
+}
+
 pub(crate) struct NodeEntry {
     /// The persisted form.
     node: Node,
+    /// What this node last contributed to `State::counts`.
+    counted: Flags,
     last_heartbeat: Instant,
     last_seen: SystemTime,
     /// Id of the open session, if any.
@@ -98,6 +139,9 @@ pub(crate) struct State {
     nodes: BTreeMap<String, NodeEntry>,
     resources: BTreeMap<(Kind, String), Resource>,
     resource_version: u64,
+    /// Fleet counts, kept current on every node change (so the summary is
+    /// O(1) however often dashboards poll it) and recounted by `tick`.
+    counts: NodeCounts,
     /// The newest revision handed out.
     revision: u64,
     /// Revisions up to this are reserved (a write is queued or committed).
@@ -168,6 +212,7 @@ impl Fleet {
                     node,
                     // The grace period starts when the hub starts, as Kubernetes' node
                     // lifecycle controller does after a restart.
+                    counted: Flags::default(),
                     last_heartbeat: now,
                     last_seen,
                     session: None,
@@ -188,6 +233,7 @@ impl Fleet {
                 row: COUNTER_REVISION_RESERVED.into(),
                 reason: e,
             })?;
+        state.recount_all();
         let revision_durable = Arc::new(AtomicU64::new(state.revision_reserved));
         Ok(Arc::new(Fleet {
             state: Mutex::new(state),
@@ -211,22 +257,9 @@ impl Fleet {
         let st = self.lock();
         let mut s = Summary {
             revision: st.revision,
+            nodes: st.counts.clone(),
             ..Default::default()
         };
-        for e in st.nodes.values() {
-            s.nodes.total += 1;
-            match nodes::ready_status(&e.node) {
-                "True" => s.nodes.ready += 1,
-                "False" => s.nodes.not_ready += 1,
-                _ => s.nodes.unknown += 1,
-            }
-            if nodes::in_sync(&e.node) {
-                s.nodes.in_sync += 1;
-            }
-            if e.session.is_some() {
-                s.nodes.connected += 1;
-            }
-        }
         for k in Kind::ALL {
             s.resources.insert(k.plural().to_string(), 0);
         }

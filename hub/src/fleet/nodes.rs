@@ -12,7 +12,7 @@ use nodekeeper_proto::v1::{
 use nodekeeper_proto::{API_VERSION, validate};
 use tokio::sync::{oneshot, watch};
 
-use super::{Fleet, FleetError, NodeEntry, SettingsCache, State, desired};
+use super::{Flags, Fleet, FleetError, NodeCounts, NodeEntry, Ready, SettingsCache, State, desired};
 use crate::store::{node_write, revisions_write};
 
 /// Recent events kept per node (identical events are aggregated).
@@ -136,7 +136,46 @@ pub(super) fn base_labels(node: &Node) -> BTreeMap<String, String> {
     labels
 }
 
+fn flags(e: &NodeEntry) -> Flags {
+    Flags {
+        exists: true,
+        ready: match ready_status(&e.node) {
+            "True" => Ready::True,
+            "False" => Ready::False,
+            _ => Ready::Unknown,
+        },
+        in_sync: in_sync(&e.node),
+        connected: e.session.is_some(),
+    }
+}
+
 impl State {
+    /// Brings the fleet counts up to date with one node's current state.
+    /// Every method that changes a node calls it before releasing the lock.
+    pub(super) fn recount(&mut self, name: &str) {
+        let Some(e) = self.nodes.get_mut(name) else { return };
+        let now = flags(e);
+        if now != e.counted {
+            self.counts.add(e.counted, -1);
+            self.counts.add(now, 1);
+            e.counted = now;
+        }
+    }
+
+    /// Recounts every node from scratch (at start and once a second, so a
+    /// missed `recount` can never leave the summary wrong for long).
+    pub(super) fn recount_all(&mut self) {
+        let mut counts = NodeCounts::default();
+        for e in self.nodes.values_mut() {
+            e.counted = flags(e);
+            counts.add(e.counted, 1);
+        }
+        if counts != self.counts {
+            tracing::debug!(?counts, was = ?self.counts, "fleet counts corrected by recount");
+        }
+        self.counts = counts;
+    }
+
     /// Recomputes one node's desired settings; on a change bumps the revision
     /// and returns the push to make after commit.
     /// Nodes with the same labels share one computation through `cache`.
@@ -170,8 +209,10 @@ impl State {
         labels.extend(settings.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         status.settings = Some(settings.clone());
         entry.node.metadata.get_or_insert_with(Default::default).labels = labels;
+        let tx = entry.desired_tx.clone();
+        self.recount(name);
         Some((
-            entry.desired_tx.clone(),
+            tx,
             DesiredState {
                 revision: self.revision,
                 settings: Some(settings),
@@ -224,6 +265,7 @@ impl Fleet {
             },
             last_heartbeat: now,
             last_seen: SystemTime::now(),
+            counted: Flags::default(),
             session: None,
             kill: None,
             desired_tx: Arc::new(watch::channel(DesiredState::default()).0),
@@ -247,6 +289,7 @@ impl Fleet {
         if push.is_some() {
             self.metrics.desired_pushed.inc();
         }
+        st.recount(&name);
         let entry = st
             .nodes
             .get(&name)
@@ -290,10 +333,12 @@ impl Fleet {
         e.kill = None;
         let status = e.node.status.get_or_insert_with(Default::default);
         status.last_seen = rfc3339(e.last_seen);
-        if set_ready(status, "Unknown", "AgentDisconnected", "agent link closed") {
-            let write = node_write(&e.node);
-            drop(st);
-            self.store.submit(vec![write], None);
+        let changed = set_ready(status, "Unknown", "AgentDisconnected", "agent link closed");
+        let write = changed.then(|| node_write(&e.node));
+        st.recount(name);
+        drop(st);
+        if let Some(w) = write {
+            self.store.submit(vec![w], None);
         }
     }
 
@@ -321,6 +366,7 @@ impl Fleet {
             } else {
                 revisions_write(&e.node)
             };
+            st.recount(name);
             drop(st);
             self.store.submit(vec![write], None);
         }
@@ -345,6 +391,7 @@ impl Fleet {
         }
         status.applied_revision = revision;
         let write = revisions_write(&e.node);
+        st.recount(name);
         drop(st);
         self.store.submit(vec![write], None);
     }
@@ -413,8 +460,6 @@ impl Fleet {
         let now = Instant::now();
         let mut writes = Vec::new();
         let mut st = self.lock();
-        let (mut ready, mut in_sync_n) = (0i64, 0i64);
-        let total = st.nodes.len() as i64;
         for e in st.nodes.values_mut() {
             let status = e.node.status.get_or_insert_with(Default::default);
             let hb = status
@@ -434,17 +479,13 @@ impl Fleet {
                 status.last_seen = rfc3339(e.last_seen);
                 writes.push(node_write(&e.node));
             }
-            if ready_status(&e.node) == "True" {
-                ready += 1;
-            }
-            if in_sync(&e.node) {
-                in_sync_n += 1;
-            }
         }
+        st.recount_all();
+        let c = st.counts.clone();
         drop(st);
-        self.metrics.nodes.set(total);
-        self.metrics.nodes_ready.set(ready);
-        self.metrics.nodes_in_sync.set(in_sync_n);
+        self.metrics.nodes.set(c.total as i64);
+        self.metrics.nodes_ready.set(c.ready as i64);
+        self.metrics.nodes_in_sync.set(c.in_sync as i64);
         if !writes.is_empty() {
             self.store.submit(writes, None);
         }

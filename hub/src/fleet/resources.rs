@@ -8,7 +8,7 @@ use nodekeeper_proto::{Kind, Resource};
 
 use super::nodes::{base_labels, in_sync, ready_status};
 use super::{COUNTER_RESOURCE_VERSION, Fleet, FleetError, SettingsCache, State, push};
-use crate::store::{Write, revisions_write};
+use crate::store::Write;
 
 /// What an apply did to one resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -28,15 +28,15 @@ pub struct ApplyResult {
 
 impl State {
     /// Recomputes every node and streams each change at once (delivery
-    /// overlaps the rest of the computation); returns the names that changed.
-    fn recompute_all(&mut self) -> Vec<String> {
+    /// overlaps the rest of the computation); returns how many changed.
+    fn recompute_all(&mut self) -> usize {
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         let mut cache = SettingsCache::new();
-        let mut changed = Vec::new();
+        let mut changed = 0;
         for name in names {
             if let Some((tx, d)) = self.recompute(&name, &mut cache) {
                 push(&tx, d);
-                changed.push(name);
+                changed += 1;
             }
         }
         changed
@@ -218,22 +218,16 @@ impl Fleet {
         Ok(results)
     }
 
-    /// Recomputes every node's desired state, streams the changes, and
-    /// queues the changed nodes' rows. Revisions are reserved for every node
-    /// first, so pushes need not wait for the rows' commit.
+    /// Recomputes every node's desired state and streams the changes.
+    /// Revisions are reserved for every node first, so pushes need not wait
+    /// for a commit. Nothing is written per node here: a node's revisions are
+    /// stored when it acknowledges them, and a restarted hub recomputes every
+    /// node's desired state from the stored resources anyway (a node that had
+    /// not acknowledged simply gets a newer revision).
     fn fan_out(&self, st: &mut State) {
         self.reserve_revisions(st, st.nodes.len() as u64);
         let changed = st.recompute_all();
-        if changed.is_empty() {
-            return;
-        }
-        self.metrics.desired_pushed.inc_by(changed.len() as u64);
-        let writes = changed
-            .iter()
-            .filter_map(|n| st.nodes.get(n))
-            .map(|e| revisions_write(&e.node))
-            .collect();
-        self.store.submit(writes, None);
+        self.metrics.desired_pushed.inc_by(changed as u64);
     }
 
     /// Every resource of a kind, sorted by name, with computed status.
