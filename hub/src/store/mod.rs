@@ -374,3 +374,80 @@ pub fn revisions_write(node: &Node) -> Write {
         revisions: revisions_of(node),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodekeeper_proto::v1::{NodeStatus, ObjectMeta};
+
+    fn node(name: &str, desired: u64, applied: u64, reason: &str) -> Node {
+        Node {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                desired_revision: desired,
+                applied_revision: applied,
+                settings: Some(AgentSettings {
+                    log_level: reason.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn reopen(path: &Path) -> Loaded {
+        let conn = open_conn(path).expect("open");
+        load(&conn, path).expect("load")
+    }
+
+    #[test]
+    fn coalesced_batch_keeps_the_newest_values_of_each_node() {
+        let dir = std::env::temp_dir().join(format!("nk-store-{}-{}", std::process::id(), line!()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("hub.db");
+        let (store, _) = Store::open(&path, Metrics::new()).expect("open");
+        // One batch: a snapshot, a newer revisions write, an older snapshot of
+        // another node followed by its newer snapshot, then revisions that a
+        // later snapshot supersedes.
+        store
+            .commit_blocking(vec![
+                node_write(&node("a", 1, 0, "info")),
+                revisions_write(&node("a", 2, 2, "debug")),
+                node_write(&node("b", 1, 1, "old")),
+                node_write(&node("b", 3, 1, "new")),
+                revisions_write(&node("c", 9, 9, "lost")),
+                node_write(&node("c", 4, 4, "kept")),
+                Write::Counter { key: "k", value: 7 },
+            ])
+            .expect("commit");
+        drop(store);
+        let loaded = reopen(&path);
+        let by_name = |n: &str| {
+            loaded
+                .nodes
+                .iter()
+                .find(|x| x.metadata.as_ref().is_some_and(|m| m.name == n))
+                .and_then(|x| x.status.clone())
+                .expect("node")
+        };
+        let a = by_name("a");
+        assert_eq!((a.desired_revision, a.applied_revision), (2, 2));
+        assert_eq!(a.settings.map(|s| s.log_level).as_deref(), Some("debug"));
+        let b = by_name("b");
+        assert_eq!(
+            (b.desired_revision, b.settings.map(|s| s.log_level)),
+            (3, Some("new".into()))
+        );
+        let c = by_name("c");
+        assert_eq!(
+            (c.desired_revision, c.settings.map(|s| s.log_level)),
+            (4, Some("kept".into()))
+        );
+        assert_eq!(loaded.counters.get("k"), Some(&7));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
