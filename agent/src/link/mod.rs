@@ -36,8 +36,8 @@ impl Default for LinkConfig {
     fn default() -> Self {
         LinkConfig {
             connect_timeout: Duration::from_secs(5),
-            backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(60),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(30),
         }
     }
 }
