@@ -27,21 +27,6 @@ pub struct ApplyResult {
 }
 
 impl State {
-    /// Recomputes every node and streams each change at once (delivery
-    /// overlaps the rest of the computation); returns how many changed.
-    fn recompute_all(&mut self) -> usize {
-        let names: Vec<String> = self.nodes.keys().cloned().collect();
-        let mut cache = SettingsCache::new();
-        let mut changed = 0;
-        for name in names {
-            if let Some((tx, d)) = self.recompute(&name, &mut cache) {
-                push(&tx, d);
-                changed += 1;
-            }
-        }
-        changed
-    }
-
     fn with_status(&self, r: &Resource) -> Resource {
         let mut r = r.clone();
         match &mut r {
@@ -197,17 +182,19 @@ impl Fleet {
         }
         // 3. Install in memory, stream the nodes' new desired state, then
         // answer with the resources' status (which counts the nodes).
-        let mut st = self.lock();
-        st.resource_version = rv;
-        for (a, r) in &planned {
-            if *a != ApplyAction::Unchanged {
-                st.resources.insert((r.kind(), r.name().to_string()), r.clone());
+        {
+            let mut st = self.lock();
+            st.resource_version = rv;
+            for (a, r) in &planned {
+                if *a != ApplyAction::Unchanged {
+                    st.resources.insert((r.kind(), r.name().to_string()), r.clone());
+                }
             }
         }
-        let changed = planned.iter().any(|(a, _)| *a != ApplyAction::Unchanged);
-        if changed {
-            self.fan_out(&mut st);
+        if planned.iter().any(|(a, _)| *a != ApplyAction::Unchanged) {
+            self.fan_out();
         }
+        let st = self.lock();
         let results = planned
             .iter()
             .map(|(a, r)| ApplyResult {
@@ -218,16 +205,31 @@ impl Fleet {
         Ok(results)
     }
 
-    /// Recomputes every node's desired state and streams the changes.
-    /// Revisions are reserved for every node first, so pushes need not wait
-    /// for a commit. Nothing is written per node here: a node's revisions are
-    /// stored when it acknowledges them, and a restarted hub recomputes every
-    /// node's desired state from the stored resources anyway (a node that had
-    /// not acknowledged simply gets a newer revision).
-    fn fan_out(&self, st: &mut State) {
-        self.reserve_revisions(st, st.nodes.len() as u64);
-        let changed = st.recompute_all();
-        self.metrics.desired_pushed.inc_by(changed as u64);
+    /// Recomputes every node's desired state and streams each change at
+    /// once, so delivery overlaps the rest of the computation. The fleet lock
+    /// is taken per chunk of nodes, so acknowledgements and heartbeats are
+    /// served in between. Revisions are reserved for every node first, so
+    /// pushes need not wait for a commit. Nothing is written per node here: a
+    /// node's revisions are stored when it acknowledges them, and a restarted
+    /// hub recomputes every node from the stored resources anyway (a node that
+    /// had not acknowledged simply gets a newer revision). Callers hold
+    /// `apply_lock`, so resources do not change meanwhile.
+    fn fan_out(&self) {
+        const CHUNK: usize = 512;
+        let names: Vec<String> = self.lock().nodes.keys().cloned().collect();
+        let mut cache = SettingsCache::new();
+        let mut changed = 0u64;
+        for chunk in names.chunks(CHUNK) {
+            let mut st = self.lock();
+            self.reserve_revisions(&mut st, chunk.len() as u64);
+            for name in chunk {
+                if let Some((tx, d)) = st.recompute(name, &mut cache) {
+                    push(&tx, d);
+                    changed += 1;
+                }
+            }
+        }
+        self.metrics.desired_pushed.inc_by(changed);
     }
 
     /// Every resource of a kind, sorted by name, with computed status.
@@ -260,9 +262,8 @@ impl Fleet {
             }])
             .await
             .map_err(FleetError::Store)?;
-        let mut st = self.lock();
-        st.resources.remove(&(kind, name.to_string()));
-        self.fan_out(&mut st);
+        self.lock().resources.remove(&(kind, name.to_string()));
+        self.fan_out();
         Ok(existing)
     }
 }
