@@ -112,16 +112,7 @@ impl AgentConfig {
         if self.outbox.max_reports == 0 {
             return Err(ConfigError::invalid(path, "outbox.maxReports", "must be at least 1"));
         }
-        if !validate::LOG_LEVELS.contains(&self.log_level.as_str()) {
-            return Err(ConfigError::invalid(
-                path,
-                "logLevel",
-                format!("{:?} is not a log level", self.log_level),
-            ));
-        }
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(ConfigError::invalid(path, "logFormat", "must be text or json"));
-        }
+        nodekeeper_proto::config::check_logging(path, &self.log_level, &self.log_format)?;
         Ok(())
     }
 

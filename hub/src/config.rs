@@ -87,16 +87,7 @@ impl HubConfig {
                 format!("{:?} is not available; only \"sqlite\" is supported", self.store.driver),
             ));
         }
-        if !nodekeeper_proto::validate::LOG_LEVELS.contains(&self.log_level.as_str()) {
-            return Err(ConfigError::invalid(
-                path,
-                "logLevel",
-                format!("{:?} is not a log level", self.log_level),
-            ));
-        }
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(ConfigError::invalid(path, "logFormat", "must be text or json"));
-        }
+        nodekeeper_proto::config::check_logging(path, &self.log_level, &self.log_format)?;
         if self.node_monitor_grace_period_seconds == 0 {
             return Err(ConfigError::invalid(
                 path,

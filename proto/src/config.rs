@@ -64,6 +64,28 @@ pub fn parse<T: DeserializeOwned + Default>(path: &Path, text: &str) -> Result<T
     })
 }
 
+/// Checks the `logLevel` and `logFormat` keys both daemons have.
+pub fn check_logging(path: &Path, level: &str, format: &str) -> Result<(), ConfigError> {
+    if !crate::validate::LOG_LEVELS.contains(&level) {
+        return Err(ConfigError::invalid(
+            path,
+            "logLevel",
+            format!(
+                "{level:?} is not a log level; one of {}",
+                crate::validate::LOG_LEVELS.join(", ")
+            ),
+        ));
+    }
+    if !matches!(format, "text" | "json") {
+        return Err(ConfigError::invalid(
+            path,
+            "logFormat",
+            format!("{format:?}: must be text or json"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

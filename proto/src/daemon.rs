@@ -120,3 +120,15 @@ pub fn raise_fd_limit() {
         Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
     }
 }
+
+/// Content type of the Prometheus/OpenMetrics text exposition.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Encodes a metrics registry in the text exposition format.
+pub fn encode_metrics(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    out
+}

@@ -39,10 +39,7 @@ async fn events(State(a): State<Arc<Agent>>) -> impl IntoResponse {
 
 async fn metrics(State(a): State<Arc<Agent>>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, nodekeeper_proto::daemon::METRICS_CONTENT_TYPE)],
         a.metrics.encode(),
     )
 }

@@ -82,10 +82,7 @@ fn kind_of(plural: &str) -> Result<Kind, ApiError> {
 
 async fn metrics(State(f): State<Api>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, nodekeeper_proto::daemon::METRICS_CONTENT_TYPE)],
         f.metrics.encode(),
     )
 }
