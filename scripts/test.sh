@@ -6,11 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-command -v curl >/dev/null || need_apt+=(curl)
+command -v systemd-nspawn >/dev/null || need_apt+=(systemd-container)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+command -v rpm >/dev/null || need_apt+=(rpm)
+command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
-  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
+# The booted-systemd tests need a Debian root filesystem (built once, cached).
+scripts/lab/systemd-rootfs.sh --cache
 command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)" >&2; exit 1; }
 
 echo "== format and lints"

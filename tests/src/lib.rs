@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod lab;
+
 /// Path of a workspace binary (built by `cargo build --workspace` or
 /// `scripts/test.sh`).
 pub fn bin(name: &str) -> PathBuf {

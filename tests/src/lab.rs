@@ -1,0 +1,160 @@
+//! Lab parts for packaging tests: packages built with `scripts/package.sh`,
+//! and a real systemd booted in a container with `systemd-nspawn`
+//! (`../shared/LAB.md`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{TempDir, wait_for};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a command and returns its output; panics with stderr when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Text of a command's stdout.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds the four packages (debug binaries, for speed) into `dir`,
+/// versioned `version`; returns their paths.
+pub fn build_packages(dir: &Path, version: &str) -> Vec<PathBuf> {
+    run(Command::new(repo().join("scripts/package.sh"))
+        .env("PROFILE", "debug")
+        .env("NK_DIST", dir)
+        .env("NK_VERSION", version));
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("dist dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().contains(version))
+        .collect();
+    out.sort();
+    out
+}
+
+/// A container booted with a real systemd as PID 1.
+pub struct Machine {
+    pub root: PathBuf,
+    name: String,
+    nspawn: Child,
+    pid1: u32,
+    _dir: TempDir,
+}
+
+impl Machine {
+    /// Boots a Debian bookworm container (cached rootfs) with `binds`
+    /// (host path, container path) mounted read-only and a private network.
+    pub fn boot(tag: &str, binds: &[(&Path, &str)]) -> Machine {
+        let dir = TempDir::new(tag);
+        let root = dir.path().join("root");
+        run(Command::new(repo().join("scripts/lab/systemd-rootfs.sh")).arg(&root));
+        let name = format!("nk-{tag}-{}", std::process::id());
+        let log = std::fs::File::create(dir.path().join("nspawn.log")).expect("log");
+        let mut cmd = Command::new("setsid");
+        cmd.arg("systemd-nspawn").arg("-D").arg(&root).args([
+            "-M",
+            &name,
+            "--boot",
+            "--register=no",
+            "--keep-unit",
+            "--console=pipe",
+            "--private-network",
+        ]);
+        for (host, inside) in binds {
+            cmd.arg(format!("--bind-ro={}:{inside}", host.display()));
+        }
+        let nspawn = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("systemd-nspawn (apt-get install systemd-container)");
+        let parent = nspawn.id();
+        let pid1 = wait_for("the container's systemd", Duration::from_secs(60), || {
+            let out = Command::new("pgrep")
+                .args(["-P", &parent.to_string(), "-x", "systemd"])
+                .output()
+                .ok()?;
+            stdout(&out).trim().parse::<u32>().ok()
+        });
+        let m = Machine {
+            root,
+            name,
+            nspawn,
+            pid1,
+            _dir: dir,
+        };
+        wait_for("systemd running", Duration::from_secs(60), || {
+            let s = stdout(&m.exec_unchecked(&["systemctl", "is-system-running"]));
+            matches!(s.trim(), "running" | "degraded").then_some(())
+        });
+        m
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &self.pid1.to_string(), "-a", "--"]).args(args);
+        c
+    }
+
+    /// Runs a command inside; panics when it fails.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        run(&mut self.command(args))
+    }
+
+    /// Runs a command inside, whatever its exit status.
+    pub fn exec_unchecked(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("nsenter")
+    }
+
+    /// Runs a shell snippet inside; panics when it fails.
+    pub fn sh(&self, script: &str) -> String {
+        stdout(&self.exec(&["sh", "-c", script]))
+    }
+
+    /// A unit property (`systemctl show -p`).
+    pub fn prop(&self, unit: &str, prop: &str) -> String {
+        let out = self.exec(&["systemctl", "show", "-p", prop, "--value", unit]);
+        stdout(&out).trim().to_string()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = self.command(&["systemctl", "poweroff"]).output();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+        // Leftover empty cgroups of the container (LAB.md), deepest first.
+        for base in ["/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified"] {
+            let out = Command::new("find")
+                .args([base, "-depth", "-type", "d", "-path", &format!("*{}*", self.name)])
+                .output();
+            if let Ok(out) = out {
+                for d in stdout(&out).lines() {
+                    let _ = std::fs::remove_dir(d);
+                }
+            }
+        }
+    }
+}
