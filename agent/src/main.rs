@@ -31,6 +31,8 @@ struct Args {
 enum Cmd {
     /// Run many hollow agents in one process against a hub (scale tests).
     Hollow(nodekeeper_agent::hollow::HollowArgs),
+    /// Run log-monitor rules over a log file and show what would be raised.
+    TestRules(nodekeeper_agent::detect::test_rules::TestRulesArgs),
 }
 
 fn main() {
@@ -39,6 +41,9 @@ fn main() {
 
 fn main_inner() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Cmd::TestRules(t)) = args.cmd {
+        return nodekeeper_agent::detect::test_rules::run(t);
+    }
     if let Some(Cmd::Hollow(h)) = args.cmd {
         daemon::init_logging("warn", false);
         daemon::raise_fd_limit();

@@ -1,4 +1,8 @@
-//! Detection: what the agent learns about its node. Today the node's facts;
-//! log, probe and hardware detectors join here.
+//! Detection: what the agent learns about its node — its facts, and problems
+//! found in kernel and system logs by node-problem-detector-compatible rules.
 
 pub mod facts;
+pub mod matcher;
+pub mod monitor;
+pub mod rules;
+pub mod test_rules;
