@@ -24,7 +24,7 @@ pub struct AgentConfig {
     pub socket_group: String,
     pub metrics: MetricsConfig,
     pub outbox: OutboxConfig,
-    /// Local detectors (the DetectorSet spec schema); no detector keys exist yet.
+    /// Local detectors (the DetectorSet spec schema).
     pub detectors: Detectors,
     pub log_level: String,
     /// text or json.
@@ -54,7 +54,10 @@ pub struct OutboxConfig {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
-pub struct Detectors {}
+pub struct Detectors {
+    /// Log-monitor rule files (node-problem-detector's format, JSON or YAML).
+    pub log_monitors: Vec<PathBuf>,
+}
 
 impl Default for OutboxConfig {
     fn default() -> Self {

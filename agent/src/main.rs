@@ -66,6 +66,7 @@ fn main_inner() -> anyhow::Result<()> {
 }
 
 async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
+    let monitors = load_monitors(&cfg)?;
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
         format!(
             "creating stateDir {}; set stateDir to a writable directory",
@@ -130,6 +131,8 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
             None
         }
     };
+    let detect_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let detect_thread = start_detectors(monitors, agent.clone(), detect_stop.clone())?;
     agent
         .record_event(Event {
             severity: "Info".into(),
@@ -150,8 +153,47 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     {
         tracing::warn!("hub link did not stop within 5 s");
     }
+    detect_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = detect_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), socket_task).await;
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Loads the configured log monitors: a bad rule file stops the agent before
+/// it changes anything, naming the file, the rule and the reason.
+fn load_monitors(cfg: &AgentConfig) -> anyhow::Result<Vec<nodekeeper_agent::detect::monitor::Monitor>> {
+    use nodekeeper_agent::detect::{monitor::Monitor, rules::LogMonitorConfig, rules::Plugin};
+    let mut monitors = Vec::new();
+    for (i, f) in cfg.detectors.log_monitors.iter().enumerate() {
+        let rules = LogMonitorConfig::load(f).with_context(|| format!("detectors.logMonitors[{i}]"))?;
+        if rules.plugin != Plugin::Kmsg {
+            anyhow::bail!(
+                "detectors.logMonitors[{i}]: {}: plugin {:?} is not supported by this agent version yet (kmsg is)",
+                f.display(),
+                rules.plugin
+            );
+        }
+        monitors.push(Monitor::new(rules).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?);
+    }
+    Ok(monitors)
+}
+
+/// Starts the kernel log source for the monitors.
+fn start_detectors(
+    monitors: Vec<nodekeeper_agent::detect::monitor::Monitor>,
+    agent: Arc<Agent>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
+    let Some(first) = monitors.first() else { return Ok(None) };
+    let path = match first.config.log_path.as_str() {
+        "" => PathBuf::from("/dev/kmsg"),
+        p => PathBuf::from(p),
+    };
+    tracing::info!(monitors = monitors.len(), path = %path.display(), "starting kernel log monitors");
+    let pipeline = nodekeeper_agent::detect::pipeline::KmsgPipeline { path, monitors };
+    Ok(Some(pipeline.spawn(agent, stop).context("starting the kmsg reader")?))
 }

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -18,6 +20,30 @@ pub struct Metrics {
     pub link_failures: Counter,
     pub applied_revision: Gauge,
     pub events_recorded: Counter,
+    /// NPD's `problem_counter{reason}`: problems seen (a gauge that only
+    /// grows, so the name stays exactly NPD's; OpenMetrics would force a
+    /// `_total` suffix on a counter).
+    pub problems: Family<ReasonLabel, Gauge>,
+    /// NPD's `problem_gauge{type,reason}`: 1 while a condition is True.
+    pub problem_gauge: Family<ConditionLabel, Gauge>,
+    pub log_lines: Family<SourceLabel, Counter>,
+    pub log_lost: Family<SourceLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabel {
+    pub r#type: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
 }
 
 impl Metrics {
@@ -65,10 +91,49 @@ impl Metrics {
             "Events recorded on this node",
             m.events_recorded.clone(),
         );
+        r.register(
+            "problem_counter",
+            "Problems seen, by reason (node-problem-detector's name)",
+            m.problems.clone(),
+        );
+        r.register(
+            "problem_gauge",
+            "1 while a condition is True, by type and reason (node-problem-detector's name)",
+            m.problem_gauge.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_log_lines",
+            "Log lines read, by source",
+            m.log_lines.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_log_lost",
+            "Log lines lost before they could be read (ring-buffer overruns), by source",
+            m.log_lost.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Counts `n` problems with `reason`.
+    pub fn problem_counter(&self, reason: &str, n: u64) {
+        self.problems
+            .get_or_create(&ReasonLabel { reason: reason.into() })
+            .inc_by(n as i64);
+    }
+
+    /// Mirrors a condition into `problem_gauge`: its reasons read 0 except the
+    /// current one while True.
+    pub fn set_problem_gauge(&self, c: &nodekeeper_proto::v1::Condition) {
+        let v = i64::from(c.status == "True");
+        self.problem_gauge
+            .get_or_create(&ConditionLabel {
+                r#type: c.r#type.clone(),
+                reason: c.reason.clone(),
+            })
+            .set(v);
     }
 
     /// The text exposition format.

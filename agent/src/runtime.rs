@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use nodekeeper_proto::daemon::LogLevel;
 use nodekeeper_proto::time::{now_rfc3339, rfc3339};
-use nodekeeper_proto::v1::{AgentSettings, DesiredState, Event, Hello, NodeFacts, report};
+use nodekeeper_proto::v1::{AgentSettings, Condition, ConditionChange, DesiredState, Event, Hello, NodeFacts, report};
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -49,6 +49,8 @@ pub struct Agent {
     /// Woken when a report is added to the outbox.
     pub outbox_changed: Notify,
     events: Mutex<VecDeque<Event>>,
+    /// Conditions set by detectors (stored, so they survive restarts).
+    conditions: Mutex<Vec<Condition>>,
     link: Mutex<LinkStatus>,
 }
 
@@ -97,6 +99,7 @@ impl Agent {
             outbox: Mutex::new(p.outbox),
             outbox_changed: Notify::new(),
             events: Mutex::new(VecDeque::new()),
+            conditions: Mutex::new(Vec::new()),
             link: Mutex::new(LinkStatus::default()),
         }
     }
@@ -172,24 +175,70 @@ impl Agent {
         }
         let seq = self.report(report::Body::Event(ev.clone()))?;
         self.metrics.events_recorded.inc();
+        self.metrics.problem_counter(&ev.reason, ev.count.max(1));
+        let n = ev.count.max(1);
         let mut events = lock(&self.events);
         if let Some(i) = events
             .iter()
             .position(|e| e.reason == ev.reason && e.message == ev.message && e.source == ev.source)
         {
             let mut e = events.remove(i).unwrap_or_default();
-            e.count += 1;
+            e.count += n;
             e.time = ev.time;
             events.push_back(e);
         } else {
-            ev.count = 1;
-            ev.first_time = ev.time.clone();
+            ev.count = n;
+            if ev.first_time.is_empty() {
+                ev.first_time = ev.time.clone();
+            }
             events.push_back(ev);
             if events.len() > RECENT_EVENTS {
                 events.pop_front();
             }
         }
         Ok(seq)
+    }
+
+    /// Loads the detector conditions stored before a restart.
+    pub fn load_conditions(&self) -> Result<Vec<Condition>, StoreError> {
+        let Some(store) = &self.store else {
+            return Ok(Vec::new());
+        };
+        let saved: Vec<Condition> = match store.get(crate::store::keys::CONDITIONS)? {
+            Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "stored conditions are unreadable; starting from the defaults");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        *lock(&self.conditions) = saved.clone();
+        for c in &saved {
+            self.metrics.set_problem_gauge(c);
+        }
+        Ok(saved)
+    }
+
+    /// Sets a detector condition: stored, reported to the hub, exported.
+    pub fn set_condition(&self, c: Condition) -> Result<(), StoreError> {
+        let snapshot = {
+            let mut all = lock(&self.conditions);
+            match all.iter_mut().find(|x| x.r#type == c.r#type && x.source == c.source) {
+                Some(x) => *x = c.clone(),
+                None => all.push(c.clone()),
+            }
+            serde_json::to_vec(&*all).unwrap_or_default()
+        };
+        if let Some(store) = &self.store {
+            store.put_all(&[(crate::store::keys::CONDITIONS, snapshot)])?;
+        }
+        self.metrics.set_problem_gauge(&c);
+        self.report(report::Body::Condition(ConditionChange { condition: Some(c) }))?;
+        Ok(())
+    }
+
+    /// Detector conditions now.
+    pub fn conditions(&self) -> Vec<Condition> {
+        lock(&self.conditions).clone()
     }
 
     /// Recent events, oldest first.

@@ -103,3 +103,124 @@ fn test_rules_refuses_a_bad_rule_file_naming_file_rule_and_reason() {
         "{err}"
     );
 }
+
+/// Writes one line to the real /dev/kmsg (one open per line: the device
+/// rate-limits each open descriptor).
+fn kmsg(line: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .expect("open /dev/kmsg (tests run as root)");
+    f.write_all(format!("<3>{line}\n").as_bytes()).expect("write /dev/kmsg");
+}
+
+fn tagged(node: &serde_json::Value, reason: &str, tag: &str) -> u64 {
+    node["status"]["recentEvents"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["reason"] == reason && e["message"].as_str().is_some_and(|m| m.contains(tag)))
+                .map(|e| e["count"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn kernel_log_problems_from_real_kmsg_reach_socket_hub_and_metrics_without_replay() {
+    use nodekeeper_e2e::{Agent, Hub, http_unix, wait_for};
+    use std::time::Duration;
+    const T: Duration = Duration::from_secs(30);
+    let tmp = TempDir::new("kmsg");
+    let tag = format!("nk-e2e-kmsg-{}", std::process::id());
+    let hub = Hub::start(tmp.path(), "");
+    let rules = format!(
+        "detectors:\n  logMonitors:\n  - {}\n  - {}\n",
+        npd().join("config/kernel-monitor.json").display(),
+        npd().join("config/readonly-monitor.json").display()
+    );
+    let mut agent = Agent::start(tmp.path(), "node-kmsg", Some(&hub.grpc_url()), &rules);
+    wait_for("node Ready", T, || {
+        hub.node("node-kmsg").filter(|n| nodekeeper_e2e::ready(n) == "True")
+    });
+
+    // NPD's own kernel fixtures, unchanged but for a unique tag in front.
+    for f in ["oom_kill", "readonly_filesystem", "docker_hung"] {
+        for line in std::fs::read_to_string(npd().join("kernel-log-problems").join(f))
+            .expect("fixture")
+            .lines()
+        {
+            if !line.trim().is_empty() {
+                kmsg(&format!("{tag}: {line}"));
+            }
+        }
+    }
+    let node = wait_for("problems at the hub", T, || {
+        hub.node("node-kmsg").filter(|n| {
+            let conds = n["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            let ro = conds
+                .iter()
+                .any(|c| c["type"] == "ReadonlyFilesystem" && c["status"] == "True");
+            let dl = conds
+                .iter()
+                .any(|c| c["type"] == "KernelDeadlock" && c["status"] == "True");
+            ro && dl && tagged(n, "OOMKilling", &tag) == 1
+        })
+    });
+    assert!(
+        tagged(&node, "TaskHung", &tag) >= 1,
+        "{}",
+        node["status"]["recentEvents"]
+    );
+
+    // The node's own socket and metrics.
+    let (_, body) = http_unix(&agent.socket, "GET", "/v1/conditions", "").expect("conditions");
+    let conds: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let ro = conds["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|c| c["type"] == "ReadonlyFilesystem")
+        .expect("ReadonlyFilesystem")
+        .clone();
+    assert_eq!(ro["status"], "True");
+    assert_eq!(ro["reason"], "FilesystemIsReadOnly");
+    let (_, metrics) = http_unix(&agent.socket, "GET", "/metrics", "").expect("metrics");
+    assert!(metrics.contains("problem_counter{reason=\"OOMKilling\"}"), "{metrics}");
+    assert!(
+        metrics.contains("problem_gauge{type=\"ReadonlyFilesystem\",reason=\"FilesystemIsReadOnly\"} 1"),
+        "{metrics}"
+    );
+    let desc = String::from_utf8_lossy(&hub.nkctl(&["describe", "node", "node-kmsg"]).stdout).into_owned();
+    assert!(
+        desc.contains("ReadonlyFilesystem") && desc.contains("OOMKilling"),
+        "{desc}"
+    );
+
+    // Restart: a line written while the agent is down is read (no gap), the
+    // ones before are not read again (no replay), conditions stay True.
+    assert!(agent.terminate().success());
+    kmsg(&format!(
+        "{tag}: Killed process 4242 (gap-check) total-vm:1kB, anon-rss:1kB, file-rss:1kB, shmem-rss:0kB"
+    ));
+    agent.restart();
+    let (_, body) = http_unix(&agent.socket, "GET", "/v1/conditions", "").expect("conditions");
+    assert!(
+        body.contains("\"status\":\"True\""),
+        "conditions restored after restart: {body}"
+    );
+    let node = wait_for("the line written while down", T, || {
+        hub.node("node-kmsg").filter(|n| {
+            n["status"]["recentEvents"].as_array().is_some_and(|es| {
+                es.iter()
+                    .any(|e| e["message"].as_str().is_some_and(|m| m.contains("gap-check")))
+            })
+        })
+    });
+    assert_eq!(
+        tagged(&node, "OOMKilling", &tag),
+        2,
+        "the first OOM line was not replayed, the new one arrived"
+    );
+}

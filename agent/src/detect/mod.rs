@@ -1,8 +1,11 @@
 //! Detection: what the agent learns about its node — its facts, and problems
 //! found in kernel and system logs by node-problem-detector-compatible rules.
 
+pub mod aggregate;
 pub mod facts;
 pub mod matcher;
 pub mod monitor;
+pub mod pipeline;
 pub mod rules;
+pub mod source;
 pub mod test_rules;

@@ -24,6 +24,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/events", get(events).post(post_event))
+        .route("/v1/conditions", get(conditions))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(agent)
@@ -31,6 +32,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
 
 async fn status(State(a): State<Arc<Agent>>) -> impl IntoResponse {
     axum::Json(a.status())
+}
+
+async fn conditions(State(a): State<Arc<Agent>>) -> impl IntoResponse {
+    axum::Json(json!({ "items": a.conditions() }))
 }
 
 async fn events(State(a): State<Arc<Agent>>) -> impl IntoResponse {

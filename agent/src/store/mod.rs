@@ -24,6 +24,10 @@ pub mod keys {
     pub const APPLIED_REVISION: &str = "applied_revision";
     pub const LAST_SEQUENCE: &str = "last_report_sequence";
     pub const DROPPED_PENDING: &str = "dropped_pending";
+    /// Detector conditions (JSON).
+    pub const CONDITIONS: &str = "conditions";
+    /// Where the kmsg source stopped: "<boot id> <sequence>".
+    pub const KMSG_CURSOR: &str = "kmsg_cursor";
 }
 
 /// The agent store; every call is one short transaction.

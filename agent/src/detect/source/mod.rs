@@ -1,0 +1,3 @@
+//! Log sources the log monitors read.
+
+pub mod kmsg;
