@@ -66,7 +66,8 @@ fn main_inner() -> anyhow::Result<()> {
 }
 
 async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
-    let monitors = load_monitors(&cfg)?;
+    let facts = facts::collect(&FactRoots::default());
+    let pipelines = load_pipelines(&cfg, &facts.boot_id)?;
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
         format!(
             "creating stateDir {}; set stateDir to a writable directory",
@@ -79,7 +80,7 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     let agent = Arc::new(Agent::new(AgentParts {
         name: name.clone(),
         labels: cfg.labels.clone(),
-        facts: facts::collect(&FactRoots::default()),
+        facts,
         hub: cfg.hub.as_ref().map(|h| h.address.clone()),
         outbox,
         store: Some(store),
@@ -132,7 +133,18 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         }
     };
     let detect_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let detect_thread = start_detectors(monitors, agent.clone(), detect_stop.clone())?;
+    let mut detect_threads = Vec::new();
+    for p in pipelines {
+        tracing::info!(
+            source = p.source.name(),
+            monitors = p.monitors.len(),
+            "starting log monitors"
+        );
+        detect_threads.push(
+            p.spawn(agent.clone(), detect_stop.clone())
+                .context("starting a log source thread")?,
+        );
+    }
     agent
         .record_event(Event {
             severity: "Info".into(),
@@ -154,46 +166,60 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         tracing::warn!("hub link did not stop within 5 s");
     }
     detect_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    if let Some(t) = detect_thread {
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
-    }
+    let _ = tokio::task::spawn_blocking(move || detect_threads.into_iter().for_each(|t| drop(t.join()))).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), socket_task).await;
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!("agent stopped");
     Ok(())
 }
 
-/// Loads the configured log monitors: a bad rule file stops the agent before
-/// it changes anything, naming the file, the rule and the reason.
-fn load_monitors(cfg: &AgentConfig) -> anyhow::Result<Vec<nodekeeper_agent::detect::monitor::Monitor>> {
-    use nodekeeper_agent::detect::{monitor::Monitor, rules::LogMonitorConfig, rules::Plugin};
-    let mut monitors = Vec::new();
+/// Loads the configured log monitors, grouped by the source they read: a bad
+/// rule file stops the agent before it changes anything, naming the file, the
+/// rule and the reason.
+fn load_pipelines(
+    cfg: &AgentConfig,
+    boot_id: &str,
+) -> anyhow::Result<Vec<nodekeeper_agent::detect::pipeline::Pipeline>> {
+    use nodekeeper_agent::detect::monitor::Monitor;
+    use nodekeeper_agent::detect::pipeline::Pipeline;
+    use nodekeeper_agent::detect::rules::{LogMonitorConfig, Plugin};
+    use nodekeeper_agent::detect::source::{file::FileSource, file::Translator, kmsg::KmsgSource};
+    let mut pipelines: Vec<(String, Pipeline)> = Vec::new();
     for (i, f) in cfg.detectors.log_monitors.iter().enumerate() {
+        let at = || format!("detectors.logMonitors[{i}]: {}", f.display());
         let rules = LogMonitorConfig::load(f).with_context(|| format!("detectors.logMonitors[{i}]"))?;
-        if rules.plugin != Plugin::Kmsg {
-            anyhow::bail!(
-                "detectors.logMonitors[{i}]: {}: plugin {:?} is not supported by this agent version yet (kmsg is)",
-                f.display(),
-                rules.plugin
-            );
+        let (key, source): (String, Box<dyn nodekeeper_agent::detect::source::LogSource>) = match rules.plugin {
+            Plugin::Kmsg => {
+                let path = if rules.log_path.is_empty() {
+                    "/dev/kmsg"
+                } else {
+                    rules.log_path.as_str()
+                };
+                (
+                    format!("kmsg:{path}"),
+                    Box::new(KmsgSource::new(std::path::Path::new(path), boot_id)),
+                )
+            }
+            Plugin::Filelog => {
+                let tr = Translator::new(&rules.plugin_config).with_context(at)?;
+                (
+                    format!("file:{}", rules.log_path),
+                    Box::new(FileSource::new(std::path::Path::new(&rules.log_path), tr)),
+                )
+            }
+            Plugin::Journald => anyhow::bail!("{}: plugin journald is not supported by this agent version yet", at()),
+        };
+        let monitor = Monitor::new(rules).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        match pipelines.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, p)) => p.monitors.push(monitor),
+            None => pipelines.push((
+                key,
+                Pipeline {
+                    source,
+                    monitors: vec![monitor],
+                },
+            )),
         }
-        monitors.push(Monitor::new(rules).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?);
     }
-    Ok(monitors)
-}
-
-/// Starts the kernel log source for the monitors.
-fn start_detectors(
-    monitors: Vec<nodekeeper_agent::detect::monitor::Monitor>,
-    agent: Arc<Agent>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
-    let Some(first) = monitors.first() else { return Ok(None) };
-    let path = match first.config.log_path.as_str() {
-        "" => PathBuf::from("/dev/kmsg"),
-        p => PathBuf::from(p),
-    };
-    tracing::info!(monitors = monitors.len(), path = %path.display(), "starting kernel log monitors");
-    let pipeline = nodekeeper_agent::detect::pipeline::KmsgPipeline { path, monitors };
-    Ok(Some(pipeline.spawn(agent, stop).context("starting the kmsg reader")?))
+    Ok(pipelines.into_iter().map(|(_, p)| p).collect())
 }

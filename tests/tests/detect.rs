@@ -224,3 +224,120 @@ fn kernel_log_problems_from_real_kmsg_reach_socket_hub_and_metrics_without_repla
         "the first OOM line was not replayed, the new one arrived"
     );
 }
+
+fn boom_count(node: &serde_json::Value, message: &str) -> u64 {
+    node["status"]["recentEvents"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["message"] == message)
+                .map(|e| e["count"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid_of_socket_owner: &std::path::Path) -> u64 {
+    // The agent's pid from its status document is not exposed; find it by its config path.
+    let out = Command::new("pgrep")
+        .arg("-f")
+        .arg(pid_of_socket_owner)
+        .output()
+        .expect("pgrep");
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("0")
+        .trim()
+        .to_string();
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn file_log_survives_rotation_both_ways_restart_and_a_flood() {
+    use nodekeeper_e2e::{Agent, Hub, wait_for};
+    use std::io::Write;
+    use std::time::Duration;
+    const T: Duration = Duration::from_secs(60);
+    let tmp = TempDir::new("filelog");
+    let log = tmp.path().join("app.log");
+    std::fs::write(&log, "old line before the agent started: Boom 0\n").expect("log");
+    let rules = tmp.path().join("app-rules.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "plugin: filelog\nlogPath: {}\nsource: app-monitor\nbufferSize: 1\nconditions: []\nrules:\n- {{type: temporary, reason: AppBoom, pattern: 'Boom \\w+'}}\n",
+            log.display()
+        ),
+    )
+    .expect("rules");
+    let hub = Hub::start(tmp.path(), "");
+    let cfg = format!("detectors:\n  logMonitors: [{}]\n", rules.display());
+    let mut agent = Agent::start(tmp.path(), "node-file", Some(&hub.grpc_url()), &cfg);
+    let append = |text: &str| {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("append");
+        f.write_all(text.as_bytes()).expect("write");
+    };
+    let seen = |msg: &str, n: u64| {
+        wait_for(&format!("{msg} x{n} at the hub"), T, || {
+            hub.node("node-file").filter(|node| boom_count(node, msg) == n)
+        })
+    };
+    // Written by the agent's own start? No: the file existed before; without
+    // timestamps the first start reads from the end, so Boom 0 is not seen.
+    append("Boom 1\n");
+    seen("Boom 1", 1);
+
+    // Rotation by rename: the old file is finished, the new one read from its start.
+    append("Boom 2\n");
+    std::fs::rename(&log, tmp.path().join("app.log.1")).expect("rename");
+    std::fs::write(&log, "Boom 3\n").expect("new file");
+    seen("Boom 2", 1);
+    seen("Boom 3", 1);
+
+    // Rotation by copytruncate.
+    std::fs::copy(&log, tmp.path().join("app.log.2")).expect("copy");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .expect("open")
+        .set_len(0)
+        .expect("truncate");
+    std::thread::sleep(Duration::from_millis(500));
+    append("Boom 4\n");
+    seen("Boom 4", 1);
+
+    // Restart: a line written while the agent is down arrives once; nothing is replayed.
+    assert!(agent.terminate().success());
+    append("Boom 5\n");
+    agent.restart();
+    seen("Boom 5", 1);
+
+    // A flood of a million identical lines: aggregated, memory bounded, and
+    // detection keeps working.
+    let flood = "Boom flood\n".repeat(1_000_000);
+    append(&flood);
+    append("Boom after\n");
+    seen("Boom after", 1);
+    let node = seen("Boom flood", 1_000_000);
+    let received = node["status"]["reportsReceived"].as_u64().unwrap_or(0);
+    assert!(
+        received < 100,
+        "a flood must not become an event storm: {received} reports"
+    );
+    let rss = rss_kib(&agent.config);
+    assert!(rss > 0 && rss < 200 * 1024, "agent RSS {rss} KiB after the flood");
+    for m in ["Boom 0", "Boom 1", "Boom 2", "Boom 3", "Boom 4", "Boom 5"] {
+        assert!(boom_count(&node, m) <= 1, "{m} counted twice");
+    }
+    assert_eq!(
+        boom_count(&node, "Boom 0"),
+        0,
+        "lines before the first start are not read without timestamps"
+    );
+}

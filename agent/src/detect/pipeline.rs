@@ -1,10 +1,9 @@
-//! Runs the log monitors of the kernel log: a thread reads /dev/kmsg, feeds
-//! every record to each monitor, and hands problems to the agent (conditions
+//! Runs the log monitors of one log source: a thread reads the source, feeds
+//! every line to each monitor, and hands problems to the agent (conditions
 //! stored and reported at once, events aggregated), storing where it stopped
-//! so a restart neither replays nor misses records. If the source fails it
+//! so a restart neither replays nor misses lines. If the source fails it
 //! says so and restarts itself with backoff.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
@@ -14,35 +13,34 @@ use nodekeeper_proto::v1::Event;
 
 use super::aggregate::Aggregator;
 use super::monitor::{Monitor, Problem};
-use super::source::kmsg::Kmsg;
+use super::source::{Line, LogSource};
 use crate::metrics::SourceLabel;
 use crate::runtime::Agent;
-use crate::store::keys;
 
 /// Identical events within this window are reported once with a count.
 const AGGREGATION_WINDOW: Duration = Duration::from_secs(10);
-/// Records read per batch (a flood is processed in batches this big).
+/// Lines read per batch (a flood is processed in batches this big).
 const BATCH: usize = 4096;
 
-/// The kmsg source and its monitors.
-pub struct KmsgPipeline {
-    pub path: PathBuf,
+/// A log source and its monitors.
+pub struct Pipeline {
+    pub source: Box<dyn LogSource>,
     pub monitors: Vec<Monitor>,
 }
 
-fn source_event(reason: &str, message: String, severity: &str) -> Event {
+fn source_event(source: &str, reason: &str, message: String, severity: &str) -> Event {
     Event {
         time: rfc3339(SystemTime::now()),
         severity: severity.into(),
         reason: reason.into(),
         message,
-        source: "kmsg".into(),
+        source: source.into(),
         count: 1,
         first_time: String::new(),
     }
 }
 
-impl KmsgPipeline {
+impl Pipeline {
     /// Starts the reader thread; it stops when `stop` is set.
     pub fn spawn(self, agent: Arc<Agent>, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
@@ -51,27 +49,29 @@ impl KmsgPipeline {
     }
 
     fn run(mut self, agent: &Agent, stop: &AtomicBool) {
-        let boot_id = agent.facts.boot_id.clone();
+        let name = self.source.name().to_string();
+        let key = format!("cursor:{name}");
         let saved = agent.load_conditions().unwrap_or_default();
         for m in self.monitors.iter_mut() {
             m.restore(&saved);
         }
-        let cursor = agent
+        let mut cursor = agent
             .store
             .as_ref()
-            .and_then(|s| s.get(keys::KMSG_CURSOR).ok().flatten())
+            .and_then(|s| s.get(&key).ok().flatten())
             .map(|b| String::from_utf8_lossy(&b).into_owned());
         let mut problems = Vec::new();
-        let (mut after, mut not_before) = (None, None);
-        match cursor.as_deref().and_then(|c| c.split_once(' ')) {
-            Some((b, seq)) if b == boot_id => after = seq.parse::<u64>().ok(),
-            Some(_) => {
+        let mut not_before = None;
+        match &cursor {
+            Some(c) if self.source.earlier_boot(c) => {
                 // A new boot: the kernel that had the problems is gone.
                 let now = SystemTime::now();
                 for m in self.monitors.iter_mut() {
                     m.new_boot(now, &mut problems);
                 }
+                cursor = None;
             }
+            Some(_) => {}
             None => {
                 // First start: honour the rule files' lookback (none: from now).
                 let lookback = self
@@ -86,73 +86,54 @@ impl KmsgPipeline {
         let mut agg = Aggregator::new(AGGREGATION_WINDOW);
         let mut events = Vec::new();
         self.deliver(agent, &mut problems, &mut agg, &mut events);
-        let label = SourceLabel { source: "kmsg".into() };
+        let label = SourceLabel { source: name.clone() };
         let mut backoff = Duration::from_secs(1);
         let mut failed = false;
+        let mut lines: Vec<Line> = Vec::with_capacity(BATCH);
         while !stop.load(Ordering::Relaxed) {
-            let mut kmsg = match Kmsg::open(&self.path, after, not_before) {
-                Ok(k) => k,
-                Err(e) => {
-                    if !failed {
-                        tracing::error!(path = %self.path.display(), error = %e, "cannot open the kernel log; retrying");
-                        let _ = agent.record_event(source_event(
-                            "LogSourceFailed",
-                            format!("cannot open {}: {e}; retrying", self.path.display()),
-                            "Warning",
-                        ));
-                        failed = true;
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
+            if let Err(e) = self.source.open(cursor.as_deref(), not_before) {
+                if !failed {
+                    tracing::error!(source = %name, error = %e, "cannot open the log source; retrying");
+                    let msg = format!("cannot open {name}: {e}; retrying");
+                    let _ = agent.record_event(source_event(&name, "LogSourceFailed", msg, "Warning"));
+                    failed = true;
                 }
-            };
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
             if failed {
-                let _ = agent.record_event(source_event(
-                    "LogSourceRecovered",
-                    format!("reading {} again", self.path.display()),
-                    "Info",
-                ));
+                let msg = format!("reading {name} again");
+                let _ = agent.record_event(source_event(&name, "LogSourceRecovered", msg, "Info"));
                 failed = false;
             }
             backoff = Duration::from_secs(1);
-            let mut records = Vec::with_capacity(BATCH);
             let mut last_flush = SystemTime::now();
             while !stop.load(Ordering::Relaxed) {
-                records.clear();
-                let info = match kmsg.read(&mut records, BATCH, Duration::from_millis(500)) {
-                    Ok(i) => i,
+                lines.clear();
+                let lost = match self.source.read(&mut lines, BATCH, Duration::from_millis(500)) {
+                    Ok(l) => l,
                     Err(e) => {
-                        tracing::error!(error = %e, "reading the kernel log failed; reopening");
-                        let _ = agent.record_event(source_event(
-                            "LogSourceFailed",
-                            format!("reading {}: {e}; reopening", self.path.display()),
-                            "Warning",
-                        ));
+                        tracing::error!(source = %name, error = %e, "reading the log source failed; reopening");
+                        let msg = format!("reading {name}: {e}; reopening");
+                        let _ = agent.record_event(source_event(&name, "LogSourceFailed", msg, "Warning"));
                         failed = true;
                         break;
                     }
                 };
-                if info.lost > 0 {
-                    agent.metrics.log_lost.get_or_create(&label).inc_by(info.lost);
-                    let e = source_event(
-                        "KernelLogOverrun",
-                        format!(
-                            "{} kernel log records were overwritten before they could be read",
-                            info.lost
-                        ),
-                        "Warning",
+                if lost > 0 {
+                    agent.metrics.log_lost.get_or_create(&label).inc_by(lost);
+                    let msg = format!("{lost} log lines were overwritten before they could be read");
+                    agg.add(
+                        source_event(&name, "LogOverrun", msg, "Warning"),
+                        SystemTime::now(),
+                        &mut events,
                     );
-                    agg.add(e, SystemTime::now(), &mut events);
                 }
-                agent
-                    .metrics
-                    .log_lines
-                    .get_or_create(&label)
-                    .inc_by(records.len() as u64);
-                for r in &records {
+                agent.metrics.log_lines.get_or_create(&label).inc_by(lines.len() as u64);
+                for l in &lines {
                     for m in self.monitors.iter_mut() {
-                        m.process(&r.message, r.time, &mut problems);
+                        m.process(&l.message, l.time, &mut problems);
                     }
                 }
                 let now = SystemTime::now();
@@ -164,15 +145,14 @@ impl KmsgPipeline {
                     last_flush = now;
                 }
                 self.deliver(agent, &mut problems, &mut agg, &mut events);
-                if let Some(seq) = kmsg.last_seq()
-                    && after != Some(seq)
-                {
-                    after = Some(seq);
+                let c = self.source.cursor();
+                if c.is_some() && c != cursor {
+                    cursor = c;
                     not_before = None;
-                    if let Some(s) = &agent.store
-                        && let Err(e) = s.put_all(&[(keys::KMSG_CURSOR, format!("{boot_id} {seq}").into_bytes())])
+                    if let (Some(s), Some(c)) = (&agent.store, &cursor)
+                        && let Err(e) = s.put_all(&[(key.as_str(), c.clone().into_bytes())])
                     {
-                        tracing::warn!(error = %e, "cannot store the kernel log position");
+                        tracing::warn!(source = %name, error = %e, "cannot store the log position");
                     }
                 }
             }

@@ -26,8 +26,6 @@ pub mod keys {
     pub const DROPPED_PENDING: &str = "dropped_pending";
     /// Detector conditions (JSON).
     pub const CONDITIONS: &str = "conditions";
-    /// Where the kmsg source stopped: "<boot id> <sequence>".
-    pub const KMSG_CURSOR: &str = "kmsg_cursor";
 }
 
 /// The agent store; every call is one short transaction.

@@ -138,6 +138,65 @@ impl Kmsg {
     }
 }
 
+/// /dev/kmsg as a [`super::LogSource`]; the cursor is "<boot id> <sequence>".
+pub struct KmsgSource {
+    path: std::path::PathBuf,
+    boot_id: String,
+    open: Option<Kmsg>,
+    records: Vec<Record>,
+}
+
+impl KmsgSource {
+    pub fn new(path: &Path, boot_id: &str) -> KmsgSource {
+        KmsgSource {
+            path: path.to_path_buf(),
+            boot_id: boot_id.to_string(),
+            open: None,
+            records: Vec::new(),
+        }
+    }
+}
+
+impl super::LogSource for KmsgSource {
+    fn name(&self) -> &str {
+        "kmsg"
+    }
+
+    fn open(&mut self, cursor: Option<&str>, not_before: Option<SystemTime>) -> std::io::Result<()> {
+        let after = cursor
+            .and_then(|c| c.split_once(' '))
+            .filter(|(b, _)| *b == self.boot_id)
+            .and_then(|(_, s)| s.parse::<u64>().ok());
+        let not_before = if cursor.is_some() { None } else { not_before };
+        let after = after.or_else(|| self.open.as_ref().and_then(Kmsg::last_seq));
+        self.open = Some(Kmsg::open(&self.path, after, not_before)?);
+        Ok(())
+    }
+
+    fn read(&mut self, out: &mut Vec<super::Line>, max: usize, wait: Duration) -> std::io::Result<u64> {
+        let k = self
+            .open
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("kmsg is not open"))?;
+        self.records.clear();
+        let info = k.read(&mut self.records, max, wait)?;
+        out.extend(self.records.drain(..).map(|r| super::Line {
+            time: r.time,
+            message: r.message,
+        }));
+        Ok(info.lost)
+    }
+
+    fn cursor(&self) -> Option<String> {
+        let seq = self.open.as_ref()?.last_seq()?;
+        Some(format!("{} {seq}", self.boot_id))
+    }
+
+    fn earlier_boot(&self, cursor: &str) -> bool {
+        cursor.split_once(' ').is_some_and(|(b, _)| b != self.boot_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
