@@ -11,6 +11,7 @@ command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v rpm >/dev/null || need_apt+=(rpm)
 command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+[ -x /lib/systemd/systemd-journal-remote ] || need_apt+=(systemd-journal-remote)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

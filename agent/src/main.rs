@@ -183,7 +183,9 @@ fn load_pipelines(
     use nodekeeper_agent::detect::monitor::Monitor;
     use nodekeeper_agent::detect::pipeline::Pipeline;
     use nodekeeper_agent::detect::rules::{LogMonitorConfig, Plugin};
-    use nodekeeper_agent::detect::source::{file::FileSource, file::Translator, kmsg::KmsgSource};
+    use nodekeeper_agent::detect::source::{
+        file::FileSource, file::Translator, journald::JournalSource, kmsg::KmsgSource,
+    };
     let mut pipelines: Vec<(String, Pipeline)> = Vec::new();
     for (i, f) in cfg.detectors.log_monitors.iter().enumerate() {
         let at = || format!("detectors.logMonitors[{i}]: {}", f.display());
@@ -207,7 +209,14 @@ fn load_pipelines(
                     Box::new(FileSource::new(std::path::Path::new(&rules.log_path), tr)),
                 )
             }
-            Plugin::Journald => anyhow::bail!("{}: plugin journald is not supported by this agent version yet", at()),
+            Plugin::Journald => {
+                let pc = &rules.plugin_config;
+                let src = JournalSource::new(&rules.log_path, pc.source.as_deref(), pc.unit.as_deref());
+                (
+                    format!("journald:{}:{:?}:{:?}", rules.log_path, pc.source, pc.unit),
+                    Box::new(src),
+                )
+            }
         };
         let monitor = Monitor::new(rules).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
         match pipelines.iter_mut().find(|(k, _)| *k == key) {

@@ -341,3 +341,108 @@ fn file_log_survives_rotation_both_ways_restart_and_a_flood() {
         "lines before the first start are not read without timestamps"
     );
 }
+
+/// Appends entries to a journal file with the real systemd-journal-remote
+/// (LAB.md: journal files without a daemon); `journalctl -f` follows them.
+fn journal_append(dir: &std::path::Path, identifier: &str, messages: &[&str], mono_base: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let mut export = String::new();
+    for (i, m) in messages.iter().enumerate() {
+        export.push_str(&format!(
+            "__REALTIME_TIMESTAMP={}\n__MONOTONIC_TIMESTAMP={}\n_BOOT_ID=0123456789abcdef0123456789abcdef\nSYSLOG_IDENTIFIER={identifier}\nMESSAGE={m}\n\n",
+            now + i as u64,
+            mono_base + i as u64
+        ));
+    }
+    let mut child = Command::new("/lib/systemd/systemd-journal-remote")
+        .arg("-o")
+        .arg(dir.join("test.journal"))
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-journal-remote (apt-get install systemd-journal-remote)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(export.as_bytes())
+        .expect("write");
+    assert!(child.wait().expect("wait").success());
+}
+
+#[test]
+fn journald_problems_are_found_and_the_cursor_survives_a_restart() {
+    use nodekeeper_e2e::{Agent, Hub, wait_for};
+    use std::time::Duration;
+    const T: Duration = Duration::from_secs(30);
+    let tmp = TempDir::new("journald");
+    let journal = tmp.path().join("journal");
+    std::fs::create_dir_all(&journal).expect("dir");
+    journal_append(
+        &journal,
+        "containerd",
+        &["level=info msg=\"starting containerd\""],
+        1000,
+    );
+    let rules = tmp.path().join("containerd.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "plugin: journald\npluginConfig: {{source: containerd}}\nlogPath: {}\nsource: containerd-monitor\nconditions: [{{type: ContainerRuntimeUnhealthy, reason: ContainerdIsHealthy, message: ok}}]\nrules:\n- {{type: temporary, reason: ContainerdShimFailed, pattern: 'failed to start shim: .*'}}\n- {{type: permanent, condition: ContainerRuntimeUnhealthy, reason: ContainerdDeadlock, pattern: 'containerd is stuck: .*'}}\n",
+            journal.display()
+        ),
+    )
+    .expect("rules");
+    let hub = Hub::start(tmp.path(), "");
+    let cfg = format!("detectors:\n  logMonitors: [{}]\n", rules.display());
+    let mut agent = Agent::start(tmp.path(), "node-jd", Some(&hub.grpc_url()), &cfg);
+    std::thread::sleep(Duration::from_millis(500));
+    journal_append(
+        &journal,
+        "containerd",
+        &[
+            "failed to start shim: exec: runc: not found",
+            "containerd is stuck: grpc deadline",
+        ],
+        2000,
+    );
+    journal_append(
+        &journal,
+        "kubelet",
+        &["failed to start shim: not containerd's line"],
+        3000,
+    );
+    let shim = |n: &serde_json::Value| boom_count(n, "failed to start shim: exec: runc: not found");
+    let node = wait_for("journal problems at the hub", T, || {
+        hub.node("node-jd").filter(|n| {
+            shim(n) == 1
+                && n["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "ContainerRuntimeUnhealthy" && c["status"] == "True")
+                })
+        })
+    });
+    assert_eq!(
+        boom_count(&node, "failed to start shim: not containerd's line"),
+        0,
+        "other identifiers are not read"
+    );
+
+    assert!(agent.terminate().success());
+    journal_append(
+        &journal,
+        "containerd",
+        &["failed to start shim: while the agent was down"],
+        4000,
+    );
+    agent.restart();
+    let node = wait_for("the entry written while down", T, || {
+        hub.node("node-jd")
+            .filter(|n| boom_count(n, "failed to start shim: while the agent was down") == 1)
+    });
+    assert_eq!(shim(&node), 1, "nothing replayed after the restart");
+}

@@ -1,7 +1,9 @@
 //! Log sources the log monitors read, each a small component behind one
-//! trait: the kernel log (/dev/kmsg) and files (tail with rotation).
+//! trait: the kernel log (/dev/kmsg), the systemd journal, and files (tail
+//! with rotation).
 
 pub mod file;
+pub mod journald;
 pub mod kmsg;
 
 use std::time::{Duration, SystemTime};
