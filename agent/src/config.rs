@@ -52,11 +52,22 @@ pub struct OutboxConfig {
     pub max_reports: usize,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Detectors {
     /// Log-monitor rule files (node-problem-detector's format, JSON or YAML).
     pub log_monitors: Vec<PathBuf>,
+    /// Also run the rules shipped with the agent (kernel, containerd, kubelet).
+    pub default_rules: bool,
+}
+
+impl Default for Detectors {
+    fn default() -> Self {
+        Detectors {
+            log_monitors: Vec::new(),
+            default_rules: true,
+        }
+    }
 }
 
 impl Default for OutboxConfig {

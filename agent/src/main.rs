@@ -186,10 +186,19 @@ fn load_pipelines(
     use nodekeeper_agent::detect::source::{
         file::FileSource, file::Translator, journald::JournalSource, kmsg::KmsgSource,
     };
-    let mut pipelines: Vec<(String, Pipeline)> = Vec::new();
+    let mut files = Vec::new();
+    if cfg.detectors.default_rules {
+        for rules in nodekeeper_agent::detect::defaults::load()? {
+            files.push(("builtin rules".to_string(), rules));
+        }
+    }
     for (i, f) in cfg.detectors.log_monitors.iter().enumerate() {
-        let at = || format!("detectors.logMonitors[{i}]: {}", f.display());
         let rules = LogMonitorConfig::load(f).with_context(|| format!("detectors.logMonitors[{i}]"))?;
+        files.push((format!("detectors.logMonitors[{i}]: {}", f.display()), rules));
+    }
+    let mut pipelines: Vec<(String, Pipeline)> = Vec::new();
+    for (label, rules) in files {
+        let at = || label.clone();
         let (key, source): (String, Box<dyn nodekeeper_agent::detect::source::LogSource>) = match rules.plugin {
             Plugin::Kmsg => {
                 let path = if rules.log_path.is_empty() {

@@ -301,6 +301,13 @@ impl Agent {
         let socket = d.join("agent.sock");
         let config = d.join("agent.yaml");
         let hub_line = hub.map(|h| format!("hub: {{address: \"{h}\"}}\n")).unwrap_or_default();
+        // The built-in rules read the machine's real kernel log and journal;
+        // tests that are not about detection keep them off.
+        let extra = if extra.contains("detectors:") {
+            extra.to_string()
+        } else {
+            format!("{extra}detectors: {{defaultRules: false}}\n")
+        };
         std::fs::write(
             &config,
             format!(

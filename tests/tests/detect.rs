@@ -136,7 +136,7 @@ fn kernel_log_problems_from_real_kmsg_reach_socket_hub_and_metrics_without_repla
     let tag = format!("nk-e2e-kmsg-{}", std::process::id());
     let hub = Hub::start(tmp.path(), "");
     let rules = format!(
-        "detectors:\n  logMonitors:\n  - {}\n  - {}\n",
+        "detectors:\n  defaultRules: false\n  logMonitors:\n  - {}\n  - {}\n",
         npd().join("config/kernel-monitor.json").display(),
         npd().join("config/readonly-monitor.json").display()
     );
@@ -277,7 +277,10 @@ fn file_log_survives_rotation_both_ways_restart_and_a_flood() {
     )
     .expect("rules");
     let hub = Hub::start(tmp.path(), "");
-    let cfg = format!("detectors:\n  logMonitors: [{}]\n", rules.display());
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  logMonitors: [{}]\n",
+        rules.display()
+    );
     let mut agent = Agent::start(tmp.path(), "node-file", Some(&hub.grpc_url()), &cfg);
     let append = |text: &str| {
         let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("append");
@@ -398,7 +401,10 @@ fn journald_problems_are_found_and_the_cursor_survives_a_restart() {
     )
     .expect("rules");
     let hub = Hub::start(tmp.path(), "");
-    let cfg = format!("detectors:\n  logMonitors: [{}]\n", rules.display());
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  logMonitors: [{}]\n",
+        rules.display()
+    );
     let mut agent = Agent::start(tmp.path(), "node-jd", Some(&hub.grpc_url()), &cfg);
     std::thread::sleep(Duration::from_millis(500));
     journal_append(
@@ -445,4 +451,193 @@ fn journald_problems_are_found_and_the_cursor_survives_a_restart() {
             .filter(|n| boom_count(n, "failed to start shim: while the agent was down") == 1)
     });
     assert_eq!(shim(&node), 1, "nothing replayed after the restart");
+}
+
+/// One sample line for every rule of the built-in kernel rules.
+const KERNEL_SAMPLES: &[(&str, &str)] = &[
+    (
+        "OOMKilling",
+        "Out of memory: Killed process 1012 (heapster) total-vm:327128kB, anon-rss:306328kB, file-rss:11132kB, shmem-rss:0kB, UID:0 pgtables:700kB oom_score_adj:0",
+    ),
+    (
+        "TaskHung",
+        "INFO: task jbd2/sda1-8:312 blocked for more than 120 seconds.",
+    ),
+    (
+        "DockerHung",
+        "INFO: task docker:20744 blocked for more than 120 seconds.",
+    ),
+    (
+        "ContainerdHung",
+        "INFO: task containerd:1234 blocked for more than 120 seconds.",
+    ),
+    (
+        "SoftLockup",
+        "watchdog: BUG: soft lockup - CPU#3 stuck for 23s! [kworker/3:1:123]",
+    ),
+    ("HardLockup", "Watchdog detected hard LOCKUP on cpu 5"),
+    ("RCUStall", "rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"),
+    (
+        "UnregisterNetDevice",
+        "unregister_netdevice: waiting for eth0 to become free. Usage count = 1",
+    ),
+    (
+        "KernelOops",
+        "BUG: kernel NULL pointer dereference, address: 0000000000000008",
+    ),
+    ("KernelOops", "divide error: 0000 [#1] PREEMPT SMP NOPTI"),
+    ("MachineCheck", "mce: [Hardware Error]: Machine check events logged"),
+    (
+        "CperHardwareErrorCorrected",
+        "{1}[Hardware Error]: event severity: corrected",
+    ),
+    (
+        "CperHardwareErrorRecoverable",
+        "{2}[Hardware Error]: event severity: recoverable",
+    ),
+    ("CperHardwareErrorFatal", "{3}[Hardware Error]: event severity: fatal"),
+    (
+        "MemoryCorrectableError",
+        "EDAC MC0: 1 CE memory read error on CPU_SrcID#0_Ha#0_Chan#1_DIMM#0 (channel:1 slot:0 page:0x123 offset:0x0 grain:32)",
+    ),
+    (
+        "MemoryUncorrectableError",
+        "EDAC MC0: 1 UE memory read error on CPU_SrcID#0_Ha#0_Chan#1_DIMM#0 (channel:1 slot:0 page:0x123 offset:0x0 grain:32)",
+    ),
+    (
+        "MemoryReadError",
+        "CE memory read error on CPU_SrcID#0_Ha#0_Chan#1_DIMM#0",
+    ),
+    ("NVMeTimeout", "nvme nvme0: I/O tag 123 (a07b) QID 4 timeout, aborting"),
+    (
+        "NVMeControllerDown",
+        "nvme nvme1: controller is down; will reset: CSTS=0xffffffff, PCI_STATUS=0xffff",
+    ),
+    (
+        "SCSITimeout",
+        "sd 2:0:0:0: [sdb] tag#17 timing out command, waited 180s",
+    ),
+    (
+        "IOError",
+        "Buffer I/O error on dev sdb1, logical block 0, async page read",
+    ),
+    (
+        "IOError",
+        "blk_update_request: I/O error, dev sdb, sector 2048 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0",
+    ),
+    (
+        "Ext4Error",
+        "EXT4-fs error (device sda1): ext4_find_entry:1455: inode #2: comm ls: reading directory lblock 0",
+    ),
+    (
+        "Ext4Warning",
+        "EXT4-fs warning (device sda1): ext4_dx_add_entry:2365: Directory index full!",
+    ),
+    (
+        "XfsError",
+        "XFS (nvme0n1p1): Metadata corruption detected at xfs_inode_buf_verify+0x123/0x140 [xfs], xfs_inode block 0x1234",
+    ),
+    (
+        "XfsHasShutdown",
+        "XFS (nvme0n1p1): Corruption of in-memory data detected.  Shutting down filesystem",
+    ),
+    (
+        "BtrfsError",
+        "BTRFS error (device sdc1): bdev /dev/sdc1 errs: wr 0, rd 1, flush 0, corrupt 0, gen 0",
+    ),
+    (
+        "FilesystemIsReadOnly",
+        "EXT4-fs (sda1): Remounting filesystem read-only",
+    ),
+    (
+        "NICTransmitTimeout",
+        "NETDEV WATCHDOG: eth0 (ixgbe): transmit queue 3 timed out 5120 ms",
+    ),
+    (
+        "GPUXidError",
+        "NVRM: Xid (PCI:0000:3b:00): 13, pid=1234, Graphics SM Warp Exception on (GPC 0, TPC 1)",
+    ),
+    (
+        "GPUCriticalXid",
+        "NVRM: Xid (PCI:0000:3b:00): 79, pid=0, GPU has fallen off the bus.",
+    ),
+];
+
+#[test]
+fn every_built_in_kernel_rule_fires_on_its_sample_through_real_kmsg() {
+    use nodekeeper_e2e::{Agent, Hub, wait_for};
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+    let tmp = TempDir::new("defaults");
+    let rules_file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../agent/rules/kernel.yaml");
+    let rules_text = std::fs::read_to_string(&rules_file).expect("kernel.yaml");
+    // Every rule has a sample (reasons read from the shipped file itself).
+    let reasons: BTreeSet<String> = rules_text
+        .lines()
+        .filter(|l| l.starts_with("- {type: temporary") || l.starts_with("- {type: permanent"))
+        .filter_map(|l| l.split("reason: ").nth(1)?.split(',').next().map(String::from))
+        .collect();
+    let sampled: BTreeSet<String> = KERNEL_SAMPLES.iter().map(|(r, _)| r.to_string()).collect();
+    assert_eq!(reasons, sampled, "each built-in kernel rule needs a sample here");
+
+    // Offline, through test-rules: each sample raises its reason.
+    let input = tmp.path().join("samples.log");
+    std::fs::write(
+        &input,
+        KERNEL_SAMPLES.iter().map(|(_, l)| format!("{l}\n")).collect::<String>(),
+    )
+    .expect("write");
+    let out = Command::new(bin("nodekeeper-agent"))
+        .args(["test-rules", "-o", "json", "--input"])
+        .arg(&input)
+        .arg("--rules")
+        .arg(&rules_file)
+        .output()
+        .expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    for (i, (reason, _)) in KERNEL_SAMPLES.iter().enumerate() {
+        let hit = v["matches"]
+            .as_array()
+            .expect("matches")
+            .iter()
+            .any(|m| m["line"] == i + 1 && m["reason"] == *reason);
+        assert!(hit, "line {} should raise {reason}: {}", i + 1, v["matches"]);
+    }
+
+    // Through the real /dev/kmsg to a running agent with its built-in rules.
+    let tag = format!("nk-e2e-defaults-{}", std::process::id());
+    let hub = Hub::start(tmp.path(), "");
+    let _agent = Agent::start(
+        tmp.path(),
+        "node-def",
+        Some(&hub.grpc_url()),
+        "detectors: {defaultRules: true}\n",
+    );
+    wait_for("node Ready", Duration::from_secs(30), || {
+        hub.node("node-def").filter(|n| nodekeeper_e2e::ready(n) == "True")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for (_, line) in KERNEL_SAMPLES {
+        kmsg(&format!("{tag}: {line}"));
+    }
+    let node = wait_for("every reason at the hub", Duration::from_secs(30), || {
+        hub.node("node-def")
+            .filter(|n| sampled.iter().all(|r| tagged(n, r, &tag) >= 1))
+    });
+    let conds = node["status"]["conditions"].as_array().expect("conditions");
+    for (t, r) in [
+        ("ReadonlyFilesystem", "FilesystemIsReadOnly"),
+        ("KernelDeadlock", "ContainerdHung"),
+        ("GPUUnhealthy", "GPUCriticalXid"),
+        ("MemoryUncorrectableError", "MemoryUncorrectableError"),
+        ("XfsShutdown", "XfsHasShutdown"),
+        ("CperHardwareErrorFatal", "CperHardwareErrorFatal"),
+    ] {
+        assert!(
+            conds
+                .iter()
+                .any(|c| c["type"] == t && c["status"] == "True" && c["reason"] == r),
+            "{t} True ({r}) in {conds:?}"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! found in kernel and system logs by node-problem-detector-compatible rules.
 
 pub mod aggregate;
+pub mod defaults;
 pub mod facts;
 pub mod matcher;
 pub mod monitor;
