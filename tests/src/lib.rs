@@ -484,3 +484,23 @@ impl Drop for Hollow {
         }
     }
 }
+
+/// Serializes tests that write to the machine's one /dev/kmsg in ways that
+/// can disturb each other (the ring-buffer overrun test floods it).
+pub struct KmsgLock(#[allow(dead_code)] std::fs::File);
+
+impl KmsgLock {
+    pub fn take() -> KmsgLock {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/nodekeeper-kmsg-test.lock")
+            .expect("lock file");
+        // Blocks until the other holder is done; released when the file closes.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        #[allow(deprecated)]
+        nix::fcntl::flock(fd, nix::fcntl::FlockArg::LockExclusive).expect("flock");
+        KmsgLock(f)
+    }
+}

@@ -130,6 +130,7 @@ fn tagged(node: &serde_json::Value, reason: &str, tag: &str) -> u64 {
 #[test]
 fn kernel_log_problems_from_real_kmsg_reach_socket_hub_and_metrics_without_replay() {
     use nodekeeper_e2e::{Agent, Hub, http_unix, wait_for};
+    let _lock = nodekeeper_e2e::KmsgLock::take();
     use std::time::Duration;
     const T: Duration = Duration::from_secs(30);
     let tmp = TempDir::new("kmsg");
@@ -566,6 +567,7 @@ const KERNEL_SAMPLES: &[(&str, &str)] = &[
 #[test]
 fn every_built_in_kernel_rule_fires_on_its_sample_through_real_kmsg() {
     use nodekeeper_e2e::{Agent, Hub, wait_for};
+    let _lock = nodekeeper_e2e::KmsgLock::take();
     use std::collections::BTreeSet;
     use std::time::Duration;
     let tmp = TempDir::new("defaults");
@@ -654,4 +656,94 @@ fn every_built_in_kernel_rule_fires_on_its_sample_through_real_kmsg() {
             "{t} True ({r}) in {conds:?}"
         );
     }
+}
+
+/// Sequence numbers of the oldest and newest records in the kernel ring buffer.
+fn kmsg_seq_range() -> (u64, u64) {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .expect("open /dev/kmsg");
+    let mut buf = vec![0u8; 16384];
+    let (mut first, mut last) = (None, 0);
+    loop {
+        match f.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                let seq = String::from_utf8_lossy(&buf[..n])
+                    .split(',')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                first.get_or_insert(seq);
+                last = seq;
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => continue,
+            _ => break,
+        }
+    }
+    (first.unwrap_or(0), last)
+}
+
+#[test]
+fn a_kernel_log_overrun_while_the_agent_is_down_is_counted_and_reported() {
+    use nodekeeper_e2e::{Agent, Hub, http_unix, wait_for};
+    use std::time::Duration;
+    let _lock = nodekeeper_e2e::KmsgLock::take();
+    let tmp = TempDir::new("overrun");
+    let tag = format!("nk-e2e-overrun-{}", std::process::id());
+    let rules = tmp.path().join("k.yaml");
+    std::fs::write(&rules, format!("plugin: kmsg\nsource: k\nconditions: []\nrules:\n- {{type: temporary, reason: Marker, pattern: '{tag}: marker.*'}}\n")).expect("rules");
+    let hub = Hub::start(tmp.path(), "");
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  logMonitors: [{}]\n",
+        rules.display()
+    );
+    let mut agent = Agent::start(tmp.path(), "node-ovr", Some(&hub.grpc_url()), &cfg);
+    std::thread::sleep(Duration::from_millis(300));
+    kmsg(&format!("{tag}: marker one"));
+    wait_for("the marker", Duration::from_secs(30), || {
+        hub.node("node-ovr").filter(|n| tagged(n, "Marker", &tag) == 1)
+    });
+    assert!(agent.terminate().success());
+
+    // Overwrite everything after the agent's position: the oldest record left
+    // is newer than the newest one the agent read.
+    let (_, newest) = kmsg_seq_range();
+    let filler = "x".repeat(900);
+    let mut written = 0;
+    while kmsg_seq_range().0 <= newest + 1 {
+        for _ in 0..200 {
+            kmsg(&format!("{tag}: filler {filler}"));
+        }
+        written += 200;
+        assert!(written < 100_000, "the ring buffer did not wrap");
+    }
+    kmsg(&format!("{tag}: marker two"));
+    agent.restart();
+    let node = wait_for("the overrun reported", Duration::from_secs(30), || {
+        hub.node("node-ovr").filter(|n| {
+            tagged(n, "Marker", &tag) == 2
+                && n["status"]["recentEvents"]
+                    .as_array()
+                    .is_some_and(|es| es.iter().any(|e| e["reason"] == "LogOverrun"))
+        })
+    });
+    let ev = node["status"]["recentEvents"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["reason"] == "LogOverrun")
+        .expect("overrun")
+        .clone();
+    assert!(ev["message"].as_str().unwrap_or("").contains("overwritten"), "{ev}");
+    let (_, metrics) = http_unix(&agent.socket, "GET", "/metrics", "").expect("metrics");
+    let lost: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("nodekeeper_agent_log_lost_total{source=\"kmsg\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0);
+    assert!(lost > 0, "lost records counted: {metrics}");
 }

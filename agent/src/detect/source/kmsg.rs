@@ -41,15 +41,18 @@ pub fn parse_record(raw: &[u8], boot_time: SystemTime) -> Option<Record> {
     })
 }
 
-/// Boot time from /proc/stat (`btime`).
+/// Boot time on the wall clock: now minus the monotonic clock, which is what
+/// kmsg timestamps count (to the microsecond; /proc/stat's `btime` is whole
+/// seconds, too coarse to tell "before start" from "just after").
 pub fn boot_time() -> SystemTime {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let secs = text
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    let now = SystemTime::now();
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => {
+            let up = Duration::new(ts.tv_sec().max(0) as u64, ts.tv_nsec().max(0) as u32);
+            now.checked_sub(up).unwrap_or(SystemTime::UNIX_EPOCH)
+        }
+        Err(_) => SystemTime::UNIX_EPOCH,
+    }
 }
 
 /// An open /dev/kmsg.
@@ -218,6 +221,19 @@ mod tests {
 
     #[test]
     fn the_real_device_reads_a_line_written_to_it() {
+        // The end-to-end overrun test floods the ring buffer; not meanwhile.
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/nodekeeper-kmsg-test.lock")
+            .expect("lock file");
+        #[allow(deprecated)]
+        nix::fcntl::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            nix::fcntl::FlockArg::LockExclusive,
+        )
+        .expect("flock");
         let tag = format!("nk-kmsg-unit-{}", std::process::id());
         let Ok(mut k) = Kmsg::open(Path::new("/dev/kmsg"), None, None) else {
             eprintln!("skipped: /dev/kmsg cannot be opened here (not root?)");
