@@ -747,3 +747,43 @@ fn a_kernel_log_overrun_while_the_agent_is_down_is_counted_and_reported() {
         .unwrap_or(0);
     assert!(lost > 0, "lost records counted: {metrics}");
 }
+
+#[test]
+fn a_failing_source_says_so_and_recovers_by_itself() {
+    use nodekeeper_e2e::{Agent, Hub, wait_for};
+    use std::time::Duration;
+    const T: Duration = Duration::from_secs(60);
+    let tmp = TempDir::new("srcfail");
+    let log = tmp.path().join("later.log");
+    let rules = tmp.path().join("r.yaml");
+    std::fs::write(
+        &rules,
+        format!("plugin: filelog\nlogPath: {}\nsource: later\nconditions: []\nrules:\n- {{type: temporary, reason: LaterBoom, pattern: 'Boom .*'}}\n", log.display()),
+    )
+    .expect("rules");
+    let hub = Hub::start(tmp.path(), "");
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  logMonitors: [{}]\n",
+        rules.display()
+    );
+    let _agent = Agent::start(tmp.path(), "node-srcfail", Some(&hub.grpc_url()), &cfg);
+    let has = |n: &serde_json::Value, reason: &str| {
+        n["status"]["recentEvents"]
+            .as_array()
+            .is_some_and(|es| es.iter().any(|e| e["reason"] == reason))
+    };
+    let node = wait_for("the failure reported", T, || {
+        hub.node("node-srcfail").filter(|n| has(n, "LogSourceFailed"))
+    });
+    assert!(node.to_string().contains("later.log"), "the event names the source");
+    std::fs::write(&log, "").expect("create");
+    wait_for("recovered", T, || {
+        hub.node("node-srcfail").filter(|n| has(n, "LogSourceRecovered"))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&log, "Boom after recovery\n").expect("write");
+    wait_for("detection works again", T, || {
+        hub.node("node-srcfail")
+            .filter(|n| boom_count(n, "Boom after recovery") == 1)
+    });
+}
