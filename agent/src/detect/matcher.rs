@@ -79,11 +79,6 @@ impl Window {
         self.lines.push_back(buf);
     }
 
-    /// The newest line.
-    pub fn newest(&self) -> &[u8] {
-        self.lines.back().map(Vec::as_slice).unwrap_or_default()
-    }
-
     /// The newest `n` lines, oldest first.
     pub fn last(&self, n: usize) -> impl Iterator<Item = &[u8]> {
         let skip = self.lines.len().saturating_sub(n);
@@ -199,16 +194,6 @@ impl Matcher {
             literal_rules,
             always,
         })
-    }
-
-    /// How many rules.
-    pub fn len(&self) -> usize {
-        self.rules.len()
-    }
-
-    /// Whether there are no rules.
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
     }
 
     /// Whether some rule needs the joined window (otherwise callers need not

@@ -157,7 +157,6 @@ pub struct Fleet {
     store: Store,
     pub metrics: Metrics,
     config: FleetConfig,
-    started: Instant,
     /// Revisions up to this are reserved durably.
     revision_durable: Arc<AtomicU64>,
 }
@@ -241,7 +240,6 @@ impl Fleet {
             store,
             metrics,
             config,
-            started: now,
             revision_durable,
         }))
     }
@@ -299,11 +297,6 @@ impl Fleet {
                 let _ = rx.recv_timeout(Duration::from_secs(10));
             }
         }
-    }
-
-    /// Whether the hub has finished starting (store loaded, listeners up).
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
     }
 }
 
