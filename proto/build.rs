@@ -18,6 +18,13 @@ const RESOURCE_MESSAGES: &[&str] = &[
     "AgentProfileSpec",
     "AgentProfileStatus",
     "AgentSettings",
+    "DetectorSet",
+    "DetectorSetSpec",
+    "DetectorSetStatus",
+    "LogMonitor",
+    "LogPluginConfig",
+    "LogCondition",
+    "LogRule",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

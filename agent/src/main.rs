@@ -67,7 +67,9 @@ fn main_inner() -> anyhow::Result<()> {
 
 async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     let facts = facts::collect(&FactRoots::default());
-    let pipelines = load_pipelines(&cfg, &facts.boot_id)?;
+    let local = local_rules(&cfg)?;
+    // Build them once now, so an unusable rule stops the start.
+    nodekeeper_agent::detect::manager::pipelines(&local, &[], &facts.boot_id)?;
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
         format!(
             "creating stateDir {}; set stateDir to a writable directory",
@@ -133,18 +135,8 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         }
     };
     let detect_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut detect_threads = Vec::new();
-    for p in pipelines {
-        tracing::info!(
-            source = p.source.name(),
-            monitors = p.monitors.len(),
-            "starting log monitors"
-        );
-        detect_threads.push(
-            p.spawn(agent.clone(), detect_stop.clone())
-                .context("starting a log source thread")?,
-        );
-    }
+    let detectors = nodekeeper_agent::detect::manager::spawn(agent.clone(), local, detect_stop.clone())
+        .context("starting the log monitors")?;
     agent
         .record_event(Event {
             severity: "Info".into(),
@@ -166,78 +158,26 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         tracing::warn!("hub link did not stop within 5 s");
     }
     detect_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || detect_threads.into_iter().for_each(|t| drop(t.join()))).await;
+    let _ = tokio::task::spawn_blocking(move || detectors.join()).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), socket_task).await;
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!("agent stopped");
     Ok(())
 }
 
-/// Loads the configured log monitors, grouped by the source they read: a bad
-/// rule file stops the agent before it changes anything, naming the file, the
-/// rule and the reason.
-fn load_pipelines(
-    cfg: &AgentConfig,
-    boot_id: &str,
-) -> anyhow::Result<Vec<nodekeeper_agent::detect::pipeline::Pipeline>> {
-    use nodekeeper_agent::detect::monitor::Monitor;
-    use nodekeeper_agent::detect::pipeline::Pipeline;
-    use nodekeeper_agent::detect::rules::{LogMonitorConfig, Plugin};
-    use nodekeeper_agent::detect::source::{
-        file::FileSource, file::Translator, journald::JournalSource, kmsg::KmsgSource,
-    };
+/// The local rule files: built-in ones (unless turned off) and the
+/// configured ones. A bad file stops the agent before it changes anything,
+/// naming the file, the rule and the reason.
+fn local_rules(cfg: &AgentConfig) -> anyhow::Result<Vec<(String, nodekeeper_agent::detect::rules::LogMonitor)>> {
     let mut files = Vec::new();
     if cfg.detectors.default_rules {
         for rules in nodekeeper_agent::detect::defaults::load()? {
-            files.push(("builtin rules".to_string(), rules));
+            files.push((format!("built-in rules ({})", rules.source), rules));
         }
     }
     for (i, f) in cfg.detectors.log_monitors.iter().enumerate() {
-        let rules = LogMonitorConfig::load(f).with_context(|| format!("detectors.logMonitors[{i}]"))?;
+        let rules = nodekeeper_agent::detect::rules::load(f).with_context(|| format!("detectors.logMonitors[{i}]"))?;
         files.push((format!("detectors.logMonitors[{i}]: {}", f.display()), rules));
     }
-    let mut pipelines: Vec<(String, Pipeline)> = Vec::new();
-    for (label, rules) in files {
-        let at = || label.clone();
-        let (key, source): (String, Box<dyn nodekeeper_agent::detect::source::LogSource>) = match rules.plugin {
-            Plugin::Kmsg => {
-                let path = if rules.log_path.is_empty() {
-                    "/dev/kmsg"
-                } else {
-                    rules.log_path.as_str()
-                };
-                (
-                    format!("kmsg:{path}"),
-                    Box::new(KmsgSource::new(std::path::Path::new(path), boot_id)),
-                )
-            }
-            Plugin::Filelog => {
-                let tr = Translator::new(&rules.plugin_config).with_context(at)?;
-                (
-                    format!("file:{}", rules.log_path),
-                    Box::new(FileSource::new(std::path::Path::new(&rules.log_path), tr)),
-                )
-            }
-            Plugin::Journald => {
-                let pc = &rules.plugin_config;
-                let src = JournalSource::new(&rules.log_path, pc.source.as_deref(), pc.unit.as_deref());
-                (
-                    format!("journald:{}:{:?}:{:?}", rules.log_path, pc.source, pc.unit),
-                    Box::new(src),
-                )
-            }
-        };
-        let monitor = Monitor::new(rules).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
-        match pipelines.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, p)) => p.monitors.push(monitor),
-            None => pipelines.push((
-                key,
-                Pipeline {
-                    source,
-                    monitors: vec![monitor],
-                },
-            )),
-        }
-    }
-    Ok(pipelines.into_iter().map(|(_, p)| p).collect())
+    Ok(files)
 }

@@ -51,6 +51,8 @@ pub struct Agent {
     events: Mutex<VecDeque<Event>>,
     /// Conditions set by detectors (stored, so they survive restarts).
     conditions: Mutex<Vec<Condition>>,
+    /// Where converge sends the hub's log monitors (none: hollow agents).
+    detector_updates: Mutex<Option<std::sync::mpsc::Sender<Vec<nodekeeper_proto::v1::LogMonitor>>>>,
     link: Mutex<LinkStatus>,
 }
 
@@ -63,8 +65,7 @@ pub fn default_settings() -> AgentSettings {
     AgentSettings {
         log_level: "info".into(),
         heartbeat_seconds: 10,
-        labels: BTreeMap::new(),
-        profiles: vec![],
+        ..Default::default()
     }
 }
 
@@ -100,6 +101,7 @@ impl Agent {
             outbox_changed: Notify::new(),
             events: Mutex::new(VecDeque::new()),
             conditions: Mutex::new(Vec::new()),
+            detector_updates: Mutex::new(None),
             link: Mutex::new(LinkStatus::default()),
         }
     }
@@ -234,6 +236,18 @@ impl Agent {
         self.metrics.set_problem_gauge(&c);
         self.report(report::Body::Condition(ConditionChange { condition: Some(c) }))?;
         Ok(())
+    }
+
+    /// Connects converge to the detector manager.
+    pub fn set_detector_updates(&self, tx: std::sync::mpsc::Sender<Vec<nodekeeper_proto::v1::LogMonitor>>) {
+        *lock(&self.detector_updates) = Some(tx);
+    }
+
+    /// Hands the hub's log monitors to the detector manager, if there is one.
+    pub fn update_detectors(&self, monitors: Vec<nodekeeper_proto::v1::LogMonitor>) {
+        if let Some(tx) = lock(&self.detector_updates).as_ref() {
+            let _ = tx.send(monitors);
+        }
     }
 
     /// Detector conditions now.

@@ -38,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// List resources, or show one: nodes, nodesets (ns), agentprofiles (ap).
+    /// List resources, or show one: nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds).
     Get { kind: String, name: Option<String> },
     /// Show one resource in detail.
     Describe { kind: String, name: String },
@@ -88,7 +88,9 @@ fn what(s: &str) -> anyhow::Result<What> {
         other => match Kind::parse(other) {
             Some(k) => Ok(What::Kind(k)),
             None if Kind::planned(other) => bail!("{other} are not available in this version yet"),
-            None => bail!("unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap)"),
+            None => {
+                bail!("unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds)")
+            }
         },
     }
 }

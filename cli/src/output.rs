@@ -174,6 +174,26 @@ pub fn resources(kind: nodekeeper_proto::Kind, items: &[Value], wide: bool) {
             }
             print_table(t);
         }
+        Kind::DetectorSet => {
+            let mut t = table(&["NAME", "SELECTOR", "MONITORS", "RULES", "NODES", "AGE"]);
+            for r in items {
+                let spec = s(r, &["spec"]);
+                let monitors = s(spec, &["logMonitors"]).as_array().cloned().unwrap_or_default();
+                let rules: usize = monitors
+                    .iter()
+                    .map(|m| s(m, &["rules"]).as_array().map_or(0, Vec::len))
+                    .sum();
+                t.add_row(vec![
+                    text(s(r, &["metadata", "name"])),
+                    selector(s(spec, &["nodeSelector"])),
+                    monitors.len().to_string(),
+                    rules.to_string(),
+                    text(s(r, &["status", "selectedNodes"])),
+                    age(&text(s(r, &["metadata", "creationTimestamp"]))),
+                ]);
+            }
+            print_table(t);
+        }
         Kind::AgentProfile => {
             let mut header = vec!["NAME", "SELECTOR", "LOG LEVEL", "HEARTBEAT", "NODES", "IN SYNC", "AGE"];
             if wide {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod document;
 pub mod resource;
+pub mod rules;
 pub mod selector;
 pub mod time;
 pub mod validate;

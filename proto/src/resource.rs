@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use crate::API_VERSION;
-use crate::v1::{AgentProfile, NodeSet, ObjectMeta};
+use crate::v1::{AgentProfile, DetectorSet, NodeSet, ObjectMeta};
 
 /// An error in a resource document, naming the field it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,17 +42,19 @@ impl ResourceError {
 pub enum Kind {
     NodeSet,
     AgentProfile,
+    DetectorSet,
 }
 
 impl Kind {
     /// Every appliable kind.
-    pub const ALL: &[Kind] = &[Kind::NodeSet, Kind::AgentProfile];
+    pub const ALL: &[Kind] = &[Kind::NodeSet, Kind::AgentProfile, Kind::DetectorSet];
 
     /// The `kind` field value.
     pub fn name(self) -> &'static str {
         match self {
             Kind::NodeSet => "NodeSet",
             Kind::AgentProfile => "AgentProfile",
+            Kind::DetectorSet => "DetectorSet",
         }
     }
 
@@ -61,6 +63,7 @@ impl Kind {
         match self {
             Kind::NodeSet => "nodesets",
             Kind::AgentProfile => "agentprofiles",
+            Kind::DetectorSet => "detectorsets",
         }
     }
 
@@ -79,12 +82,13 @@ impl Kind {
         match self {
             Kind::NodeSet => "ns",
             Kind::AgentProfile => "ap",
+            Kind::DetectorSet => "ds",
         }
     }
 
     /// Kinds DESIGN.md plans but this build does not serve yet.
     pub fn planned(plural: &str) -> bool {
-        matches!(plural, "components" | "detectorsets" | "remedyrules")
+        matches!(plural, "components" | "remedyrules")
     }
 }
 
@@ -93,6 +97,7 @@ impl Kind {
 pub enum Resource {
     NodeSet(NodeSet),
     AgentProfile(AgentProfile),
+    DetectorSet(DetectorSet),
 }
 
 impl Resource {
@@ -101,6 +106,7 @@ impl Resource {
         match self {
             Resource::NodeSet(_) => Kind::NodeSet,
             Resource::AgentProfile(_) => Kind::AgentProfile,
+            Resource::DetectorSet(_) => Kind::DetectorSet,
         }
     }
 
@@ -116,6 +122,7 @@ impl Resource {
         let m = match self {
             Resource::NodeSet(r) => r.metadata.as_ref(),
             Resource::AgentProfile(r) => r.metadata.as_ref(),
+            Resource::DetectorSet(r) => r.metadata.as_ref(),
         };
         m.unwrap_or(&EMPTY)
     }
@@ -125,6 +132,7 @@ impl Resource {
         match self {
             Resource::NodeSet(r) => r.metadata.get_or_insert_with(Default::default),
             Resource::AgentProfile(r) => r.metadata.get_or_insert_with(Default::default),
+            Resource::DetectorSet(r) => r.metadata.get_or_insert_with(Default::default),
         }
     }
 
@@ -138,6 +146,7 @@ impl Resource {
         let spec = match self {
             Resource::NodeSet(r) => serde_json::to_value(&r.spec),
             Resource::AgentProfile(r) => serde_json::to_value(&r.spec),
+            Resource::DetectorSet(r) => serde_json::to_value(&r.spec),
         };
         spec.unwrap_or(Value::Null)
     }
@@ -147,6 +156,7 @@ impl Resource {
         match self {
             Resource::NodeSet(r) => r.status = None,
             Resource::AgentProfile(r) => r.status = None,
+            Resource::DetectorSet(r) => r.status = None,
         }
     }
 
@@ -156,6 +166,7 @@ impl Resource {
         let (api, k) = match self {
             Resource::NodeSet(r) => (&mut r.api_version, &mut r.kind),
             Resource::AgentProfile(r) => (&mut r.api_version, &mut r.kind),
+            Resource::DetectorSet(r) => (&mut r.api_version, &mut r.kind),
         };
         *api = API_VERSION.to_string();
         *k = kind;
@@ -166,6 +177,7 @@ impl Resource {
         let v = match self {
             Resource::NodeSet(r) => serde_json::to_value(r),
             Resource::AgentProfile(r) => serde_json::to_value(r),
+            Resource::DetectorSet(r) => serde_json::to_value(r),
         };
         v.unwrap_or(Value::Null)
     }
@@ -189,7 +201,7 @@ impl Resource {
         let kind_str = obj
             .get("kind")
             .and_then(Value::as_str)
-            .ok_or_else(|| ResourceError::new("kind", "missing; one of NodeSet, AgentProfile"))?;
+            .ok_or_else(|| ResourceError::new("kind", "missing; one of NodeSet, AgentProfile, DetectorSet"))?;
         let kind = Kind::ALL
             .iter()
             .copied()
@@ -197,12 +209,13 @@ impl Resource {
             .ok_or_else(|| {
                 ResourceError::new(
                     "kind",
-                    format!("unknown kind {kind_str:?}; one of NodeSet, AgentProfile"),
+                    format!("unknown kind {kind_str:?}; one of NodeSet, AgentProfile, DetectorSet"),
                 )
             })?;
         let mut r = match kind {
             Kind::NodeSet => Resource::NodeSet(typed(value)?),
             Kind::AgentProfile => Resource::AgentProfile(typed(value)?),
+            Kind::DetectorSet => Resource::DetectorSet(typed(value)?),
         };
         crate::validate::resource(&r)?;
         r.clear_status();

@@ -24,6 +24,23 @@ pub fn resource(r: &Resource) -> Result<(), ResourceError> {
             }
             Ok(())
         }
+        Resource::DetectorSet(ds) => {
+            let spec = ds.spec.as_ref().ok_or_else(|| ResourceError::new("spec", "missing"))?;
+            if let Some(sel) = &spec.node_selector {
+                selector("spec.nodeSelector", sel)?;
+            }
+            for (i, m) in spec.log_monitors.iter().enumerate() {
+                crate::rules::check(m).map_err(|e| {
+                    let at = if e.field.is_empty() {
+                        String::new()
+                    } else {
+                        format!(".{}", e.field)
+                    };
+                    ResourceError::new(format!("spec.logMonitors[{i}]{at}"), e.message)
+                })?;
+            }
+            Ok(())
+        }
         Resource::AgentProfile(ap) => {
             let spec = ap.spec.as_ref().ok_or_else(|| ResourceError::new("spec", "missing"))?;
             agent_profile_spec(spec)

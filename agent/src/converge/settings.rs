@@ -21,7 +21,12 @@ pub fn check(s: &AgentSettings) -> Result<(), String> {
             s.heartbeat_seconds
         ));
     }
-    validate::labels("settings.labels", &s.labels).map_err(|e| e.to_string())
+    validate::labels("settings.labels", &s.labels).map_err(|e| e.to_string())?;
+    for (i, m) in s.log_monitors.iter().enumerate() {
+        nodekeeper_proto::rules::check(m)
+            .map_err(|e| format!("settings.logMonitors[{i}].{}: {}", e.field, e.message))?;
+    }
+    Ok(())
 }
 
 /// Applies a desired state: checks it, persists it (with a store), then
@@ -40,6 +45,7 @@ pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
     if let Some(log) = &agent.log {
         log.set(&settings.log_level)?;
     }
+    let monitors = settings.log_monitors.clone();
     let changed = agent.set_applied(DesiredState {
         revision: d.revision,
         settings: Some(settings),
@@ -47,6 +53,7 @@ pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
     agent.metrics.applied_revision.set(d.revision as i64);
     if changed {
         tracing::info!(revision = d.revision, "applied new agent settings");
+        agent.update_detectors(monitors);
     }
     Ok(())
 }

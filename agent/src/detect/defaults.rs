@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::rules::{LogMonitorConfig, RuleError};
+use super::rules::{LogMonitor, RuleError, parse};
 
 /// (name, text) of every built-in rule file.
 pub const FILES: &[(&str, &str)] = &[
@@ -13,11 +13,8 @@ pub const FILES: &[(&str, &str)] = &[
 ];
 
 /// The built-in rule files, parsed and checked.
-pub fn load() -> Result<Vec<LogMonitorConfig>, RuleError> {
-    FILES
-        .iter()
-        .map(|(name, text)| LogMonitorConfig::parse(Path::new(name), text))
-        .collect()
+pub fn load() -> Result<Vec<LogMonitor>, RuleError> {
+    FILES.iter().map(|(name, text)| parse(Path::new(name), text)).collect()
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod defaults;
 pub mod facts;
+pub mod manager;
 pub mod matcher;
 pub mod monitor;
 pub mod pipeline;

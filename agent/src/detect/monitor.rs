@@ -13,7 +13,7 @@ use nodekeeper_proto::time::rfc3339;
 use nodekeeper_proto::v1::{Condition, Event};
 
 use super::matcher::{Hit, Matcher, Window};
-use super::rules::{LogMonitorConfig, RuleType};
+use super::rules::{LogCondition, LogMonitor};
 
 /// What a line (or the passage of time) produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,7 +27,7 @@ pub enum Problem {
 /// One rule file at work.
 #[derive(Debug)]
 pub struct Monitor {
-    pub config: LogMonitorConfig,
+    pub config: LogMonitor,
     matcher: Matcher,
     window: Window,
     conditions: Vec<Condition>,
@@ -38,9 +38,9 @@ pub struct Monitor {
     hits: Vec<Hit>,
 }
 
-fn default_condition(c: &super::rules::ConditionDefault, source: &str, now: SystemTime) -> Condition {
+fn default_condition(c: &LogCondition, source: &str, now: SystemTime) -> Condition {
     Condition {
-        r#type: c.kind.clone(),
+        r#type: c.r#type.clone(),
         status: "False".into(),
         reason: c.reason.clone(),
         message: c.message.clone(),
@@ -52,7 +52,7 @@ fn default_condition(c: &super::rules::ConditionDefault, source: &str, now: Syst
 
 impl Monitor {
     /// Compiles a checked rule file.
-    pub fn new(config: LogMonitorConfig) -> Result<Monitor, String> {
+    pub fn new(config: LogMonitor) -> Result<Monitor, String> {
         let matcher = Matcher::new(config.rules.iter().map(|r| r.pattern.as_str()))
             .map_err(|(i, e)| format!("rules[{i}].pattern: {e}"))?;
         let now = SystemTime::now();
@@ -62,8 +62,8 @@ impl Monitor {
             .map(|c| default_condition(c, &config.source, now))
             .collect();
         Ok(Monitor {
-            window: Window::new(config.buffer_size),
-            window_needed: matcher.needs_window() && config.buffer_size > 1,
+            window: Window::new(config.window()),
+            window_needed: matcher.needs_window() && config.window() > 1,
             matcher,
             conditions,
             last_match: HashMap::new(),
@@ -126,8 +126,8 @@ impl Monitor {
             if !rule.pattern_generated_message_suffix.is_empty() {
                 message = format!("{message}; {}", rule.pattern_generated_message_suffix);
             }
-            match rule.kind {
-                RuleType::Temporary => out.push(Problem::Event(Event {
+            if !rule.is_permanent() {
+                out.push(Problem::Event(Event {
                     time: rfc3339(time),
                     severity: "Warning".into(),
                     reason: rule.reason.clone(),
@@ -135,8 +135,9 @@ impl Monitor {
                     source: self.config.source.clone(),
                     count: 1,
                     first_time: String::new(),
-                })),
-                RuleType::Permanent => {
+                }));
+            } else {
+                {
                     self.last_match.insert(rule.condition.clone(), time);
                     if let Some(c) = self.conditions.iter_mut().find(|c| c.r#type == rule.condition) {
                         c.last_heartbeat_time = rfc3339(time);
@@ -166,14 +167,16 @@ impl Monitor {
     /// matched for that long.
     pub fn tick(&mut self, now: SystemTime, out: &mut Vec<Problem>) {
         for rule in &self.config.rules {
-            let Some(after) = rule.clear_after else { continue };
+            let Some(after) = rule.clear_after_duration() else {
+                continue;
+            };
             let Some(last) = self.last_match.get(&rule.condition) else {
                 continue;
             };
             if now.duration_since(*last).unwrap_or_default() < after {
                 continue;
             }
-            let Some(def) = self.config.conditions.iter().find(|c| c.kind == rule.condition) else {
+            let Some(def) = self.config.conditions.iter().find(|c| c.r#type == rule.condition) else {
                 continue;
             };
             if let Some(c) = self
@@ -219,7 +222,7 @@ mod tests {
     use std::time::Duration;
 
     fn monitor(yaml: &str) -> Monitor {
-        Monitor::new(LogMonitorConfig::parse(Path::new("t.yaml"), yaml).expect("rules")).expect("compile")
+        Monitor::new(super::super::rules::parse(Path::new("t.yaml"), yaml).expect("rules")).expect("compile")
     }
 
     const RULES: &str = "plugin: kmsg\nsource: kernel-monitor\nbufferSize: 3\nskipList: [' audit:']\nconditions: [{type: ReadonlyFilesystem, reason: FilesystemIsNotReadOnly, message: fine}]\nrules:\n- {type: temporary, reason: OOMKilling, pattern: 'Killed process \\d+ .*', patternGeneratedMessageSuffix: 'see dmesg'}\n- {type: permanent, condition: ReadonlyFilesystem, reason: FilesystemIsReadOnly, pattern: 'Remounting filesystem read-only', clearAfter: 1m}\n";

@@ -77,7 +77,7 @@ impl Pipeline {
                 let lookback = self
                     .monitors
                     .iter()
-                    .filter_map(|m| m.config.lookback)
+                    .filter_map(|m| m.config.lookback_duration())
                     .max()
                     .unwrap_or_default();
                 not_before = SystemTime::now().checked_sub(lookback);

@@ -11,7 +11,6 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::monitor::{Monitor, Problem};
-use super::rules::LogMonitorConfig;
 
 /// Options of `test-rules`.
 #[derive(Debug, Clone, clap::Args)]
@@ -74,7 +73,7 @@ pub fn run(args: TestRulesArgs) -> anyhow::Result<()> {
     }
     let mut monitors = Vec::new();
     for path in &args.rules {
-        let cfg = LogMonitorConfig::load(path)?;
+        let cfg = super::rules::load(path)?;
         monitors.push(Monitor::new(cfg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?);
     }
     let mut file = std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;

@@ -23,8 +23,7 @@ pub fn settings<'a>(
     let mut out = AgentSettings {
         log_level: DEFAULT_LOG_LEVEL.to_string(),
         heartbeat_seconds: DEFAULT_HEARTBEAT_SECONDS,
-        labels: BTreeMap::new(),
-        profiles: Vec::new(),
+        ..Default::default()
     };
     for p in profiles {
         let Some(spec) = p.spec.as_ref() else {
@@ -105,5 +104,24 @@ mod tests {
         assert_eq!(s.labels.get("team").map(String::as_str), Some("ml"));
         assert_eq!(s.labels.get("x").map(String::as_str), Some("1"));
         assert_eq!(s.profiles, vec!["a-all", "b-gpu"]);
+    }
+}
+
+/// Adds the log monitors of every DetectorSet whose selector matches
+/// `labels`, in name order.
+pub fn add_detectors<'a>(
+    settings: &mut AgentSettings,
+    labels: &BTreeMap<String, String>,
+    sets: impl Iterator<Item = &'a nodekeeper_proto::v1::DetectorSet>,
+) {
+    for d in sets {
+        let Some(spec) = d.spec.as_ref() else { continue };
+        if !selects(spec.node_selector.as_ref(), labels) {
+            continue;
+        }
+        settings.log_monitors.extend(spec.log_monitors.iter().cloned());
+        settings
+            .detector_sets
+            .push(d.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default());
     }
 }

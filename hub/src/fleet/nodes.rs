@@ -193,7 +193,12 @@ impl State {
                     nodekeeper_proto::Resource::AgentProfile(p) => Some(p),
                     _ => None,
                 });
-                let s = desired::settings(&base, profiles);
+                let mut s = desired::settings(&base, profiles);
+                let sets = self.resources.values().filter_map(|r| match r {
+                    nodekeeper_proto::Resource::DetectorSet(d) => Some(d),
+                    _ => None,
+                });
+                desired::add_detectors(&mut s, &base, sets);
                 cache.insert(base.clone(), s.clone());
                 s
             }

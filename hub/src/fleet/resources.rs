@@ -3,7 +3,7 @@
 //! desired state of the nodes and streams what changed.
 
 use nodekeeper_proto::time::now_rfc3339;
-use nodekeeper_proto::v1::{AgentProfileStatus, NodeSetStatus};
+use nodekeeper_proto::v1::{AgentProfileStatus, DetectorSetStatus, NodeSetStatus};
 use nodekeeper_proto::{Kind, Resource};
 
 use super::nodes::{base_labels, in_sync, ready_status};
@@ -61,6 +61,23 @@ impl State {
                     }
                 }
                 ap.status = Some(st);
+            }
+            Resource::DetectorSet(ds) => {
+                let name = ds.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
+                let selected = self
+                    .nodes
+                    .values()
+                    .filter(|e| {
+                        e.node
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.settings.as_ref())
+                            .is_some_and(|s| s.detector_sets.iter().any(|d| d == name))
+                    })
+                    .count() as u64;
+                ds.status = Some(DetectorSetStatus {
+                    selected_nodes: selected,
+                });
             }
         }
         r

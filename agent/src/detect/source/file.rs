@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use regex::bytes::Regex;
 
 use super::{Line, LogSource};
-use crate::detect::rules::PluginConfig;
+use crate::detect::rules::LogPluginConfig;
 
 /// NPD's filelog translator.
 #[derive(Debug, Clone, Default)]
@@ -26,7 +26,7 @@ pub struct Translator {
 
 impl Translator {
     /// From a checked rule file's `pluginConfig`.
-    pub fn new(c: &PluginConfig) -> Result<Translator, regex::Error> {
+    pub fn new(c: &LogPluginConfig) -> Result<Translator, regex::Error> {
         Ok(Translator {
             timestamp: c.timestamp.as_deref().map(Regex::new).transpose()?,
             message: c.message.as_deref().map(Regex::new).transpose()?,
@@ -357,7 +357,7 @@ mod tests {
 
     #[test]
     fn translator_takes_the_message_group_and_skips_other_lines() {
-        let tr = Translator::new(&PluginConfig {
+        let tr = Translator::new(&LogPluginConfig {
             timestamp: Some("^.{15}".into()),
             message: Some("kernel: \\[.*\\] (.*)".into()),
             timestamp_format: Some("Jan _2 15:04:05".into()),
