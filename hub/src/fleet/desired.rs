@@ -46,6 +46,25 @@ pub fn settings<'a>(
     out
 }
 
+/// Adds the log monitors of every DetectorSet whose selector matches
+/// `labels`, in name order.
+pub fn add_detectors<'a>(
+    settings: &mut AgentSettings,
+    labels: &BTreeMap<String, String>,
+    sets: impl Iterator<Item = &'a nodekeeper_proto::v1::DetectorSet>,
+) {
+    for d in sets {
+        let Some(spec) = d.spec.as_ref() else { continue };
+        if !selects(spec.node_selector.as_ref(), labels) {
+            continue;
+        }
+        settings.log_monitors.extend(spec.log_monitors.iter().cloned());
+        settings
+            .detector_sets
+            .push(d.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,24 +123,5 @@ mod tests {
         assert_eq!(s.labels.get("team").map(String::as_str), Some("ml"));
         assert_eq!(s.labels.get("x").map(String::as_str), Some("1"));
         assert_eq!(s.profiles, vec!["a-all", "b-gpu"]);
-    }
-}
-
-/// Adds the log monitors of every DetectorSet whose selector matches
-/// `labels`, in name order.
-pub fn add_detectors<'a>(
-    settings: &mut AgentSettings,
-    labels: &BTreeMap<String, String>,
-    sets: impl Iterator<Item = &'a nodekeeper_proto::v1::DetectorSet>,
-) {
-    for d in sets {
-        let Some(spec) = d.spec.as_ref() else { continue };
-        if !selects(spec.node_selector.as_ref(), labels) {
-            continue;
-        }
-        settings.log_monitors.extend(spec.log_monitors.iter().cloned());
-        settings
-            .detector_sets
-            .push(d.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default());
     }
 }
