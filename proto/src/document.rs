@@ -144,3 +144,36 @@ spec:
         }
     }
 }
+
+#[cfg(test)]
+mod detector_set_tests {
+    use super::*;
+
+    #[test]
+    fn detector_sets_validate_their_log_monitors_with_field_paths() {
+        let good = "apiVersion: nodekeeper.io/v1\nkind: DetectorSet\nmetadata: {name: app}\nspec:\n  nodeSelector: {matchLabels: {role: web}}\n  logMonitors:\n  - plugin: filelog\n    logPath: /var/log/app.log\n    source: app\n    conditions: [{type: AppStuck, reason: AppFine, message: ok}]\n    rules:\n    - {type: temporary, reason: AppBoom, pattern: 'Boom .*'}\n    - {type: permanent, condition: AppStuck, reason: AppHung, pattern: 'hung', clearAfter: 5m}\n";
+        let rs = parse_resources(good).expect("valid");
+        assert_eq!(rs[0].kind(), crate::Kind::DetectorSet);
+        let bad = good.replace(
+            "condition: AppStuck, reason: AppHung",
+            "condition: Nope, reason: AppHung",
+        );
+        let e = parse_resources(&bad).expect_err("undeclared condition");
+        assert_eq!(e.field, "spec.logMonitors[0].rules[1].condition");
+        let bad = good.replace("'Boom .*'", "'(unclosed'");
+        assert_eq!(
+            parse_resources(&bad).expect_err("bad regex").field,
+            "spec.logMonitors[0].rules[0].pattern"
+        );
+        let bad = good.replace("plugin: filelog", "plugin: custom");
+        assert_eq!(
+            parse_resources(&bad).expect_err("plugin").field,
+            "spec.logMonitors[0].plugin"
+        );
+        let bad = good.replace("clearAfter: 5m", "clearAfter: soon");
+        assert_eq!(
+            parse_resources(&bad).expect_err("duration").field,
+            "spec.logMonitors[0].rules[1].clearAfter"
+        );
+    }
+}

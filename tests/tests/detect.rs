@@ -791,3 +791,65 @@ fn a_failing_source_says_so_and_recovers_by_itself() {
             .filter(|n| boom_count(n, "Boom after recovery") == 1)
     });
 }
+
+#[test]
+fn a_detector_set_applied_at_the_hub_runs_on_the_nodes_it_selects() {
+    use nodekeeper_e2e::{Agent, Hub, nkctl, wait_for};
+    use std::time::Duration;
+    const T: Duration = Duration::from_secs(30);
+    let tmp = TempDir::new("detectorset");
+    let log = tmp.path().join("web.log");
+    std::fs::write(&log, "").expect("log");
+    let hub = Hub::start(tmp.path(), "");
+    let web = Agent::start(tmp.path(), "node-web", Some(&hub.grpc_url()), "labels: {role: web}\n");
+    let _db = Agent::start(tmp.path(), "node-db", Some(&hub.grpc_url()), "labels: {role: db}\n");
+    let set = format!(
+        "apiVersion: nodekeeper.io/v1\nkind: DetectorSet\nmetadata: {{name: web-app}}\nspec:\n  nodeSelector: {{matchLabels: {{role: web}}}}\n  logMonitors:\n  - plugin: filelog\n    logPath: {}\n    source: web-app\n    conditions: [{{type: WebStuck, reason: WebFine, message: ok}}]\n    rules:\n    - {{type: temporary, reason: WebBoom, pattern: 'Boom .*'}}\n    - {{type: permanent, condition: WebStuck, reason: WebHung, pattern: 'web hung'}}\n",
+        log.display()
+    );
+    // A bad one first: refused with the field, nothing stored.
+    let bad = set.replace(
+        "condition: WebStuck, reason: WebHung",
+        "condition: Nope, reason: WebHung",
+    );
+    let out = nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(&bad));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.logMonitors[0].rules[1].condition"));
+    let out = nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(&set));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    wait_for("both nodes in sync", T, || {
+        (hub.summary()["nodes"]["inSync"] == 2).then_some(())
+    });
+    let ds = hub.get("/v1/detectorsets/web-app").expect("detectorset");
+    assert_eq!(ds["status"]["selectedNodes"], 1);
+    let st = web.status().expect("status");
+    assert_eq!(st["settings"]["detectorSets"][0], "web-app");
+    std::thread::sleep(Duration::from_millis(800));
+    std::fs::write(&log, "Boom from web\nweb hung\n").expect("write");
+    let node = wait_for("the web node detects with the hub's rules", T, || {
+        hub.node("node-web").filter(|n| {
+            boom_count(n, "Boom from web") == 1
+                && n["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == "WebStuck" && c["status"] == "True"))
+        })
+    });
+    assert_eq!(node["status"]["settings"]["detectorSets"][0], "web-app");
+    let db = hub.node("node-db").expect("db");
+    assert_eq!(boom_count(&db, "Boom from web"), 0, "the db node is not selected");
+    let table = String::from_utf8_lossy(&hub.nkctl(&["get", "detectorsets"]).stdout).into_owned();
+    assert!(table.contains("web-app") && table.contains("role=web"), "{table}");
+
+    // Deleting it stops the monitor on the node.
+    assert!(hub.nkctl(&["delete", "ds", "web-app"]).status.success());
+    wait_for("the node drops the set", T, || {
+        web.status()
+            .filter(|s| s["settings"]["detectorSets"].as_array().is_none_or(Vec::is_empty))
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("append");
+    std::io::Write::write_all(&mut f, b"Boom after delete\n").expect("write");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(boom_count(&hub.node("node-web").expect("node"), "Boom after delete"), 0);
+}

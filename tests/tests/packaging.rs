@@ -147,6 +147,13 @@ fn debs_in_a_booted_systemd_run_register_restart_upgrade_and_purge() {
             .then_some(())
     });
 
+    // The built-in containerd rules read the real journald of the booted system.
+    m.sh("logger -t containerd 'level=error msg=\"failed to start shim: nk-packaging-test\"'");
+    wait_for("a containerd problem from journald at the hub", T, || {
+        let out = m.exec_unchecked(&["nkctl", "describe", "node", &host]);
+        stdout(&out).contains("ContainerdShimFailed").then_some(())
+    });
+
     // The socket answers members of the nodekeeper group, and only them.
     m.sh("useradd -m -G nodekeeper alice && useradd -m bob");
     let status = m.sh("runuser -u alice -- nkctl node status");
