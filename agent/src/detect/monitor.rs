@@ -126,38 +126,31 @@ impl Monitor {
             if !rule.pattern_generated_message_suffix.is_empty() {
                 message = format!("{message}; {}", rule.pattern_generated_message_suffix);
             }
+            let event = Event {
+                time: rfc3339(time),
+                severity: "Warning".into(),
+                reason: rule.reason.clone(),
+                message,
+                source: self.config.source.clone(),
+                count: 1,
+                first_time: String::new(),
+            };
             if !rule.is_permanent() {
-                out.push(Problem::Event(Event {
-                    time: rfc3339(time),
-                    severity: "Warning".into(),
-                    reason: rule.reason.clone(),
-                    message,
-                    source: self.config.source.clone(),
-                    count: 1,
-                    first_time: String::new(),
-                }));
-            } else {
-                {
-                    self.last_match.insert(rule.condition.clone(), time);
-                    if let Some(c) = self.conditions.iter_mut().find(|c| c.r#type == rule.condition) {
-                        c.last_heartbeat_time = rfc3339(time);
-                        if c.status != "True" || c.reason != rule.reason {
-                            c.status = "True".into();
-                            c.reason = rule.reason.clone();
-                            c.message = message.clone();
-                            c.last_transition_time = rfc3339(time);
-                            out.push(Problem::Condition(c.clone()));
-                            out.push(Problem::Event(Event {
-                                time: rfc3339(time),
-                                severity: "Warning".into(),
-                                reason: rule.reason.clone(),
-                                message,
-                                source: self.config.source.clone(),
-                                count: 1,
-                                first_time: String::new(),
-                            }));
-                        }
-                    }
+                out.push(Problem::Event(event));
+                continue;
+            }
+            // A permanent rule: the condition changes (with an event) only when
+            // its status or reason does.
+            self.last_match.insert(rule.condition.clone(), time);
+            if let Some(c) = self.conditions.iter_mut().find(|c| c.r#type == rule.condition) {
+                c.last_heartbeat_time = rfc3339(time);
+                if c.status != "True" || c.reason != rule.reason {
+                    c.status = "True".into();
+                    c.reason = rule.reason.clone();
+                    c.message = event.message.clone();
+                    c.last_transition_time = rfc3339(time);
+                    out.push(Problem::Condition(c.clone()));
+                    out.push(Problem::Event(event));
                 }
             }
         }
