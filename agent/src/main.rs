@@ -67,9 +67,9 @@ fn main_inner() -> anyhow::Result<()> {
 
 async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     let facts = facts::collect(&FactRoots::default());
+    // Loading checks every rule (regexes compiled, conditions declared), so an
+    // unusable rule file stops the start here.
     let local = local_rules(&cfg)?;
-    // Build them once now, so an unusable rule stops the start.
-    nodekeeper_agent::detect::manager::pipelines(&local, &[], &facts.boot_id)?;
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
         format!(
             "creating stateDir {}; set stateDir to a writable directory",

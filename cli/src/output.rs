@@ -300,6 +300,12 @@ pub fn describe_node(n: &Value) {
         text(s(set, &["heartbeatSeconds"])),
         profiles
     );
+    let sets = s(set, &["detectorSets"])
+        .as_array()
+        .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
+    let monitors = s(set, &["logMonitors"]).as_array().map_or(0, Vec::len);
+    println!("  Detectors:       detectorSets=[{sets}] logMonitors={monitors}");
     println!(
         "Reports:           sequence {}, received {}, dropped by agent {}",
         text(s(st, &["reportSequence"])),

@@ -838,6 +838,11 @@ fn a_detector_set_applied_at_the_hub_runs_on_the_nodes_it_selects() {
     assert_eq!(node["status"]["settings"]["detectorSets"][0], "web-app");
     let db = hub.node("node-db").expect("db");
     assert_eq!(boom_count(&db, "Boom from web"), 0, "the db node is not selected");
+    let desc = String::from_utf8_lossy(&hub.nkctl(&["describe", "node", "node-web"]).stdout).into_owned();
+    assert!(
+        desc.contains("detectorSets=[web-app] logMonitors=1") && desc.contains("WebStuck"),
+        "{desc}"
+    );
     let table = String::from_utf8_lossy(&hub.nkctl(&["get", "detectorsets"]).stdout).into_owned();
     assert!(table.contains("web-app") && table.contains("role=web"), "{table}");
 
