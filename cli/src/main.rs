@@ -39,7 +39,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// List resources, or show one: nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds).
-    Get { kind: String, name: Option<String> },
+    Get {
+        kind: String,
+        name: Option<String>,
+        /// Only resources whose labels match (kubectl syntax: k=v,k!=v,k,!k).
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
+    },
     /// Show one resource in detail.
     Describe { kind: String, name: String },
     /// Apply resources from files (`-` for stdin); several documents per file.
@@ -113,12 +119,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let hub = Target::hub(&cli.hub)?;
     match cli.cmd {
-        Cmd::Get { kind, name } => {
+        Cmd::Get { kind, name, selector } => {
             let w = what(&kind)?;
+            let query = match &selector {
+                Some(s) => {
+                    nodekeeper_proto::selector::parse(s).map_err(|e| anyhow::anyhow!("-l {s}: {e}"))?;
+                    format!("?labelSelector={}", percent(s))
+                }
+                None => String::new(),
+            };
             let path = match (&w, &name) {
-                (What::Nodes, None) => "/v1/nodes".to_string(),
+                (What::Nodes, None) => format!("/v1/nodes{query}"),
                 (What::Nodes, Some(n)) => format!("/v1/nodes/{n}"),
-                (What::Kind(k), None) => format!("/v1/{}", k.plural()),
+                (What::Kind(k), None) => format!("/v1/{}{query}", k.plural()),
                 (What::Kind(k), Some(n)) => format!("/v1/{}/{n}", k.plural()),
             };
             let v = check(call(&hub, Method::GET, &path, None).await?)?;
@@ -244,4 +257,14 @@ async fn node(sock: Target, cmd: NodeCmd, out: Format) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Percent-encodes a query value.
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -82,3 +82,44 @@ mod tests {
         ])));
     }
 }
+
+/// Parses kubectl's label-selector syntax: comma-separated `k=v` (or `k==v`),
+/// `k!=v`, `k` (exists) and `!k` (does not exist).
+pub fn parse(s: &str) -> Result<LabelSelector, crate::ResourceError> {
+    let mut sel = LabelSelector::default();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let req = |key: &str, op: &str, values: Vec<String>| LabelSelectorRequirement {
+            key: key.trim().to_string(),
+            operator: op.into(),
+            values,
+        };
+        if let Some((k, v)) = part.split_once("!=") {
+            sel.match_expressions.push(req(k, "NotIn", vec![v.trim().to_string()]));
+        } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+            sel.match_labels.insert(k.trim().to_string(), v.trim().to_string());
+        } else if let Some(k) = part.strip_prefix('!') {
+            sel.match_expressions.push(req(k, "DoesNotExist", vec![]));
+        } else {
+            sel.match_expressions.push(req(part, "Exists", vec![]));
+        }
+    }
+    crate::validate::selector("labelSelector", &sel)?;
+    Ok(sel)
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn kubectl_selector_syntax_parses() {
+        let sel = parse("zone=a, tier!=db,gpu,!drain").expect("valid");
+        let l = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert!(sel.matches(&l(&[("zone", "a"), ("tier", "web"), ("gpu", "1")])));
+        assert!(!sel.matches(&l(&[("zone", "a"), ("tier", "db"), ("gpu", "1")])));
+        assert!(!sel.matches(&l(&[("zone", "a"), ("gpu", "1"), ("drain", "")])));
+        assert!(!sel.matches(&l(&[("zone", "b"), ("gpu", "1")])));
+        assert!(parse("bad key!=x y").is_err());
+        assert!(parse("").expect("empty").matches(&l(&[])));
+    }
+}

@@ -58,6 +58,12 @@ fn agent_registers_and_node_is_visible_over_http_and_in_nkctl() {
         .unwrap_or_else(|| panic!("no row in:\n{table}"));
     assert!(row.split_whitespace().nth(1) == Some("Ready"), "{row}");
 
+    // Label selectors, kubectl style.
+    assert!(stdout(&hub.nkctl(&["get", "nodes", "-l", "zone=z1,rack"])).contains("node-reg"));
+    let none = hub.nkctl(&["get", "nodes", "-l", "zone=elsewhere"]);
+    assert!(stdout(&none).is_empty() && stderr(&none).contains("No resources found"));
+    let (code, body) = http(&hub.http, "GET", "/v1/nodes?labelSelector=bad%20key", "").expect("get");
+    assert_eq!(code, 422, "{body}");
     let wide = stdout(&hub.nkctl(&["get", "nodes", "-o", "wide"]));
     assert!(wide.contains("KERNEL") && wide.contains("zone=z1"), "{wide}");
     let json: serde_json::Value =

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -87,8 +87,42 @@ async fn metrics(State(f): State<Api>) -> impl IntoResponse {
     )
 }
 
-async fn list_nodes(State(f): State<Api>) -> JsonResult {
-    Ok(axum::Json(json!({ "items": f.list_nodes() })))
+/// `?labelSelector=` on lists, in kubectl's syntax.
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    label_selector: Option<String>,
+}
+
+fn selector_of(q: &ListQuery) -> Result<Option<nodekeeper_proto::v1::LabelSelector>, ApiError> {
+    Ok(q.label_selector
+        .as_deref()
+        .map(nodekeeper_proto::selector::parse)
+        .transpose()?)
+}
+
+fn labels_of(v: &Value) -> std::collections::BTreeMap<String, String> {
+    v["metadata"]["labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn list_nodes(State(f): State<Api>, Query(q): Query<ListQuery>) -> JsonResult {
+    let sel = selector_of(&q)?;
+    let items: Vec<_> = f
+        .list_nodes()
+        .into_iter()
+        .filter(|n| {
+            let labels = n.metadata.as_ref().map(|m| m.labels.clone()).unwrap_or_default();
+            nodekeeper_proto::selector::selects(sel.as_ref(), &labels)
+        })
+        .collect();
+    Ok(axum::Json(json!({ "items": items })))
 }
 
 async fn get_node(State(f): State<Api>, Path(name): Path<String>) -> JsonResult {
@@ -100,9 +134,15 @@ async fn summary(State(f): State<Api>) -> JsonResult {
     Ok(axum::Json(serde_json::to_value(f.summary()).unwrap_or(Value::Null)))
 }
 
-async fn list(State(f): State<Api>, Path(kind): Path<String>) -> JsonResult {
+async fn list(State(f): State<Api>, Path(kind): Path<String>, Query(q): Query<ListQuery>) -> JsonResult {
     let kind = kind_of(&kind)?;
-    Ok(axum::Json(json!({ "items": f.list(kind) })))
+    let sel = selector_of(&q)?;
+    let items: Vec<Value> = f
+        .list(kind)
+        .into_iter()
+        .filter(|r| nodekeeper_proto::selector::selects(sel.as_ref(), &labels_of(r)))
+        .collect();
+    Ok(axum::Json(json!({ "items": items })))
 }
 
 async fn get_one(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> JsonResult {
