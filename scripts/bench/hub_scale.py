@@ -2,6 +2,7 @@
 
 import argparse
 import datetime
+import http.client as httpclient
 import json
 import os
 import shutil
@@ -66,10 +67,23 @@ def wait(what, timeout, poll, cond):
         time.sleep(poll)
 
 
+_conn = {}
+
+
 def summary(hub_http):
+    # One kept-alive connection: polling every 10 ms must not spend the CPU
+    # the hub and the hollow agents share (a new connection per poll did).
+    hostport = hub_http.removeprefix("http://")
     try:
-        return jget(f"{hub_http}/v1/fleet/summary")
+        c = _conn.get(hostport)
+        if c is None:
+            c = _conn[hostport] = httpclient.HTTPConnection(hostport, timeout=10)
+        c.request("GET", "/v1/fleet/summary")
+        r = c.getresponse()
+        body = r.read()
+        return json.loads(body) if r.status == 200 else None
     except Exception:
+        _conn.pop(hostport, None)
         return None
 
 
