@@ -62,7 +62,8 @@ fn main_inner() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(run(cfg, log))
+    let span = tracing::info_span!("agent", node = %cfg.node_name());
+    rt.block_on(tracing::Instrument::instrument(run(cfg, log), span))
 }
 
 async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
@@ -89,8 +90,6 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         log: Some(log),
         metrics: Metrics::new(),
     }));
-    let span = tracing::info_span!("agent", node = %name);
-    let _enter = span.enter();
     if let Err(e) = converge::settings::restore(&agent) {
         tracing::error!(error = %e, "cannot apply the cached desired state; running with defaults until the hub sends one");
     }
