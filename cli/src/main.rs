@@ -113,12 +113,15 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
     match cli.cmd {
-        Cmd::Node { cmd } => return node(Target::Unix(cli.socket), cmd, out).await,
-        Cmd::Apply { files } => return apply(&Target::hub(&cli.hub)?, &files, out).await,
-        _ => {}
+        Cmd::Node { cmd } => node(Target::Unix(cli.socket), cmd, out).await,
+        Cmd::Apply { files } => apply(&Target::hub(&cli.hub)?, &files, out).await,
+        cmd => hub_command(Target::hub(&cli.hub)?, cmd, out).await,
     }
-    let hub = Target::hub(&cli.hub)?;
-    match cli.cmd {
+}
+
+/// The commands that read or change resources at the hub.
+async fn hub_command(hub: Target, cmd: Cmd, out: Format) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Get { kind, name, selector } => {
             let w = what(&kind)?;
             let query = match &selector {
@@ -183,7 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
         }
-        Cmd::Node { .. } | Cmd::Apply { .. } => unreachable!("handled above"),
+        Cmd::Node { .. } | Cmd::Apply { .. } => anyhow::bail!("not a hub resource command"),
     }
     Ok(())
 }

@@ -238,11 +238,11 @@ fn boom_count(node: &serde_json::Value, message: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn rss_kib(pid_of_socket_owner: &std::path::Path) -> u64 {
-    // The agent's pid from its status document is not exposed; find it by its config path.
+fn rss_kib(agent_config: &std::path::Path) -> u64 {
+    // The agent's pid is not in its status document; find it by its config path.
     let out = Command::new("pgrep")
         .arg("-f")
-        .arg(pid_of_socket_owner)
+        .arg(agent_config)
         .output()
         .expect("pgrep");
     let pid = String::from_utf8_lossy(&out.stdout)
