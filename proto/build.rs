@@ -25,6 +25,20 @@ const RESOURCE_MESSAGES: &[&str] = &[
     "LogPluginConfig",
     "LogCondition",
     "LogRule",
+    "Component",
+    "ComponentSpec",
+    "NodeSetParams",
+    "Artifact",
+    "PackageArtifact",
+    "ArchiveArtifact",
+    "FileArtifact",
+    "ManagedFile",
+    "ServiceSpec",
+    "HealthCheck",
+    "UpdateStrategy",
+    "ComponentStatus",
+    "DesiredComponent",
+    "NodeComponent",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -38,7 +38,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// List resources, or show one: nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds).
+    /// List resources, or show one: nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds),
+    /// components (comp).
     Get {
         kind: String,
         name: Option<String>,
@@ -71,6 +72,8 @@ enum NodeCmd {
     Status,
     /// Recent events on this node.
     Events,
+    /// This node's components: declared and observed version, phase.
+    Components,
     /// Record an event on this node (sent to the hub).
     Event {
         #[arg(long)]
@@ -95,7 +98,7 @@ fn what(s: &str) -> anyhow::Result<What> {
             Some(k) => Ok(What::Kind(k)),
             None if Kind::planned(other) => bail!("{other} are not available in this version yet"),
             None => {
-                bail!("unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds)")
+                bail!("unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds), components (comp)")
             }
         },
     }
@@ -165,6 +168,11 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format) -> anyhow::Result<()> {
             match (w, out) {
                 (_, Format::Json) => output::structured(&v, Format::Json)?,
                 (What::Nodes, _) => output::describe_node(&v),
+                (What::Kind(Kind::Component), _) => {
+                    let nodes = check(call(&hub, Method::GET, "/v1/nodes", None).await?)?;
+                    let nodes = nodes.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+                    output::describe_component(&v, &nodes);
+                }
                 (What::Kind(_), _) => output::structured(&v, Format::Yaml)?,
             }
         }
@@ -233,19 +241,8 @@ async fn node(sock: Target, cmd: NodeCmd, out: Format) -> anyhow::Result<()> {
                 _ => output::node_status(&v),
             }
         }
-        NodeCmd::Events => {
-            let v = check(call(&sock, Method::GET, "/v1/events", None).await?)?;
-            match out {
-                Format::Json | Format::Yaml => output::structured(&v, out)?,
-                _ => output::events(
-                    v.get("items")
-                        .and_then(Value::as_array)
-                        .map(Vec::as_slice)
-                        .unwrap_or_default(),
-                    false,
-                ),
-            }
-        }
+        NodeCmd::Events => local_list(&sock, "/v1/events", out, output::events).await?,
+        NodeCmd::Components => local_list(&sock, "/v1/components", out, output::node_components).await?,
         NodeCmd::Event {
             reason,
             message,
@@ -260,6 +257,24 @@ async fn node(sock: Target, cmd: NodeCmd, out: Format) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Gets a `{"items": [...]}` list from the agent socket and prints it.
+async fn local_list(sock: &Target, path: &str, out: Format, table: fn(&[Value], bool)) -> anyhow::Result<()> {
+    let v = check(call(sock, Method::GET, path, None).await?)?;
+    match out {
+        Format::Json | Format::Yaml => output::structured(&v, out),
+        _ => {
+            table(
+                v.get("items")
+                    .and_then(Value::as_array)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+                false,
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Percent-encodes a query value.

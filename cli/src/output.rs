@@ -194,6 +194,32 @@ pub fn resources(kind: nodekeeper_proto::Kind, items: &[Value], wide: bool) {
             }
             print_table(t);
         }
+        Kind::Component => {
+            let mut t = table(&[
+                "NAME",
+                "VERSION",
+                "ARTIFACT",
+                "NODES",
+                "UPDATED",
+                "FAILED",
+                "CONSISTENCY",
+                "AGE",
+            ]);
+            for r in items {
+                let st = s(r, &["status"]);
+                t.add_row(vec![
+                    text(s(r, &["metadata", "name"])),
+                    text(s(r, &["spec", "version"])),
+                    artifact_kind(s(r, &["spec", "artifact"])),
+                    text(s(st, &["selectedNodes"])),
+                    text(s(st, &["updatedNodes"])),
+                    text(s(st, &["failedNodes"])),
+                    format!("{}%", s(st, &["consistencyPercent"]).as_f64().unwrap_or(0.0)),
+                    age(&text(s(r, &["metadata", "creationTimestamp"]))),
+                ]);
+            }
+            print_table(t);
+        }
         Kind::AgentProfile => {
             let mut header = vec!["NAME", "SELECTOR", "LOG LEVEL", "HEARTBEAT", "NODES", "IN SYNC", "AGE"];
             if wide {
@@ -222,6 +248,127 @@ pub fn resources(kind: nodekeeper_proto::Kind, items: &[Value], wide: bool) {
             print_table(t);
         }
     }
+}
+
+fn artifact_kind(a: &Value) -> String {
+    ["deb", "rpm", "archive", "file"]
+        .into_iter()
+        .find(|k| !s(a, &[k]).is_null())
+        .unwrap_or("files")
+        .to_string()
+}
+
+fn counts(v: &Value) -> String {
+    let out: Vec<String> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, n)| format!("{k}={}", text(n)))
+        .collect();
+    if out.is_empty() { "<none>".into() } else { out.join(" ") }
+}
+
+/// A table of node components (from the hub's node status or the agent's
+/// `/v1/components`).
+pub fn node_components(items: &[Value], indented: bool) {
+    let mut t = table(&["COMPONENT", "DECLARED", "OBSERVED", "PHASE", "CHANGED", "LAST ERROR"]);
+    for c in items {
+        t.add_row(vec![
+            text(s(c, &["name"])),
+            text(s(c, &["declaredVersion"])),
+            text(s(c, &["observedVersion"])),
+            text(s(c, &["phase"])),
+            age(&text(s(c, &["lastChangeTime"]))),
+            text(s(c, &["lastError"])),
+        ]);
+    }
+    if indented { indent(t) } else { print_table(t) }
+}
+
+/// `nkctl describe component`: the spec in brief, the fleet counts, the
+/// kept revisions and every selected node's state.
+pub fn describe_component(c: &Value, nodes: &[Value]) {
+    let name = text(s(c, &["metadata", "name"]));
+    let spec = s(c, &["spec"]);
+    let st = s(c, &["status"]);
+    println!("Name:              {name}");
+    println!("Version:           {}", text(s(spec, &["version"])));
+    println!("Generation:        {}", text(s(c, &["metadata", "generation"])));
+    println!("Selector:          {}", selector(s(spec, &["nodeSelector"])));
+    let a = s(spec, &["artifact"]);
+    let kind = artifact_kind(a);
+    let detail = if kind == "files" {
+        String::new()
+    } else {
+        let x = s(a, &[&kind]);
+        [&["url"][..], &["package"], &["path"], &["installDir"]]
+            .iter()
+            .map(|k| text(s(x, k)))
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("Artifact:          {kind} {detail}");
+    let files: Vec<String> = s(spec, &["files"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| text(s(f, &["path"])))
+        .collect();
+    println!("Files:             {}", if files.is_empty() { "<none>".into() } else { files.join(", ") });
+    println!("Service:           {}", text(s(spec, &["service", "unit"])));
+    let h = s(spec, &["health"]);
+    let health = if !s(h, &["http"]).is_null() {
+        format!("http {}", text(s(h, &["http"])))
+    } else if !s(h, &["unitActive"]).is_null() {
+        format!("unitActive {}", text(s(h, &["unitActive"])))
+    } else if let Some(argv) = s(h, &["exec"]).as_array() {
+        format!("exec {}", argv.iter().map(text).collect::<Vec<_>>().join(" "))
+    } else {
+        "<none>".into()
+    };
+    println!("Health:            {health}");
+    let on_fail = text(s(spec, &["onHealthFailure"]));
+    println!(
+        "On health failure: {}",
+        if on_fail.is_empty() { "rollback".into() } else { on_fail }
+    );
+    println!(
+        "Nodes:             {} selected, {} updated, {} failed ({}% consistent)",
+        text(s(st, &["selectedNodes"])),
+        text(s(st, &["updatedNodes"])),
+        text(s(st, &["failedNodes"])),
+        s(st, &["consistencyPercent"]).as_f64().unwrap_or(0.0)
+    );
+    println!("  Versions:        {}", counts(s(st, &["versions"])));
+    println!("  Phases:          {}", counts(s(st, &["phases"])));
+    let revs: Vec<String> = s(st, &["revisions"]).as_array().into_iter().flatten().map(text).collect();
+    println!("Revisions:         {}", revs.join(", "));
+    println!("Node components:");
+    let mut rows = Vec::new();
+    for n in nodes {
+        for x in s(n, &["status", "components"]).as_array().into_iter().flatten() {
+            if text(s(x, &["name"])) == name {
+                let mut x = x.clone();
+                if let Some(o) = x.as_object_mut() {
+                    o.insert("name".into(), s(n, &["metadata", "name"]).clone());
+                }
+                rows.push(x);
+            }
+        }
+    }
+    let mut t = table(&["NODE", "DECLARED", "OBSERVED", "PHASE", "CHANGED", "LAST ERROR"]);
+    for c in rows {
+        t.add_row(vec![
+            text(s(&c, &["name"])),
+            text(s(&c, &["declaredVersion"])),
+            text(s(&c, &["observedVersion"])),
+            text(s(&c, &["phase"])),
+            age(&text(s(&c, &["lastChangeTime"]))),
+            text(s(&c, &["lastError"])),
+        ]);
+    }
+    indent(t);
 }
 
 /// Prints a value as JSON or YAML.
@@ -311,6 +458,11 @@ pub fn describe_node(n: &Value) {
         text(s(st, &["reportSequence"])),
         text(s(st, &["reportsReceived"])),
         text(s(st, &["reportsDropped"]))
+    );
+    println!("Components:");
+    node_components(
+        s(st, &["components"]).as_array().map(Vec::as_slice).unwrap_or_default(),
+        true,
     );
     println!("Conditions:");
     let mut t = table(&["TYPE", "STATUS", "REASON", "LAST TRANSITION", "MESSAGE"]);

@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use crate::API_VERSION;
-use crate::v1::{AgentProfile, DetectorSet, NodeSet, ObjectMeta};
+use crate::v1::{AgentProfile, Component, DetectorSet, NodeSet, ObjectMeta};
 
 /// An error in a resource document, naming the field it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,11 +43,12 @@ pub enum Kind {
     NodeSet,
     AgentProfile,
     DetectorSet,
+    Component,
 }
 
 impl Kind {
     /// Every appliable kind.
-    pub const ALL: &[Kind] = &[Kind::NodeSet, Kind::AgentProfile, Kind::DetectorSet];
+    pub const ALL: &[Kind] = &[Kind::NodeSet, Kind::AgentProfile, Kind::DetectorSet, Kind::Component];
 
     /// The `kind` field value.
     pub fn name(self) -> &'static str {
@@ -55,6 +56,7 @@ impl Kind {
             Kind::NodeSet => "NodeSet",
             Kind::AgentProfile => "AgentProfile",
             Kind::DetectorSet => "DetectorSet",
+            Kind::Component => "Component",
         }
     }
 
@@ -64,6 +66,7 @@ impl Kind {
             Kind::NodeSet => "nodesets",
             Kind::AgentProfile => "agentprofiles",
             Kind::DetectorSet => "detectorsets",
+            Kind::Component => "components",
         }
     }
 
@@ -83,12 +86,13 @@ impl Kind {
             Kind::NodeSet => "ns",
             Kind::AgentProfile => "ap",
             Kind::DetectorSet => "ds",
+            Kind::Component => "comp",
         }
     }
 
     /// Kinds DESIGN.md plans but this build does not serve yet.
     pub fn planned(plural: &str) -> bool {
-        matches!(plural, "components" | "remedyrules")
+        plural == "remedyrules"
     }
 }
 
@@ -98,6 +102,7 @@ pub enum Resource {
     NodeSet(NodeSet),
     AgentProfile(AgentProfile),
     DetectorSet(DetectorSet),
+    Component(Component),
 }
 
 impl Resource {
@@ -107,6 +112,7 @@ impl Resource {
             Resource::NodeSet(_) => Kind::NodeSet,
             Resource::AgentProfile(_) => Kind::AgentProfile,
             Resource::DetectorSet(_) => Kind::DetectorSet,
+            Resource::Component(_) => Kind::Component,
         }
     }
 
@@ -123,6 +129,7 @@ impl Resource {
             Resource::NodeSet(r) => r.metadata.as_ref(),
             Resource::AgentProfile(r) => r.metadata.as_ref(),
             Resource::DetectorSet(r) => r.metadata.as_ref(),
+            Resource::Component(r) => r.metadata.as_ref(),
         };
         m.unwrap_or(&EMPTY)
     }
@@ -133,6 +140,7 @@ impl Resource {
             Resource::NodeSet(r) => r.metadata.get_or_insert_with(Default::default),
             Resource::AgentProfile(r) => r.metadata.get_or_insert_with(Default::default),
             Resource::DetectorSet(r) => r.metadata.get_or_insert_with(Default::default),
+            Resource::Component(r) => r.metadata.get_or_insert_with(Default::default),
         }
     }
 
@@ -147,6 +155,7 @@ impl Resource {
             Resource::NodeSet(r) => serde_json::to_value(&r.spec),
             Resource::AgentProfile(r) => serde_json::to_value(&r.spec),
             Resource::DetectorSet(r) => serde_json::to_value(&r.spec),
+            Resource::Component(r) => serde_json::to_value(&r.spec),
         };
         spec.unwrap_or(Value::Null)
     }
@@ -157,6 +166,7 @@ impl Resource {
             Resource::NodeSet(r) => r.status = None,
             Resource::AgentProfile(r) => r.status = None,
             Resource::DetectorSet(r) => r.status = None,
+            Resource::Component(r) => r.status = None,
         }
     }
 
@@ -167,6 +177,7 @@ impl Resource {
             Resource::NodeSet(r) => (&mut r.api_version, &mut r.kind),
             Resource::AgentProfile(r) => (&mut r.api_version, &mut r.kind),
             Resource::DetectorSet(r) => (&mut r.api_version, &mut r.kind),
+            Resource::Component(r) => (&mut r.api_version, &mut r.kind),
         };
         *api = API_VERSION.to_string();
         *k = kind;
@@ -178,6 +189,7 @@ impl Resource {
             Resource::NodeSet(r) => serde_json::to_value(r),
             Resource::AgentProfile(r) => serde_json::to_value(r),
             Resource::DetectorSet(r) => serde_json::to_value(r),
+            Resource::Component(r) => serde_json::to_value(r),
         };
         v.unwrap_or(Value::Null)
     }
@@ -201,7 +213,7 @@ impl Resource {
         let kind_str = obj
             .get("kind")
             .and_then(Value::as_str)
-            .ok_or_else(|| ResourceError::new("kind", "missing; one of NodeSet, AgentProfile, DetectorSet"))?;
+            .ok_or_else(|| ResourceError::new("kind", "missing; one of NodeSet, AgentProfile, DetectorSet, Component"))?;
         let kind = Kind::ALL
             .iter()
             .copied()
@@ -209,13 +221,14 @@ impl Resource {
             .ok_or_else(|| {
                 ResourceError::new(
                     "kind",
-                    format!("unknown kind {kind_str:?}; one of NodeSet, AgentProfile, DetectorSet"),
+                    format!("unknown kind {kind_str:?}; one of NodeSet, AgentProfile, DetectorSet, Component"),
                 )
             })?;
         let mut r = match kind {
             Kind::NodeSet => Resource::NodeSet(typed(value)?),
             Kind::AgentProfile => Resource::AgentProfile(typed(value)?),
             Kind::DetectorSet => Resource::DetectorSet(typed(value)?),
+            Kind::Component => Resource::Component(typed(value)?),
         };
         crate::validate::resource(&r)?;
         r.clear_status();

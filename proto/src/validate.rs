@@ -41,6 +41,10 @@ pub fn resource(r: &Resource) -> Result<(), ResourceError> {
             }
             Ok(())
         }
+        Resource::Component(c) => {
+            let spec = c.spec.as_ref().ok_or_else(|| ResourceError::new("spec", "missing"))?;
+            crate::component::check("spec", spec)
+        }
         Resource::AgentProfile(ap) => {
             let spec = ap.spec.as_ref().ok_or_else(|| ResourceError::new("spec", "missing"))?;
             agent_profile_spec(spec)

@@ -64,6 +64,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/v1/apply", axum::routing::post(apply_any))
         .route("/v1/{kind}", get(list).post(apply_kind))
         .route("/v1/{kind}/{name}", get(get_one).delete(delete_one))
+        .route("/v1/{kind}/{name}/revisions", get(revisions))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(fleet)
 }
@@ -148,6 +149,11 @@ async fn list(State(f): State<Api>, Path(kind): Path<String>, Query(q): Query<Li
 async fn get_one(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> JsonResult {
     let kind = kind_of(&kind)?;
     Ok(axum::Json(f.get(kind, &name)?))
+}
+
+async fn revisions(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> JsonResult {
+    let k = kind_of(&kind)?;
+    Ok(axum::Json(json!({ "items": f.revisions(k, &name)? })))
 }
 
 async fn delete_one(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> JsonResult {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use nodekeeper_proto::selector::selects;
-use nodekeeper_proto::v1::{AgentProfile, AgentSettings};
+use nodekeeper_proto::v1::{AgentProfile, AgentSettings, Component, DesiredComponent, NodeSet};
 
 /// Log level when no AgentProfile sets one.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -62,6 +62,39 @@ pub fn add_detectors<'a>(
         settings
             .detector_sets
             .push(d.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default());
+    }
+}
+
+/// Adds every Component whose selector matches `labels`, in name order,
+/// with the parameter overrides of the NodeSets that select the node merged
+/// into `params` (in the order the Component lists them; later wins).
+pub fn add_components<'a>(
+    settings: &mut AgentSettings,
+    labels: &BTreeMap<String, String>,
+    components: impl Iterator<Item = &'a Component>,
+    node_sets: &BTreeMap<&str, &NodeSet>,
+) {
+    for c in components {
+        let Some(spec) = c.spec.as_ref() else { continue };
+        if !selects(spec.node_selector.as_ref(), labels) {
+            continue;
+        }
+        let mut spec = spec.clone();
+        for o in std::mem::take(&mut spec.node_set_params) {
+            let selected = node_sets
+                .get(o.node_set.as_str())
+                .and_then(|ns| ns.spec.as_ref())
+                .is_some_and(|s| selects(s.selector.as_ref(), labels));
+            if selected {
+                spec.params.extend(o.params);
+            }
+        }
+        let meta = c.metadata.clone().unwrap_or_default();
+        settings.components.push(DesiredComponent {
+            name: meta.name,
+            generation: meta.generation,
+            spec: Some(spec),
+        });
     }
 }
 

@@ -138,6 +138,8 @@ pub(crate) struct NodeEntry {
 pub(crate) struct State {
     nodes: BTreeMap<String, NodeEntry>,
     resources: BTreeMap<(Kind, String), Resource>,
+    /// Every kept revision of a resource's spec (Components), by generation.
+    revisions: BTreeMap<(Kind, String), BTreeMap<i64, serde_json::Value>>,
     resource_version: u64,
     /// Fleet counts, kept current on every node change (so the summary is
     /// O(1) however often dashboards poll it) and recounted by `tick`.
@@ -193,6 +195,15 @@ impl Fleet {
                 reason: e.to_string(),
             })?;
             state.resources.insert((r.kind(), r.name().to_string()), r);
+        }
+        for (kind, name, generation, body) in loaded.revisions {
+            let Some(k) = Kind::parse(&kind) else { continue };
+            let value: serde_json::Value = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
+                path: "resource_revisions".into(),
+                row: format!("{kind}/{name}/{generation}"),
+                reason: e.to_string(),
+            })?;
+            state.revisions.entry((k, name)).or_default().insert(generation, value);
         }
         let now = Instant::now();
         for node in loaded.nodes {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nodekeeper_proto::time::{now_rfc3339, rfc3339};
 use nodekeeper_proto::v1::{
-    Condition, DesiredState, Event, Hello, Node, NodeStatus, ObjectMeta, Report, Welcome, report,
+    Condition, DesiredState, Event, Hello, Node, NodeComponent, NodeStatus, ObjectMeta, Report, Welcome, report,
 };
 use nodekeeper_proto::{API_VERSION, validate};
 use tokio::sync::{oneshot, watch};
@@ -127,6 +127,23 @@ fn add_event(status: &mut NodeStatus, mut e: Event) {
     }
 }
 
+/// Records a component's status on the node; `Removed` drops it.
+fn upsert_component(status: &mut NodeStatus, mut c: NodeComponent) {
+    truncate(&mut c.last_error);
+    let i = status.components.iter().position(|x| x.name == c.name);
+    match (i, c.phase == nodekeeper_proto::component::phase::REMOVED) {
+        (Some(i), true) => {
+            status.components.remove(i);
+        }
+        (None, true) => {}
+        (Some(i), false) => status.components[i] = c,
+        (None, false) => {
+            status.components.push(c);
+            status.components.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+    }
+}
+
 /// The labels selectors see: the agent's own, then the operator's.
 pub(super) fn base_labels(node: &Node) -> BTreeMap<String, String> {
     let mut labels = node.status.as_ref().map(|s| s.agent_labels.clone()).unwrap_or_default();
@@ -199,6 +216,19 @@ impl State {
                     _ => None,
                 });
                 desired::add_detectors(&mut s, &base, sets);
+                let node_sets: BTreeMap<&str, &nodekeeper_proto::v1::NodeSet> = self
+                    .resources
+                    .iter()
+                    .filter_map(|((_, name), r)| match r {
+                        nodekeeper_proto::Resource::NodeSet(ns) => Some((name.as_str(), ns)),
+                        _ => None,
+                    })
+                    .collect();
+                let components = self.resources.values().filter_map(|r| match r {
+                    nodekeeper_proto::Resource::Component(c) => Some(c),
+                    _ => None,
+                });
+                desired::add_components(&mut s, &base, components, &node_sets);
                 cache.insert(base.clone(), s.clone());
                 s
             }
@@ -430,6 +460,7 @@ impl Fleet {
                     }
                 }
                 Some(report::Body::Event(ev)) => add_event(status, ev),
+                Some(report::Body::Component(c)) => upsert_component(status, c),
                 None => {}
             }
         }

@@ -3,7 +3,8 @@
 //! desired state of the nodes and streams what changed.
 
 use nodekeeper_proto::time::now_rfc3339;
-use nodekeeper_proto::v1::{AgentProfileStatus, DetectorSetStatus, NodeSetStatus};
+use nodekeeper_proto::component::phase;
+use nodekeeper_proto::v1::{AgentProfileStatus, ComponentStatus, DetectorSetStatus, NodeSetStatus};
 use nodekeeper_proto::{Kind, Resource};
 
 use super::nodes::{base_labels, in_sync, ready_status};
@@ -79,9 +80,56 @@ impl State {
                     selected_nodes: selected,
                 });
             }
+            Resource::Component(c) => {
+                let meta = c.metadata.clone().unwrap_or_default();
+                let version = c.spec.as_ref().map(|s| s.version.as_str()).unwrap_or_default();
+                let mut st = ComponentStatus::default();
+                for e in self.nodes.values() {
+                    let Some(status) = e.node.status.as_ref() else { continue };
+                    let selected = status
+                        .settings
+                        .as_ref()
+                        .is_some_and(|s| s.components.iter().any(|d| d.name == meta.name));
+                    if !selected {
+                        continue;
+                    }
+                    st.selected_nodes += 1;
+                    let reported = status.components.iter().find(|x| x.name == meta.name);
+                    let (observed, ph) = match reported {
+                        Some(x) if !x.observed_version.is_empty() => (x.observed_version.as_str(), x.phase.as_str()),
+                        Some(x) => ("none", x.phase.as_str()),
+                        None => ("none", phase::PENDING),
+                    };
+                    *st.versions.entry(observed.to_string()).or_default() += 1;
+                    *st.phases.entry(ph.to_string()).or_default() += 1;
+                    let current = reported.is_some_and(|x| x.generation == meta.generation);
+                    if current && ph == phase::DONE && observed == version {
+                        st.updated_nodes += 1;
+                    }
+                    if current && ph == phase::FAILED {
+                        st.failed_nodes += 1;
+                    }
+                }
+                if st.selected_nodes > 0 {
+                    st.consistency_percent =
+                        (st.updated_nodes as f64 * 10000.0 / st.selected_nodes as f64).round() / 100.0;
+                }
+                st.revisions = self
+                    .revisions
+                    .get(&(Kind::Component, meta.name.clone()))
+                    .map(|r| r.keys().copied().collect())
+                    .unwrap_or_default();
+                c.status = Some(st);
+            }
         }
         r
     }
+}
+
+/// Kinds whose every spec change is kept as a revision (for history and
+/// `rollout undo`).
+fn keeps_revisions(kind: Kind) -> bool {
+    kind == Kind::Component
 }
 
 fn not_found(kind: Kind, name: &str) -> FleetError {
@@ -181,15 +229,29 @@ impl Fleet {
             }
         }
         // 2. Commit the resources.
-        let mut writes: Vec<Write> = planned
-            .iter()
-            .filter(|(a, _)| *a != ApplyAction::Unchanged)
-            .map(|(_, r)| Write::PutResource {
+        let mut writes: Vec<Write> = Vec::new();
+        let mut new_revisions = Vec::new();
+        for (a, r) in &planned {
+            if *a == ApplyAction::Unchanged {
+                continue;
+            }
+            let body = r.to_value();
+            writes.push(Write::PutResource {
                 kind: r.kind().name().into(),
                 name: r.name().into(),
-                body: r.to_value().to_string(),
-            })
-            .collect();
+                body: body.to_string(),
+            });
+            if keeps_revisions(r.kind()) {
+                let generation = r.metadata().generation;
+                writes.push(Write::PutRevision {
+                    kind: r.kind().name().into(),
+                    name: r.name().into(),
+                    generation,
+                    body: body.to_string(),
+                });
+                new_revisions.push(((r.kind(), r.name().to_string()), generation, body));
+            }
+        }
         if !writes.is_empty() {
             writes.push(Write::Counter {
                 key: COUNTER_RESOURCE_VERSION,
@@ -206,6 +268,9 @@ impl Fleet {
                 if *a != ApplyAction::Unchanged {
                     st.resources.insert((r.kind(), r.name().to_string()), r.clone());
                 }
+            }
+            for (key, generation, body) in new_revisions {
+                st.revisions.entry(key).or_default().insert(generation, body);
             }
         }
         if planned.iter().any(|(a, _)| *a != ApplyAction::Unchanged) {
@@ -268,6 +333,20 @@ impl Fleet {
             .ok_or_else(|| not_found(kind, name))
     }
 
+    /// Every kept revision of a resource, oldest first (`{"items": [...]}`
+    /// of whole resources as they were applied).
+    pub fn revisions(&self, kind: Kind, name: &str) -> Result<Vec<serde_json::Value>, FleetError> {
+        let st = self.lock();
+        if !st.resources.contains_key(&(kind, name.to_string())) {
+            return Err(not_found(kind, name));
+        }
+        Ok(st
+            .revisions
+            .get(&(kind, name.to_string()))
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
     /// Deletes a resource and recomputes the nodes it affected.
     pub async fn delete(&self, kind: Kind, name: &str) -> Result<serde_json::Value, FleetError> {
         let _guard = self.apply_lock.lock().await;
@@ -279,7 +358,11 @@ impl Fleet {
             }])
             .await
             .map_err(FleetError::Store)?;
-        self.lock().resources.remove(&(kind, name.to_string()));
+        {
+            let mut st = self.lock();
+            st.resources.remove(&(kind, name.to_string()));
+            st.revisions.remove(&(kind, name.to_string()));
+        }
         self.fan_out();
         Ok(existing)
     }

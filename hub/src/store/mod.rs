@@ -38,9 +38,18 @@ pub enum Write {
         name: String,
         body: String,
     },
+    /// Deletes a resource and every revision kept of it.
     DeleteResource {
         kind: String,
         name: String,
+    },
+    /// Keeps one revision (generation) of a resource's spec, for history and
+    /// rollback.
+    PutRevision {
+        kind: String,
+        name: String,
+        generation: i64,
+        body: String,
     },
     /// Insert or replace a node (protobuf-encoded `Node`); coalesced per name
     /// within a batch. Encoded by the caller: one buffer instead of a deep clone.
@@ -87,6 +96,8 @@ pub struct Loaded {
     pub resources: Vec<(String, String)>,
     pub nodes: Vec<Node>,
     pub counters: HashMap<String, u64>,
+    /// (kind, name, generation, JSON body), oldest first per resource.
+    pub revisions: Vec<(String, String, i64, String)>,
 }
 
 /// Handle to the store; cheap to clone.
@@ -117,7 +128,10 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
          CREATE TABLE IF NOT EXISTS node_revisions (
             name TEXT PRIMARY KEY, desired INTEGER NOT NULL, applied INTEGER NOT NULL,
             settings BLOB NOT NULL) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;",
+         CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS resource_revisions (
+            kind TEXT NOT NULL, name TEXT NOT NULL, generation INTEGER NOT NULL, body TEXT NOT NULL,
+            PRIMARY KEY (kind, name, generation)) WITHOUT ROWID;",
     )?;
     Ok(conn)
 }
@@ -229,6 +243,15 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
         };
         out.nodes.push(node);
     }
+    let mut stmt = conn
+        .prepare("SELECT kind, name, generation, body FROM resource_revisions ORDER BY kind, name, generation")
+        .map_err(err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .map_err(err)?;
+    for row in rows {
+        out.revisions.push(row.map_err(err)?);
+    }
     let mut stmt = conn.prepare("SELECT key, value FROM counters").map_err(err)?;
     let rows = stmt
         .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
@@ -311,6 +334,19 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
                     }
                     Write::DeleteResource { kind, name } => {
                         del_res.execute(params![kind, name])?;
+                        tx.prepare_cached("DELETE FROM resource_revisions WHERE kind = ?1 AND name = ?2")?
+                            .execute(params![kind, name])?;
+                    }
+                    Write::PutRevision {
+                        kind,
+                        name,
+                        generation,
+                        body,
+                    } => {
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO resource_revisions (kind, name, generation, body) VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![kind, name, generation, body])?;
                     }
                     Write::PutNode {
                         name,
