@@ -26,6 +26,8 @@ pub struct AgentConfig {
     pub outbox: OutboxConfig,
     /// Local detectors (the DetectorSet spec schema).
     pub detectors: Detectors,
+    /// The converge engine (node components).
+    pub converge: ConvergeConfig,
     pub log_level: String,
     /// text or json.
     pub log_format: String,
@@ -61,6 +63,31 @@ pub struct Detectors {
     pub default_rules: bool,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct ConvergeConfig {
+    /// Seconds between reconciles (drift checks); a new desired state starts
+    /// one at once.
+    pub interval_seconds: u64,
+    /// Where component unit files go.
+    pub unit_dir: PathBuf,
+    /// Root directory for rpm (`rpm --root`); `/` on an rpm host.
+    pub rpm_root: PathBuf,
+    /// Download attempts per artifact before the change fails.
+    pub download_attempts: u32,
+}
+
+impl Default for ConvergeConfig {
+    fn default() -> Self {
+        ConvergeConfig {
+            interval_seconds: 60,
+            unit_dir: PathBuf::from("/etc/systemd/system"),
+            rpm_root: PathBuf::from("/"),
+            download_attempts: 5,
+        }
+    }
+}
+
 impl Default for Detectors {
     fn default() -> Self {
         Detectors {
@@ -88,6 +115,7 @@ impl Default for AgentConfig {
             metrics: MetricsConfig::default(),
             outbox: OutboxConfig::default(),
             detectors: Detectors::default(),
+            converge: ConvergeConfig::default(),
             log_level: "info".into(),
             log_format: "text".into(),
         }
@@ -125,6 +153,25 @@ impl AgentConfig {
         }
         if self.outbox.max_reports == 0 {
             return Err(ConfigError::invalid(path, "outbox.maxReports", "must be at least 1"));
+        }
+        if !(1..=86_400).contains(&self.converge.interval_seconds) {
+            return Err(ConfigError::invalid(
+                path,
+                "converge.intervalSeconds",
+                "must be between 1 and 86400",
+            ));
+        }
+        for (key, p) in [("converge.unitDir", &self.converge.unit_dir), ("converge.rpmRoot", &self.converge.rpm_root)] {
+            if !p.is_absolute() {
+                return Err(ConfigError::invalid(path, key, "must be an absolute path"));
+            }
+        }
+        if !(1..=100).contains(&self.converge.download_attempts) {
+            return Err(ConfigError::invalid(
+                path,
+                "converge.downloadAttempts",
+                "must be between 1 and 100",
+            ));
         }
         nodekeeper_proto::config::check_logging(path, &self.log_level, &self.log_format)?;
         Ok(())

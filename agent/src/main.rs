@@ -79,6 +79,7 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     })?;
     let store = Arc::new(AgentStore::open(&cfg.state_dir.join("agent.db"))?);
     let outbox = Outbox::open(store.clone(), cfg.outbox.max_reports)?;
+    let converge_store = store.clone();
     let name = cfg.node_name();
     let agent = Arc::new(Agent::new(AgentParts {
         name: name.clone(),
@@ -136,6 +137,16 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     let detect_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let detectors = nodekeeper_agent::detect::manager::spawn(agent.clone(), local, detect_stop.clone())
         .context("starting the log monitors")?;
+    // The engine thread is not joined at shutdown: every step it takes is
+    // recorded first, so a change cut short resumes at the next start.
+    let _converge = converge::component::spawn(
+        agent.clone(),
+        converge_store,
+        cfg.converge.clone(),
+        &cfg.state_dir,
+        detect_stop.clone(),
+    )
+    .context("starting the converge engine")?;
     agent
         .record_event(Event {
             severity: "Info".into(),

@@ -9,7 +9,10 @@ use std::time::SystemTime;
 
 use nodekeeper_proto::daemon::LogLevel;
 use nodekeeper_proto::time::{now_rfc3339, rfc3339};
-use nodekeeper_proto::v1::{AgentSettings, Condition, ConditionChange, DesiredState, Event, Hello, NodeFacts, report};
+use nodekeeper_proto::v1::{
+    AgentSettings, Condition, ConditionChange, DesiredComponent, DesiredState, Event, Hello, NodeComponent, NodeFacts,
+    report,
+};
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -53,6 +56,10 @@ pub struct Agent {
     conditions: Mutex<Vec<Condition>>,
     /// Where converge sends the hub's log monitors (none: hollow agents).
     detector_updates: Mutex<Option<std::sync::mpsc::Sender<Vec<nodekeeper_proto::v1::LogMonitor>>>>,
+    /// Where converge sends the hub's components (none: hollow agents).
+    component_updates: Mutex<Option<std::sync::mpsc::Sender<Vec<DesiredComponent>>>>,
+    /// Each component's state, for `/v1/components`.
+    components: Mutex<BTreeMap<String, NodeComponent>>,
     link: Mutex<LinkStatus>,
 }
 
@@ -102,6 +109,8 @@ impl Agent {
             events: Mutex::new(VecDeque::new()),
             conditions: Mutex::new(Vec::new()),
             detector_updates: Mutex::new(None),
+            component_updates: Mutex::new(None),
+            components: Mutex::new(BTreeMap::new()),
             link: Mutex::new(LinkStatus::default()),
         }
     }
@@ -248,6 +257,33 @@ impl Agent {
         if let Some(tx) = lock(&self.detector_updates).as_ref() {
             let _ = tx.send(monitors);
         }
+    }
+
+    /// Connects converge to the component engine.
+    pub fn set_component_updates(&self, tx: std::sync::mpsc::Sender<Vec<DesiredComponent>>) {
+        *lock(&self.component_updates) = Some(tx);
+    }
+
+    /// Hands the hub's components to the engine, if there is one.
+    pub fn update_components(&self, components: Vec<DesiredComponent>) {
+        if let Some(tx) = lock(&self.component_updates).as_ref() {
+            let _ = tx.send(components);
+        }
+    }
+
+    /// Records a component's state for the socket.
+    pub fn set_component(&self, c: NodeComponent) {
+        lock(&self.components).insert(c.name.clone(), c);
+    }
+
+    /// Forgets a component no longer managed.
+    pub fn remove_component(&self, name: &str) {
+        lock(&self.components).remove(name);
+    }
+
+    /// Every managed component's state, by name.
+    pub fn components(&self) -> Vec<NodeComponent> {
+        lock(&self.components).values().cloned().collect()
     }
 
     /// Detector conditions now.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod artifacts;
 pub mod lab;
 
 /// Path of a workspace binary (built by `cargo build --workspace` or
@@ -394,6 +395,42 @@ impl Agent {
         let mut c = self.child.take().expect("agent running");
         kill(&mut c, nix::sys::signal::Signal::SIGTERM);
         c.wait().expect("wait agent")
+    }
+
+    /// Replaces the environment used at the next (re)start.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
+
+    /// Waits for the agent process to exit by itself (a failpoint); `None`
+    /// when it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// `/v1/components` from the socket.
+    pub fn components(&self) -> Vec<Value> {
+        match http_unix(&self.socket, "GET", "/v1/components", "") {
+            Ok((200, b)) => serde_json::from_str::<Value>(&b)
+                .ok()
+                .and_then(|v| v["items"].as_array().cloned())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// One component from `/v1/components`.
+    pub fn component(&self, name: &str) -> Option<Value> {
+        self.components().into_iter().find(|c| c["name"] == name)
     }
 
     /// All of the agent's log so far.

@@ -1,4 +1,5 @@
-//! Converge: bring the node to its desired state. Today the agent's own
-//! runtime settings (AgentProfile); node components join here.
+//! Converge: bring the node to its desired state: the agent's own runtime
+//! settings (AgentProfile) and node components at their declared versions.
 
+pub mod component;
 pub mod settings;

@@ -26,6 +26,14 @@ pub fn check(s: &AgentSettings) -> Result<(), String> {
         nodekeeper_proto::rules::check(m)
             .map_err(|e| format!("settings.logMonitors[{i}].{}: {}", e.field, e.message))?;
     }
+    for (i, c) in s.components.iter().enumerate() {
+        validate::dns_subdomain(&format!("settings.components[{i}].name"), &c.name).map_err(|e| e.to_string())?;
+        let spec = c
+            .spec
+            .as_ref()
+            .ok_or_else(|| format!("settings.components[{i}].spec: missing"))?;
+        nodekeeper_proto::component::check(&format!("settings.components[{i}].spec"), spec).map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 
@@ -46,6 +54,7 @@ pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
         log.set(&settings.log_level)?;
     }
     let monitors = settings.log_monitors.clone();
+    let components = settings.components.clone();
     let changed = agent.set_applied(DesiredState {
         revision: d.revision,
         settings: Some(settings),
@@ -54,6 +63,7 @@ pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
     if changed {
         tracing::info!(revision = d.revision, "applied new agent settings");
         agent.update_detectors(monitors);
+        agent.update_components(components);
     }
     Ok(())
 }

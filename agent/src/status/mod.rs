@@ -25,6 +25,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/events", get(events).post(post_event))
         .route("/v1/conditions", get(conditions))
+        .route("/v1/components", get(components))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(agent)
@@ -36,6 +37,10 @@ async fn status(State(a): State<Arc<Agent>>) -> impl IntoResponse {
 
 async fn conditions(State(a): State<Arc<Agent>>) -> impl IntoResponse {
     axum::Json(json!({ "items": a.conditions() }))
+}
+
+async fn components(State(a): State<Arc<Agent>>) -> impl IntoResponse {
+    axum::Json(json!({ "items": a.components() }))
 }
 
 async fn events(State(a): State<Arc<Agent>>) -> impl IntoResponse {

@@ -26,6 +26,8 @@ pub mod keys {
     pub const DROPPED_PENDING: &str = "dropped_pending";
     /// Detector conditions (JSON).
     pub const CONDITIONS: &str = "conditions";
+    /// Prefix of each component's record (`component:<name>`, JSON).
+    pub const COMPONENT_PREFIX: &str = "component:";
 }
 
 /// The agent store; every call is one short transaction.
@@ -98,6 +100,26 @@ impl AgentStore {
                 .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Every key with `prefix` and its value, in key order.
+    pub fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT key, value FROM kv WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([prefix], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Deletes a key.
+    pub fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM kv WHERE key = ?1", [key])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
     }
 
     /// Every pending report, in sequence order.

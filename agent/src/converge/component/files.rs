@@ -1,0 +1,273 @@
+//! Files on the node, changed only atomically: content goes to a temporary
+//! file beside the target, is fsynced, gets its mode and owner, and is
+//! renamed over the target (then the directory is fsynced), so a crash leaves
+//! either the old or the new file, never a torn one. Contents the engine may
+//! need again (a previous version's files, for rollback and drift repair)
+//! are kept by hash in a small content store.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Hex SHA-256 of bytes.
+pub fn sha256_bytes(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// Hex SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.nk-tmp"))
+}
+
+fn fsync_dir(path: &Path) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Owner of a managed file: numeric ids resolved from `user[:group]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Resolves `user` or `user:group` (empty: root). A user without a group
+/// gets the user's primary group.
+pub fn resolve_owner(spec: &str) -> Result<Owner, String> {
+    if spec.is_empty() {
+        return Ok(Owner { uid: 0, gid: 0 });
+    }
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let u = nix::unistd::User::from_name(user)
+        .map_err(|e| format!("owner {spec:?}: looking up user {user:?}: {e}"))?
+        .ok_or_else(|| format!("owner {spec:?}: no user {user:?} on this node"))?;
+    let gid = match group {
+        Some(g) => {
+            nix::unistd::Group::from_name(g)
+                .map_err(|e| format!("owner {spec:?}: looking up group {g:?}: {e}"))?
+                .ok_or_else(|| format!("owner {spec:?}: no group {g:?} on this node"))?
+                .gid
+        }
+        None => u.gid,
+    };
+    Ok(Owner {
+        uid: u.uid.as_raw(),
+        gid: gid.as_raw(),
+    })
+}
+
+/// Writes `content` to `path` atomically with `mode` and `owner`, creating
+/// parent directories.
+pub fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: Owner) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = tmp_path(path);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(content)?;
+    finish(f, &tmp, path, mode, owner)
+}
+
+/// Copies `src` to `dst` atomically (for a verified binary from the cache).
+pub fn copy_atomic(src: &Path, dst: &Path, mode: u32, owner: Owner) -> io::Result<()> {
+    if let Some(dir) = dst.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = tmp_path(dst);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    io::copy(&mut File::open(src)?, &mut f)?;
+    finish(f, &tmp, dst, mode, owner)
+}
+
+fn finish(f: File, tmp: &Path, path: &Path, mode: u32, owner: Owner) -> io::Result<()> {
+    nix::unistd::fchown(&f, Some(owner.uid.into()), Some(owner.gid.into())).map_err(io::Error::from)?;
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(tmp, path)?;
+    fsync_dir(path)
+}
+
+/// Points the symlink `link` at `target` atomically (a new link beside it,
+/// renamed over it).
+pub fn switch_symlink(link: &Path, target: &Path) -> io::Result<()> {
+    if let Some(dir) = link.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = tmp_path(link);
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::os::unix::fs::symlink(target, &tmp)?;
+    fs::rename(&tmp, link)?;
+    fsync_dir(link)
+}
+
+/// Removes a file if it exists.
+pub fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => fsync_dir(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What a file on the node looks like now: its hash, mode and owner, or
+/// nothing when it does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub sha256: String,
+    pub mode: u32,
+    pub owner: Owner,
+}
+
+/// Observes `path` (`None`: absent).
+pub fn observe(path: &Path) -> io::Result<Option<Observed>> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_file() {
+        return Ok(Some(Observed {
+            sha256: "not-a-regular-file".into(),
+            mode: meta.mode() & 0o7777,
+            owner: Owner {
+                uid: meta.uid(),
+                gid: meta.gid(),
+            },
+        }));
+    }
+    Ok(Some(Observed {
+        sha256: sha256_file(path)?,
+        mode: meta.mode() & 0o7777,
+        owner: Owner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        },
+    }))
+}
+
+/// Contents kept by hash under the state directory, so a previous version's
+/// files can be written back without the network.
+#[derive(Debug, Clone)]
+pub struct ContentStore {
+    dir: PathBuf,
+}
+
+impl ContentStore {
+    pub fn new(dir: PathBuf) -> ContentStore {
+        ContentStore { dir }
+    }
+
+    /// Stores bytes; returns their hash.
+    pub fn put(&self, content: &[u8]) -> io::Result<String> {
+        let sha = sha256_bytes(content);
+        let path = self.dir.join(&sha);
+        if !path.exists() {
+            write_atomic(&path, content, 0o600, Owner { uid: 0, gid: 0 }).or_else(|e| {
+                // Not root (tests of the engine as a user): keep our own ids.
+                if e.raw_os_error() == Some(nix::libc::EPERM) {
+                    let me = Owner {
+                        uid: nix::unistd::getuid().as_raw(),
+                        gid: nix::unistd::getgid().as_raw(),
+                    };
+                    write_atomic(&path, content, 0o600, me)
+                } else {
+                    Err(e)
+                }
+            })?;
+        }
+        Ok(sha)
+    }
+
+    /// Reads stored bytes, checking they still hash to `sha`.
+    pub fn get(&self, sha: &str) -> Result<Vec<u8>, String> {
+        let path = self.dir.join(sha);
+        let b = fs::read(&path).map_err(|e| format!("kept content {}: {e}", path.display()))?;
+        if sha256_bytes(&b) != sha {
+            return Err(format!(
+                "kept content {} is corrupt (hash differs); it cannot be used",
+                path.display()
+            ));
+        }
+        Ok(b)
+    }
+
+    /// Stores the current content of a file on the node, if any.
+    pub fn keep_file(&self, path: &Path) -> Result<Option<String>, String> {
+        match fs::read(path) {
+            Ok(b) => self.put(&b).map(Some).map_err(|e| format!("keeping {}: {e}", path.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("reading {}: {e}", path.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_content_and_mode_and_leaves_no_temp_file() {
+        let dir = std::env::temp_dir().join(format!("nk-files-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let p = dir.join("sub/x.conf");
+        let me = Owner {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+        };
+        write_atomic(&p, b"one\n", 0o640, me).expect("write");
+        write_atomic(&p, b"two\n", 0o600, me).expect("rewrite");
+        assert_eq!(fs::read(&p).expect("read"), b"two\n");
+        let o = observe(&p).expect("observe").expect("exists");
+        assert_eq!(o.mode, 0o600);
+        assert_eq!(o.sha256, sha256_bytes(b"two\n"));
+        assert!(!tmp_path(&p).exists());
+        let link = dir.join("current");
+        switch_symlink(&link, Path::new("v1")).expect("link");
+        switch_symlink(&link, Path::new("v2")).expect("relink");
+        assert_eq!(fs::read_link(&link).expect("readlink"), Path::new("v2"));
+        let cs = ContentStore::new(dir.join("content"));
+        let sha = cs.put(b"kept").expect("put");
+        assert_eq!(cs.get(&sha).expect("get"), b"kept");
+        fs::write(dir.join("content").join(&sha), b"tampered").expect("tamper");
+        assert!(cs.get(&sha).unwrap_err().contains("corrupt"));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,95 @@
+//! The health gate after a change: probes (exec, HTTP, unit active) every
+//! `periodSeconds`; the change passes at the first passing probe and fails
+//! when none passed within `gracePeriodSeconds`.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nodekeeper_proto::v1::HealthCheck;
+
+use super::systemd;
+
+const DEFAULT_TIMEOUT: u32 = 5;
+const DEFAULT_PERIOD: u32 = 2;
+const DEFAULT_GRACE: u32 = 30;
+
+fn secs(v: u32, default: u32) -> Duration {
+    Duration::from_secs(u64::from(if v == 0 { default } else { v }))
+}
+
+/// One probe.
+pub fn probe(h: &HealthCheck) -> Result<(), String> {
+    let timeout = secs(h.timeout_seconds, DEFAULT_TIMEOUT);
+    if let Some((prog, args)) = h.exec.split_first() {
+        return exec(prog, args, timeout);
+    }
+    if !h.http.is_empty() {
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .build();
+        let agent = ureq::Agent::new_with_config(config);
+        let resp = agent.get(&h.http).call().map_err(|e| format!("GET {}: {e}", h.http))?;
+        let status = resp.status().as_u16();
+        return if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("GET {}: HTTP {status}", h.http))
+        };
+    }
+    if !h.unit_active.is_empty() {
+        return if systemd::is_active(&h.unit_active)? {
+            Ok(())
+        } else {
+            Err(format!("{} is not active", h.unit_active))
+        };
+    }
+    Ok(())
+}
+
+fn exec(prog: &str, args: &[String], timeout: Duration) -> Result<(), String> {
+    let mut child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {prog}: {e}"))?;
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return Err(format!("{prog} exited with {status}: {}", err.trim()));
+            }
+            Ok(None) if start.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{prog} did not finish within {timeout:?}"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("waiting for {prog}: {e}")),
+        }
+    }
+}
+
+/// Probes until one passes or the grace period is over.
+pub fn gate(h: &HealthCheck) -> Result<(), String> {
+    let grace = secs(h.grace_period_seconds, DEFAULT_GRACE);
+    let period = secs(h.period_seconds, DEFAULT_PERIOD);
+    let start = Instant::now();
+    loop {
+        let last = match probe(h) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if start.elapsed() + period > grace {
+            return Err(format!("health check failed for {grace:?}: {last}"));
+        }
+        std::thread::sleep(period);
+    }
+}
