@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use nodekeeper_e2e::artifacts::{FileServer, build_deb, sha256};
+use nodekeeper_e2e::artifacts::{FileServer, build_deb, build_tar_gz, sha256};
 use nodekeeper_e2e::lab::{run, stdout};
 use nodekeeper_e2e::{Agent, Hub, TempDir, event_count, nkctl, wait_for};
 use serde_json::Value;
@@ -41,6 +41,15 @@ fn dpkg_version(pkg: &str) -> Option<String> {
     s.strip_prefix("ii |").map(str::to_string)
 }
 
+/// `dpkg -i` as an operator would, waiting while another test's agent holds
+/// the dpkg lock.
+fn dpkg_by_hand(deb: &Path) {
+    wait_for("dpkg -i by hand", T, || {
+        let out = Command::new("dpkg").arg("-i").arg(deb).output().expect("dpkg");
+        out.status.success().then_some(())
+    });
+}
+
 /// Removes a test package from the host's dpkg database when the test ends.
 struct Purge(String);
 
@@ -52,6 +61,19 @@ impl Drop for Purge {
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Text that does not compress away (hex of a simple generator).
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = String::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push_str(&format!("{x:016x}"));
+    }
+    out
 }
 
 fn component_status(hub: &Hub, name: &str) -> Value {
@@ -191,7 +213,7 @@ spec:
     // 4. Drift: a hand-edited file and a hand-installed older package are put back.
     std::fs::write(&conf, "edited by hand\n").expect("edit");
     wait_for("the edited file restored", T, || read(&conf).contains("version=2.0").then_some(()));
-    run(Command::new("dpkg").arg("-i").arg(&deb1));
+    dpkg_by_hand(&deb1);
     wait_for("the package back at 2.0-1", T, || {
         (dpkg_version(&pkg).as_deref() == Some("2.0-1")).then_some(())
     });
@@ -203,4 +225,226 @@ spec:
     let c = agent.component("widget").expect("widget");
     assert_eq!(c["phase"], "Done");
     assert_eq!(c["observedVersion"], "2.0");
+}
+
+#[test]
+fn archive_and_file_artifacts_resume_downloads_switch_atomically_refuse_bad_hashes_and_repair_drift() {
+    let tmp = TempDir::new("conv-archive");
+    let d = tmp.path();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    // A big enough archive that a download cut in the middle is visible.
+    let filler = noise(1, 512 * 1024);
+    let tgz1 = build_tar_gz(
+        &www,
+        "tool-1.0",
+        "tool-1.0",
+        &[("bin/tool", "#!/bin/sh\necho tool 1.0\n", 0o755), ("share/blob", &filler, 0o644)],
+    );
+    let filler2 = noise(2, 512 * 1024);
+    let tgz2 = build_tar_gz(
+        &www,
+        "tool-2.0",
+        "tool-2.0",
+        &[("bin/tool", "#!/bin/sh\necho tool 2.0\n", 0o755), ("share/blob", &filler2, 0o644)],
+    );
+    let helper = www.join("helper-1");
+    std::fs::write(&helper, "#!/bin/sh\necho helper 1\n").expect("helper");
+    let server = FileServer::start(&www);
+    let install_dir = d.join("opt/tool");
+    let helper_path = d.join("usr/local/bin/helper");
+
+    let hub = Hub::start(d, "");
+    let agent = Agent::start(d, "arc-node", Some(&hub.grpc_url()), "converge: {intervalSeconds: 1}\n");
+    let tool = |version: &str, tgz: &Path, sha: &str| {
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: tool}}\nspec:\n  version: \"{version}\"\n  artifact:\n    archive: {{url: \"{}\", sha256: \"{sha}\", stripComponents: 1, installDir: \"{}\"}}\n",
+            server.url(tgz),
+            install_dir.display()
+        )
+    };
+    let current = install_dir.join("current");
+    let run_tool = || stdout(&run(&mut Command::new(current.join("bin/tool")))).trim().to_string();
+
+    // 1. Version 1.0; its download is cut in the middle once and resumed with a range request.
+    server.cut_next(&tgz1, 100 * 1024);
+    apply(&hub, &tool("1.0", &tgz1, &sha256(&tgz1)));
+    wait_phase(&agent, "tool", "Done", 1);
+    assert_eq!(run_tool(), "tool 1.0");
+    assert_eq!(
+        std::fs::read_link(&current).expect("current link"),
+        install_dir.join("versions/1.0")
+    );
+    let reqs = server.requests();
+    assert!(
+        reqs.iter().any(|r| r.path.ends_with("tool-1.0.tar.gz") && r.range.is_some()),
+        "the interrupted download should resume with a Range request: {reqs:?}"
+    );
+
+    // 2. A wrong sha256 is refused: nothing unpacked, the link unchanged.
+    let wrong = sha256(&helper); // the hash of some other file
+    apply(&hub, &tool("2.0", &tgz2, &wrong));
+    let c = wait_phase(&agent, "tool", "Failed", 2);
+    let err = c["lastError"].as_str().unwrap_or_default();
+    assert!(err.contains("sha256 mismatch") && err.contains("nothing"), "{err}");
+    assert_eq!(c["observedVersion"], "1.0");
+    assert_eq!(run_tool(), "tool 1.0");
+    assert!(!install_dir.join("versions/2.0").exists(), "nothing of 2.0 may be unpacked");
+    let cached: Vec<String> = std::fs::read_dir(d.join("arc-node/state/artifacts"))
+        .expect("cache")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(cached, [sha256(&tgz1)], "only verified artifacts stay in the cache");
+
+    // 3. The right hash: 2.0 goes in by switching the link; 1.0 is cleaned up.
+    apply(&hub, &tool("2.0", &tgz2, &sha256(&tgz2)));
+    wait_phase(&agent, "tool", "Done", 3);
+    assert_eq!(run_tool(), "tool 2.0");
+    wait_for("the old version removed", T, || {
+        (!install_dir.join("versions/1.0").exists()).then_some(())
+    });
+
+    // 4. Drift: a replaced binary inside the current version is put back.
+    std::fs::write(current.join("bin/tool"), "#!/bin/sh\necho tampered\n").expect("tamper");
+    wait_for("the binary restored", T, || (run_tool() == "tool 2.0").then_some(()));
+
+    // 5. A file artifact, installed and repaired the same way.
+    let helper_yaml = format!(
+        "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: helper}}\nspec:\n  version: \"1\"\n  artifact:\n    file: {{url: \"{}\", sha256: \"{}\", path: \"{}\", mode: \"0750\"}}\n",
+        server.url(&helper),
+        sha256(&helper),
+        helper_path.display()
+    );
+    apply(&hub, &helper_yaml);
+    wait_phase(&agent, "helper", "Done", 1);
+    assert_eq!(stdout(&run(&mut Command::new(&helper_path))).trim(), "helper 1");
+    std::fs::write(&helper_path, "#!/bin/sh\necho replaced\n").expect("replace");
+    wait_for("the helper restored", T, || {
+        (read(&helper_path).contains("helper 1")).then_some(())
+    });
+    wait_for("ComponentDrift events at the hub", T, || {
+        (event_count(&hub.node("arc-node")?, "ComponentDrift") >= 2).then_some(())
+    });
+    let st = component_status(&hub, "tool");
+    assert_eq!(st["versions"]["2.0"], 1, "{st}");
+
+    // 6. A component no longer selecting the node stays installed, unmanaged.
+    let del = hub.nkctl(&["delete", "component", "helper"]);
+    assert!(del.status.success(), "{}", String::from_utf8_lossy(&del.stderr));
+    wait_for("helper no longer reported", T, || agent.component("helper").is_none().then_some(()));
+    assert!(helper_path.exists());
+    wait_for("the hub drops helper from the node", T, || {
+        let n = hub.node("arc-node")?;
+        (!n["status"]["components"].as_array()?.iter().any(|c| c["name"] == "helper")).then_some(())
+    });
+}
+
+/// The node's widget, as one consistent version: the package, the binary it
+/// installs and the rendered config must all say the same version.
+fn widget_version(pkg: &str, bin_path: &Path, conf: &Path) -> String {
+    let pkg_v = dpkg_version(pkg).unwrap_or_default();
+    let bin_v = stdout(&run(&mut Command::new(bin_path))).trim().to_string();
+    let conf_v = read(conf).trim().to_string();
+    let v = pkg_v.trim_end_matches("-1").to_string();
+    assert_eq!(
+        (bin_v.as_str(), conf_v.as_str()),
+        (format!("widget {v}").as_str(), format!("version={v}").as_str()),
+        "the node is between versions: package {pkg_v}, binary {bin_v:?}, config {conf_v:?}"
+    );
+    v
+}
+
+#[test]
+fn sigkill_at_every_step_leaves_the_node_at_the_old_or_the_new_version_and_the_change_finishes() {
+    let tmp = TempDir::new("conv-crash");
+    let d = tmp.path();
+    let pkg = format!("nk-e2e-crash-{}", std::process::id());
+    let _purge = Purge(pkg.clone());
+    let bin_path = d.join("opt/crash/bin/widget");
+    let bin_s = bin_path.to_string_lossy().into_owned();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let debs = [
+        build_deb(&www, &pkg, "1.0-1", &[(&bin_s, "#!/bin/sh\necho widget 1.0\n", 0o755)]),
+        build_deb(&www, &pkg, "2.0-1", &[(&bin_s, "#!/bin/sh\necho widget 2.0\n", 0o755)]),
+    ];
+    let server = FileServer::start(&www);
+    let conf = d.join("etc/crash/widget.conf");
+    let healthy = d.join("healthy");
+    std::fs::write(&healthy, "").expect("flag");
+    let hub = Hub::start(d, "");
+    let mut agent = Agent::start(d, "crash-node", Some(&hub.grpc_url()), "converge: {intervalSeconds: 1}\n");
+    let spec = |i: usize, health: &str| {
+        let version = ["1.0", "2.0"][i];
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: widget}}\nspec:\n  version: \"{version}\"\n  artifact:\n    deb: {{url: \"{}\", sha256: \"{}\"}}\n  files:\n  - path: {}\n    template: \"version={{{{ component.version }}}}\\n\"\n  health:\n    exec: [\"/bin/sh\", \"-c\", \"test -f {health}\"]\n    periodSeconds: 1\n    gracePeriodSeconds: 2\n",
+            server.url(&debs[i]),
+            sha256(&debs[i]),
+            conf.display()
+        )
+    };
+    let ok = healthy.display().to_string();
+    let sick = d.join("missing").display().to_string();
+    apply(&hub, &spec(0, &ok));
+    wait_phase(&agent, "widget", "Done", 1);
+    assert_eq!(widget_version(&pkg, &bin_path, &conf), "1.0");
+
+    let forward = [
+        "Downloading",
+        "Verifying",
+        "Staging",
+        "Installing",
+        "WritingFiles",
+        "Restarting",
+        "HealthCheck",
+    ];
+    let mut cases: Vec<(String, bool)> = Vec::new();
+    for p in forward {
+        for at in ["before", "after"] {
+            cases.push((format!("{p}:{at}"), true));
+        }
+    }
+    // A change whose health gate fails, killed while rolling back.
+    cases.push(("RollingBack:before".into(), false));
+    cases.push(("RollingBack:after".into(), false));
+
+    let mut generation = 1;
+    let mut current = 0usize;
+    for (failpoint, passes) in cases {
+        let target = 1 - current;
+        agent.terminate();
+        agent.set_env(&[("NODEKEEPER_FAILPOINT", &failpoint)]);
+        agent.restart();
+        generation += 1;
+        // Each failing spec differs: a spec that failed once is not retried.
+        let sick_now = format!("{sick}-{generation}");
+        apply(&hub, &spec(target, if passes { &ok } else { &sick_now }));
+        let status = agent
+            .wait_exit(T)
+            .unwrap_or_else(|| panic!("the agent did not reach failpoint {failpoint}"));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "{failpoint}: the agent must die of SIGKILL");
+        agent.set_env(&[]);
+        agent.restart();
+        let (phase, expect) = if passes {
+            ("Done", target)
+        } else {
+            ("Failed", current)
+        };
+        let c = wait_phase(&agent, "widget", phase, generation);
+        let v = widget_version(&pkg, &bin_path, &conf);
+        assert_eq!(
+            v,
+            ["1.0", "2.0"][expect],
+            "after SIGKILL at {failpoint} the change should end at {phase}: {c}"
+        );
+        assert_eq!(c["observedVersion"], ["1.0", "2.0"][expect], "{failpoint}: {c}");
+        let log = agent.log();
+        assert!(
+            log.contains("resuming a change interrupted by a restart"),
+            "{failpoint}: the restarted agent should resume the change"
+        );
+        current = expect;
+    }
 }
