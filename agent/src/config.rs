@@ -161,7 +161,10 @@ impl AgentConfig {
                 "must be between 1 and 86400",
             ));
         }
-        for (key, p) in [("converge.unitDir", &self.converge.unit_dir), ("converge.rpmRoot", &self.converge.rpm_root)] {
+        for (key, p) in [
+            ("converge.unitDir", &self.converge.unit_dir),
+            ("converge.rpmRoot", &self.converge.rpm_root),
+        ] {
             if !p.is_absolute() {
                 return Err(ConfigError::invalid(path, key, "must be an absolute path"));
             }

@@ -98,7 +98,9 @@ fn what(s: &str) -> anyhow::Result<What> {
             Some(k) => Ok(What::Kind(k)),
             None if Kind::planned(other) => bail!("{other} are not available in this version yet"),
             None => {
-                bail!("unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds), components (comp)")
+                bail!(
+                    "unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds), components (comp)"
+                )
             }
         },
     }
@@ -170,7 +172,11 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format) -> anyhow::Result<()> {
                 (What::Nodes, _) => output::describe_node(&v),
                 (What::Kind(Kind::Component), _) => {
                     let nodes = check(call(&hub, Method::GET, "/v1/nodes", None).await?)?;
-                    let nodes = nodes.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+                    let nodes = nodes
+                        .get("items")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
                     output::describe_component(&v, &nodes);
                 }
                 (What::Kind(_), _) => output::structured(&v, Format::Yaml)?,

@@ -315,7 +315,14 @@ pub fn describe_component(c: &Value, nodes: &[Value]) {
         .flatten()
         .map(|f| text(s(f, &["path"])))
         .collect();
-    println!("Files:             {}", if files.is_empty() { "<none>".into() } else { files.join(", ") });
+    println!(
+        "Files:             {}",
+        if files.is_empty() {
+            "<none>".into()
+        } else {
+            files.join(", ")
+        }
+    );
     println!("Service:           {}", text(s(spec, &["service", "unit"])));
     let h = s(spec, &["health"]);
     let health = if !s(h, &["http"]).is_null() {
@@ -342,7 +349,12 @@ pub fn describe_component(c: &Value, nodes: &[Value]) {
     );
     println!("  Versions:        {}", counts(s(st, &["versions"])));
     println!("  Phases:          {}", counts(s(st, &["phases"])));
-    let revs: Vec<String> = s(st, &["revisions"]).as_array().into_iter().flatten().map(text).collect();
+    let revs: Vec<String> = s(st, &["revisions"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(text)
+        .collect();
     println!("Revisions:         {}", revs.join(", "));
     println!("Node components:");
     let mut rows = Vec::new();

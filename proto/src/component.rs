@@ -74,13 +74,13 @@ pub fn check(at: &str, spec: &ComponentSpec) -> Result<(), ResourceError> {
             mode(&format!("{f}.mode"), &fa.mode)?;
         }
     }
-    for (k, _) in &spec.params {
+    for k in spec.params.keys() {
         param_name(&format!("{at}.params[{k:?}]"), k)?;
     }
     for (i, o) in spec.node_set_params.iter().enumerate() {
         let f = format!("{at}.nodeSetParams[{i}]");
         crate::validate::dns_subdomain(&format!("{f}.nodeSet"), &o.node_set)?;
-        for (k, _) in &o.params {
+        for k in o.params.keys() {
             param_name(&format!("{f}.params[{k:?}]"), k)?;
         }
     }
@@ -153,8 +153,7 @@ fn package(f: &str, p: &PackageArtifact) -> Result<(), ResourceError> {
         (false, true) => {
             let name_ok = !p.package.is_empty()
                 && p.package.len() <= 128
-                && p
-                    .package
+                && p.package
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-._".contains(c));
             if !name_ok {
@@ -165,7 +164,9 @@ fn package(f: &str, p: &PackageArtifact) -> Result<(), ResourceError> {
             }
             let v_ok = !p.version.is_empty()
                 && p.version.len() <= 128
-                && p.version.chars().all(|c| c.is_ascii_alphanumeric() || ".+~-:_".contains(c));
+                && p.version
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".+~-:_".contains(c));
             if !v_ok {
                 return Err(err(
                     format!("{f}.version"),
@@ -234,7 +235,10 @@ fn param_name(field: &str, k: &str) -> Result<(), ResourceError> {
     if ok {
         Ok(())
     } else {
-        Err(err(field, format!("{k:?} must be an identifier ([A-Za-z_][A-Za-z0-9_]*)")))
+        Err(err(
+            field,
+            format!("{k:?} must be an identifier ([A-Za-z_][A-Za-z0-9_]*)"),
+        ))
     }
 }
 
@@ -269,7 +273,10 @@ fn unit_name(field: &str, u: &str) -> Result<(), ResourceError> {
     if ok {
         Ok(())
     } else {
-        Err(err(field, format!("{u:?} is not a systemd unit name (such as kubelet.service)")))
+        Err(err(
+            field,
+            format!("{u:?} is not a systemd unit name (such as kubelet.service)"),
+        ))
     }
 }
 
@@ -296,6 +303,7 @@ fn health(f: &str, h: &HealthCheck) -> Result<(), ResourceError> {
         ("timeoutSeconds", h.timeout_seconds, 300),
         ("periodSeconds", h.period_seconds, 300),
         ("gracePeriodSeconds", h.grace_period_seconds, 3600),
+        ("successThreshold", h.success_threshold, 100),
     ] {
         if v > max {
             return Err(err(format!("{f}.{name}"), format!("{v} is more than {max}")));

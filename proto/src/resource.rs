@@ -102,7 +102,8 @@ pub enum Resource {
     NodeSet(NodeSet),
     AgentProfile(AgentProfile),
     DetectorSet(DetectorSet),
-    Component(Component),
+    /// Boxed: a Component is much larger than the other kinds.
+    Component(Box<Component>),
 }
 
 impl Resource {
@@ -210,10 +211,9 @@ impl Resource {
                 format!("must be {API_VERSION:?}, got {api:?}"),
             ));
         }
-        let kind_str = obj
-            .get("kind")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ResourceError::new("kind", "missing; one of NodeSet, AgentProfile, DetectorSet, Component"))?;
+        let kind_str = obj.get("kind").and_then(Value::as_str).ok_or_else(|| {
+            ResourceError::new("kind", "missing; one of NodeSet, AgentProfile, DetectorSet, Component")
+        })?;
         let kind = Kind::ALL
             .iter()
             .copied()
@@ -228,7 +228,7 @@ impl Resource {
             Kind::NodeSet => Resource::NodeSet(typed(value)?),
             Kind::AgentProfile => Resource::AgentProfile(typed(value)?),
             Kind::DetectorSet => Resource::DetectorSet(typed(value)?),
-            Kind::Component => Resource::Component(typed(value)?),
+            Kind::Component => Resource::Component(Box::new(typed(value)?)),
         };
         crate::validate::resource(&r)?;
         r.clear_status();

@@ -60,6 +60,13 @@ impl Machine {
     /// Boots a Debian bookworm container (cached rootfs) with `binds`
     /// (host path, container path) mounted read-only and a private network.
     pub fn boot(tag: &str, binds: &[(&Path, &str)]) -> Machine {
+        Machine::boot_with(tag, binds, true)
+    }
+
+    /// Like [`Machine::boot`]; with `private_network: false` the container
+    /// shares the host's network, so it reaches a hub and file server on the
+    /// host's loopback.
+    pub fn boot_with(tag: &str, binds: &[(&Path, &str)], private_network: bool) -> Machine {
         let dir = TempDir::new(tag);
         let root = dir.path().join("root");
         run(Command::new(repo().join("scripts/lab/systemd-rootfs.sh")).arg(&root));
@@ -73,8 +80,10 @@ impl Machine {
             "--register=no",
             "--keep-unit",
             "--console=pipe",
-            "--private-network",
         ]);
+        if private_network {
+            cmd.arg("--private-network");
+        }
         for (host, inside) in binds {
             cmd.arg(format!("--bind-ro={}:{inside}", host.display()));
         }

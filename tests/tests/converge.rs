@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use nodekeeper_e2e::artifacts::{FileServer, build_deb, build_tar_gz, sha256};
+use nodekeeper_e2e::artifacts::{FileServer, build_deb, build_rpm, build_tar_gz, sha256};
 use nodekeeper_e2e::lab::{run, stdout};
 use nodekeeper_e2e::{Agent, Hub, TempDir, event_count, nkctl, wait_for};
 use serde_json::Value;
@@ -160,7 +160,9 @@ spec:
     wait_for("the hub sees widget 1.0 on the node", T, || {
         let n = hub.node("deb-node")?;
         let cs = n["status"]["components"].as_array()?.clone();
-        cs.iter().any(|c| c["name"] == "widget" && c["observedVersion"] == "1.0" && c["phase"] == "Done").then_some(())
+        cs.iter()
+            .any(|c| c["name"] == "widget" && c["observedVersion"] == "1.0" && c["phase"] == "Done")
+            .then_some(())
     });
     let st = component_status(&hub, "widget");
     assert_eq!(st["selectedNodes"], 1);
@@ -168,14 +170,23 @@ spec:
     assert_eq!(st["versions"]["1.0"], 1);
     assert_eq!(st["consistencyPercent"], 100.0);
     let table = stdout(&hub.nkctl(&["get", "components"]));
-    assert!(table.contains("widget") && table.contains("100%") && table.contains("deb"), "{table}");
+    assert!(
+        table.contains("widget") && table.contains("100%") && table.contains("deb"),
+        "{table}"
+    );
 
     // 2. Version 2.0 fails its health gate: dpkg and the file go back to 1.0.
     std::fs::remove_file(&healthy).expect("unhealthy");
     apply(&hub, &component("2.0", &deb2, &healthy));
     let c = wait_phase(&agent, "widget", "Failed", 2);
     assert_eq!(c["observedVersion"], "1.0", "{c}");
-    assert!(c["lastError"].as_str().unwrap_or_default().contains("health check failed"), "{c}");
+    assert!(
+        c["lastError"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("health check failed"),
+        "{c}"
+    );
     assert_eq!(dpkg_version(&pkg).as_deref(), Some("1.0-1"));
     assert!(read(&conf).contains("version=1.0"), "{}", read(&conf));
     let out = stdout(&run(&mut Command::new(&bin_path)));
@@ -212,7 +223,9 @@ spec:
 
     // 4. Drift: a hand-edited file and a hand-installed older package are put back.
     std::fs::write(&conf, "edited by hand\n").expect("edit");
-    wait_for("the edited file restored", T, || read(&conf).contains("version=2.0").then_some(()));
+    wait_for("the edited file restored", T, || {
+        read(&conf).contains("version=2.0").then_some(())
+    });
     dpkg_by_hand(&deb1);
     wait_for("the package back at 2.0-1", T, || {
         (dpkg_version(&pkg).as_deref() == Some("2.0-1")).then_some(())
@@ -221,7 +234,10 @@ spec:
         (event_count(&hub.node("deb-node")?, "ComponentDrift") >= 2).then_some(())
     });
     let events = agent.log();
-    assert!(events.contains("component drifted"), "agent log should say it restored drift");
+    assert!(
+        events.contains("component drifted"),
+        "agent log should say it restored drift"
+    );
     let c = agent.component("widget").expect("widget");
     assert_eq!(c["phase"], "Done");
     assert_eq!(c["observedVersion"], "2.0");
@@ -239,14 +255,20 @@ fn archive_and_file_artifacts_resume_downloads_switch_atomically_refuse_bad_hash
         &www,
         "tool-1.0",
         "tool-1.0",
-        &[("bin/tool", "#!/bin/sh\necho tool 1.0\n", 0o755), ("share/blob", &filler, 0o644)],
+        &[
+            ("bin/tool", "#!/bin/sh\necho tool 1.0\n", 0o755),
+            ("share/blob", &filler, 0o644),
+        ],
     );
     let filler2 = noise(2, 512 * 1024);
     let tgz2 = build_tar_gz(
         &www,
         "tool-2.0",
         "tool-2.0",
-        &[("bin/tool", "#!/bin/sh\necho tool 2.0\n", 0o755), ("share/blob", &filler2, 0o644)],
+        &[
+            ("bin/tool", "#!/bin/sh\necho tool 2.0\n", 0o755),
+            ("share/blob", &filler2, 0o644),
+        ],
     );
     let helper = www.join("helper-1");
     std::fs::write(&helper, "#!/bin/sh\necho helper 1\n").expect("helper");
@@ -264,7 +286,11 @@ fn archive_and_file_artifacts_resume_downloads_switch_atomically_refuse_bad_hash
         )
     };
     let current = install_dir.join("current");
-    let run_tool = || stdout(&run(&mut Command::new(current.join("bin/tool")))).trim().to_string();
+    let run_tool = || {
+        stdout(&run(&mut Command::new(current.join("bin/tool"))))
+            .trim()
+            .to_string()
+    };
 
     // 1. Version 1.0; its download is cut in the middle once and resumed with a range request.
     server.cut_next(&tgz1, 100 * 1024);
@@ -277,7 +303,8 @@ fn archive_and_file_artifacts_resume_downloads_switch_atomically_refuse_bad_hash
     );
     let reqs = server.requests();
     assert!(
-        reqs.iter().any(|r| r.path.ends_with("tool-1.0.tar.gz") && r.range.is_some()),
+        reqs.iter()
+            .any(|r| r.path.ends_with("tool-1.0.tar.gz") && r.range.is_some()),
         "the interrupted download should resume with a Range request: {reqs:?}"
     );
 
@@ -289,7 +316,10 @@ fn archive_and_file_artifacts_resume_downloads_switch_atomically_refuse_bad_hash
     assert!(err.contains("sha256 mismatch") && err.contains("nothing"), "{err}");
     assert_eq!(c["observedVersion"], "1.0");
     assert_eq!(run_tool(), "tool 1.0");
-    assert!(!install_dir.join("versions/2.0").exists(), "nothing of 2.0 may be unpacked");
+    assert!(
+        !install_dir.join("versions/2.0").exists(),
+        "nothing of 2.0 may be unpacked"
+    );
     let cached: Vec<String> = std::fs::read_dir(d.join("arc-node/state/artifacts"))
         .expect("cache")
         .flatten()
@@ -332,11 +362,17 @@ fn archive_and_file_artifacts_resume_downloads_switch_atomically_refuse_bad_hash
     // 6. A component no longer selecting the node stays installed, unmanaged.
     let del = hub.nkctl(&["delete", "component", "helper"]);
     assert!(del.status.success(), "{}", String::from_utf8_lossy(&del.stderr));
-    wait_for("helper no longer reported", T, || agent.component("helper").is_none().then_some(()));
+    wait_for("helper no longer reported", T, || {
+        agent.component("helper").is_none().then_some(())
+    });
     assert!(helper_path.exists());
     wait_for("the hub drops helper from the node", T, || {
         let n = hub.node("arc-node")?;
-        (!n["status"]["components"].as_array()?.iter().any(|c| c["name"] == "helper")).then_some(())
+        (!n["status"]["components"]
+            .as_array()?
+            .iter()
+            .any(|c| c["name"] == "helper"))
+        .then_some(())
     });
 }
 
@@ -374,7 +410,12 @@ fn sigkill_at_every_step_leaves_the_node_at_the_old_or_the_new_version_and_the_c
     let healthy = d.join("healthy");
     std::fs::write(&healthy, "").expect("flag");
     let hub = Hub::start(d, "");
-    let mut agent = Agent::start(d, "crash-node", Some(&hub.grpc_url()), "converge: {intervalSeconds: 1}\n");
+    let mut agent = Agent::start(
+        d,
+        "crash-node",
+        Some(&hub.grpc_url()),
+        "converge: {intervalSeconds: 1}\n",
+    );
     let spec = |i: usize, health: &str| {
         let version = ["1.0", "2.0"][i];
         format!(
@@ -427,11 +468,7 @@ fn sigkill_at_every_step_leaves_the_node_at_the_old_or_the_new_version_and_the_c
         assert_eq!(status.signal(), Some(9), "{failpoint}: the agent must die of SIGKILL");
         agent.set_env(&[]);
         agent.restart();
-        let (phase, expect) = if passes {
-            ("Done", target)
-        } else {
-            ("Failed", current)
-        };
+        let (phase, expect) = if passes { ("Done", target) } else { ("Failed", current) };
         let c = wait_phase(&agent, "widget", phase, generation);
         let v = widget_version(&pkg, &bin_path, &conf);
         assert_eq!(
@@ -447,4 +484,187 @@ fn sigkill_at_every_step_leaves_the_node_at_the_old_or_the_new_version_and_the_c
         );
         current = expect;
     }
+}
+
+/// rpm cannot manage this Debian host's own packages, so the rpm path runs
+/// against a private rpm database and root (`converge.rpmRoot`, i.e.
+/// `rpm --root`): as far as rpm allows here. Packages are built with the
+/// real rpmbuild and installed, upgraded and rolled back by the real rpm.
+#[test]
+fn rpm_component_installs_upgrades_and_rolls_back_in_an_rpm_root() {
+    let tmp = TempDir::new("conv-rpm");
+    let d = tmp.path();
+    let root = d.join("rpmroot");
+    std::fs::create_dir_all(&root).expect("root");
+    run(Command::new("rpm").arg("--root").arg(&root).arg("--initdb"));
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let name = "nk-e2e-gizmo";
+    let rpm1 = build_rpm(&www, name, "1.0", &[("/opt/gizmo/VERSION", "1.0\n", 0o644)]);
+    let rpm2 = build_rpm(&www, name, "2.0", &[("/opt/gizmo/VERSION", "2.0\n", 0o644)]);
+    let server = FileServer::start(&www);
+    let hub = Hub::start(d, "");
+    let agent = Agent::start(
+        d,
+        "rpm-node",
+        Some(&hub.grpc_url()),
+        &format!("converge: {{intervalSeconds: 1, rpmRoot: \"{}\"}}\n", root.display()),
+    );
+    let rpm_q = || {
+        let out = Command::new("rpm")
+            .arg("--root")
+            .arg(&root)
+            .args(["-q", "--qf", "%{VERSION}-%{RELEASE}", name])
+            .output()
+            .expect("rpm -q");
+        stdout(&out)
+    };
+    let flag = d.join("healthy");
+    std::fs::write(&flag, "").expect("flag");
+    let spec = |version: &str, rpm: &Path, health: &Path| {
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: gizmo}}\nspec:\n  version: \"{version}\"\n  artifact:\n    rpm: {{url: \"{}\", sha256: \"{}\"}}\n  health: {{exec: [\"/bin/sh\", \"-c\", \"test -f {}\"], periodSeconds: 1, gracePeriodSeconds: 2}}\n",
+            server.url(rpm),
+            sha256(rpm),
+            health.display()
+        )
+    };
+    apply(&hub, &spec("1.0", &rpm1, &flag));
+    wait_phase(&agent, "gizmo", "Done", 1);
+    assert_eq!(rpm_q(), "1.0-1");
+    assert_eq!(read(&root.join("opt/gizmo/VERSION")), "1.0\n");
+    apply(&hub, &spec("2.0", &rpm2, &d.join("missing")));
+    let c = wait_phase(&agent, "gizmo", "Failed", 2);
+    assert_eq!(rpm_q(), "1.0-1", "rolled back with rpm -U --oldpackage: {c}");
+    assert_eq!(read(&root.join("opt/gizmo/VERSION")), "1.0\n");
+    apply(&hub, &spec("2.0", &rpm2, &flag));
+    wait_phase(&agent, "gizmo", "Done", 3);
+    assert_eq!(rpm_q(), "2.0-1");
+    // Drift: an older package installed by hand is replaced again.
+    run(Command::new("rpm")
+        .arg("--root")
+        .arg(&root)
+        .args(["-U", "--oldpackage"])
+        .arg(&rpm1));
+    wait_for("gizmo back at 2.0-1", T, || (rpm_q() == "2.0-1").then_some(()));
+}
+
+/// Waits until the hub shows `name` on `node` in `phase` for `generation`.
+fn wait_hub_phase(hub: &Hub, node: &str, name: &str, phase: &str, generation: i64) -> Value {
+    wait_for(
+        &format!("{node}/{name} {phase} at generation {generation} at the hub"),
+        T,
+        || {
+            let n = hub.node(node)?;
+            n["status"]["components"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == name && c["phase"] == phase && c["generation"] == generation)
+                .cloned()
+        },
+    )
+}
+
+#[test]
+fn systemd_component_in_a_booted_container_ships_its_unit_restarts_on_change_and_rolls_back() {
+    let tmp = TempDir::new("conv-systemd");
+    let d = tmp.path();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let scripts: Vec<_> = ["1", "2"]
+        .iter()
+        .map(|v| {
+            let p = www.join(format!("nk-demo-{v}"));
+            std::fs::write(&p, format!("#!/bin/sh\necho \"nk-demo {v} up\"\nexec sleep infinity\n")).expect("script");
+            p
+        })
+        .collect();
+    let server = FileServer::start(&www);
+    let hub = Hub::start(d, "");
+    let agent_bin = nodekeeper_e2e::bin("nodekeeper-agent");
+    // The container shares the host's network: the agent inside reaches the
+    // hub and the file server on the host's loopback.
+    let m = nodekeeper_e2e::lab::Machine::boot_with(
+        "conv",
+        &[(agent_bin.as_path(), "/usr/local/sbin/nodekeeper-agent")],
+        false,
+    );
+    std::fs::create_dir_all(m.root.join("etc/nk-test")).expect("config dir");
+    std::fs::write(
+        m.root.join("etc/nk-test/agent.yaml"),
+        format!(
+            "nodeName: sd-node\nhub: {{address: \"{}\"}}\nstateDir: /var/lib/nk-test\nsocket: /var/lib/nk-test/agent.sock\nconverge: {{intervalSeconds: 1}}\ndetectors: {{defaultRules: false}}\n",
+            hub.grpc_url()
+        ),
+    )
+    .expect("agent config");
+    m.exec(&[
+        "systemd-run",
+        "--unit=nk-agent",
+        "/usr/local/sbin/nodekeeper-agent",
+        "--config",
+        "/etc/nk-test/agent.yaml",
+    ]);
+    let unit_file = |exec: &str| {
+        format!(
+            "[Unit]\\nDescription=nodekeeper demo\\n[Service]\\nExecStart={exec}\\n[Install]\\nWantedBy=multi-user.target\\n"
+        )
+    };
+    let spec = |version: &str, script: &Path, exec: &str| {
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: demo}}\nspec:\n  version: \"{version}\"\n  artifact:\n    file: {{url: \"{}\", sha256: \"{}\", path: /usr/local/bin/nk-demo}}\n  files:\n  - path: /etc/nk-demo/demo.conf\n    template: \"node={{{{ node.name }}}} version={{{{ component.version }}}}\\n\"\n  service:\n    unit: nk-demo.service\n    unitFile: \"{}\"\n  health: {{unitActive: nk-demo.service, periodSeconds: 1, successThreshold: 3, gracePeriodSeconds: 6}}\n",
+            server.url(script),
+            sha256(script),
+            unit_file(exec)
+        )
+    };
+    let main_pid = || m.prop("nk-demo.service", "MainPID");
+
+    // 1. First install: unit file written, daemon-reload, enabled, started.
+    apply(&hub, &spec("1", &scripts[0], "/usr/local/bin/nk-demo"));
+    wait_hub_phase(&hub, "sd-node", "demo", "Done", 1);
+    assert_eq!(m.prop("nk-demo.service", "ActiveState"), "active");
+    assert_eq!(m.prop("nk-demo.service", "UnitFileState"), "enabled");
+    assert_eq!(m.sh("cat /etc/nk-demo/demo.conf"), "node=sd-node version=1\n");
+    let pid1 = main_pid();
+
+    // 2. A new version restarts the service on the new binary.
+    apply(&hub, &spec("2", &scripts[1], "/usr/local/bin/nk-demo"));
+    wait_hub_phase(&hub, "sd-node", "demo", "Done", 2);
+    let pid2 = main_pid();
+    assert_ne!(pid1, pid2, "the service should have been restarted");
+    assert!(
+        m.sh("journalctl -u nk-demo.service --no-pager -o cat")
+            .contains("nk-demo 2 up")
+    );
+
+    // 3. A unit that dies after starting fails the health gate: the old unit
+    // file and binary come back and the service runs again.
+    apply(&hub, &spec("3", &scripts[0], "/bin/sh -c 'sleep 1; exit 3'"));
+    let c = wait_hub_phase(&hub, "sd-node", "demo", "Failed", 3);
+    assert_eq!(c["observedVersion"], "2", "{c}");
+    assert!(
+        c["lastError"].as_str().unwrap_or_default().contains("not active"),
+        "{c}"
+    );
+    assert_eq!(m.prop("nk-demo.service", "ActiveState"), "active");
+    assert!(
+        m.prop("nk-demo.service", "ExecStart")
+            .contains("/usr/local/bin/nk-demo")
+    );
+    assert!(m.sh("cat /usr/local/bin/nk-demo").contains("nk-demo 2 up"));
+    assert_eq!(m.sh("cat /etc/nk-demo/demo.conf"), "node=sd-node version=2\n");
+
+    // 4. Drift: an edited config is restored and the service restarted.
+    let before = main_pid();
+    m.sh("echo edited > /etc/nk-demo/demo.conf");
+    wait_for("demo.conf restored", T, || {
+        (m.sh("cat /etc/nk-demo/demo.conf") == "node=sd-node version=2\n").then_some(())
+    });
+    wait_for("the service restarted after the repair", T, || {
+        (main_pid() != before).then_some(())
+    });
+    let journal = m.sh("journalctl -u nk-agent.service --no-pager -o cat");
+    assert!(journal.contains("component drifted"), "{journal}");
+    m.exec(&["systemctl", "stop", "nk-agent.service"]);
 }

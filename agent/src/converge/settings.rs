@@ -32,7 +32,8 @@ pub fn check(s: &AgentSettings) -> Result<(), String> {
             .spec
             .as_ref()
             .ok_or_else(|| format!("settings.components[{i}].spec: missing"))?;
-        nodekeeper_proto::component::check(&format!("settings.components[{i}].spec"), spec).map_err(|e| e.to_string())?;
+        nodekeeper_proto::component::check(&format!("settings.components[{i}].spec"), spec)
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }

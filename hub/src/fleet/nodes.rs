@@ -225,7 +225,7 @@ impl State {
                     })
                     .collect();
                 let components = self.resources.values().filter_map(|r| match r {
-                    nodekeeper_proto::Resource::Component(c) => Some(c),
+                    nodekeeper_proto::Resource::Component(c) => Some(c.as_ref()),
                     _ => None,
                 });
                 desired::add_components(&mut s, &base, components, &node_sets);

@@ -2,8 +2,8 @@
 //! list/get with computed status, delete; every change recomputes the
 //! desired state of the nodes and streams what changed.
 
-use nodekeeper_proto::time::now_rfc3339;
 use nodekeeper_proto::component::phase;
+use nodekeeper_proto::time::now_rfc3339;
 use nodekeeper_proto::v1::{AgentProfileStatus, ComponentStatus, DetectorSetStatus, NodeSetStatus};
 use nodekeeper_proto::{Kind, Resource};
 

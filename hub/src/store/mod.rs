@@ -33,16 +33,9 @@ pub enum StoreError {
 /// One write.
 pub enum Write {
     /// Insert or replace a resource (JSON body).
-    PutResource {
-        kind: String,
-        name: String,
-        body: String,
-    },
+    PutResource { kind: String, name: String, body: String },
     /// Deletes a resource and every revision kept of it.
-    DeleteResource {
-        kind: String,
-        name: String,
-    },
+    DeleteResource { kind: String, name: String },
     /// Keeps one revision (generation) of a resource's spec, for history and
     /// rollback.
     PutRevision {
@@ -60,15 +53,9 @@ pub enum Write {
     },
     /// Only a node's revisions: the small write of a fan-out or an agent's
     /// acknowledgement. Coalesced with the node's other writes in a batch.
-    NodeRevisions {
-        name: String,
-        revisions: NodeRevisions,
-    },
+    NodeRevisions { name: String, revisions: NodeRevisions },
     /// Set a counter (resource version, revision).
-    Counter {
-        key: &'static str,
-        value: u64,
-    },
+    Counter { key: &'static str, value: u64 },
 }
 
 /// A node's desired/applied revisions and desired settings, kept in their

@@ -43,7 +43,9 @@ pub fn unpack(archive: &Path, dest: &Path, strip: u32) -> Result<Vec<Entry>, Str
     fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
     let tmp = parent.join(format!(
         ".{}.nk-unpack",
-        dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        dest.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;

@@ -96,7 +96,10 @@ impl Cache {
                 }
             }
         }
-        Err(format!("downloading {url} failed {} times; last error: {last}", self.attempts))
+        Err(format!(
+            "downloading {url} failed {} times; last error: {last}",
+            self.attempts
+        ))
     }
 
     /// One attempt: continues `partial` from its length when the server
@@ -138,7 +141,8 @@ impl Cache {
                     return Err(format!("GET {url}: reading the body: {e}"));
                 }
             };
-            f.write_all(&buf[..n]).map_err(|e| format!("{}: {e}", partial.display()))?;
+            f.write_all(&buf[..n])
+                .map_err(|e| format!("{}: {e}", partial.display()))?;
         }
         f.sync_all().map_err(|e| format!("{}: {e}", partial.display()))
     }

@@ -33,7 +33,10 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.nk-tmp"))
 }
 
@@ -232,7 +235,10 @@ impl ContentStore {
     /// Stores the current content of a file on the node, if any.
     pub fn keep_file(&self, path: &Path) -> Result<Option<String>, String> {
         match fs::read(path) {
-            Ok(b) => self.put(&b).map(Some).map_err(|e| format!("keeping {}: {e}", path.display())),
+            Ok(b) => self
+                .put(&b)
+                .map(Some)
+                .map_err(|e| format!("keeping {}: {e}", path.display())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!("reading {}: {e}", path.display())),
         }

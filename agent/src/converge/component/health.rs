@@ -1,6 +1,7 @@
 //! The health gate after a change: probes (exec, HTTP, unit active) every
-//! `periodSeconds`; the change passes at the first passing probe and fails
-//! when none passed within `gracePeriodSeconds`.
+//! `periodSeconds`; the change passes after `successThreshold` passing
+//! probes in a row and fails when that did not happen within
+//! `gracePeriodSeconds`.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -77,18 +78,32 @@ fn exec(prog: &str, args: &[String], timeout: Duration) -> Result<(), String> {
     }
 }
 
-/// Probes until one passes or the grace period is over.
+/// Probes until `successThreshold` probes in a row pass, or fails when the
+/// grace period is over first.
 pub fn gate(h: &HealthCheck) -> Result<(), String> {
     let grace = secs(h.grace_period_seconds, DEFAULT_GRACE);
     let period = secs(h.period_seconds, DEFAULT_PERIOD);
+    let needed = h.success_threshold.max(1);
     let start = Instant::now();
+    let mut passed = 0;
+    let mut last = String::from("no probe passed");
     loop {
-        let last = match probe(h) {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
+        match probe(h) {
+            Ok(()) => {
+                passed += 1;
+                if passed >= needed {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                passed = 0;
+                last = e;
+            }
+        }
         if start.elapsed() + period > grace {
-            return Err(format!("health check failed for {grace:?}: {last}"));
+            return Err(format!(
+                "health check failed for {grace:?} ({needed} passing probes in a row needed): {last}"
+            ));
         }
         std::thread::sleep(period);
     }

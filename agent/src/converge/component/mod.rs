@@ -55,7 +55,10 @@ pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
 pub const FAILPOINT_ENV: &str = "NODEKEEPER_FAILPOINT";
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The engine; owned by its thread.
@@ -161,7 +164,12 @@ impl Engine {
                 .components
                 .iter()
                 .find(|d| d.name == r.name)
-                .map(|d| (d.spec.as_ref().map(|s| s.version.clone()).unwrap_or_default(), d.generation))
+                .map(|d| {
+                    (
+                        d.spec.as_ref().map(|s| s.version.clone()).unwrap_or_default(),
+                        d.generation,
+                    )
+                })
                 .unwrap_or_default(),
         };
         NodeComponent {
@@ -254,7 +262,9 @@ impl Engine {
             }
             return;
         }
-        let Some(rec) = self.records.get(&name).cloned() else { return };
+        let Some(rec) = self.records.get(&name).cloned() else {
+            return;
+        };
         let at_target = rec.installed.as_ref().is_some_and(|i| i.spec_hash == hash);
         if at_target || (rec.failed_hash == hash && rec.installed.is_some()) {
             self.check_drift(&name, d, at_target);
@@ -303,7 +313,9 @@ impl Engine {
     /// Runs the change of `name` from its recorded step to its end.
     fn drive(&mut self, name: &str) {
         loop {
-            let Some(mut rec) = self.records.get(name).cloned() else { return };
+            let Some(mut rec) = self.records.get(name).cloned() else {
+                return;
+            };
             let Some(mut ch) = rec.change.take() else { return };
             let ph = ch.phase;
             let _span = tracing::info_span!("step", component = %name, phase = ph.name()).entered();
@@ -324,7 +336,9 @@ impl Engine {
                             "ComponentRolledBack",
                             format!(
                                 "component {name}: {error}; rolled back to {}",
-                                ch.previous.as_ref().map_or("its state before nodekeeper", |p| p.version.as_str())
+                                ch.previous
+                                    .as_ref()
+                                    .map_or("its state before nodekeeper", |p| p.version.as_str())
                             ),
                         );
                         rec.installed = ch.previous;
@@ -374,7 +388,8 @@ impl Engine {
                             "ComponentChangeFailed",
                             format!("component {name}: {}", rec.last_error),
                         );
-                    } else if ph == Phase::HealthCheck && ch.target.spec.as_ref().is_some_and(|s| s.on_health_failure == "stay")
+                    } else if ph == Phase::HealthCheck
+                        && ch.target.spec.as_ref().is_some_and(|s| s.on_health_failure == "stay")
                     {
                         self.event(
                             "Warning",
@@ -478,7 +493,10 @@ impl Engine {
         let mut files = Vec::new();
         for (i, f) in spec.files.iter().enumerate() {
             let text = spec_rules::render(&f.template, &ctx).map_err(|e| format!("files[{i}] {}: {e}", f.path))?;
-            let sha = self.content.put(text.as_bytes()).map_err(|e| format!("keeping {}: {e}", f.path))?;
+            let sha = self
+                .content
+                .put(text.as_bytes())
+                .map_err(|e| format!("keeping {}: {e}", f.path))?;
             let owner = files::resolve_owner(&f.owner).map_err(|e| format!("files[{i}] {}: {e}", f.path))?;
             files.push(FileState {
                 path: f.path.clone(),
@@ -504,54 +522,63 @@ impl Engine {
         }
         let artifact = match spec.artifact.as_ref() {
             None => None,
-            Some(a) => Some(if let Some((m, p)) = a.deb.as_ref().map(|p| (Manager::Deb, p)).or(a.rpm.as_ref().map(|p| (Manager::Rpm, p))) {
-                if p.url.is_empty() {
-                    ArtifactState::Package {
-                        manager: m,
-                        package: p.package.clone(),
-                        version: p.version.clone(),
-                        sha256: None,
+            Some(a) => Some(
+                if let Some((m, p)) = a
+                    .deb
+                    .as_ref()
+                    .map(|p| (Manager::Deb, p))
+                    .or(a.rpm.as_ref().map(|p| (Manager::Rpm, p)))
+                {
+                    if p.url.is_empty() {
+                        ArtifactState::Package {
+                            manager: m,
+                            package: p.package.clone(),
+                            version: p.version.clone(),
+                            sha256: None,
+                        }
+                    } else {
+                        let file = self.cache.verify(&p.sha256)?;
+                        let (package, version) = self.pm(m).identify(&file)?;
+                        ArtifactState::Package {
+                            manager: m,
+                            package,
+                            version,
+                            sha256: Some(p.sha256.clone()),
+                        }
+                    }
+                } else if let Some(ar) = &a.archive {
+                    let install_dir = PathBuf::from(&ar.install_dir);
+                    let dir = archive::versions_dir(&install_dir).join(&spec.version);
+                    let intact = previous
+                        .and_then(|p| match &p.artifact {
+                            Some(ArtifactState::Archive { dir: d, manifest, .. }) if Path::new(d) == dir => {
+                                Some(manifest)
+                            }
+                            _ => None,
+                        })
+                        .filter(|m| archive::check(&dir, m).is_empty())
+                        .cloned();
+                    let manifest = match intact {
+                        Some(m) => m,
+                        None => archive::unpack(&self.cache.verify(&ar.sha256)?, &dir, ar.strip_components)?,
+                    };
+                    ArtifactState::Archive {
+                        install_dir: ar.install_dir.clone(),
+                        dir: dir.to_string_lossy().into_owned(),
+                        sha256: ar.sha256.clone(),
+                        strip: ar.strip_components,
+                        manifest,
+                    }
+                } else if let Some(f) = &a.file {
+                    ArtifactState::File {
+                        path: f.path.clone(),
+                        sha256: f.sha256.clone(),
+                        mode: spec_rules::parse_mode(&f.mode, 0o755).unwrap_or(0o755),
                     }
                 } else {
-                    let file = self.cache.verify(&p.sha256)?;
-                    let (package, version) = self.pm(m).identify(&file)?;
-                    ArtifactState::Package {
-                        manager: m,
-                        package,
-                        version,
-                        sha256: Some(p.sha256.clone()),
-                    }
-                }
-            } else if let Some(ar) = &a.archive {
-                let install_dir = PathBuf::from(&ar.install_dir);
-                let dir = archive::versions_dir(&install_dir).join(&spec.version);
-                let intact = previous
-                    .and_then(|p| match &p.artifact {
-                        Some(ArtifactState::Archive { dir: d, manifest, .. }) if Path::new(d) == dir => Some(manifest),
-                        _ => None,
-                    })
-                    .filter(|m| archive::check(&dir, m).is_empty())
-                    .cloned();
-                let manifest = match intact {
-                    Some(m) => m,
-                    None => archive::unpack(&self.cache.verify(&ar.sha256)?, &dir, ar.strip_components)?,
-                };
-                ArtifactState::Archive {
-                    install_dir: ar.install_dir.clone(),
-                    dir: dir.to_string_lossy().into_owned(),
-                    sha256: ar.sha256.clone(),
-                    strip: ar.strip_components,
-                    manifest,
-                }
-            } else if let Some(f) = &a.file {
-                ArtifactState::File {
-                    path: f.path.clone(),
-                    sha256: f.sha256.clone(),
-                    mode: spec_rules::parse_mode(&f.mode, 0o755).unwrap_or(0o755),
-                }
-            } else {
-                return Err("artifact has no kind".into());
-            }),
+                    return Err("artifact has no kind".into());
+                },
+            ),
         };
         // What the node has where this change writes and the previous version
         // did not: restored if the change is rolled back.
@@ -586,7 +613,9 @@ impl Engine {
             }
         }
         if let Some(a) = &artifact {
-            let slot_before = previous.and_then(|p| p.artifact.as_ref()).is_some_and(|p| machine::same_slot(p, a));
+            let slot_before = previous
+                .and_then(|p| p.artifact.as_ref())
+                .is_some_and(|p| machine::same_slot(p, a));
             if !slot_before {
                 match a {
                     ArtifactState::Package { manager, package, .. } => {
@@ -598,9 +627,7 @@ impl Engine {
                     ArtifactState::Archive { install_dir, .. } => {
                         let link = archive::current_link(Path::new(install_dir));
                         let key = link.to_string_lossy().into_owned();
-                        if !prior.links.contains_key(&key) {
-                            prior.links.insert(key, std::fs::read_link(&link).ok());
-                        }
+                        prior.links.entry(key).or_insert_with(|| std::fs::read_link(&link).ok());
                     }
                     ArtifactState::File { .. } => {}
                 }
@@ -719,8 +746,9 @@ impl Engine {
         if unit_now.is_some() && unit_before.is_none() {
             systemd::enable(unit)?;
         }
-        let changed =
-            force || previous.is_none_or(|p| p.artifact != target.artifact || p.files != target.files || p.unit != target.unit);
+        let changed = force
+            || previous
+                .is_none_or(|p| p.artifact != target.artifact || p.files != target.files || p.unit != target.unit);
         if changed && target.restart_on_change {
             systemd::restart(unit)?;
         }
@@ -748,7 +776,9 @@ impl Engine {
             }
             match ch.prior.files.get(&f.path) {
                 Some(Some(before)) => self.write_file(before)?,
-                Some(None) => files::remove_if_exists(Path::new(&f.path)).map_err(|e| format!("removing {}: {e}", f.path))?,
+                Some(None) => {
+                    files::remove_if_exists(Path::new(&f.path)).map_err(|e| format!("removing {}: {e}", f.path))?
+                }
                 None => {}
             }
         }
@@ -848,7 +878,8 @@ impl Engine {
         }
         for f in &i.files {
             match files::observe(Path::new(&f.path)) {
-                Ok(Some(o)) if o.sha256 == f.sha256 && o.mode == f.mode && o.owner == (Owner { uid: f.uid, gid: f.gid }) => {}
+                Ok(Some(o))
+                    if o.sha256 == f.sha256 && o.mode == f.mode && o.owner == (Owner { uid: f.uid, gid: f.gid }) => {}
                 Ok(Some(o)) if o.sha256 == f.sha256 => out.push(format!("{} has other mode or owner", f.path)),
                 Ok(Some(_)) => out.push(format!("{} was edited", f.path)),
                 Ok(None) => out.push(format!("{} is missing", f.path)),
@@ -914,7 +945,12 @@ impl Engine {
                     install_dirs.push(PathBuf::from(install_dir));
                 }
             }
-            if let Some((_, sha)) = r.change.as_ref().and_then(|c| c.target.spec.as_ref()).and_then(artifact_url) {
+            if let Some((_, sha)) = r
+                .change
+                .as_ref()
+                .and_then(|c| c.target.spec.as_ref())
+                .and_then(artifact_url)
+            {
                 keep.push(sha);
             }
         }
@@ -922,7 +958,9 @@ impl Engine {
         install_dirs.sort();
         install_dirs.dedup();
         for d in install_dirs {
-            let Ok(rd) = std::fs::read_dir(archive::versions_dir(&d)) else { continue };
+            let Ok(rd) = std::fs::read_dir(archive::versions_dir(&d)) else {
+                continue;
+            };
             for e in rd.flatten() {
                 let p = e.path();
                 if !dirs.contains(&p.as_path()) {
@@ -934,7 +972,9 @@ impl Engine {
 }
 
 fn staged(ch: &Change) -> Result<&Installed, String> {
-    ch.staged.as_ref().ok_or_else(|| "the change was not staged".to_string())
+    ch.staged
+        .as_ref()
+        .ok_or_else(|| "the change was not staged".to_string())
 }
 
 /// The URL and hash of a downloaded artifact, if the spec has one.

@@ -54,7 +54,10 @@ fn apt_env(c: &mut Command) -> &mut Command {
 impl PackageManager for Dpkg {
     fn identify(&self, file: &Path) -> Result<(String, String), String> {
         let out = run(
-            Command::new("dpkg-deb").arg("-f").arg(file).args(["Package", "Version"]),
+            Command::new("dpkg-deb")
+                .arg("-f")
+                .arg(file)
+                .args(["Package", "Version"]),
             "dpkg-deb -f",
         )?;
         let field = |name: &str| {

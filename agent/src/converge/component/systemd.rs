@@ -7,7 +7,11 @@ use super::run;
 
 /// `systemctl daemon-reload`.
 pub fn daemon_reload() -> Result<(), String> {
-    run(Command::new("systemctl").arg("daemon-reload"), "systemctl daemon-reload").map(drop)
+    run(
+        Command::new("systemctl").arg("daemon-reload"),
+        "systemctl daemon-reload",
+    )
+    .map(drop)
 }
 
 /// `systemctl restart UNIT` (waits for the job, so a unit that fails to start
