@@ -97,7 +97,7 @@ fn deb_component_installs_upgrades_rolls_back_on_failed_health_and_repairs_drift
     let healthy = d.join("healthy");
     std::fs::write(&healthy, "").expect("flag");
 
-    let hub = Hub::start(d, "");
+    let mut hub = Hub::start(d, "");
     let agent = Agent::start(
         d,
         "deb-node",
@@ -241,6 +241,33 @@ spec:
     let c = agent.component("widget").expect("widget");
     assert_eq!(c["phase"], "Done");
     assert_eq!(c["observedVersion"], "2.0");
+    let local = nkctl(&hub.http_url(), Some(&agent.socket), &["node", "components"], None);
+    let local = stdout(&local);
+    assert!(
+        local.contains("widget") && local.contains("2.0") && local.contains("Done"),
+        "{local}"
+    );
+
+    // 5. A bad Component is refused at the hub with the field named; nothing changes.
+    let bad = component("3.0", &deb2, &healthy2).replace("mode: \"0640\"", "mode: \"0999\"");
+    let out = nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(&bad));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("spec.files[0].mode"), "{err}");
+    assert_eq!(
+        hub.get("/v1/components/widget").expect("widget")["spec"]["version"],
+        "2.0"
+    );
+
+    // 6. The hub keeps every revision and the counts across a restart.
+    hub.terminate();
+    hub.restart();
+    let revs = hub.get("/v1/components/widget/revisions").expect("revisions");
+    assert_eq!(revs["items"].as_array().map(Vec::len), Some(3));
+    wait_for("the node's component state back at the hub", T, || {
+        let st = component_status(&hub, "widget");
+        (st["updatedNodes"] == 1 && st["versions"]["2.0"] == 1).then_some(())
+    });
 }
 
 #[test]

@@ -129,6 +129,72 @@ mod tests {
     }
 
     #[test]
+    fn components_get_the_params_of_the_node_sets_that_select_the_node() {
+        use nodekeeper_proto::v1::{ComponentSpec, NodeSetParams, NodeSetSpec};
+        let sel = |k: &str, v: &str| LabelSelector {
+            match_labels: [(k.to_string(), v.to_string())].into(),
+            match_expressions: vec![],
+        };
+        let ns = |name: &str, k: &str, v: &str| NodeSet {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                ..Default::default()
+            }),
+            spec: Some(NodeSetSpec {
+                selector: Some(sel(k, v)),
+            }),
+            ..Default::default()
+        };
+        let sets = [ns("east", "zone", "east"), ns("gpu", "gpu", "yes")];
+        let node_sets: BTreeMap<&str, &NodeSet> = [("east", &sets[0]), ("gpu", &sets[1])].into();
+        let comp = Component {
+            metadata: Some(ObjectMeta {
+                name: "kubelet".into(),
+                generation: 4,
+                ..Default::default()
+            }),
+            spec: Some(ComponentSpec {
+                node_selector: Some(sel("role", "worker")),
+                version: "1.29".into(),
+                params: [
+                    ("maxPods".to_string(), "110".to_string()),
+                    ("a".to_string(), "1".to_string()),
+                ]
+                .into(),
+                node_set_params: vec![
+                    NodeSetParams {
+                        node_set: "east".into(),
+                        params: [("maxPods".to_string(), "250".to_string())].into(),
+                    },
+                    NodeSetParams {
+                        node_set: "gpu".into(),
+                        params: [("a".to_string(), "2".to_string())].into(),
+                    },
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let labels: BTreeMap<String, String> = [
+            ("role".to_string(), "worker".to_string()),
+            ("zone".to_string(), "east".to_string()),
+        ]
+        .into();
+        let mut s = AgentSettings::default();
+        add_components(&mut s, &labels, std::iter::once(&comp), &node_sets);
+        assert_eq!(s.components.len(), 1);
+        let d = &s.components[0];
+        assert_eq!((d.name.as_str(), d.generation), ("kubelet", 4));
+        let spec = d.spec.as_ref().expect("spec");
+        assert_eq!(spec.params["maxPods"], "250");
+        assert_eq!(spec.params["a"], "1", "the gpu NodeSet does not select this node");
+        assert!(spec.node_set_params.is_empty(), "overrides are resolved at the hub");
+        let mut other = AgentSettings::default();
+        add_components(&mut other, &BTreeMap::new(), std::iter::once(&comp), &node_sets);
+        assert!(other.components.is_empty());
+    }
+
+    #[test]
     fn defaults_without_profiles() {
         let s = settings(&BTreeMap::new(), std::iter::empty());
         assert_eq!(s.log_level, "info");

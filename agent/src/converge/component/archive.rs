@@ -183,3 +183,59 @@ pub fn check(dir: &Path, manifest: &[Entry]) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tgz(path: &Path, entries: &[(&str, &[u8])]) {
+        let f = File::create(path).expect("create");
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(f, flate2::Compression::fast()));
+        for (name, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o755);
+            h.set_entry_type(tar::EntryType::Regular);
+            // Raw names, so an archive can carry '..' like a hostile one would.
+            let bytes = name.as_bytes();
+            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+            h.set_cksum();
+            b.append(&h, *data).expect("append");
+        }
+        b.into_inner().expect("finish").finish().expect("gz");
+    }
+
+    #[test]
+    fn unpacks_with_strip_checks_its_manifest_and_refuses_escaping_entries() {
+        let dir = std::env::temp_dir().join(format!("nk-archive-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("dir");
+        let good = dir.join("good.tar.gz");
+        tgz(&good, &[("tool-1/bin/tool", b"v1"), ("tool-1/README", b"hi")]);
+        let dest = dir.join("versions/1");
+        let m = unpack(&good, &dest, 1).expect("unpack");
+        assert_eq!(
+            m.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+            ["README", "bin/tool"]
+        );
+        assert!(check(&dest, &m).is_empty());
+        fs::write(dest.join("bin/tool"), b"v2").expect("tamper");
+        assert_eq!(
+            check(&dest, &m),
+            [format!("{} was changed", dest.join("bin/tool").display())]
+        );
+        // Unpacking again over a drifted copy exchanges it whole.
+        let again = unpack(&good, &dest, 1).expect("again");
+        assert_eq!(
+            again.iter().map(|e| &e.sha256).collect::<Vec<_>>(),
+            m.iter().map(|e| &e.sha256).collect::<Vec<_>>()
+        );
+        assert_eq!(fs::read(dest.join("bin/tool")).expect("read"), b"v1");
+        let bad = dir.join("bad.tar.gz");
+        tgz(&bad, &[("x/../../escape", b"boom")]);
+        let e = unpack(&bad, &dir.join("versions/bad"), 0).unwrap_err();
+        assert!(e.contains("leaves the install directory"), "{e}");
+        assert!(!dir.join("escape").exists() && !dir.join("versions/bad").exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -165,3 +165,28 @@ impl Cache {
 fn backoff(attempt: u32) -> Duration {
     Duration::from_secs((1u64 << attempt.saturating_sub(1).min(5)).min(30))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tampered_cache_entry_is_refused_and_deleted() {
+        let dir = std::env::temp_dir().join(format!("nk-cache-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("dir");
+        let cache = Cache::new(dir.clone(), 1);
+        let sha = super::super::files::sha256_bytes(b"artifact");
+        fs::write(cache.path(&sha), b"artifact").expect("write");
+        assert!(cache.has(&sha));
+        fs::write(cache.path(&sha), b"artifacT").expect("tamper");
+        let e = cache.verify(&sha).unwrap_err();
+        assert!(e.contains("deleted"), "{e}");
+        assert!(!cache.path(&sha).exists());
+        // A server that cannot be reached: every attempt fails, nothing is cached.
+        let e = cache.fetch("http://127.0.0.1:9/x", &sha).unwrap_err();
+        assert!(e.contains("failed 1 times"), "{e}");
+        assert!(!cache.path(&sha).exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -186,6 +186,77 @@ pub fn observe(path: &Path) -> io::Result<Option<Observed>> {
     }))
 }
 
+/// `observe` with memory: a file whose inode, size, mtime and ctime are as
+/// when it was last hashed is not hashed again, so the drift check of a
+/// large binary costs a `stat` per pass. As git does for "racily clean"
+/// files, a hash is trusted only when the file's times are older than the
+/// moment it was taken (minus a margin for coarse kernel timestamps);
+/// otherwise a write in the same clock tick could go unnoticed.
+#[derive(Debug, Default)]
+pub struct Observer {
+    seen: std::sync::Mutex<std::collections::HashMap<PathBuf, (Stamp, String, i128)>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+/// Timestamps closer than this to the hashing time are not trusted.
+const RACY_NS: i128 = 2_000_000_000;
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+impl Observer {
+    /// Like [`observe`], re-hashing only files that changed.
+    pub fn observe(&self, path: &Path) -> io::Result<Option<Observed>> {
+        let meta = match fs::symlink_metadata(path) {
+            Ok(m) if m.is_file() => m,
+            _ => return observe(path),
+        };
+        let stamp = Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        };
+        let owner = Owner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        };
+        let mode = meta.mode() & 0o7777;
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, sha, hashed_at)) = seen.get(path)
+            && *s == stamp
+            && stamp.mtime_ns.max(stamp.ctime_ns) < hashed_at - RACY_NS
+        {
+            return Ok(Some(Observed {
+                sha256: sha.clone(),
+                mode,
+                owner,
+            }));
+        }
+        let hashed_at = now_ns();
+        let sha = sha256_file(path)?;
+        seen.insert(path.to_path_buf(), (stamp, sha.clone(), hashed_at));
+        Ok(Some(Observed {
+            sha256: sha,
+            mode,
+            owner,
+        }))
+    }
+}
+
 /// Contents kept by hash under the state directory, so a previous version's
 /// files can be written back without the network.
 #[derive(Debug, Clone)]
@@ -269,6 +340,11 @@ mod tests {
         switch_symlink(&link, Path::new("v1")).expect("link");
         switch_symlink(&link, Path::new("v2")).expect("relink");
         assert_eq!(fs::read_link(&link).expect("readlink"), Path::new("v2"));
+        // The observer notices an in-place rewrite of the same size at once.
+        let obs = Observer::default();
+        assert_eq!(obs.observe(&p).expect("o").expect("e").sha256, sha256_bytes(b"two\n"));
+        fs::write(&p, b"six\n").expect("in place");
+        assert_eq!(obs.observe(&p).expect("o").expect("e").sha256, sha256_bytes(b"six\n"));
         let cs = ContentStore::new(dir.join("content"));
         let sha = cs.put(b"kept").expect("put");
         assert_eq!(cs.get(&sha).expect("get"), b"kept");

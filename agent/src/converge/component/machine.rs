@@ -256,3 +256,51 @@ pub fn archive_dir(i: &Installed) -> Option<&Path> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_run_in_order_and_only_later_ones_touch_the_node() {
+        let mut p = Phase::Downloading;
+        let mut seen = vec![p];
+        while let Some(n) = p.next() {
+            seen.push(n);
+            p = n;
+        }
+        assert_eq!(seen, &Phase::ALL[..7]);
+        assert_eq!(Phase::RollingBack.next(), None);
+        let touching: Vec<_> = Phase::ALL
+            .iter()
+            .filter(|p| p.touches_node())
+            .map(|p| p.name())
+            .collect();
+        assert_eq!(
+            touching,
+            ["Installing", "WritingFiles", "Restarting", "HealthCheck", "RollingBack"]
+        );
+    }
+
+    #[test]
+    fn a_record_survives_its_json_form() {
+        let mut r = Record::new("kubelet");
+        r.installed = Some(Installed {
+            version: "1.29.4".into(),
+            generation: 3,
+            spec_hash: "h".into(),
+            artifact: Some(ArtifactState::Package {
+                manager: Manager::Deb,
+                package: "kubelet".into(),
+                version: "1.29.4-1.1".into(),
+                sha256: None,
+            }),
+            files: vec![],
+            unit: Some("kubelet.service".into()),
+            restart_on_change: true,
+        });
+        let back: Record = serde_json::from_slice(&serde_json::to_vec(&r).expect("json")).expect("parse");
+        assert_eq!(back.installed, r.installed);
+        assert_eq!(back.observed_version(), "1.29.4");
+    }
+}

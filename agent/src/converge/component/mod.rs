@@ -70,6 +70,7 @@ pub struct Engine {
     cfg: ConvergeConfig,
     records: BTreeMap<String, Record>,
     failpoint: Option<String>,
+    observer: files::Observer,
 }
 
 /// Starts the engine thread. It first finishes (or rolls back) any change a
@@ -91,6 +92,7 @@ pub fn spawn(
         cfg,
         records: BTreeMap::new(),
         failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|s| !s.is_empty()),
+        observer: files::Observer::default(),
     };
     std::thread::Builder::new()
         .name("converge".into())
@@ -274,6 +276,8 @@ impl Engine {
             return;
         }
         if rec.retry_hash == hash && unix_now() < rec.retry_at {
+            // Keep what is installed intact while waiting to retry.
+            self.check_drift(&name, d, false);
             return;
         }
         self.start(&name, d.clone(), hash, "update");
@@ -593,7 +597,11 @@ impl Engine {
         }
         for path in paths {
             if !managed_before(path) && !prior.files.contains_key(path) {
-                let before = match files::observe(Path::new(path)).map_err(|e| format!("{path}: {e}"))? {
+                let before = match self
+                    .observer
+                    .observe(Path::new(path))
+                    .map_err(|e| format!("{path}: {e}"))?
+                {
                     None => None,
                     Some(o) => {
                         let sha = self
@@ -692,7 +700,7 @@ impl Engine {
             }
             ArtifactState::File { path, sha256, mode } => {
                 let p = Path::new(path);
-                let now = files::observe(p).map_err(|e| format!("{path}: {e}"))?;
+                let now = self.observer.observe(p).map_err(|e| format!("{path}: {e}"))?;
                 if now.as_ref().is_some_and(|o| &o.sha256 == sha256 && o.mode == *mode) {
                     return Ok(());
                 }
@@ -709,7 +717,13 @@ impl Engine {
             mode: f.mode,
             owner: Owner { uid: f.uid, gid: f.gid },
         };
-        if files::observe(p).map_err(|e| format!("{}: {e}", f.path))?.as_ref() == Some(&want) {
+        if self
+            .observer
+            .observe(p)
+            .map_err(|e| format!("{}: {e}", f.path))?
+            .as_ref()
+            == Some(&want)
+        {
             return Ok(());
         }
         let content = self.content.get(&f.sha256)?;
@@ -868,7 +882,7 @@ impl Engine {
                 }
                 out.extend(archive::check(Path::new(dir), manifest));
             }
-            Some(ArtifactState::File { path, sha256, mode }) => match files::observe(Path::new(path)) {
+            Some(ArtifactState::File { path, sha256, mode }) => match self.observer.observe(Path::new(path)) {
                 Ok(Some(o)) if &o.sha256 == sha256 && o.mode == *mode => {}
                 Ok(Some(_)) => out.push(format!("{path} was changed")),
                 Ok(None) => out.push(format!("{path} is missing")),
@@ -877,7 +891,7 @@ impl Engine {
             None => {}
         }
         for f in &i.files {
-            match files::observe(Path::new(&f.path)) {
+            match self.observer.observe(Path::new(&f.path)) {
                 Ok(Some(o))
                     if o.sha256 == f.sha256 && o.mode == f.mode && o.owner == (Owner { uid: f.uid, gid: f.gid }) => {}
                 Ok(Some(o)) if o.sha256 == f.sha256 => out.push(format!("{} has other mode or owner", f.path)),
