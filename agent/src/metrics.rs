@@ -28,6 +28,17 @@ pub struct Metrics {
     pub problem_gauge: Family<ConditionLabel, Gauge>,
     pub log_lines: Family<SourceLabel, Counter>,
     pub log_lost: Family<SourceLabel, Counter>,
+    /// Reconcile passes of the converge engine and the time they took.
+    pub reconciles: Counter,
+    pub reconcile_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Component changes by how they ended (done, rolled_back, failed).
+    pub component_changes: Family<ResultLabel, Counter>,
+    pub component_drift: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,10 +122,37 @@ impl Metrics {
             "Log lines lost before they could be read (ring-buffer overruns), by source",
             m.log_lost.clone(),
         );
+        r.register(
+            "nodekeeper_agent_converge_reconciles",
+            "Reconcile passes over the node's components (drift checks included)",
+            m.reconciles.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_converge_reconcile_seconds",
+            "Time spent in reconcile passes, changes included",
+            m.reconcile_seconds.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_component_changes",
+            "Component changes by result (done, rolled_back, failed)",
+            m.component_changes.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_component_drift",
+            "Components found drifted and restored",
+            m.component_drift.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Counts a finished component change.
+    pub fn component_change(&self, result: &str) {
+        self.component_changes
+            .get_or_create(&ResultLabel { result: result.into() })
+            .inc();
     }
 
     /// Counts `n` problems with `reason`.

@@ -173,6 +173,43 @@ def main():
             fig("fan-out: apply to all inSync (3 later applies)",
                 f"median {totals[len(totals) // 2]:.3f} s, min {totals[0]:.3f} s, max {totals[-1]:.3f}", "s")
 
+        # A Component (kubelet-like: a package, three templated files, a unit,
+        # a health check) selecting every node: its first apply and a version
+        # change, to all inSync; then the Component's status (counts over
+        # every node) as an operator's GET.
+        def component(version):
+            rev0 = summary(hub_http)["revision"]
+            tmpl = "".join(f"line{i}: {{{{ params.p{i % 4} }}}} on {{{{ node.name }}}}\\n" for i in range(30))
+            doc = ("apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {name: bench-all}\nspec: {selector: {}}\n---\n"
+                   "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: bench-kubelet}\nspec:\n"
+                   f"  version: \"{version}\"\n"
+                   f"  artifact: {{deb: {{url: \"http://repo.invalid/kubelet_{version}_amd64.deb\", sha256: \"{'a' * 64}\"}}}}\n"
+                   "  params: {p0: a, p1: b, p2: c, p3: d}\n"
+                   "  nodeSetParams: [{nodeSet: bench-all, params: {p0: z}}]\n"
+                   "  files:\n"
+                   + "".join(f"  - {{path: /etc/kubernetes/f{i}.conf, template: \"{tmpl}\"}}\n" for i in range(3))
+                   + "  service: {unit: kubelet.service}\n"
+                   "  health: {http: \"http://127.0.0.1:10248/healthz\", gracePeriodSeconds: 60}\n")
+            t = time.monotonic()
+            http(f"{hub_http}/v1/apply", "POST", doc)
+            dt, _ = wait("component inSync", 120, 0.01,
+                         lambda: (lambda s: s if s and s["nodes"]["inSync"] >= n and s["revision"] >= rev0 + n else None)(
+                             summary(hub_http)))
+            return time.monotonic() - t if dt is not None else None
+
+        h0, a0 = proc_cpu_ticks(hub.pid), proc_cpu_ticks(hollow.pid)
+        first = component("1.29.4")
+        h1, a1 = proc_cpu_ticks(hub.pid), proc_cpu_ticks(hollow.pid)
+        later = component("1.29.5")
+        if first is not None and later is not None:
+            fig("component: apply to all inSync", f"first {first:.3f} s, version change {later:.3f}", "s")
+            fig("component: CPU during the first apply",
+                f"hub {(h1 - h0) / CLK_TCK:.2f} s, hollow agents {(a1 - a0) / CLK_TCK:.2f}", "s")
+        t = time.monotonic()
+        st = jget(f"{hub_http}/v1/components/bench-kubelet")["status"]
+        fig("component: GET with status over every node", f"{(time.monotonic() - t) * 1000:.0f}",
+            f"ms (selectedNodes {st.get('selectedNodes', 0)})")
+
         # Report ingest: every hollow agent sends `burst` condition changes at once.
         r0 = metric(hub_http, "nodekeeper_hub_reports_received_total")
         total = n * burst

@@ -10,8 +10,12 @@ use prost::Message;
 use crate::runtime::{Agent, default_settings};
 use crate::store::keys;
 
-/// Checks settings received from the hub.
-pub fn check(s: &AgentSettings) -> Result<(), String> {
+/// Checks settings received from the hub. Log monitors and components equal
+/// to ones in `applied` (checked when they were applied) are not compiled
+/// again: a hub restart resends every node's whole desired state, and
+/// compiling regexes and templates once per unchanged item is wasted work on
+/// every node.
+pub fn check(s: &AgentSettings, applied: Option<&AgentSettings>) -> Result<(), String> {
     if !validate::LOG_LEVELS.contains(&s.log_level.as_str()) {
         return Err(format!("settings.logLevel: {:?} is not a log level", s.log_level));
     }
@@ -22,11 +26,19 @@ pub fn check(s: &AgentSettings) -> Result<(), String> {
         ));
     }
     validate::labels("settings.labels", &s.labels).map_err(|e| e.to_string())?;
+    let known_monitor = |m| applied.is_some_and(|a| a.log_monitors.contains(m));
+    let known_component = |c| applied.is_some_and(|a| a.components.contains(c));
     for (i, m) in s.log_monitors.iter().enumerate() {
+        if known_monitor(m) {
+            continue;
+        }
         nodekeeper_proto::rules::check(m)
             .map_err(|e| format!("settings.logMonitors[{i}].{}: {}", e.field, e.message))?;
     }
     for (i, c) in s.components.iter().enumerate() {
+        if known_component(c) {
+            continue;
+        }
         validate::dns_subdomain(&format!("settings.components[{i}].name"), &c.name).map_err(|e| e.to_string())?;
         let spec = c
             .spec
@@ -42,7 +54,7 @@ pub fn check(s: &AgentSettings) -> Result<(), String> {
 /// switches the running settings. Nothing changes when it fails.
 pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
     let settings = d.settings.clone().unwrap_or_else(default_settings);
-    check(&settings)?;
+    check(&settings, agent.desired().settings.as_ref())?;
     if let Some(store) = &agent.store {
         store
             .put_all(&[

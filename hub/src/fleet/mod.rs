@@ -17,7 +17,7 @@ use nodekeeper_proto::{Kind, Resource, ResourceError};
 use tokio::sync::{oneshot, watch};
 
 use crate::metrics::Metrics;
-use crate::store::{Loaded, Store, StoreError, Write};
+use crate::store::{Loaded, SharedSettings, Store, StoreError, Write};
 
 pub use nodes::SessionHandles;
 pub use resources::{ApplyAction, ApplyResult};
@@ -129,7 +129,10 @@ pub(crate) struct NodeEntry {
     /// Dropping it ends the open session's outbound stream.
     kill: Option<oneshot::Sender<()>>,
     /// Latest desired state; sessions subscribe.
-    desired_tx: Arc<watch::Sender<DesiredState>>,
+    desired_tx: Arc<watch::Sender<Desired>>,
+    /// The node's desired settings, shared with every node that has the
+    /// same (never copied per node; `status.settings` stays empty in memory).
+    settings: Option<Arc<SharedSettings>>,
     /// Highest report sequence committed to the store; sessions subscribe.
     ack_tx: Arc<watch::Sender<u64>>,
 }
@@ -171,8 +174,25 @@ pub(crate) const COUNTER_REVISION_RESERVED: &str = "revision_reserved";
 const REVISION_BLOCK: u64 = 1_000_000;
 
 /// Desired settings per distinct label set, within one recomputation.
-pub(crate) type SettingsCache =
-    std::collections::HashMap<BTreeMap<String, String>, nodekeeper_proto::v1::AgentSettings>;
+pub(crate) type SettingsCache = std::collections::HashMap<BTreeMap<String, String>, Arc<SharedSettings>>;
+
+/// A node's desired state as its sessions see it: the revision and the
+/// shared settings (turned into a `DesiredState` message only when sent).
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    pub revision: u64,
+    pub settings: Option<Arc<SharedSettings>>,
+}
+
+impl Desired {
+    /// The wire message.
+    pub fn message(&self) -> DesiredState {
+        DesiredState {
+            revision: self.revision,
+            settings: self.settings.as_ref().map(|s| s.value.clone()),
+        }
+    }
+}
 
 impl Fleet {
     /// Rebuilds the fleet from what the store loaded.
@@ -206,14 +226,14 @@ impl Fleet {
             state.revisions.entry((k, name)).or_default().insert(generation, value);
         }
         let now = Instant::now();
-        for node in loaded.nodes {
+        for crate::store::LoadedNode { node, settings } in loaded.nodes {
             let Some(name) = node.metadata.as_ref().map(|m| m.name.clone()) else {
                 continue;
             };
             let status = node.status.clone().unwrap_or_default();
-            let desired = DesiredState {
+            let desired = Desired {
                 revision: status.desired_revision,
-                settings: status.settings.clone(),
+                settings: settings.clone(),
             };
             let last_seen = nodekeeper_proto::time::parse_rfc3339(&status.last_seen).unwrap_or(SystemTime::UNIX_EPOCH);
             state.nodes.insert(
@@ -228,6 +248,7 @@ impl Fleet {
                     session: None,
                     kill: None,
                     desired_tx: Arc::new(watch::channel(desired).0),
+                    settings,
                     ack_tx: Arc::new(watch::channel(status.report_sequence).0),
                 },
             );
@@ -313,7 +334,7 @@ impl Fleet {
 
 /// Streams a desired state to the node's sessions (latest value wins; an
 /// older revision never replaces a newer one).
-fn push(tx: &watch::Sender<DesiredState>, d: DesiredState) {
+fn push(tx: &watch::Sender<Desired>, d: Desired) {
     tx.send_if_modified(|cur| {
         if d.revision > cur.revision {
             *cur = d;

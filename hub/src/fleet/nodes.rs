@@ -7,13 +7,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nodekeeper_proto::time::{now_rfc3339, rfc3339};
 use nodekeeper_proto::v1::{
-    Condition, DesiredState, Event, Hello, Node, NodeComponent, NodeStatus, ObjectMeta, Report, Welcome, report,
+    Condition, Event, Hello, Node, NodeComponent, NodeStatus, ObjectMeta, Report, Welcome, report,
 };
 use nodekeeper_proto::{API_VERSION, validate};
 use tokio::sync::{oneshot, watch};
 
-use super::{Flags, Fleet, FleetError, NodeCounts, NodeEntry, Ready, SettingsCache, State, desired};
-use crate::store::{node_write, revisions_write};
+use super::{Desired, Flags, Fleet, FleetError, NodeCounts, NodeEntry, Ready, SettingsCache, State, desired};
+use crate::store::{SharedSettings, node_write, revisions_write};
 
 /// Recent events kept per node (identical events are aggregated).
 const RECENT_EVENTS: usize = 50;
@@ -24,7 +24,7 @@ pub struct SessionHandles {
     pub id: u64,
     pub node: String,
     pub welcome: Welcome,
-    pub desired: watch::Receiver<DesiredState>,
+    pub desired: watch::Receiver<Desired>,
     pub acks: watch::Receiver<u64>,
     /// Resolves when a newer session of the same node replaces this one.
     pub replaced: oneshot::Receiver<()>,
@@ -200,7 +200,7 @@ impl State {
         &mut self,
         name: &str,
         cache: &mut SettingsCache,
-    ) -> Option<(Arc<watch::Sender<DesiredState>>, DesiredState)> {
+    ) -> Option<(Arc<watch::Sender<Desired>>, Desired)> {
         let entry = self.nodes.get_mut(name)?;
         let base = base_labels(&entry.node);
         let settings = match cache.get(&base) {
@@ -229,26 +229,26 @@ impl State {
                     _ => None,
                 });
                 desired::add_components(&mut s, &base, components, &node_sets);
-                cache.insert(base.clone(), s.clone());
-                s
+                let shared = SharedSettings::new(s);
+                cache.insert(base.clone(), shared.clone());
+                shared
             }
         };
         let status = entry.node.status.get_or_insert_with(Default::default);
-        if status.settings.as_ref() == Some(&settings) && status.desired_revision > 0 {
+        if entry.settings.as_ref().is_some_and(|s| s.hash == settings.hash) && status.desired_revision > 0 {
             return None;
         }
         self.revision += 1;
-        let status = entry.node.status.get_or_insert_with(Default::default);
         status.desired_revision = self.revision;
         let mut labels = base;
-        labels.extend(settings.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-        status.settings = Some(settings.clone());
+        labels.extend(settings.value.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        entry.settings = Some(settings.clone());
         entry.node.metadata.get_or_insert_with(Default::default).labels = labels;
         let tx = entry.desired_tx.clone();
         self.recount(name);
         Some((
             tx,
-            DesiredState {
+            Desired {
                 revision: self.revision,
                 settings: Some(settings),
             },
@@ -303,7 +303,8 @@ impl Fleet {
             counted: Flags::default(),
             session: None,
             kill: None,
-            desired_tx: Arc::new(watch::channel(DesiredState::default()).0),
+            desired_tx: Arc::new(watch::channel(Desired::default()).0),
+            settings: None,
             ack_tx: Arc::new(watch::channel(0).0),
         });
         let (kill_tx, replaced) = oneshot::channel();
@@ -329,7 +330,7 @@ impl Fleet {
             .nodes
             .get(&name)
             .ok_or_else(|| FleetError::Store("node vanished".into()))?;
-        let write = node_write(&entry.node);
+        let write = node_write(&entry.node, entry.settings.as_ref());
         let desired = entry.desired_tx.subscribe();
         drop(st);
         // Revisions are never reused (see `reserve_revisions`), so the push need
@@ -369,7 +370,7 @@ impl Fleet {
         let status = e.node.status.get_or_insert_with(Default::default);
         status.last_seen = rfc3339(e.last_seen);
         let changed = set_ready(status, "Unknown", "AgentDisconnected", "agent link closed");
-        let write = changed.then(|| node_write(&e.node));
+        let write = changed.then(|| node_write(&e.node, e.settings.as_ref()));
         st.recount(name);
         drop(st);
         if let Some(w) = write {
@@ -397,9 +398,9 @@ impl Fleet {
         if ready_changed || applied_changed {
             status.last_seen = rfc3339(e.last_seen);
             let write = if ready_changed {
-                node_write(&e.node)
+                node_write(&e.node, e.settings.as_ref())
             } else {
-                revisions_write(&e.node)
+                revisions_write(&e.node, e.settings.as_ref())
             };
             st.recount(name);
             drop(st);
@@ -425,7 +426,7 @@ impl Fleet {
             return;
         }
         status.applied_revision = revision;
-        let write = revisions_write(&e.node);
+        let write = revisions_write(&e.node, e.settings.as_ref());
         st.recount(name);
         drop(st);
         self.store.submit(vec![write], None);
@@ -470,7 +471,7 @@ impl Fleet {
             return;
         }
         let seq = status.report_sequence;
-        let write = node_write(&e.node);
+        let write = node_write(&e.node, e.settings.as_ref());
         let ack = e.ack_tx.clone();
         drop(st);
         self.store.submit(
@@ -497,12 +498,12 @@ impl Fleet {
         let mut writes = Vec::new();
         let mut st = self.lock();
         for e in st.nodes.values_mut() {
-            let status = e.node.status.get_or_insert_with(Default::default);
-            let hb = status
+            let hb = e
                 .settings
                 .as_ref()
-                .map(|s| s.heartbeat_seconds)
+                .map(|s| s.value.heartbeat_seconds)
                 .unwrap_or(desired::DEFAULT_HEARTBEAT_SECONDS);
+            let status = e.node.status.get_or_insert_with(Default::default);
             let grace = self.config.grace.max(Duration::from_secs(u64::from(hb) * 3));
             if now.duration_since(e.last_heartbeat) > grace
                 && set_ready(
@@ -513,7 +514,7 @@ impl Fleet {
                 )
             {
                 status.last_seen = rfc3339(e.last_seen);
-                writes.push(node_write(&e.node));
+                writes.push(node_write(&e.node, e.settings.as_ref()));
             }
         }
         st.recount_all();
@@ -530,6 +531,7 @@ impl Fleet {
     fn view(e: &NodeEntry) -> Node {
         let mut n = e.node.clone();
         let status = n.status.get_or_insert_with(Default::default);
+        status.settings = e.settings.as_ref().map(|s| s.value.clone());
         status.connected = e.session.is_some();
         status.last_seen = rfc3339(e.last_seen);
         if e.session.is_some()

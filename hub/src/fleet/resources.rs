@@ -49,10 +49,9 @@ impl State {
                 let mut st = AgentProfileStatus::default();
                 for e in self.nodes.values() {
                     let selected = e
-                        .node
-                        .status
+                        .settings
                         .as_ref()
-                        .and_then(|s| s.settings.as_ref())
+                        .map(|s| &s.value)
                         .is_some_and(|s| s.profiles.iter().any(|p| p == name));
                     if selected {
                         st.selected_nodes += 1;
@@ -69,10 +68,9 @@ impl State {
                     .nodes
                     .values()
                     .filter(|e| {
-                        e.node
-                            .status
+                        e.settings
                             .as_ref()
-                            .and_then(|s| s.settings.as_ref())
+                            .map(|s| &s.value)
                             .is_some_and(|s| s.detector_sets.iter().any(|d| d == name))
                     })
                     .count() as u64;
@@ -86,10 +84,10 @@ impl State {
                 let mut st = ComponentStatus::default();
                 for e in self.nodes.values() {
                     let Some(status) = e.node.status.as_ref() else { continue };
-                    let selected = status
+                    let selected = e
                         .settings
                         .as_ref()
-                        .is_some_and(|s| s.components.iter().any(|d| d.name == meta.name));
+                        .is_some_and(|s| s.value.components.iter().any(|d| d.name == meta.name));
                     if !selected {
                         continue;
                     }

@@ -100,7 +100,7 @@ fn outbound(h: SessionHandles) -> Outbound {
     // The current desired state first (if any), then every change.
     let desired = WatchStream::new(h.desired)
         .filter(|d| std::future::ready(d.revision > 0))
-        .map(move |d| msg(hub_message::Body::Desired(d)));
+        .map(move |d| msg(hub_message::Body::Desired(d.message())));
     let acks =
         WatchStream::from_changes(h.acks).map(move |s| msg(hub_message::Body::ReportAck(ReportAck { sequence: s })));
     let replaced = stream::once(async move {

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use nodekeeper_proto::v1::{AgentSettings, Node};
@@ -64,8 +64,36 @@ pub enum Write {
 pub struct NodeRevisions {
     pub desired: u64,
     pub applied: u64,
-    /// Encoded `AgentSettings`.
-    pub settings: Vec<u8>,
+    pub settings: Option<Arc<SharedSettings>>,
+}
+
+/// Desired settings shared by every node that resolves to the same ones (in
+/// a fleet, nodes come in a few label sets): computed, encoded and hashed
+/// once, held once in memory, and stored once (`settings_blobs`, keyed by
+/// hash) however many nodes refer to them. A Component's templates and unit
+/// file make settings kilobytes large; per node they would dominate the
+/// hub's memory, store size and write volume.
+#[derive(Debug, PartialEq)]
+pub struct SharedSettings {
+    pub value: AgentSettings,
+    /// SHA-256 of `encoded`.
+    pub hash: [u8; 32],
+    pub encoded: Vec<u8>,
+}
+
+impl SharedSettings {
+    pub fn new(value: AgentSettings) -> Arc<SharedSettings> {
+        use sha2::Digest;
+        let encoded = value.encode_to_vec();
+        let hash = sha2::Sha256::digest(&encoded).into();
+        Arc::new(SharedSettings { value, hash, encoded })
+    }
+}
+
+/// A node as start-up reads it back, with its desired settings.
+pub struct LoadedNode {
+    pub node: Node,
+    pub settings: Option<Arc<SharedSettings>>,
 }
 
 /// Called once the writes it came with are committed (`Ok`) or failed.
@@ -81,7 +109,7 @@ struct Op {
 pub struct Loaded {
     /// (kind, JSON body)
     pub resources: Vec<(String, String)>,
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<LoadedNode>,
     pub counters: HashMap<String, u64>,
     /// (kind, name, generation, JSON body), oldest first per resource.
     pub revisions: Vec<(String, String, i64, String)>,
@@ -115,10 +143,24 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
          CREATE TABLE IF NOT EXISTS node_revisions (
             name TEXT PRIMARY KEY, desired INTEGER NOT NULL, applied INTEGER NOT NULL,
             settings BLOB NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS settings_blobs (hash BLOB PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS resource_revisions (
             kind TEXT NOT NULL, name TEXT NOT NULL, generation INTEGER NOT NULL, body TEXT NOT NULL,
             PRIMARY KEY (kind, name, generation)) WITHOUT ROWID;",
+    )?;
+    // Stores written before settings were shared keep theirs inline in
+    // node_revisions.settings; they are read as before and rewritten shared.
+    if conn
+        .prepare("SELECT settings_hash FROM node_revisions LIMIT 0")
+        .is_err()
+    {
+        conn.execute_batch("ALTER TABLE node_revisions ADD COLUMN settings_hash BLOB")?;
+    }
+    // Settings no node refers to any more.
+    conn.execute_batch(
+        "DELETE FROM settings_blobs WHERE hash NOT IN
+           (SELECT settings_hash FROM node_revisions WHERE settings_hash IS NOT NULL)",
     )?;
     Ok(conn)
 }
@@ -194,9 +236,24 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
     for row in rows {
         out.resources.push(row.map_err(err)?);
     }
+    let mut shared: HashMap<Vec<u8>, Arc<SharedSettings>> = HashMap::new();
+    let mut stmt = conn.prepare("SELECT hash, body FROM settings_blobs").map_err(err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .map_err(err)?;
+    for row in rows {
+        let (hash, body) = row.map_err(err)?;
+        let value = AgentSettings::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            row: format!("settings_blobs/{}", hex(&hash)),
+            reason: e.to_string(),
+        })?;
+        shared.insert(hash, SharedSettings::new(value));
+    }
     let mut stmt = conn
         .prepare(
-            "SELECT n.name, n.body, coalesce(r.desired, 0), coalesce(r.applied, 0), coalesce(r.settings, x'')
+            "SELECT n.name, n.body, coalesce(r.desired, 0), coalesce(r.applied, 0), coalesce(r.settings, x''),
+                    coalesce(r.settings_hash, x'')
              FROM nodes n LEFT JOIN node_revisions r ON r.name = n.name",
         )
         .map_err(err)?;
@@ -208,27 +265,38 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
                 r.get::<_, i64>(2)?,
                 r.get::<_, i64>(3)?,
                 r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
             ))
         })
         .map_err(err)?;
     for row in rows {
-        let (name, body, desired, applied, settings) = row.map_err(err)?;
-        let corrupt = |e: prost::DecodeError| StoreError::Corrupt {
+        let (name, body, desired, applied, inline, hash) = row.map_err(err)?;
+        let corrupt = |reason: String| StoreError::Corrupt {
             path: path.to_path_buf(),
             row: format!("nodes/{name}"),
-            reason: e.to_string(),
+            reason,
         };
-        let mut node = Node::decode(body.as_slice()).map_err(corrupt)?;
+        let mut node = Node::decode(body.as_slice()).map_err(|e| corrupt(e.to_string()))?;
         // The columns are newer than the body when only revisions changed.
         let status = node.status.get_or_insert_with(Default::default);
         status.desired_revision = desired.max(0) as u64;
         status.applied_revision = applied.max(0) as u64;
-        status.settings = if settings.is_empty() {
-            None
+        let settings = if !hash.is_empty() {
+            Some(
+                shared
+                    .get(&hash)
+                    .cloned()
+                    .ok_or_else(|| corrupt(format!("settings {} are missing", hex(&hash))))?,
+            )
+        } else if !inline.is_empty() {
+            let value = AgentSettings::decode(inline.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+            Some(SharedSettings::new(value))
         } else {
-            Some(AgentSettings::decode(settings.as_slice()).map_err(corrupt)?)
+            status.settings.take().map(SharedSettings::new)
         };
-        out.nodes.push(node);
+        // Settings live beside the node, never inside its body.
+        status.settings = None;
+        out.nodes.push(LoadedNode { node, settings });
     }
     let mut stmt = conn
         .prepare("SELECT kind, name, generation, body FROM resource_revisions ORDER BY kind, name, generation")
@@ -307,8 +375,24 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
         let mut del_res = tx.prepare_cached("DELETE FROM resources WHERE kind = ?1 AND name = ?2")?;
         let mut put_node = tx.prepare_cached("INSERT OR REPLACE INTO nodes (name, body) VALUES (?1, ?2)")?;
         let mut put_revisions = tx.prepare_cached(
-            "INSERT OR REPLACE INTO node_revisions (name, desired, applied, settings) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR REPLACE INTO node_revisions (name, desired, applied, settings, settings_hash)
+             VALUES (?1, ?2, ?3, x'', ?4)",
         )?;
+        let mut put_blob = tx.prepare_cached("INSERT OR IGNORE INTO settings_blobs (hash, body) VALUES (?1, ?2)")?;
+        let mut blobs_seen: std::collections::HashSet<[u8; 32]> = std::collections::HashSet::new();
+        let mut put_revs = |name: &str, r: &NodeRevisions| -> rusqlite::Result<()> {
+            let hash = match &r.settings {
+                Some(s) => {
+                    if blobs_seen.insert(s.hash) {
+                        put_blob.execute(params![&s.hash[..], &s.encoded])?;
+                    }
+                    Some(&s.hash[..])
+                }
+                None => None,
+            };
+            put_revisions.execute(params![name, r.desired as i64, r.applied as i64, hash])?;
+            Ok(())
+        };
         let mut pos = 0usize;
         let mut put_counter = tx.prepare_cached("INSERT OR REPLACE INTO counters (key, value) VALUES (?1, ?2)")?;
         for op in batch.iter() {
@@ -344,13 +428,13 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
                             continue;
                         }
                         put_node.execute(params![name, body])?;
-                        put_revisions.execute(params![name, r.desired as i64, r.applied as i64, r.settings])?;
+                        put_revs(name, r)?;
                     }
                     Write::NodeRevisions { name, revisions: r } => {
                         if last_any.get(name.as_str()) != Some(&here) {
                             continue;
                         }
-                        put_revisions.execute(params![name, r.desired as i64, r.applied as i64, r.settings])?;
+                        put_revs(name, r)?;
                     }
                     Write::Counter { key, value } => {
                         put_counter.execute(params![key, *value as i64])?;
@@ -365,36 +449,37 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
     Ok(())
 }
 
-fn revisions_of(node: &Node) -> NodeRevisions {
+fn revisions_of(node: &Node, settings: Option<&Arc<SharedSettings>>) -> NodeRevisions {
     let status = node.status.as_ref();
     NodeRevisions {
         desired: status.map_or(0, |s| s.desired_revision),
         applied: status.map_or(0, |s| s.applied_revision),
-        settings: status
-            .and_then(|s| s.settings.as_ref())
-            .map(Message::encode_to_vec)
-            .unwrap_or_default(),
+        settings: settings.cloned(),
     }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn node_name(node: &Node) -> String {
     node.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default()
 }
 
-/// The write that stores a whole node snapshot.
-pub fn node_write(node: &Node) -> Write {
+/// The write that stores a whole node snapshot (its settings beside it).
+pub fn node_write(node: &Node, settings: Option<&Arc<SharedSettings>>) -> Write {
     Write::PutNode {
         name: node_name(node),
         body: node.encode_to_vec(),
-        revisions: revisions_of(node),
+        revisions: revisions_of(node, settings),
     }
 }
 
 /// The write that stores only a node's revisions and desired settings.
-pub fn revisions_write(node: &Node) -> Write {
+pub fn revisions_write(node: &Node, settings: Option<&Arc<SharedSettings>>) -> Write {
     Write::NodeRevisions {
         name: node_name(node),
-        revisions: revisions_of(node),
+        revisions: revisions_of(node, settings),
     }
 }
 
@@ -403,7 +488,7 @@ mod tests {
     use super::*;
     use nodekeeper_proto::v1::{NodeStatus, ObjectMeta};
 
-    fn node(name: &str, desired: u64, applied: u64, reason: &str) -> Node {
+    fn node(name: &str, desired: u64, applied: u64) -> Node {
         Node {
             metadata: Some(ObjectMeta {
                 name: name.into(),
@@ -412,14 +497,17 @@ mod tests {
             status: Some(NodeStatus {
                 desired_revision: desired,
                 applied_revision: applied,
-                settings: Some(AgentSettings {
-                    log_level: reason.into(),
-                    ..Default::default()
-                }),
                 ..Default::default()
             }),
             ..Default::default()
         }
+    }
+
+    fn level(l: &str) -> Arc<SharedSettings> {
+        SharedSettings::new(AgentSettings {
+            log_level: l.into(),
+            ..Default::default()
+        })
     }
 
     fn reopen(path: &Path) -> Loaded {
@@ -438,38 +526,42 @@ mod tests {
         // later snapshot supersedes.
         store
             .commit_blocking(vec![
-                node_write(&node("a", 1, 0, "info")),
-                revisions_write(&node("a", 2, 2, "debug")),
-                node_write(&node("b", 1, 1, "old")),
-                node_write(&node("b", 3, 1, "new")),
-                revisions_write(&node("c", 9, 9, "lost")),
-                node_write(&node("c", 4, 4, "kept")),
+                node_write(&node("a", 1, 0), Some(&level("info"))),
+                revisions_write(&node("a", 2, 2), Some(&level("debug"))),
+                node_write(&node("b", 1, 1), Some(&level("old"))),
+                node_write(&node("b", 3, 1), Some(&level("new"))),
+                revisions_write(&node("c", 9, 9), Some(&level("lost"))),
+                node_write(&node("c", 4, 4), Some(&level("kept"))),
+                node_write(&node("d", 1, 1), Some(&level("kept"))),
                 Write::Counter { key: "k", value: 7 },
             ])
             .expect("commit");
         drop(store);
         let loaded = reopen(&path);
         let by_name = |n: &str| {
-            loaded
+            let x = loaded
                 .nodes
                 .iter()
-                .find(|x| x.metadata.as_ref().is_some_and(|m| m.name == n))
-                .and_then(|x| x.status.clone())
-                .expect("node")
+                .find(|x| x.node.metadata.as_ref().is_some_and(|m| m.name == n))
+                .expect("node");
+            let st = x.node.status.clone().expect("status");
+            let level = x.settings.as_ref().map(|s| s.value.log_level.clone());
+            (st.desired_revision, st.applied_revision, level, x.settings.clone())
         };
         let a = by_name("a");
-        assert_eq!((a.desired_revision, a.applied_revision), (2, 2));
-        assert_eq!(a.settings.map(|s| s.log_level).as_deref(), Some("debug"));
+        assert_eq!((a.0, a.1, a.2.as_deref()), (2, 2, Some("debug")));
         let b = by_name("b");
-        assert_eq!(
-            (b.desired_revision, b.settings.map(|s| s.log_level)),
-            (3, Some("new".into()))
-        );
+        assert_eq!((b.0, b.2.as_deref()), (3, Some("new")));
         let c = by_name("c");
-        assert_eq!(
-            (c.desired_revision, c.settings.map(|s| s.log_level)),
-            (4, Some("kept".into()))
-        );
+        assert_eq!((c.0, c.2.as_deref()), (4, Some("kept")));
+        // Nodes with equal settings share one stored copy, loaded once.
+        let d = by_name("d");
+        assert!(Arc::ptr_eq(c.3.as_ref().expect("c"), d.3.as_ref().expect("d")));
+        let conn = open_conn(&path).expect("open");
+        let blobs: i64 = conn
+            .query_row("SELECT count(*) FROM settings_blobs", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(blobs, 3, "debug, new and kept are referenced; the rest were collected");
         assert_eq!(loaded.counters.get("k"), Some(&7));
         let _ = std::fs::remove_dir_all(&dir);
     }

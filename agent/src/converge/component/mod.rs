@@ -218,6 +218,16 @@ impl Engine {
 
     /// One pass over the desired components.
     pub fn reconcile(&mut self, desired: &[DesiredComponent]) {
+        let started = std::time::Instant::now();
+        self.reconcile_all(desired);
+        self.agent.metrics.reconciles.inc();
+        self.agent
+            .metrics
+            .reconcile_seconds
+            .inc_by(started.elapsed().as_secs_f64());
+    }
+
+    fn reconcile_all(&mut self, desired: &[DesiredComponent]) {
         for d in desired {
             let _span = tracing::info_span!("component", name = %d.name).entered();
             self.reconcile_one(d);
@@ -345,6 +355,7 @@ impl Engine {
                                     .map_or("its state before nodekeeper", |p| p.version.as_str())
                             ),
                         );
+                        self.agent.metrics.component_change("rolled_back");
                         rec.installed = ch.previous;
                         rec.failed_hash = ch.target_hash;
                         rec.phase = phase::FAILED.into();
@@ -361,6 +372,7 @@ impl Engine {
                                 format!("component {name} is at version {version}"),
                             );
                         }
+                        self.agent.metrics.component_change("done");
                         rec.installed = staged;
                         rec.phase = phase::DONE.into();
                         rec.last_error.clear();
@@ -374,6 +386,7 @@ impl Engine {
                     let e = format!("{}: {e}", ph.name());
                     tracing::warn!(component = %name, error = %e, "component change step failed");
                     if ph == Phase::RollingBack {
+                        self.agent.metrics.component_change("failed");
                         let msg = format!("{}; rollback failed: {e}", ch.error);
                         self.event("Error", "ComponentRollbackFailed", format!("component {name}: {msg}"));
                         rec.installed = ch.previous;
@@ -382,6 +395,7 @@ impl Engine {
                         rec.last_error = msg;
                         rec.last_change_time = now_rfc3339();
                     } else if !ph.touches_node() {
+                        self.agent.metrics.component_change("failed");
                         rec.attempts += 1;
                         rec.retry_hash = ch.target_hash;
                         rec.retry_at = unix_now() + (self.cfg.interval_seconds << rec.attempts.min(6)).min(3600);
@@ -395,6 +409,7 @@ impl Engine {
                     } else if ph == Phase::HealthCheck
                         && ch.target.spec.as_ref().is_some_and(|s| s.on_health_failure == "stay")
                     {
+                        self.agent.metrics.component_change("failed");
                         self.event(
                             "Warning",
                             "ComponentUnhealthy",
@@ -912,6 +927,7 @@ impl Engine {
             return;
         }
         let what = found.join("; ");
+        self.agent.metrics.component_drift.inc();
         self.event(
             "Warning",
             "ComponentDrift",

@@ -1,0 +1,199 @@
+"""Driver of scripts/bench/converge-drift.sh (see there)."""
+import argparse
+import datetime
+import hashlib
+import http.server
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.request
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return int(parts[11]) + int(parts[12])
+
+
+def metric(text, name):
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait(what, timeout, cond):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    args = ap.parse_args()
+    mib = int(os.environ.get("BINARY_MIB", "256"))
+    nfiles = int(os.environ.get("ARCHIVE_FILES", "2000"))
+    nconf = int(os.environ.get("CONFIG_FILES", "50"))
+    sampled = int(os.environ.get("SECONDS_SAMPLED", "30"))
+    record = os.environ.get("NO_RECORD") != "1"
+    tmp = tempfile.mkdtemp(prefix="nk-converge-drift-")
+    www = os.path.join(tmp, "www")
+    os.makedirs(www)
+    binary = os.path.join(www, "big-binary")
+    with open(binary, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    bin_sha = hashlib.sha256(open(binary, "rb").read()).hexdigest()
+    tgz = os.path.join(www, "tree.tar.gz")
+    with tarfile.open(tgz, "w:gz") as t:
+        for i in range(nfiles):
+            data = os.urandom(4096)
+            ti = tarfile.TarInfo(f"tree/d{i % 50}/f{i}")
+            ti.size = len(data)
+            ti.mode = 0o644
+            t.addfile(ti, io.BytesIO(data))
+    tgz_sha = hashlib.sha256(open(tgz, "rb").read()).hexdigest()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=www))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    fport = srv.server_address[1]
+    grpc, hport, mport = free_port(), free_port(), free_port()
+    hub_cfg = os.path.join(tmp, "hub.yaml")
+    with open(hub_cfg, "w") as f:
+        f.write(f'listen: {{grpc: "127.0.0.1:{grpc}", http: "127.0.0.1:{hport}"}}\nstateDir: {tmp}/hub\nlogLevel: warn\n')
+    agent_cfg = os.path.join(tmp, "agent.yaml")
+    with open(agent_cfg, "w") as f:
+        f.write(f"nodeName: bench-node\nhub: {{address: \"http://127.0.0.1:{grpc}\"}}\nstateDir: {tmp}/agent\n"
+                f"socket: {tmp}/agent.sock\nmetrics: {{listen: \"127.0.0.1:{mport}\"}}\n"
+                "converge: {intervalSeconds: 1}\ndetectors: {defaultRules: false}\nlogLevel: warn\n")
+    procs = []
+    figures = []
+
+    def fig(name, value, unit=""):
+        line = f"{name}: {value}{(' ' + unit) if unit else ''}"
+        print(line, flush=True)
+        figures.append(line)
+
+    try:
+        hub = subprocess.Popen([f"{args.bin}/nodekeeper-hub", "--config", hub_cfg],
+                               stdout=open(os.path.join(tmp, "hub.log"), "w"), stderr=subprocess.STDOUT)
+        procs.append(hub)
+        agent = subprocess.Popen([f"{args.bin}/nodekeeper-agent", "--config", agent_cfg],
+                                 stdout=open(os.path.join(tmp, "agent.log"), "w"), stderr=subprocess.STDOUT)
+        procs.append(agent)
+        hub_url = f"http://127.0.0.1:{hport}"
+        wait("hub", 30, lambda: _ok(hub_url + "/healthz"))
+        files = "".join(
+            f"  - {{path: {tmp}/etc/c{i}.conf, template: \"node={{{{ node.name }}}} i={i} v={{{{ component.version }}}}\\n\"}}\n"
+            for i in range(nconf))
+        doc = ("apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: big}\nspec:\n  version: \"1\"\n"
+               f"  artifact: {{file: {{url: \"http://127.0.0.1:{fport}/big-binary\", sha256: \"{bin_sha}\", path: {tmp}/bin/big}}}}\n"
+               f"  files:\n{files}"
+               "---\napiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: tree}\nspec:\n  version: \"1\"\n"
+               f"  artifact: {{archive: {{url: \"http://127.0.0.1:{fport}/tree.tar.gz\", sha256: \"{tgz_sha}\", "
+               f"stripComponents: 1, installDir: {tmp}/opt/tree}}}}\n")
+        t = time.monotonic()
+        req = urllib.request.Request(hub_url + "/v1/apply", data=doc.encode(), method="POST")
+        urllib.request.urlopen(req, timeout=30).read()
+
+        def done():
+            try:
+                n = json.loads(get(f"{hub_url}/v1/nodes/bench-node"))
+            except Exception:
+                return None
+            cs = n.get("status", {}).get("components", [])
+            return len(cs) == 2 and all(c.get("phase") == "Done" for c in cs)
+        wait("both components Done", 300, done)
+        fig("install: apply to both components Done",
+            f"{time.monotonic() - t:.2f}", f"s ({mib} MiB binary downloaded and verified, {nfiles}-file archive, {nconf} files)")
+        time.sleep(3)  # let the stat cache trust every file (older than its margin)
+        m0, c0, w0 = get(f"http://127.0.0.1:{mport}/metrics"), cpu_ticks(agent.pid), time.monotonic()
+        time.sleep(sampled)
+        m1, c1, w1 = get(f"http://127.0.0.1:{mport}/metrics"), cpu_ticks(agent.pid), time.monotonic()
+        passes = metric(m1, "nodekeeper_agent_converge_reconciles_total") - metric(m0, "nodekeeper_agent_converge_reconciles_total")
+        secs = (metric(m1, "nodekeeper_agent_converge_reconcile_seconds_total")
+                - metric(m0, "nodekeeper_agent_converge_reconcile_seconds_total"))
+        cpu = (c1 - c0) / CLK_TCK
+        fig("steady: reconcile passes", f"{passes:.0f}", f"in {w1 - w0:.0f} s")
+        fig("steady: wall time per pass", f"{secs / max(passes, 1) * 1000:.2f}",
+            f"ms ({nfiles} archive files + {nconf} config files + {mib} MiB binary checked)")
+        fig("steady: agent CPU", f"{cpu / (w1 - w0) * 100:.2f}", "% of one core at one pass per second")
+        t = time.monotonic()
+        hashlib.sha256(open(binary, "rb").read()).hexdigest()
+        fig("reference: hashing the binary once (python hashlib)", f"{(time.monotonic() - t) * 1000:.0f}",
+            "ms — what every pass would cost without the stat cache")
+        # A drifted binary is noticed and restored at the next pass.
+        with open(f"{tmp}/bin/big", "r+b") as f:
+            f.seek(12345)
+            f.write(b"tampered")
+        t = time.monotonic()
+
+        def restored():
+            return hashlib.sha256(open(f"{tmp}/bin/big", "rb").read()).hexdigest() == bin_sha
+        wait("binary restored", 60, restored)
+        fig("drift: tampered binary restored after", f"{time.monotonic() - t:.2f}", "s")
+    finally:
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+                p.wait(timeout=10)
+            except Exception:
+                pass
+        srv.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if record and figures:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        with open("BENCHMARKS.md", "a") as f:
+            f.write(f"\n### converge-drift — {datetime.date.today().isoformat()} (commit {commit})\n\n")
+            f.write(f"Command: `scripts/bench/converge-drift.sh` (BINARY_MIB={mib}, ARCHIVE_FILES={nfiles}, "
+                    f"CONFIG_FILES={nconf}, SECONDS_SAMPLED={sampled})  \n")
+            f.write(f"Machine: {os.cpu_count()} cores ({model}); release agent and hub on the same machine\n\n")
+            for line in figures:
+                f.write(f"- {line}\n")
+
+
+def _ok(url):
+    try:
+        get(url)
+        return True
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    main()
