@@ -152,6 +152,8 @@ pub(crate) struct State {
     /// Revisions up to this are reserved (a write is queued or committed).
     revision_reserved: u64,
     next_session: u64,
+    /// Settings computed since resources last changed, by label set.
+    settings_cache: SettingsCache,
 }
 
 /// The fleet; shared by every front end behind an `Arc`.

@@ -321,7 +321,12 @@ impl Fleet {
         let acks = entry.ack_tx.subscribe();
         let report_sequence = *acks.borrow();
         self.reserve_revisions(&mut st, 1);
-        let push = st.recompute(&name, &mut SettingsCache::new());
+        // Sessions share one computation per label set until resources
+        // change: a reconnect storm after a hub restart computes each
+        // distinct settings once, not once per node.
+        let mut cache = std::mem::take(&mut st.settings_cache);
+        let push = st.recompute(&name, &mut cache);
+        st.settings_cache = cache;
         if push.is_some() {
             self.metrics.desired_pushed.inc();
         }

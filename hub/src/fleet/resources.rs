@@ -270,6 +270,7 @@ impl Fleet {
             for (key, generation, body) in new_revisions {
                 st.revisions.entry(key).or_default().insert(generation, body);
             }
+            st.settings_cache.clear();
         }
         if planned.iter().any(|(a, _)| *a != ApplyAction::Unchanged) {
             self.fan_out();
@@ -310,6 +311,8 @@ impl Fleet {
             }
         }
         self.metrics.desired_pushed.inc_by(changed);
+        // Valid until resources change again (apply and delete clear it).
+        self.lock().settings_cache = cache;
     }
 
     /// Every resource of a kind, sorted by name, with computed status.
@@ -360,6 +363,7 @@ impl Fleet {
             let mut st = self.lock();
             st.resources.remove(&(kind, name.to_string()));
             st.revisions.remove(&(kind, name.to_string()));
+            st.settings_cache.clear();
         }
         self.fan_out();
         Ok(existing)
