@@ -10,6 +10,8 @@ command -v systemd-nspawn >/dev/null || need_apt+=(systemd-container)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v rpm >/dev/null || need_apt+=(rpm)
 command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
+command -v rpmbuild >/dev/null || need_apt+=(rpm)
+command -v dpkg-scanpackages >/dev/null || need_apt+=(dpkg-dev)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 [ -x /lib/systemd/systemd-journal-remote ] || need_apt+=(systemd-journal-remote)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -695,3 +695,79 @@ fn systemd_component_in_a_booted_container_ships_its_unit_restarts_on_change_and
     assert!(journal.contains("component drifted"), "{journal}");
     m.exec(&["systemctl", "stop", "nk-agent.service"]);
 }
+
+/// A package from the host's repositories (`deb: {package, version}`): a
+/// local flat apt repository built with dpkg-scanpackages, used through the
+/// real apt-get (pointed at it with APT_CONFIG, so the host's own sources
+/// are not touched) and installed into the host's real dpkg database.
+#[test]
+fn repository_package_installs_with_apt_and_rolls_back_by_downgrading() {
+    let tmp = TempDir::new("conv-apt");
+    let d = tmp.path();
+    let pkg = format!("nk-e2e-gadget-{}", std::process::id());
+    let _purge = Purge(pkg.clone());
+    let repo = d.join("repo");
+    std::fs::create_dir_all(&repo).expect("repo");
+    let file = d.join("opt/gadget/VERSION");
+    let file_s = file.to_string_lossy().into_owned();
+    build_deb(&repo, &pkg, "1.0-1", &[(&file_s, "1.0\n", 0o644)]);
+    build_deb(&repo, &pkg, "2.0-1", &[(&file_s, "2.0\n", 0o644)]);
+    for sub in ["deb-", "tree-"] {
+        for e in std::fs::read_dir(&repo).expect("repo").flatten() {
+            if e.file_name().to_string_lossy().starts_with(sub) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let packages = run(Command::new("dpkg-scanpackages").args(["-m", "."]).current_dir(&repo));
+    std::fs::write(repo.join("Packages"), &packages.stdout).expect("Packages");
+    for dir in ["lists/partial", "cache/archives/partial", "sources.d"] {
+        std::fs::create_dir_all(d.join("apt").join(dir)).expect("apt dirs");
+    }
+    std::fs::write(
+        d.join("apt/sources.list"),
+        format!("deb [trusted=yes] file:{} ./\n", repo.display()),
+    )
+    .expect("sources");
+    let apt_conf = d.join("apt/apt.conf");
+    std::fs::write(
+        &apt_conf,
+        format!(
+            "Dir::Etc::SourceList \"{a}/sources.list\";\nDir::Etc::SourceParts \"{a}/sources.d\";\nDir::State::Lists \"{a}/lists\";\nDir::Cache \"{a}/cache\";\n",
+            a = d.join("apt").display()
+        ),
+    )
+    .expect("apt.conf");
+    let hub = Hub::start(d, "");
+    let apt_env = apt_conf.to_string_lossy().into_owned();
+    let agent = Agent::start_env(
+        d,
+        "apt-node",
+        Some(&hub.grpc_url()),
+        "converge: {intervalSeconds: 1}\n",
+        &[("APT_CONFIG", &apt_env)],
+    );
+    let flag = d.join("healthy");
+    std::fs::write(&flag, "").expect("flag");
+    let spec = |version: &str, health: &Path| {
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: gadget}}\nspec:\n  version: \"{version}\"\n  artifact:\n    deb: {{package: {pkg}, version: \"{version}-1\"}}\n  health: {{exec: [\"/bin/sh\", \"-c\", \"test -f {}\"], periodSeconds: 1, gracePeriodSeconds: 2}}\n",
+            health.display()
+        )
+    };
+    // The lists are empty at first: the agent runs apt-get update by itself.
+    apply(&hub, &spec("1.0", &flag));
+    let c = wait_phase(&agent, "gadget", "Done", 1);
+    assert_eq!(dpkg_version(&pkg).as_deref(), Some("1.0-1"), "{c}");
+    apply(&hub, &spec("2.0", &d.join("missing")));
+    let c = wait_phase(&agent, "gadget", "Failed", 2);
+    assert_eq!(
+        dpkg_version(&pkg).as_deref(),
+        Some("1.0-1"),
+        "downgraded back with apt: {c}"
+    );
+    assert_eq!(read(&file), "1.0\n");
+    apply(&hub, &spec("2.0", &flag));
+    wait_phase(&agent, "gadget", "Done", 3);
+    assert_eq!(dpkg_version(&pkg).as_deref(), Some("2.0-1"));
+}

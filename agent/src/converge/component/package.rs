@@ -98,22 +98,43 @@ impl PackageManager for Dpkg {
     }
 
     fn install_repo(&self, name: &str, version: &str) -> Result<(), String> {
-        run_dpkg(
-            || {
-                let mut c = Command::new("apt-get");
-                apt_env(&mut c).args([
-                    "install",
-                    "-y",
-                    "--allow-downgrades",
-                    "-o",
-                    "Dpkg::Options::=--force-confold",
-                    &format!("{name}={version}"),
-                ]);
-                c
-            },
-            "apt-get install",
-        )
-        .map(drop)
+        let install = || {
+            run_dpkg(
+                || {
+                    let mut c = Command::new("apt-get");
+                    apt_env(&mut c).args([
+                        "install",
+                        "-y",
+                        "--allow-downgrades",
+                        "-o",
+                        "Dpkg::Options::=--force-confold",
+                        &format!("{name}={version}"),
+                    ]);
+                    c
+                },
+                "apt-get install",
+            )
+        };
+        match install() {
+            // The package lists predate the version: refresh them once.
+            Err(e) if e.contains("not found") || e.contains("Unable to locate") => {
+                tracing::info!(
+                    package = name,
+                    version,
+                    "version not in the package lists; running apt-get update"
+                );
+                run_dpkg(
+                    || {
+                        let mut c = Command::new("apt-get");
+                        apt_env(&mut c).args(["update", "-q"]);
+                        c
+                    },
+                    "apt-get update",
+                )?;
+                install().map(drop)
+            }
+            other => other.map(drop),
+        }
     }
 
     fn remove(&self, name: &str) -> Result<(), String> {
