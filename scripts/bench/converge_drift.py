@@ -1,41 +1,19 @@
 """Driver of scripts/bench/converge-drift.sh (see there)."""
 import argparse
-import datetime
 import hashlib
-import http.server
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import io
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import tempfile
 import threading
 import time
-import urllib.request
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def get(url):
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return r.read().decode()
-
-
-def cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return int(parts[11]) + int(parts[12])
+from benchlib import CLK_TCK, Figures, free_port, http, proc_cpu_ticks, wait
 
 
 def metric(text, name):
@@ -45,14 +23,11 @@ def metric(text, name):
     return 0.0
 
 
-def wait(what, timeout, cond):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
+def must(what, timeout, cond):
+    dt, v = wait(what, timeout, 0.1, cond)
+    if dt is None:
+        raise SystemExit(f"timed out waiting for {what}")
+    return v
 
 
 def main():
@@ -82,11 +57,11 @@ def main():
             t.addfile(ti, io.BytesIO(data))
     tgz_sha = hashlib.sha256(open(tgz, "rb").read()).hexdigest()
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
+    class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *a):
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=www))
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=www))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     fport = srv.server_address[1]
     grpc, hport, mport = free_port(), free_port(), free_port()
@@ -99,12 +74,7 @@ def main():
                 f"socket: {tmp}/agent.sock\nmetrics: {{listen: \"127.0.0.1:{mport}\"}}\n"
                 "converge: {intervalSeconds: 1}\ndetectors: {defaultRules: false}\nlogLevel: warn\n")
     procs = []
-    figures = []
-
-    def fig(name, value, unit=""):
-        line = f"{name}: {value}{(' ' + unit) if unit else ''}"
-        print(line, flush=True)
-        figures.append(line)
+    fig = Figures()
 
     try:
         hub = subprocess.Popen([f"{args.bin}/nodekeeper-hub", "--config", hub_cfg],
@@ -114,7 +84,7 @@ def main():
                                  stdout=open(os.path.join(tmp, "agent.log"), "w"), stderr=subprocess.STDOUT)
         procs.append(agent)
         hub_url = f"http://127.0.0.1:{hport}"
-        wait("hub", 30, lambda: _ok(hub_url + "/healthz"))
+        must("hub", 30, lambda: _ok(hub_url + "/healthz"))
         files = "".join(
             f"  - {{path: {tmp}/etc/c{i}.conf, template: \"node={{{{ node.name }}}} i={i} v={{{{ component.version }}}}\\n\"}}\n"
             for i in range(nconf))
@@ -125,23 +95,22 @@ def main():
                f"  artifact: {{archive: {{url: \"http://127.0.0.1:{fport}/tree.tar.gz\", sha256: \"{tgz_sha}\", "
                f"stripComponents: 1, installDir: {tmp}/opt/tree}}}}\n")
         t = time.monotonic()
-        req = urllib.request.Request(hub_url + "/v1/apply", data=doc.encode(), method="POST")
-        urllib.request.urlopen(req, timeout=30).read()
+        http(hub_url + "/v1/apply", "POST", doc)
 
         def done():
             try:
-                n = json.loads(get(f"{hub_url}/v1/nodes/bench-node"))
+                n = json.loads(http(f"{hub_url}/v1/nodes/bench-node"))
             except Exception:
                 return None
             cs = n.get("status", {}).get("components", [])
             return len(cs) == 2 and all(c.get("phase") == "Done" for c in cs)
-        wait("both components Done", 300, done)
+        must("both components Done", 300, done)
         fig("install: apply to both components Done",
             f"{time.monotonic() - t:.2f}", f"s ({mib} MiB binary downloaded and verified, {nfiles}-file archive, {nconf} files)")
         time.sleep(3)  # let the stat cache trust every file (older than its margin)
-        m0, c0, w0 = get(f"http://127.0.0.1:{mport}/metrics"), cpu_ticks(agent.pid), time.monotonic()
+        m0, c0, w0 = http(f"http://127.0.0.1:{mport}/metrics"), proc_cpu_ticks(agent.pid), time.monotonic()
         time.sleep(sampled)
-        m1, c1, w1 = get(f"http://127.0.0.1:{mport}/metrics"), cpu_ticks(agent.pid), time.monotonic()
+        m1, c1, w1 = http(f"http://127.0.0.1:{mport}/metrics"), proc_cpu_ticks(agent.pid), time.monotonic()
         passes = metric(m1, "nodekeeper_agent_converge_reconciles_total") - metric(m0, "nodekeeper_agent_converge_reconciles_total")
         secs = (metric(m1, "nodekeeper_agent_converge_reconcile_seconds_total")
                 - metric(m0, "nodekeeper_agent_converge_reconcile_seconds_total"))
@@ -162,7 +131,7 @@ def main():
 
         def restored():
             return hashlib.sha256(open(f"{tmp}/bin/big", "rb").read()).hexdigest() == bin_sha
-        wait("binary restored", 60, restored)
+        must("binary restored", 60, restored)
         fig("drift: tampered binary restored after", f"{time.monotonic() - t:.2f}", "s")
     finally:
         for p in procs:
@@ -174,22 +143,15 @@ def main():
         srv.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    if record and figures:
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        with open("BENCHMARKS.md", "a") as f:
-            f.write(f"\n### converge-drift — {datetime.date.today().isoformat()} (commit {commit})\n\n")
-            f.write(f"Command: `scripts/bench/converge-drift.sh` (BINARY_MIB={mib}, ARCHIVE_FILES={nfiles}, "
-                    f"CONFIG_FILES={nconf}, SECONDS_SAMPLED={sampled})  \n")
-            f.write(f"Machine: {os.cpu_count()} cores ({model}); release agent and hub on the same machine\n\n")
-            for line in figures:
-                f.write(f"- {line}\n")
+    if record:
+        fig.record("converge-drift", "scripts/bench/converge-drift.sh",
+                   f"BINARY_MIB={mib}, ARCHIVE_FILES={nfiles}, CONFIG_FILES={nconf}, SECONDS_SAMPLED={sampled}",
+                   "release agent and hub on the same machine")
 
 
 def _ok(url):
     try:
-        get(url)
+        http(url)
         return True
     except Exception:
         return False

@@ -1,32 +1,16 @@
 """Drives the hub-scale benchmark: see hub-scale.sh. Standard library only."""
 
 import argparse
-import datetime
 import http.client as httpclient
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url, method="GET", body=None, timeout=30):
-    req = urllib.request.Request(url, method=method, data=body.encode() if body else None)
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.read().decode()
+from benchlib import CLK_TCK, Figures, free_port, http, proc_cpu_ticks, proc_mem, wait
 
 
 def jget(url):
@@ -38,33 +22,6 @@ def metric(hub_http, name):
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
-
-
-def proc_cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-def proc_mem(pid):
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return out
-
-
-def wait(what, timeout, poll, cond):
-    start = time.monotonic()
-    while True:
-        v = cond()
-        if v:
-            return time.monotonic() - start, v
-        if time.monotonic() - start > timeout:
-            print(f"!! timed out after {timeout}s waiting for {what}", file=sys.stderr)
-            return None, None
-        time.sleep(poll)
 
 
 _conn = {}
@@ -112,12 +69,7 @@ def main():
         wait("hub /healthz", 30, 0.05, lambda: _ok(f"{hub_http}/healthz"))
         return p
 
-    figures = []
-
-    def fig(name, value, unit=""):
-        line = f"{name}: {value}{(' ' + unit) if unit else ''}"
-        print(line, flush=True)
-        figures.append(line)
+    fig = Figures()
 
     try:
         hub = start_hub()
@@ -263,23 +215,9 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"(logs kept in {logs})")
 
-    if record and figures:
-        cores = os.cpu_count()
-        with open("/proc/meminfo") as f:
-            memtotal = int(f.readline().split()[1]) / 2**20
-        model = ""
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        with open("BENCHMARKS.md", "a") as f:
-            f.write(f"\n### hub-scale, N = {n} — {datetime.date.today().isoformat()} (commit {commit})\n\n")
-            f.write(f"Command: `scripts/bench/hub-scale.sh {n}` (STEADY_SECONDS={steady}, BURST_PER_AGENT={burst})  \n")
-            f.write(f"Machine: {cores} cores ({model}), {memtotal:.1f} GiB memory; hub and hollow agents on the same machine\n\n")
-            for line in figures:
-                f.write(f"- {line}\n")
+    if record:
+        fig.record(f"hub-scale, N = {n}", f"scripts/bench/hub-scale.sh {n}",
+                   f"STEADY_SECONDS={steady}, BURST_PER_AGENT={burst}", "hub and hollow agents on the same machine")
 
 
 def _ok(url):

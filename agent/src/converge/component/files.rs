@@ -85,6 +85,22 @@ pub fn resolve_owner(spec: &str) -> Result<Owner, String> {
 /// Writes `content` to `path` atomically with `mode` and `owner`, creating
 /// parent directories.
 pub fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: Owner) -> io::Result<()> {
+    replace_with(path, mode, owner, |f| f.write_all(content))
+}
+
+/// Copies `src` to `dst` atomically (for a verified binary from the cache).
+pub fn copy_atomic(src: &Path, dst: &Path, mode: u32, owner: Owner) -> io::Result<()> {
+    replace_with(dst, mode, owner, |f| io::copy(&mut File::open(src)?, f).map(drop))
+}
+
+/// Fills a private temporary file beside `path` with `fill`, then gives it
+/// its owner and mode, fsyncs it and renames it over `path`.
+fn replace_with(
+    path: &Path,
+    mode: u32,
+    owner: Owner,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
@@ -95,24 +111,12 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: Owner) -> io:
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(content)?;
-    finish(f, &tmp, path, mode, owner)
-}
-
-/// Copies `src` to `dst` atomically (for a verified binary from the cache).
-pub fn copy_atomic(src: &Path, dst: &Path, mode: u32, owner: Owner) -> io::Result<()> {
-    if let Some(dir) = dst.parent() {
-        fs::create_dir_all(dir)?;
+    if let Err(e) = fill(&mut f) {
+        drop(f);
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    let tmp = tmp_path(dst);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    io::copy(&mut File::open(src)?, &mut f)?;
-    finish(f, &tmp, dst, mode, owner)
+    finish(f, &tmp, path, mode, owner)
 }
 
 fn finish(f: File, tmp: &Path, path: &Path, mode: u32, owner: Owner) -> io::Result<()> {
