@@ -94,6 +94,7 @@ fn deb_component_installs_upgrades_rolls_back_on_failed_health_and_repairs_drift
     let deb2 = build_deb(&www, &pkg, "2.0-1", &[(&bin_s, "#!/bin/sh\necho widget 2.0\n", 0o755)]);
     let server = FileServer::start(&www);
     let conf = d.join("etc/widget/widget.conf");
+    let secret = d.join("etc/widget/token");
     let healthy = d.join("healthy");
     std::fs::write(&healthy, "").expect("flag");
 
@@ -129,6 +130,10 @@ spec:
     template: |
       node={{{{ node.name }}}} zone={{{{ node.labels.zone }}}} cpus={{{{ node.facts.cpus }}}}
       level={{{{ params.level }}}} port={{{{ params.port }}}} version={{{{ component.version }}}}
+  - path: {secret}
+    mode: "0600"
+    owner: "nobody:nogroup"
+    template: "token for {{{{ node.name }}}}\n"
   health:
     exec: ["/bin/sh", "-c", "test -f {health}"]
     periodSeconds: 1
@@ -137,6 +142,7 @@ spec:
             url = server.url(deb),
             sha = sha256(deb),
             conf = conf.display(),
+            secret = secret.display(),
             health = health_file.display(),
         )
     };
@@ -156,6 +162,11 @@ spec:
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&conf).expect("conf").permissions().mode() & 0o7777;
     assert_eq!(mode, 0o640);
+    use std::os::unix::fs::MetadataExt;
+    let nobody = nix::unistd::User::from_name("nobody").expect("passwd").expect("nobody");
+    let meta = std::fs::metadata(&secret).expect("token");
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (nobody.uid.as_raw(), 0o600));
+    assert_eq!(read(&secret), "token for deb-node\n");
     // At the hub: the node's status and the Component's counts.
     wait_for("the hub sees widget 1.0 on the node", T, || {
         let n = hub.node("deb-node")?;
@@ -225,6 +236,10 @@ spec:
     std::fs::write(&conf, "edited by hand\n").expect("edit");
     wait_for("the edited file restored", T, || {
         read(&conf).contains("version=2.0").then_some(())
+    });
+    nix::unistd::chown(&secret, Some(nix::unistd::Uid::from_raw(0)), None).expect("chown");
+    wait_for("the owner restored", T, || {
+        (std::fs::metadata(&secret).ok()?.uid() == nobody.uid.as_raw()).then_some(())
     });
     dpkg_by_hand(&deb1);
     wait_for("the package back at 2.0-1", T, || {
@@ -297,6 +312,10 @@ fn archive_and_file_artifacts_resume_downloads_switch_atomically_refuse_bad_hash
             ("share/blob", &filler2, 0o644),
         ],
     );
+    // An HTTP health endpoint: the stand-in for kubelet's :10248/healthz,
+    // since no kubelet binary can run here (a file the server has: 200).
+    let probe = www.join("healthz");
+    std::fs::write(&probe, "ok").expect("healthz");
     let helper = www.join("helper-1");
     std::fs::write(&helper, "#!/bin/sh\necho helper 1\n").expect("helper");
     let server = FileServer::start(&www);
@@ -307,9 +326,10 @@ fn archive_and_file_artifacts_resume_downloads_switch_atomically_refuse_bad_hash
     let agent = Agent::start(d, "arc-node", Some(&hub.grpc_url()), "converge: {intervalSeconds: 1}\n");
     let tool = |version: &str, tgz: &Path, sha: &str| {
         format!(
-            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: tool}}\nspec:\n  version: \"{version}\"\n  artifact:\n    archive: {{url: \"{}\", sha256: \"{sha}\", stripComponents: 1, installDir: \"{}\"}}\n",
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: tool}}\nspec:\n  version: \"{version}\"\n  artifact:\n    archive: {{url: \"{}\", sha256: \"{sha}\", stripComponents: 1, installDir: \"{}\"}}\n  health: {{http: \"{}\", periodSeconds: 1, gracePeriodSeconds: 3}}\n",
             server.url(tgz),
-            install_dir.display()
+            install_dir.display(),
+            server.url(&probe)
         )
     };
     let current = install_dir.join("current");
@@ -386,7 +406,30 @@ fn archive_and_file_artifacts_resume_downloads_switch_atomically_refuse_bad_hash
     let st = component_status(&hub, "tool");
     assert_eq!(st["versions"]["2.0"], 1, "{st}");
 
-    // 6. A component no longer selecting the node stays installed, unmanaged.
+    // 6. A template that cannot render on the node (an undefined parameter)
+    // fails the change before anything is touched, naming file and reason.
+    let bad_conf = d.join("etc/bad.conf");
+    let bad = format!(
+        "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: badtmpl}}\nspec:\n  version: \"1\"\n  files:\n  - {{path: {}, template: \"x={{{{ params.missing }}}}\"}}\n",
+        bad_conf.display()
+    );
+    apply(&hub, &bad);
+    let c = wait_phase(&agent, "badtmpl", "Failed", 1);
+    let err = c["lastError"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("Staging") && err.contains("bad.conf") && err.contains("undefined") && err.contains("nothing"),
+        "{err}"
+    );
+    assert!(!bad_conf.exists());
+    assert!(agent.status().is_some(), "the agent keeps running");
+    // An HTTP health probe that fails (404) rolls the archive back.
+    std::fs::remove_file(&probe).expect("unhealthy");
+    apply(&hub, &tool("1.0", &tgz1, &sha256(&tgz1)));
+    let c = wait_phase(&agent, "tool", "Failed", 4);
+    assert!(c["lastError"].as_str().unwrap_or_default().contains("HTTP 404"), "{c}");
+    assert_eq!(run_tool(), "tool 2.0");
+
+    // 7. A component no longer selecting the node stays installed, unmanaged.
     let del = hub.nkctl(&["delete", "component", "helper"]);
     assert!(del.status.success(), "{}", String::from_utf8_lossy(&del.stderr));
     wait_for("helper no longer reported", T, || {

@@ -108,3 +108,30 @@ pub fn gate(h: &HealthCheck) -> Result<(), String> {
         std::thread::sleep(period);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_pass_fail_and_time_out() {
+        let h = |exec: &[&str], timeout| HealthCheck {
+            exec: exec.iter().map(|s| s.to_string()).collect(),
+            timeout_seconds: timeout,
+            ..Default::default()
+        };
+        assert!(probe(&h(&["/bin/true"], 1)).is_ok());
+        let e = probe(&h(&["/bin/sh", "-c", "echo broken >&2; exit 3"], 1)).unwrap_err();
+        assert!(e.contains("broken") && e.contains('3'), "{e}");
+        let e = probe(&h(&["/bin/sleep", "5"], 1)).unwrap_err();
+        assert!(e.contains("did not finish"), "{e}");
+        // The gate wants successThreshold passes in a row within the grace period.
+        let failing = HealthCheck {
+            exec: vec!["/bin/false".into()],
+            period_seconds: 1,
+            grace_period_seconds: 1,
+            ..Default::default()
+        };
+        assert!(gate(&failing).unwrap_err().contains("1 passing probes in a row"));
+    }
+}
