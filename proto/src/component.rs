@@ -126,6 +126,44 @@ pub fn check(at: &str, spec: &ComponentSpec) -> Result<(), ResourceError> {
     Ok(())
 }
 
+/// What a component takes charge of on a node, as (field path, key): its
+/// files, its file artifact's path, its archive's install directory, its
+/// unit, a repository package's name. Two components claiming one key would
+/// undo each other's work on every reconcile, so the hub refuses that.
+pub fn claims(spec: &ComponentSpec) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, f) in spec.files.iter().enumerate() {
+        out.push((format!("spec.files[{i}].path"), format!("path {}", f.path)));
+    }
+    if let Some(a) = &spec.artifact {
+        if let Some(f) = &a.file {
+            out.push(("spec.artifact.file.path".into(), format!("path {}", f.path)));
+        }
+        if let Some(ar) = &a.archive {
+            out.push((
+                "spec.artifact.archive.installDir".into(),
+                format!("install directory {}", ar.install_dir),
+            ));
+        }
+        for (kind, p) in [("deb", &a.deb), ("rpm", &a.rpm)] {
+            if let Some(p) = p
+                && !p.package.is_empty()
+            {
+                out.push((
+                    format!("spec.artifact.{kind}.package"),
+                    format!("package {}", p.package),
+                ));
+            }
+        }
+    }
+    if let Some(s) = &spec.service
+        && !s.unit.is_empty()
+    {
+        out.push(("spec.service.unit".into(), format!("unit {}", s.unit)));
+    }
+    out
+}
+
 /// A version becomes a directory name, so it is kept to safe characters.
 fn version(field: &str, v: &str) -> Result<(), ResourceError> {
     let ok = !v.is_empty()

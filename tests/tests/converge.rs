@@ -273,6 +273,17 @@ spec:
         hub.get("/v1/components/widget").expect("widget")["spec"]["version"],
         "2.0"
     );
+    // Two components may not manage one file: they would undo each other.
+    let thief = format!(
+        "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: thief}}\nspec:\n  version: \"1\"\n  files:\n  - {{path: {}, template: x}}\n",
+        conf.display()
+    );
+    let out = nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(&thief));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("spec.files[0].path") && err.contains("\"widget\""),
+        "{err}"
+    );
 
     // 6. The hub keeps every revision and the counts across a restart.
     hub.terminate();

@@ -124,6 +124,50 @@ impl State {
     }
 }
 
+/// Refuses an apply after which two Components would claim the same file,
+/// install directory, unit or package.
+fn check_claims(st: &State, planned: &[(ApplyAction, Resource)]) -> Result<(), FleetError> {
+    let planned_names: Vec<&str> = planned
+        .iter()
+        .filter(|(_, r)| r.kind() == Kind::Component)
+        .map(|(_, r)| r.name())
+        .collect();
+    let mut owners: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+    for ((kind, name), r) in &st.resources {
+        if *kind != Kind::Component || planned_names.contains(&name.as_str()) {
+            continue;
+        }
+        if let Resource::Component(c) = r
+            && let Some(spec) = &c.spec
+        {
+            for (_, key) in nodekeeper_proto::component::claims(spec) {
+                owners.insert(key, name);
+            }
+        }
+    }
+    for (i, (_, r)) in planned.iter().enumerate() {
+        let Resource::Component(c) = r else { continue };
+        let Some(spec) = &c.spec else { continue };
+        for (field, key) in nodekeeper_proto::component::claims(spec) {
+            match owners.get(&key) {
+                Some(other) if *other != r.name() => {
+                    return Err(FleetError::Conflict {
+                        field,
+                        message: format!(
+                            "document {}: {key} is already managed by Component {other:?}; one component owns it",
+                            i + 1
+                        ),
+                    });
+                }
+                _ => {
+                    owners.insert(key, r.name());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Kinds whose every spec change is kept as a revision (for history and
 /// `rollout undo`).
 fn keeps_revisions(kind: Kind) -> bool {
@@ -225,6 +269,10 @@ impl Fleet {
                 };
                 planned.push((action, doc));
             }
+        }
+        {
+            let st = self.lock();
+            check_claims(&st, &planned)?;
         }
         // 2. Commit the resources.
         let mut writes: Vec<Write> = Vec::new();
