@@ -75,6 +75,9 @@ pub struct ConvergeConfig {
     pub rpm_root: PathBuf,
     /// Download attempts per artifact before the change fails.
     pub download_attempts: u32,
+    /// Standalone mode only: files of Component (and NodeSet) documents the
+    /// agent keeps without a hub.
+    pub components: Vec<PathBuf>,
 }
 
 impl Default for ConvergeConfig {
@@ -84,6 +87,7 @@ impl Default for ConvergeConfig {
             unit_dir: PathBuf::from("/etc/systemd/system"),
             rpm_root: PathBuf::from("/"),
             download_attempts: 5,
+            components: Vec::new(),
         }
     }
 }
@@ -168,6 +172,13 @@ impl AgentConfig {
             if !p.is_absolute() {
                 return Err(ConfigError::invalid(path, key, "must be an absolute path"));
             }
+        }
+        if !self.converge.components.is_empty() && self.hub.is_some() {
+            return Err(ConfigError::invalid(
+                path,
+                "converge.components",
+                "local component files are for standalone mode; with a hub, apply the Components there",
+            ));
         }
         if !(1..=100).contains(&self.converge.download_attempts) {
             return Err(ConfigError::invalid(

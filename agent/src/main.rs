@@ -71,6 +71,12 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     // Loading checks every rule (regexes compiled, conditions declared), so an
     // unusable rule file stops the start here.
     let local = local_rules(&cfg)?;
+    // Standalone components are checked before anything starts, like rules.
+    let local_components = if cfg.converge.components.is_empty() {
+        None
+    } else {
+        Some(converge::component::local::load(&cfg.converge.components, &cfg.labels).map_err(anyhow::Error::msg)?)
+    };
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
         format!(
             "creating stateDir {}; set stateDir to a writable directory",
@@ -144,6 +150,7 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         converge_store,
         cfg.converge.clone(),
         &cfg.state_dir,
+        local_components,
         detect_stop.clone(),
     )
     .context("starting the converge engine")?;

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use crate::resource::ResourceError;
-use crate::v1::{ComponentSpec, HealthCheck, ManagedFile, NodeFacts, PackageArtifact};
+use crate::v1::{
+    Component, ComponentSpec, DesiredComponent, HealthCheck, ManagedFile, NodeFacts, NodeSet, PackageArtifact,
+};
 
 /// Phases of a component change on a node, in order. A change walks them
 /// forward; a failure goes to `RollingBack` and ends in `Failed` (after
@@ -124,6 +126,42 @@ pub fn check(at: &str, spec: &ComponentSpec) -> Result<(), ResourceError> {
         ));
     }
     Ok(())
+}
+
+/// The Components whose selector matches `labels`, in the order given,
+/// each with the parameter overrides of the NodeSets that select the node
+/// merged into `params` (in the order the Component lists them; later wins).
+/// The hub computes every node's components with it, and a standalone agent
+/// its own from local files.
+pub fn for_node<'a>(
+    labels: &BTreeMap<String, String>,
+    components: impl Iterator<Item = &'a Component>,
+    node_sets: &BTreeMap<&str, &NodeSet>,
+) -> Vec<DesiredComponent> {
+    let mut out = Vec::new();
+    for c in components {
+        let Some(spec) = c.spec.as_ref() else { continue };
+        if !crate::selector::selects(spec.node_selector.as_ref(), labels) {
+            continue;
+        }
+        let mut spec = spec.clone();
+        for o in std::mem::take(&mut spec.node_set_params) {
+            let selected = node_sets
+                .get(o.node_set.as_str())
+                .and_then(|ns| ns.spec.as_ref())
+                .is_some_and(|s| crate::selector::selects(s.selector.as_ref(), labels));
+            if selected {
+                spec.params.extend(o.params);
+            }
+        }
+        let meta = c.metadata.clone().unwrap_or_default();
+        out.push(DesiredComponent {
+            name: meta.name,
+            generation: meta.generation,
+            spec: Some(spec),
+        });
+    }
+    out
 }
 
 /// What a component takes charge of on a node, as (field path, key): its

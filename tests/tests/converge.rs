@@ -825,3 +825,55 @@ fn repository_package_installs_with_apt_and_rolls_back_by_downgrading() {
     wait_phase(&agent, "gadget", "Done", 3);
     assert_eq!(dpkg_version(&pkg).as_deref(), Some("2.0-1"));
 }
+
+#[test]
+fn a_standalone_agent_keeps_components_from_local_files() {
+    let tmp = TempDir::new("conv-local");
+    let d = tmp.path();
+    let conf = d.join("etc/local/app.conf");
+    let comps = d.join("components.yaml");
+    std::fs::write(
+        &comps,
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {{name: rack7}}\nspec: {{selector: {{matchLabels: {{rack: \"7\"}}}}}}\n---\napiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: app}}\nspec:\n  version: \"3\"\n  params: {{mode: plain}}\n  nodeSetParams: [{{nodeSet: rack7, params: {{mode: rack7}}}}]\n  files:\n  - {{path: {}, template: \"mode={{{{ params.mode }}}}\\n\"}}\n---\napiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: elsewhere}}\nspec:\n  nodeSelector: {{matchLabels: {{rack: \"9\"}}}}\n  version: \"1\"\n",
+            conf.display()
+        ),
+    )
+    .expect("components file");
+    let extra = format!(
+        "labels: {{rack: \"7\"}}\nconverge: {{intervalSeconds: 1, components: [\"{}\"]}}\n",
+        comps.display()
+    );
+    let agent = Agent::start(d, "solo", None, &extra);
+    let c = wait_phase(&agent, "app", "Done", 1);
+    assert_eq!(c["observedVersion"], "3");
+    assert_eq!(read(&conf), "mode=rack7\n");
+    assert!(
+        agent.component("elsewhere").is_none(),
+        "not selected by this node's labels"
+    );
+    std::fs::write(&conf, "mode=edited\n").expect("edit");
+    wait_for("restored without a hub", T, || {
+        (read(&conf) == "mode=rack7\n").then_some(())
+    });
+    drop(agent);
+
+    // A bad file stops the agent at start, naming the file, document and field.
+    std::fs::write(
+        &comps,
+        "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: app}\nspec: {version: \"../x\"}\n",
+    )
+    .expect("bad file");
+    let cfg = d.join("solo/agent.yaml");
+    let out = Command::new(nodekeeper_e2e::bin("nodekeeper-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("run agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("components.yaml") && err.contains("document 1") && err.contains("spec.version"),
+        "{err}"
+    );
+}

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use nodekeeper_proto::selector::selects;
-use nodekeeper_proto::v1::{AgentProfile, AgentSettings, Component, DesiredComponent, NodeSet};
+use nodekeeper_proto::v1::{AgentProfile, AgentSettings, Component, NodeSet};
 
 /// Log level when no AgentProfile sets one.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -65,37 +65,17 @@ pub fn add_detectors<'a>(
     }
 }
 
-/// Adds every Component whose selector matches `labels`, in name order,
-/// with the parameter overrides of the NodeSets that select the node merged
-/// into `params` (in the order the Component lists them; later wins).
+/// Adds every Component whose selector matches `labels` (see
+/// [`nodekeeper_proto::component::for_node`]).
 pub fn add_components<'a>(
     settings: &mut AgentSettings,
     labels: &BTreeMap<String, String>,
     components: impl Iterator<Item = &'a Component>,
     node_sets: &BTreeMap<&str, &NodeSet>,
 ) {
-    for c in components {
-        let Some(spec) = c.spec.as_ref() else { continue };
-        if !selects(spec.node_selector.as_ref(), labels) {
-            continue;
-        }
-        let mut spec = spec.clone();
-        for o in std::mem::take(&mut spec.node_set_params) {
-            let selected = node_sets
-                .get(o.node_set.as_str())
-                .and_then(|ns| ns.spec.as_ref())
-                .is_some_and(|s| selects(s.selector.as_ref(), labels));
-            if selected {
-                spec.params.extend(o.params);
-            }
-        }
-        let meta = c.metadata.clone().unwrap_or_default();
-        settings.components.push(DesiredComponent {
-            name: meta.name,
-            generation: meta.generation,
-            spec: Some(spec),
-        });
-    }
+    settings
+        .components
+        .extend(nodekeeper_proto::component::for_node(labels, components, node_sets));
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod archive;
 pub mod artifact;
 pub mod files;
 pub mod health;
+pub mod local;
 pub mod machine;
 pub mod package;
 pub mod systemd;
@@ -71,19 +72,26 @@ pub struct Engine {
     records: BTreeMap<String, Record>,
     failpoint: Option<String>,
     observer: files::Observer,
+    /// The components the node should run now.
+    desired: Vec<DesiredComponent>,
 }
 
 /// Starts the engine thread. It first finishes (or rolls back) any change a
-/// crash interrupted, then reconciles.
+/// crash interrupted, then reconciles. `local` replaces the hub's components
+/// (a standalone agent's own, from `converge.components`).
 pub fn spawn(
     agent: Arc<Agent>,
     store: Arc<AgentStore>,
     cfg: ConvergeConfig,
     state_dir: &Path,
+    local: Option<Vec<DesiredComponent>>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let (tx, rx) = mpsc::channel();
-    agent.set_component_updates(tx);
+    if local.is_none() {
+        agent.set_component_updates(tx);
+    }
+    let desired = local.unwrap_or_else(|| agent.settings().components);
     let mut engine = Engine {
         cache: Cache::new(state_dir.join("artifacts"), cfg.download_attempts),
         content: ContentStore::new(state_dir.join("content")),
@@ -93,6 +101,7 @@ pub fn spawn(
         records: BTreeMap::new(),
         failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|s| !s.is_empty()),
         observer: files::Observer::default(),
+        desired,
     };
     std::thread::Builder::new()
         .name("converge".into())
@@ -112,24 +121,24 @@ impl Engine {
                 self.drive(&name);
             }
         }
-        let mut desired = self.agent.settings().components;
         let interval = Duration::from_secs(self.cfg.interval_seconds);
         let mut next = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             if std::time::Instant::now() >= next {
-                self.reconcile(&desired);
+                self.reconcile();
                 next = std::time::Instant::now() + interval;
             }
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(d) => {
-                    desired = d;
+                    self.desired = d;
                     while let Ok(d) = rx.try_recv() {
-                        desired = d;
+                        self.desired = d;
                     }
                     next = std::time::Instant::now();
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                // A standalone agent's components never change.
+                Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(500)),
             }
         }
     }
@@ -161,9 +170,7 @@ impl Engine {
                 c.target.generation,
             ),
             None => self
-                .agent
-                .settings()
-                .components
+                .desired
                 .iter()
                 .find(|d| d.name == r.name)
                 .map(|d| {
@@ -217,9 +224,10 @@ impl Engine {
     }
 
     /// One pass over the desired components.
-    pub fn reconcile(&mut self, desired: &[DesiredComponent]) {
+    pub fn reconcile(&mut self) {
         let started = std::time::Instant::now();
-        self.reconcile_all(desired);
+        let desired = self.desired.clone();
+        self.reconcile_all(&desired);
         self.agent.metrics.reconciles.inc();
         self.agent
             .metrics
