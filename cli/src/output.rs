@@ -308,7 +308,7 @@ pub fn describe_component(c: &Value, nodes: &[Value]) {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!("Artifact:          {kind} {detail}");
+    println!("Artifact:          {}", format!("{kind} {detail}").trim_end());
     let files: Vec<String> = s(spec, &["files"])
         .as_array()
         .into_iter()
@@ -323,7 +323,8 @@ pub fn describe_component(c: &Value, nodes: &[Value]) {
             files.join(", ")
         }
     );
-    println!("Service:           {}", text(s(spec, &["service", "unit"])));
+    let unit = text(s(spec, &["service", "unit"]));
+    println!("Service:           {}", if unit.is_empty() { "<none>" } else { &unit });
     let h = s(spec, &["health"]);
     let health = if !s(h, &["http"]).is_null() {
         format!("http {}", text(s(h, &["http"])))
