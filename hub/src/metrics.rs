@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -25,6 +27,22 @@ pub struct Metrics {
     pub nodes: Gauge,
     pub nodes_ready: Gauge,
     pub nodes_in_sync: Gauge,
+    /// Per Component: selected nodes by phase, and the updated ones (set at
+    /// scrape time from the nodes' reports).
+    pub component_nodes: Family<ComponentPhase, Gauge>,
+    pub component_updated: Family<ComponentLabel, Gauge>,
+    pub component_selected: Family<ComponentLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComponentPhase {
+    pub component: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComponentLabel {
+    pub component: String,
 }
 
 impl Default for Metrics {
@@ -51,6 +69,9 @@ impl Metrics {
             nodes: Gauge::default(),
             nodes_ready: Gauge::default(),
             nodes_in_sync: Gauge::default(),
+            component_nodes: Family::default(),
+            component_updated: Family::default(),
+            component_selected: Family::default(),
         };
         r.register(
             "nodekeeper_hub_reports_received",
@@ -108,6 +129,21 @@ impl Metrics {
             "nodekeeper_hub_nodes_in_sync",
             "Nodes whose applied revision equals the desired revision",
             m.nodes_in_sync.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_component_nodes",
+            "Nodes a Component selects, by the phase they report",
+            m.component_nodes.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_component_updated_nodes",
+            "Nodes running a Component's declared version and spec, done",
+            m.component_updated.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_component_selected_nodes",
+            "Nodes a Component selects",
+            m.component_selected.clone(),
         );
         Metrics {
             registry: Arc::new(r),

@@ -180,6 +180,22 @@ spec:
     assert_eq!(st["updatedNodes"], 1);
     assert_eq!(st["versions"]["1.0"], 1);
     assert_eq!(st["consistencyPercent"], 100.0);
+    let metrics = nodekeeper_e2e::http(&hub.http, "GET", "/metrics", "")
+        .expect("metrics")
+        .1;
+    for line in [
+        "nodekeeper_hub_component_updated_nodes{component=\"widget\"} 1",
+        "nodekeeper_hub_component_nodes{component=\"widget\",phase=\"Done\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    // Node lists name the node's components without repeating their specs.
+    let listed = hub.get("/v1/nodes").expect("nodes")["items"][0]["status"]["settings"]["components"][0].clone();
+    assert_eq!(
+        (listed["name"].as_str(), listed["spec"].is_null()),
+        (Some("widget"), true),
+        "{listed}"
+    );
     let table = stdout(&hub.nkctl(&["get", "components"]));
     assert!(
         table.contains("widget") && table.contains("100%") && table.contains("deb"),

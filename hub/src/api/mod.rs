@@ -82,6 +82,7 @@ fn kind_of(plural: &str) -> Result<Kind, ApiError> {
 }
 
 async fn metrics(State(f): State<Api>) -> impl IntoResponse {
+    f.refresh_component_metrics();
     (
         [(header::CONTENT_TYPE, nodekeeper_proto::daemon::METRICS_CONTENT_TYPE)],
         f.metrics.encode(),

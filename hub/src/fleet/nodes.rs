@@ -547,9 +547,24 @@ impl Fleet {
         n
     }
 
-    /// Every node, sorted by name, with live fields filled in.
+    /// Every node, sorted by name, with live fields filled in. The specs of
+    /// the node's desired components are left out (name and generation
+    /// stay): they are the Components' own, and repeated per node they would
+    /// make a fleet listing megabytes large. `get_node` has them.
     pub fn list_nodes(&self) -> Vec<Node> {
-        self.lock().nodes.values().map(Self::view).collect()
+        self.lock()
+            .nodes
+            .values()
+            .map(|e| {
+                let mut n = Self::view(e);
+                if let Some(s) = n.status.as_mut().and_then(|s| s.settings.as_mut()) {
+                    for c in &mut s.components {
+                        c.spec = None;
+                    }
+                }
+                n
+            })
+            .collect()
     }
 
     /// One node.

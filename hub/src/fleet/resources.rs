@@ -382,6 +382,42 @@ impl Fleet {
             .ok_or_else(|| not_found(kind, name))
     }
 
+    /// Sets the per-Component gauges from the nodes' reports (at scrape
+    /// time; the same counts as the Components' status).
+    pub fn refresh_component_metrics(&self) {
+        let st = self.lock();
+        let m = &self.metrics;
+        m.component_nodes.clear();
+        m.component_updated.clear();
+        m.component_selected.clear();
+        for ((kind, name), r) in &st.resources {
+            if *kind != Kind::Component {
+                continue;
+            }
+            let Resource::Component(c) = st.with_status(r) else {
+                continue;
+            };
+            let status = c.status.unwrap_or_default();
+            let label = crate::metrics::ComponentLabel {
+                component: name.clone(),
+            };
+            m.component_selected
+                .get_or_create(&label)
+                .set(status.selected_nodes as i64);
+            m.component_updated
+                .get_or_create(&label)
+                .set(status.updated_nodes as i64);
+            for (phase, n) in status.phases {
+                m.component_nodes
+                    .get_or_create(&crate::metrics::ComponentPhase {
+                        component: name.clone(),
+                        phase,
+                    })
+                    .set(n as i64);
+            }
+        }
+    }
+
     /// Every kept revision of a resource, oldest first (`{"items": [...]}`
     /// of whole resources as they were applied).
     pub fn revisions(&self, kind: Kind, name: &str) -> Result<Vec<serde_json::Value>, FleetError> {
