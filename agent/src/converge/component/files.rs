@@ -307,6 +307,17 @@ impl ContentStore {
         Ok(b)
     }
 
+    /// Deletes kept contents not in `keep`.
+    pub fn retain(&self, keep: &[&str]) {
+        let Ok(rd) = fs::read_dir(&self.dir) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if !keep.contains(&name.to_string_lossy().as_ref()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
     /// Stores the current content of a file on the node, if any.
     pub fn keep_file(&self, path: &Path) -> Result<Option<String>, String> {
         match fs::read(path) {
@@ -354,6 +365,10 @@ mod tests {
         assert_eq!(cs.get(&sha).expect("get"), b"kept");
         fs::write(dir.join("content").join(&sha), b"tampered").expect("tamper");
         assert!(cs.get(&sha).unwrap_err().contains("corrupt"));
+        let other = cs.put(b"other").expect("put");
+        cs.retain(&[other.as_str()]);
+        assert!(!dir.join("content").join(&sha).exists());
+        assert_eq!(cs.get(&other).expect("kept"), b"other");
         let _ = fs::remove_dir_all(&dir);
     }
 }

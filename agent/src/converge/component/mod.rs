@@ -993,6 +993,20 @@ impl Engine {
             }
         }
         self.cache.retain(&keep);
+        let mut contents: Vec<&str> = Vec::new();
+        for r in self.records.values() {
+            let versions = r
+                .installed
+                .iter()
+                .chain(r.change.iter().flat_map(|c| c.staged.iter().chain(c.previous.iter())));
+            for i in versions {
+                contents.extend(i.files.iter().map(|f| f.sha256.as_str()));
+            }
+            if let Some(c) = &r.change {
+                contents.extend(c.prior.files.values().flatten().map(|f| f.sha256.as_str()));
+            }
+        }
+        self.content.retain(&contents);
         install_dirs.sort();
         install_dirs.dedup();
         for d in install_dirs {
