@@ -271,17 +271,6 @@ impl Engine {
         }
         let Some(spec) = d.spec.as_ref() else { return };
         let hash = machine::spec_hash(d);
-        if let Err(e) = spec_rules::check("spec", spec) {
-            let rec = self.records.entry(name.clone()).or_insert_with(|| Record::new(&name));
-            let msg = format!("the desired spec is invalid, nothing was changed: {e}");
-            if rec.last_error != msg {
-                rec.phase = phase::FAILED.into();
-                rec.last_error = msg;
-                let rec = rec.clone();
-                let _ = self.save(&rec);
-            }
-            return;
-        }
         let Some(rec) = self.records.get(&name).cloned() else {
             return;
         };
@@ -296,6 +285,20 @@ impl Engine {
         if rec.retry_hash == hash && unix_now() < rec.retry_at {
             // Keep what is installed intact while waiting to retry.
             self.check_drift(&name, d, false);
+            return;
+        }
+        // Checked when it arrived; checked again before it may touch the node
+        // (a spec already installed or already failed is not compiled again).
+        if let Err(e) = spec_rules::check("spec", spec) {
+            let msg = format!("the desired spec is invalid, nothing was changed: {e}");
+            if let Some(rec) = self.records.get_mut(&name)
+                && rec.last_error != msg
+            {
+                rec.phase = phase::FAILED.into();
+                rec.last_error = msg;
+                let rec = rec.clone();
+                let _ = self.save(&rec);
+            }
             return;
         }
         self.start(&name, d.clone(), hash, "update");
