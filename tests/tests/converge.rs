@@ -488,46 +488,26 @@ fn widget_version(pkg: &str, bin_path: &Path, conf: &Path) -> String {
     v
 }
 
-#[test]
-fn sigkill_at_every_step_leaves_the_node_at_the_old_or_the_new_version_and_the_change_finishes() {
-    let tmp = TempDir::new("conv-crash");
-    let d = tmp.path();
-    let pkg = format!("nk-e2e-crash-{}", std::process::id());
-    let _purge = Purge(pkg.clone());
-    let bin_path = d.join("opt/crash/bin/widget");
-    let bin_s = bin_path.to_string_lossy().into_owned();
-    let www = d.join("www");
-    std::fs::create_dir_all(&www).expect("www");
-    let debs = [
-        build_deb(&www, &pkg, "1.0-1", &[(&bin_s, "#!/bin/sh\necho widget 1.0\n", 0o755)]),
-        build_deb(&www, &pkg, "2.0-1", &[(&bin_s, "#!/bin/sh\necho widget 2.0\n", 0o755)]),
-    ];
-    let server = FileServer::start(&www);
-    let conf = d.join("etc/crash/widget.conf");
+/// Kills the agent with SIGKILL before and after every step of a change
+/// (a failpoint per run), restarts it, and checks that the change finished
+/// (or, for a failing health gate, rolled back) and that `version` reads one
+/// consistent version off the node. Versions alternate between `spec(0, _)`
+/// and `spec(1, _)`; the second argument is the health-check file.
+fn crash_at_every_step(
+    d: &Path,
+    hub: &Hub,
+    agent: &mut Agent,
+    name: &str,
+    spec: &dyn Fn(usize, &str) -> String,
+    version: &dyn Fn() -> String,
+) {
     let healthy = d.join("healthy");
     std::fs::write(&healthy, "").expect("flag");
-    let hub = Hub::start(d, "");
-    let mut agent = Agent::start(
-        d,
-        "crash-node",
-        Some(&hub.grpc_url()),
-        "converge: {intervalSeconds: 1}\n",
-    );
-    let spec = |i: usize, health: &str| {
-        let version = ["1.0", "2.0"][i];
-        format!(
-            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: widget}}\nspec:\n  version: \"{version}\"\n  artifact:\n    deb: {{url: \"{}\", sha256: \"{}\"}}\n  files:\n  - path: {}\n    template: \"version={{{{ component.version }}}}\\n\"\n  health:\n    exec: [\"/bin/sh\", \"-c\", \"test -f {health}\"]\n    periodSeconds: 1\n    gracePeriodSeconds: 2\n",
-            server.url(&debs[i]),
-            sha256(&debs[i]),
-            conf.display()
-        )
-    };
     let ok = healthy.display().to_string();
     let sick = d.join("missing").display().to_string();
-    apply(&hub, &spec(0, &ok));
-    wait_phase(&agent, "widget", "Done", 1);
-    assert_eq!(widget_version(&pkg, &bin_path, &conf), "1.0");
-
+    apply(hub, &spec(0, &ok));
+    wait_phase(agent, name, "Done", 1);
+    assert_eq!(version(), "1.0");
     let forward = [
         "Downloading",
         "Verifying",
@@ -549,7 +529,7 @@ fn sigkill_at_every_step_leaves_the_node_at_the_old_or_the_new_version_and_the_c
 
     let mut generation = 1;
     let mut current = 0usize;
-    for (failpoint, passes) in cases {
+    for (n, (failpoint, passes)) in cases.into_iter().enumerate() {
         let target = 1 - current;
         agent.terminate();
         agent.set_env(&[("NODEKEEPER_FAILPOINT", &failpoint)]);
@@ -557,7 +537,7 @@ fn sigkill_at_every_step_leaves_the_node_at_the_old_or_the_new_version_and_the_c
         generation += 1;
         // Each failing spec differs: a spec that failed once is not retried.
         let sick_now = format!("{sick}-{generation}");
-        apply(&hub, &spec(target, if passes { &ok } else { &sick_now }));
+        apply(hub, &spec(target, if passes { &ok } else { &sick_now }));
         let status = agent
             .wait_exit(T)
             .unwrap_or_else(|| panic!("the agent did not reach failpoint {failpoint}"));
@@ -566,21 +546,122 @@ fn sigkill_at_every_step_leaves_the_node_at_the_old_or_the_new_version_and_the_c
         agent.set_env(&[]);
         agent.restart();
         let (phase, expect) = if passes { ("Done", target) } else { ("Failed", current) };
-        let c = wait_phase(&agent, "widget", phase, generation);
-        let v = widget_version(&pkg, &bin_path, &conf);
+        let c = wait_phase(agent, name, phase, generation);
         assert_eq!(
-            v,
+            version(),
             ["1.0", "2.0"][expect],
             "after SIGKILL at {failpoint} the change should end at {phase}: {c}"
         );
         assert_eq!(c["observedVersion"], ["1.0", "2.0"][expect], "{failpoint}: {c}");
-        let log = agent.log();
-        assert!(
-            log.contains("resuming a change interrupted by a restart"),
+        let resumed = agent
+            .log()
+            .matches("resuming a change interrupted by a restart")
+            .count();
+        assert_eq!(
+            resumed,
+            n + 1,
             "{failpoint}: the restarted agent should resume the change"
         );
         current = expect;
     }
+}
+
+#[test]
+fn sigkill_at_every_step_of_a_package_change_leaves_the_old_or_the_new_version() {
+    let tmp = TempDir::new("conv-crash");
+    let d = tmp.path();
+    let pkg = format!("nk-e2e-crash-{}", std::process::id());
+    let _purge = Purge(pkg.clone());
+    let bin_path = d.join("opt/crash/bin/widget");
+    let bin_s = bin_path.to_string_lossy().into_owned();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let debs = [
+        build_deb(&www, &pkg, "1.0-1", &[(&bin_s, "#!/bin/sh\necho widget 1.0\n", 0o755)]),
+        build_deb(&www, &pkg, "2.0-1", &[(&bin_s, "#!/bin/sh\necho widget 2.0\n", 0o755)]),
+    ];
+    let server = FileServer::start(&www);
+    let conf = d.join("etc/crash/widget.conf");
+    let hub = Hub::start(d, "");
+    let mut agent = Agent::start(
+        d,
+        "crash-node",
+        Some(&hub.grpc_url()),
+        "converge: {intervalSeconds: 1}\n",
+    );
+    let spec = |i: usize, health: &str| {
+        let version = ["1.0", "2.0"][i];
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: widget}}\nspec:\n  version: \"{version}\"\n  artifact:\n    deb: {{url: \"{}\", sha256: \"{}\"}}\n  files:\n  - path: {}\n    template: \"version={{{{ component.version }}}}\\n\"\n  health:\n    exec: [\"/bin/sh\", \"-c\", \"test -f {health}\"]\n    periodSeconds: 1\n    gracePeriodSeconds: 2\n",
+            server.url(&debs[i]),
+            sha256(&debs[i]),
+            conf.display()
+        )
+    };
+    crash_at_every_step(d, &hub, &mut agent, "widget", &spec, &|| {
+        widget_version(&pkg, &bin_path, &conf)
+    });
+}
+
+#[test]
+fn sigkill_at_every_step_of_an_archive_change_leaves_the_old_or_the_new_version() {
+    let tmp = TempDir::new("conv-crash-arc");
+    let d = tmp.path();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let tgz = [
+        build_tar_gz(
+            &www,
+            "t-1.0",
+            "t-1.0",
+            &[("bin/tool", "#!/bin/sh\necho tool 1.0\n", 0o755)],
+        ),
+        build_tar_gz(
+            &www,
+            "t-2.0",
+            "t-2.0",
+            &[("bin/tool", "#!/bin/sh\necho tool 2.0\n", 0o755)],
+        ),
+    ];
+    let server = FileServer::start(&www);
+    let install_dir = d.join("opt/tool");
+    let conf = d.join("etc/tool.conf");
+    let hub = Hub::start(d, "");
+    let mut agent = Agent::start(
+        d,
+        "crash-arc",
+        Some(&hub.grpc_url()),
+        "converge: {intervalSeconds: 1}\n",
+    );
+    let spec = |i: usize, health: &str| {
+        let version = ["1.0", "2.0"][i];
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: tool}}\nspec:\n  version: \"{version}\"\n  artifact:\n    archive: {{url: \"{}\", sha256: \"{}\", stripComponents: 1, installDir: {}}}\n  files:\n  - path: {}\n    template: \"version={{{{ component.version }}}}\\n\"\n  health:\n    exec: [\"/bin/sh\", \"-c\", \"test -f {health}\"]\n    periodSeconds: 1\n    gracePeriodSeconds: 2\n",
+            server.url(&tgz[i]),
+            sha256(&tgz[i]),
+            install_dir.display(),
+            conf.display()
+        )
+    };
+    // One consistent version: the link, the binary it reaches and the config.
+    let version = || {
+        let link = std::fs::read_link(install_dir.join("current")).expect("current link");
+        let link_v = link
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bin_v = stdout(&run(&mut Command::new(install_dir.join("current/bin/tool"))))
+            .trim()
+            .to_string();
+        let conf_v = read(&conf).trim().to_string();
+        assert_eq!(
+            (bin_v.clone(), conf_v.clone()),
+            (format!("tool {link_v}"), format!("version={link_v}")),
+            "the node is between versions: link {link_v}, binary {bin_v:?}, config {conf_v:?}"
+        );
+        link_v
+    };
+    crash_at_every_step(d, &hub, &mut agent, "tool", &spec, &version);
 }
 
 /// rpm cannot manage this Debian host's own packages, so the rpm path runs

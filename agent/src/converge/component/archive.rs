@@ -19,7 +19,7 @@ pub struct Entry {
     /// Content hash, or `link:<target>` for a symlink.
     pub sha256: String,
     pub size: u64,
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
 }
 
 /// The `current` symlink of an install directory.
@@ -154,8 +154,8 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<Entry>) -> Result<(), String> {
     Ok(())
 }
 
-fn mtime_ns(m: &fs::Metadata) -> i128 {
-    i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
+fn mtime_ns(m: &fs::Metadata) -> i64 {
+    super::files::time_ns(m.mtime(), m.mtime_nsec())
 }
 
 /// What differs between `dir` and its manifest (empty: intact). Files whose

@@ -198,7 +198,7 @@ pub fn observe(path: &Path) -> io::Result<Option<Observed>> {
 /// otherwise a write in the same clock tick could go unnoticed.
 #[derive(Debug, Default)]
 pub struct Observer {
-    seen: std::sync::Mutex<std::collections::HashMap<PathBuf, (Stamp, String, i128)>>,
+    seen: std::sync::Mutex<std::collections::HashMap<PathBuf, (Stamp, String, i64)>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,18 +206,24 @@ struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
+    mtime_ns: i64,
+    ctime_ns: i64,
 }
 
 /// Timestamps closer than this to the hashing time are not trusted.
-const RACY_NS: i128 = 2_000_000_000;
+const RACY_NS: i64 = 2_000_000_000;
 
-fn now_ns() -> i128 {
+fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// A file time in nanoseconds since the epoch, as i64: it fits until 2262
+/// and, unlike a 128-bit integer, survives a JSON record.
+pub fn time_ns(secs: i64, nsecs: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
 }
 
 impl Observer {
@@ -231,8 +237,8 @@ impl Observer {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            mtime_ns: time_ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: time_ns(meta.ctime(), meta.ctime_nsec()),
         };
         let owner = Owner {
             uid: meta.uid(),

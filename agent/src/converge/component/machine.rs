@@ -302,5 +302,31 @@ mod tests {
         let back: Record = serde_json::from_slice(&serde_json::to_vec(&r).expect("json")).expect("parse");
         assert_eq!(back.installed, r.installed);
         assert_eq!(back.observed_version(), "1.29.4");
+        // Every artifact kind survives it (an archive's manifest included).
+        let mut i = r.installed.clone().expect("installed");
+        i.artifact = Some(ArtifactState::Archive {
+            install_dir: "/opt/x".into(),
+            dir: "/opt/x/versions/1".into(),
+            sha256: "a".repeat(64),
+            strip: 1,
+            manifest: vec![archive::Entry {
+                path: "bin/x".into(),
+                sha256: "b".repeat(64),
+                size: 10,
+                mtime_ns: 1_763_779_200_123_456_789,
+            }],
+        });
+        r.change = Some(Change {
+            target: DesiredComponent::default(),
+            target_hash: "h".into(),
+            reason: "update".into(),
+            phase: Phase::Installing,
+            staged: Some(i.clone()),
+            previous: r.installed.clone(),
+            prior: Prior::default(),
+            error: String::new(),
+        });
+        let back: Record = serde_json::from_slice(&serde_json::to_vec(&r).expect("json")).expect("parse");
+        assert_eq!(back.change.and_then(|c| c.staged), Some(i));
     }
 }

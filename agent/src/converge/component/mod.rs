@@ -150,7 +150,16 @@ impl Engine {
                     self.agent.set_component(self.node_component(&r));
                     self.records.insert(r.name.clone(), r);
                 }
-                Err(e) => tracing::error!(key, error = %e, "unreadable component record; the component starts over"),
+                Err(e) => {
+                    tracing::error!(key, error = %e, "unreadable component record; the component starts over");
+                    self.event(
+                        "Warning",
+                        "ComponentRecordUnreadable",
+                        format!(
+                            "{key}: {e}; what was installed is unknown, so the next change treats the node's current state as the state to roll back to"
+                        ),
+                    );
+                }
             }
         }
         Ok(())
