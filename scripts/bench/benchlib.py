@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +50,16 @@ def wait(what, timeout, poll, cond):
             print(f"!! timed out after {timeout}s waiting for {what}", file=sys.stderr)
             return None, None
         time.sleep(poll)
+
+
+def kill_all(procs):
+    """SIGKILL every process and reap it."""
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=10)
+        except Exception:
+            pass
 
 
 class Figures:

@@ -6,14 +6,13 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
 import threading
 import time
 
-from benchlib import CLK_TCK, Figures, free_port, http, proc_cpu_ticks, wait
+from benchlib import CLK_TCK, Figures, kill_all, free_port, http, proc_cpu_ticks, wait
 
 
 def metric(text, name):
@@ -134,12 +133,7 @@ def main():
         must("binary restored", 60, restored)
         fig("drift: tampered binary restored after", f"{time.monotonic() - t:.2f}", "s")
     finally:
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGKILL)
-                p.wait(timeout=10)
-            except Exception:
-                pass
+        kill_all(procs)
         srv.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -5,12 +5,11 @@ import http.client as httpclient
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 
-from benchlib import CLK_TCK, Figures, free_port, http, proc_cpu_ticks, proc_mem, wait
+from benchlib import CLK_TCK, Figures, kill_all, free_port, http, proc_cpu_ticks, proc_mem, wait
 
 
 def jget(url):
@@ -204,12 +203,7 @@ def main():
         mem = proc_mem(hub.pid)
         fig("restart: hub RSS after reconnect", f"{mem['VmRSS'] / 2**20:.0f}", "MiB")
     finally:
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGKILL)
-                p.wait(timeout=10)
-            except Exception:
-                pass
+        kill_all(procs)
         logs = tmp + "-logs"
         shutil.copytree(tmp, logs, ignore=shutil.ignore_patterns("*.db*"), dirs_exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

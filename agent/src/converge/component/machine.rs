@@ -207,6 +207,16 @@ impl Record {
         }
     }
 
+    /// Every version the record refers to: installed, and a change's
+    /// staged and previous ones.
+    pub fn versions(&self) -> impl Iterator<Item = &Installed> {
+        self.installed.iter().chain(
+            self.change
+                .iter()
+                .flat_map(|c| c.staged.iter().chain(c.previous.iter())),
+        )
+    }
+
     /// The version the node runs now, for reports.
     pub fn observed_version(&self) -> String {
         self.installed.as_ref().map(|i| i.version.clone()).unwrap_or_default()

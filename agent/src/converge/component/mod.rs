@@ -981,43 +981,24 @@ impl Engine {
     /// Drops cached artifacts and archive versions no record needs.
     fn gc(&self) {
         let mut keep: Vec<&str> = Vec::new();
+        let mut contents: Vec<&str> = Vec::new();
         let mut dirs: Vec<&Path> = Vec::new();
         let mut install_dirs: Vec<PathBuf> = Vec::new();
         for r in self.records.values() {
-            let versions = r
-                .installed
-                .iter()
-                .chain(r.change.iter().flat_map(|c| c.staged.iter().chain(c.previous.iter())));
-            for i in versions {
+            for i in r.versions() {
                 keep.extend(machine::artifact_sha(i));
                 dirs.extend(machine::archive_dir(i));
+                contents.extend(i.files.iter().map(|f| f.sha256.as_str()));
                 if let Some(ArtifactState::Archive { install_dir, .. }) = &i.artifact {
                     install_dirs.push(PathBuf::from(install_dir));
                 }
             }
-            if let Some((_, sha)) = r
-                .change
-                .as_ref()
-                .and_then(|c| c.target.spec.as_ref())
-                .and_then(artifact_url)
-            {
-                keep.push(sha);
+            if let Some(c) = &r.change {
+                contents.extend(c.prior.files.values().flatten().map(|f| f.sha256.as_str()));
+                keep.extend(c.target.spec.as_ref().and_then(artifact_url).map(|(_, sha)| sha));
             }
         }
         self.cache.retain(&keep);
-        let mut contents: Vec<&str> = Vec::new();
-        for r in self.records.values() {
-            let versions = r
-                .installed
-                .iter()
-                .chain(r.change.iter().flat_map(|c| c.staged.iter().chain(c.previous.iter())));
-            for i in versions {
-                contents.extend(i.files.iter().map(|f| f.sha256.as_str()));
-            }
-            if let Some(c) = &r.change {
-                contents.extend(c.prior.files.values().flatten().map(|f| f.sha256.as_str()));
-            }
-        }
         self.content.retain(&contents);
         install_dirs.sort();
         install_dirs.dedup();
