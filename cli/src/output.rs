@@ -271,7 +271,13 @@ fn counts(v: &Value) -> String {
 /// A table of node components (from the hub's node status or the agent's
 /// `/v1/components`).
 pub fn node_components(items: &[Value], indented: bool) {
-    let mut t = table(&["COMPONENT", "DECLARED", "OBSERVED", "PHASE", "CHANGED", "LAST ERROR"]);
+    component_rows("COMPONENT", items, indented);
+}
+
+/// Rows of component states; `first` heads the `name` column (the
+/// component, or the node in `describe component`).
+fn component_rows(first: &str, items: &[Value], indented: bool) {
+    let mut t = table(&[first, "DECLARED", "OBSERVED", "PHASE", "CHANGED", "LAST ERROR"]);
     for c in items {
         t.add_row(vec![
             text(s(c, &["name"])),
@@ -370,18 +376,7 @@ pub fn describe_component(c: &Value, nodes: &[Value]) {
             }
         }
     }
-    let mut t = table(&["NODE", "DECLARED", "OBSERVED", "PHASE", "CHANGED", "LAST ERROR"]);
-    for c in rows {
-        t.add_row(vec![
-            text(s(&c, &["name"])),
-            text(s(&c, &["declaredVersion"])),
-            text(s(&c, &["observedVersion"])),
-            text(s(&c, &["phase"])),
-            age(&text(s(&c, &["lastChangeTime"]))),
-            text(s(&c, &["lastError"])),
-        ]);
-    }
-    indent(t);
+    component_rows("NODE", &rows, true);
 }
 
 /// Prints a value as JSON or YAML.

@@ -264,9 +264,9 @@ spec:
     wait_for("two ComponentDrift events at the hub", T, || {
         (event_count(&hub.node("deb-node")?, "ComponentDrift") >= 2).then_some(())
     });
-    let events = agent.log();
+    let log = agent.log();
     assert!(
-        events.contains("component drifted"),
+        log.contains("component drifted"),
         "agent log should say it restored drift"
     );
     let c = agent.component("widget").expect("widget");

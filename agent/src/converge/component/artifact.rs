@@ -43,11 +43,6 @@ impl Cache {
         self.dir.join(format!("{sha256}.partial"))
     }
 
-    /// True when a verified artifact is in the cache (its hash is checked).
-    pub fn has(&self, sha256: &str) -> bool {
-        self.verify(sha256).is_ok()
-    }
-
     /// Checks the cached artifact still has its hash; a bad entry is deleted.
     pub fn verify(&self, sha256: &str) -> Result<PathBuf, String> {
         let p = self.path(sha256);
@@ -67,7 +62,9 @@ impl Cache {
     /// its SHA-256 is `sha256`. A mismatch is final (retrying the same URL
     /// would fetch the same wrong bytes) and leaves nothing in the cache.
     pub fn fetch(&self, url: &str, sha256: &str) -> Result<PathBuf, String> {
-        if self.has(sha256) {
+        // Already downloaded: the Verifying step that follows hashes it (and
+        // deletes it if it no longer matches, so the next attempt fetches it).
+        if self.path(sha256).is_file() {
             return Ok(self.path(sha256));
         }
         fs::create_dir_all(&self.dir).map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
@@ -178,7 +175,7 @@ mod tests {
         let cache = Cache::new(dir.clone(), 1);
         let sha = super::super::files::sha256_bytes(b"artifact");
         fs::write(cache.path(&sha), b"artifact").expect("write");
-        assert!(cache.has(&sha));
+        assert!(cache.verify(&sha).is_ok());
         fs::write(cache.path(&sha), b"artifacT").expect("tamper");
         let e = cache.verify(&sha).unwrap_err();
         assert!(e.contains("deleted"), "{e}");

@@ -72,8 +72,11 @@ pub struct Engine {
     records: BTreeMap<String, Record>,
     failpoint: Option<String>,
     observer: files::Observer,
-    /// The components the node should run now.
-    desired: Vec<DesiredComponent>,
+    /// The components the node should run now (shared with each pass, so a
+    /// pass does not copy every spec).
+    desired: Arc<[DesiredComponent]>,
+    /// A record changed since the last garbage collection.
+    dirty: bool,
 }
 
 /// Starts the engine thread. It first finishes (or rolls back) any change a
@@ -91,7 +94,7 @@ pub fn spawn(
     if local.is_none() {
         agent.set_component_updates(tx);
     }
-    let desired = local.unwrap_or_else(|| agent.settings().components);
+    let desired: Arc<[DesiredComponent]> = local.unwrap_or_else(|| agent.settings().components).into();
     let mut engine = Engine {
         cache: Cache::new(state_dir.join("artifacts"), cfg.download_attempts),
         content: ContentStore::new(state_dir.join("content")),
@@ -102,6 +105,7 @@ pub fn spawn(
         failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|s| !s.is_empty()),
         observer: files::Observer::default(),
         desired,
+        dirty: true,
     };
     std::thread::Builder::new()
         .name("converge".into())
@@ -130,9 +134,9 @@ impl Engine {
             }
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(d) => {
-                    self.desired = d;
+                    self.desired = d.into();
                     while let Ok(d) = rx.try_recv() {
-                        self.desired = d;
+                        self.desired = d.into();
                     }
                     next = std::time::Instant::now();
                 }
@@ -202,7 +206,8 @@ impl Engine {
     }
 
     /// Stores the record, then tells the socket and the hub.
-    fn save(&self, rec: &Record) -> Result<(), String> {
+    fn save(&mut self, rec: &Record) -> Result<(), String> {
+        self.dirty = true;
         self.persist(rec)?;
         let nc = self.node_component(rec);
         self.agent.set_component(nc.clone());
@@ -235,7 +240,7 @@ impl Engine {
     /// One pass over the desired components.
     pub fn reconcile(&mut self) {
         let started = std::time::Instant::now();
-        let desired = self.desired.clone();
+        let desired = Arc::clone(&self.desired);
         self.reconcile_all(&desired);
         self.agent.metrics.reconciles.inc();
         self.agent
@@ -264,12 +269,17 @@ impl Engine {
                 tracing::info!(component = %name, "component no longer selects this node; leaving it installed, unmanaged");
                 r.phase = phase::REMOVED.into();
                 let _ = self.store.delete(&format!("{}{name}", keys::COMPONENT_PREFIX));
+                self.dirty = true;
                 let nc = self.node_component(&r);
                 self.agent.remove_component(&name);
                 let _ = self.agent.report(report::Body::Component(nc));
             }
         }
-        self.gc();
+        // Only a change or a removal can leave artifacts, contents or archive
+        // versions behind; a pass that only checked drift reads no directory.
+        if std::mem::take(&mut self.dirty) {
+            self.gc();
+        }
     }
 
     fn reconcile_one(&mut self, d: &DesiredComponent) {
@@ -280,18 +290,21 @@ impl Engine {
         }
         let Some(spec) = d.spec.as_ref() else { return };
         let hash = machine::spec_hash(d);
-        let Some(rec) = self.records.get(&name).cloned() else {
+        let Some(rec) = self.records.get(&name) else {
             return;
         };
         let at_target = rec.installed.as_ref().is_some_and(|i| i.spec_hash == hash);
-        if at_target || (rec.failed_hash == hash && rec.installed.is_some()) {
+        let failed = rec.failed_hash == hash;
+        let waiting = rec.retry_hash == hash && unix_now() < rec.retry_at;
+        let installed = rec.installed.is_some();
+        if at_target || (failed && installed) {
             self.check_drift(&name, d, at_target);
             return;
         }
-        if rec.failed_hash == hash {
+        if failed {
             return;
         }
-        if rec.retry_hash == hash && unix_now() < rec.retry_at {
+        if waiting {
             // Keep what is installed intact while waiting to retry.
             self.check_drift(&name, d, false);
             return;
@@ -576,8 +589,9 @@ impl Engine {
                             sha256: None,
                         }
                     } else {
-                        let file = self.cache.verify(&p.sha256)?;
-                        let (package, version) = self.pm(m).identify(&file)?;
+                        // Only its name and version are read here (Verifying
+                        // hashed it; Installing hashes it again before use).
+                        let (package, version) = self.pm(m).identify(&self.cache.path(&p.sha256))?;
                         ArtifactState::Package {
                             manager: m,
                             package,
@@ -940,12 +954,14 @@ impl Engine {
 
     /// Puts the installed version back where the node drifted from it.
     fn check_drift(&mut self, name: &str, d: &DesiredComponent, at_target: bool) {
-        let Some(rec) = self.records.get(name) else { return };
-        let Some(inst) = rec.installed.clone() else { return };
-        let found = self.drift(&inst);
+        let Some(installed) = self.records.get(name).and_then(|r| r.installed.as_ref()) else {
+            return;
+        };
+        let found = self.drift(installed);
         if found.is_empty() {
             return;
         }
+        let inst = installed.clone();
         let what = found.join("; ");
         self.agent.metrics.component_drift.inc();
         self.event(
