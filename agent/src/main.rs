@@ -118,7 +118,7 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding metrics.listen {addr}"))?;
-        let app = status::router(agent.clone());
+        let app = status::metrics_router(agent.clone());
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             axum::serve(l, app)

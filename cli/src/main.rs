@@ -108,6 +108,7 @@ fn what(s: &str) -> anyhow::Result<What> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
         eprintln!("error: {e:#}");
@@ -281,6 +282,15 @@ async fn local_list(sock: &Target, path: &str, out: Format, table: fn(&[Value], 
             Ok(())
         }
     }
+}
+
+/// `nkctl ... | head` ends quietly when the reader goes away, as every Unix
+/// tool does: Rust ignores SIGPIPE, so writing to a closed pipe would panic
+/// in `println!`; the default action ends the process without a word.
+fn quiet_on_closed_pipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: restoring the default disposition installs no handler code.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
 
 /// Percent-encodes a query value.

@@ -27,5 +27,21 @@ pub const API_VERSION: &str = "nodekeeper.io/v1";
 /// Version of the agent link protocol spoken by this build.
 pub const LINK_PROTOCOL: u32 = 1;
 
+/// Oldest link protocol this build still speaks (a hub serves agents from
+/// here up to [`LINK_PROTOCOL`], so a fleet upgrades hub first, then agents).
+pub const MIN_LINK_PROTOCOL: u32 = 1;
+
+/// Whether this build speaks link protocol `p`; `Err` says why not and what
+/// to do, for the refusal message.
+pub fn check_link_protocol(who: &str, p: u32) -> Result<(), String> {
+    if (MIN_LINK_PROTOCOL..=LINK_PROTOCOL).contains(&p) {
+        return Ok(());
+    }
+    let upgrade = if p > LINK_PROTOCOL { "this side" } else { who };
+    Err(format!(
+        "{who} speaks link protocol {p}, this build speaks {MIN_LINK_PROTOCOL}..={LINK_PROTOCOL} (version {VERSION}); upgrade {upgrade}"
+    ))
+}
+
 /// Version of this build (the workspace version).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -45,7 +45,7 @@ def main():
     out, lines = sys.argv[1], int(sys.argv[2])
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     rng = random.Random(seed)
-    fixtures_dir = os.path.join(os.path.dirname(__file__), "../../../shared/peers/npd/kernel-log-problems")
+    fixtures_dir = os.path.join(os.path.dirname(__file__), "../../tests/fixtures/npd/kernel-log-problems")
     faults = []
     for name in sorted(os.listdir(fixtures_dir)):
         with open(os.path.join(fixtures_dir, name), errors="replace") as f:

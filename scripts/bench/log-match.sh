@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 lines=${1:-5000000}
 cargo build --release --quiet -p nodekeeper-agent
-npd=../shared/peers/npd/config
+npd=tests/fixtures/npd/config
 rules=("$npd/kernel-monitor.json" "$npd/readonly-monitor.json")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -1,6 +1,6 @@
 //! Lab parts for packaging tests: packages built with `scripts/package.sh`,
 //! and a real systemd booted in a container with `systemd-nspawn`
-//! (`../shared/LAB.md`).
+//! (see docs/architecture.md, "The lab").
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -34,10 +34,27 @@ pub fn stdout(out: &Output) -> String {
 /// Builds the four packages (debug binaries, for speed) into `dir`,
 /// versioned `version`; returns their paths.
 pub fn build_packages(dir: &Path, version: &str) -> Vec<PathBuf> {
-    run(Command::new(repo().join("scripts/package.sh"))
-        .env("PROFILE", "debug")
+    build_packages_env(dir, version, &[])
+}
+
+/// [`build_packages`] with extra environment for `scripts/package.sh`.
+pub fn build_packages_env(dir: &Path, version: &str, env: &[(&str, &Path)]) -> Vec<PathBuf> {
+    let mut cmd = Command::new(repo().join("scripts/package.sh"));
+    cmd.env("PROFILE", "debug")
         .env("NK_DIST", dir)
-        .env("NK_VERSION", version));
+        .env("NK_VERSION", version);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = run(&mut cmd);
+    let log = String::from_utf8_lossy(&out.stderr);
+    if let Some((_, t)) = env.iter().find(|(k, _)| *k == "CARGO_TARGET_DIR") {
+        let want = format!("packaging binaries from {}/debug", t.display());
+        assert!(
+            log.contains(&want),
+            "package.sh ignored CARGO_TARGET_DIR; wanted {want:?} in:\n{log}"
+        );
+    }
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("dist dir")
         .filter_map(|e| e.ok().map(|e| e.path()))

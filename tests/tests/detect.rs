@@ -7,7 +7,7 @@ use std::process::Command;
 use nodekeeper_e2e::{TempDir, bin};
 
 fn npd() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/npd")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/npd")
 }
 
 #[test]

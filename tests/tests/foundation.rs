@@ -76,6 +76,25 @@ fn agent_registers_and_node_is_visible_over_http_and_in_nkctl() {
         desc.contains("Status:            Ready") && desc.contains("AgentStarted"),
         "{desc}"
     );
+    // `nkctl ... | head` whose reader has gone: nkctl ends quietly (no panic,
+    // no backtrace), as Unix tools do.
+    for args in [&["describe", "node", "node-reg"][..], &["get", "nodes", "-o", "wide"]] {
+        let mut child = std::process::Command::new(nodekeeper_e2e::bin("nkctl"))
+            .args(["--hub", &hub.http_url()])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn nkctl");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("nkctl");
+        assert_eq!(stderr(&out), "", "nkctl {args:?} into a closed pipe");
+        assert!(
+            out.status.success() || std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(13),
+            "{:?}",
+            out.status
+        );
+    }
 
     // The status socket: mode 0660, answers locally, also through nkctl.
     let mode = std::fs::metadata(&agent.socket).expect("socket").permissions().mode() & 0o777;
@@ -488,4 +507,65 @@ fn agent_tells_systemd_it_is_ready_and_pings_the_watchdog() {
         seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
     assert!(agent.status().is_some());
+}
+
+#[test]
+fn labels_an_agent_profile_adds_survive_a_hub_sigkill() {
+    let tmp = TempDir::new("labels-restart");
+    let mut hub = Hub::start(tmp.path(), "");
+    let agent = Agent::start(tmp.path(), "node-l", Some(&hub.grpc_url()), "labels: {zone: z1}\n");
+    wait_for("Ready", T, || hub.node("node-l").filter(|n| ready(n) == "True"));
+    let out = nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(PROFILE));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = wait_for("profile applied and in sync", T, || {
+        hub.node("node-l").filter(|n| {
+            n["metadata"]["labels"]["team"] == "storage"
+                && n["status"]["appliedRevision"] == n["status"]["desiredRevision"]
+                && agent.status().is_some_and(|s| s["settings"]["logLevel"] == "debug")
+        })
+    });
+
+    hub.kill9();
+    hub.restart();
+    // Straight from the store, before the agent is back: every derived field
+    // is what a hub that never restarted shows.
+    let loaded = hub.node("node-l").expect("node after restart");
+    assert_eq!(
+        loaded["metadata"], before["metadata"],
+        "labels and metadata after restart"
+    );
+    assert_eq!(loaded["status"]["settings"], before["status"]["settings"]);
+    assert_eq!(loaded["status"]["desiredRevision"], before["status"]["desiredRevision"]);
+    let table = stdout(&hub.nkctl(&["get", "nodes", "-l", "team=storage"]));
+    assert!(table.contains("node-l"), "{table}");
+    // And once the agent reconnected.
+    let back = wait_for("agent back", T, || {
+        hub.node("node-l")
+            .filter(|n| n["status"]["connected"] == true && ready(n) == "True")
+    });
+    assert_eq!(back["metadata"], before["metadata"]);
+    assert_eq!(back["status"]["appliedRevision"], before["status"]["appliedRevision"]);
+}
+
+#[test]
+fn metrics_listen_serves_metrics_and_health_only() {
+    let tmp = TempDir::new("metrics-listen");
+    let port = nodekeeper_e2e::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start(tmp.path(), "node-m", None, &format!("metrics: {{listen: '{addr}'}}\n"));
+    let (code, body) = wait_for("metrics over TCP", T, || http(&addr, "GET", "/metrics", "").ok());
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("nodekeeper_agent"), "{body}");
+    assert_eq!(http(&addr, "GET", "/healthz", "").expect("healthz").0, 200);
+    // Nothing that reads node details or changes state is reachable over TCP.
+    let event = r#"{"reason":"FromTheNetwork","message":"x"}"#;
+    let (code, _) = http(&addr, "POST", "/v1/events", event).expect("post");
+    assert_eq!(code, 404, "POST /v1/events must not be served on metrics.listen");
+    for path in ["/v1/status", "/v1/events", "/v1/conditions", "/v1/components"] {
+        assert_eq!(http(&addr, "GET", path, "").expect("get").0, 404, "{path}");
+    }
+    // The socket still serves them.
+    assert!(agent.status().is_some());
+    let events = agent.status().expect("status");
+    assert!(!events.to_string().contains("FromTheNetwork"));
 }

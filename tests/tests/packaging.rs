@@ -1,11 +1,13 @@
 //! Installing like a real host service: the .deb and .rpm packages, the
 //! systemd units, and both services running under a real systemd booted in a
-//! container (systemd-nspawn, see ../shared/LAB.md).
+//! container (systemd-nspawn).
 
 use std::process::Command;
 use std::time::Duration;
 
-use nodekeeper_e2e::lab::{Machine, build_packages, repo, run, stdout};
+use std::path::Path;
+
+use nodekeeper_e2e::lab::{Machine, build_packages, build_packages_env, repo, run, stdout};
 use nodekeeper_e2e::{TempDir, wait_for};
 
 const T: Duration = Duration::from_secs(60);
@@ -17,7 +19,10 @@ fn units_verify_and_packages_carry_their_files_metadata_and_scripts() {
     // units at the built binaries, nothing else changes.
     let units = tmp.path().join("units");
     std::fs::create_dir_all(&units).expect("dir");
-    let bin = repo().join("target/debug/");
+    let bin = nodekeeper_e2e::bin("nodekeeper-agent")
+        .parent()
+        .expect("bin dir")
+        .join("");
     for u in ["nodekeeper-agent.service", "nodekeeper-hub.service"] {
         let text = std::fs::read_to_string(repo().join("systemd").join(u)).expect("unit");
         assert!(text.contains("Type=notify") && text.contains("WatchdogSec=") && text.contains("Restart=always"));
@@ -36,8 +41,14 @@ fn units_verify_and_packages_carry_their_files_metadata_and_scripts() {
     );
     assert!(sec.contains("OK"), "the hub should be strictly sandboxed:\n{sec}");
 
+    // Packaging uses cargo's own target directory, wherever that is: here a
+    // CARGO_TARGET_DIR by another path to the same build (no rebuild).
+    let target = tmp.path().join("cargo-target");
+    let real = nodekeeper_e2e::bin("nodekeeper-agent");
+    let real_target = real.parent().and_then(Path::parent).expect("target dir");
+    std::os::unix::fs::symlink(real_target, &target).expect("symlink");
     let dist = tmp.path().join("dist");
-    let pkgs = build_packages(&dist, "0.1.0");
+    let pkgs = build_packages_env(&dist, "0.1.0", &[("CARGO_TARGET_DIR", &target)]);
     let find = |needle: &str| {
         pkgs.iter()
             .find(|p| p.to_string_lossy().contains(needle))

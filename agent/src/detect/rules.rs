@@ -45,7 +45,7 @@ mod tests {
     use super::*;
 
     fn peers() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/npd/config")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/npd/config")
     }
 
     #[test]

@@ -31,6 +31,11 @@ impl Backoff {
         Duration::from_millis(if ms == 0 { 0 } else { rand::random_range(0..=ms) })
     }
 
+    /// The longest delay this backoff ever gives (its cap).
+    pub fn max_delay(&self) -> Duration {
+        self.cap
+    }
+
     /// A session got through: start over.
     pub fn reset(&mut self) {
         self.attempt = 0;

@@ -49,6 +49,50 @@ enum End {
     Closed(String),
 }
 
+/// Why a session could not be established.
+enum Failure {
+    /// The hub could not be reached or the stream broke (normal while it
+    /// restarts).
+    Unreachable(String),
+    /// The hub refused the session, or this agent refused the hub: an
+    /// operator must act. `retry_after` is the hub's hint (admission
+    /// control); without one the agent waits its longest backoff.
+    Refused { why: String, retry_after: Option<Duration> },
+}
+
+/// The metadata key in which a hub that is at its session limit says when
+/// to come back, in milliseconds.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+impl Failure {
+    fn from_status(s: &tonic::Status) -> Failure {
+        let why = format!("hub refused the session: {}", s.message());
+        match s.code() {
+            tonic::Code::Unavailable => Failure::Refused {
+                why,
+                retry_after: s
+                    .metadata()
+                    .get(RETRY_AFTER_MS)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_millis),
+            },
+            tonic::Code::FailedPrecondition
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::InvalidArgument
+            | tonic::Code::AlreadyExists => Failure::Refused { why, retry_after: None },
+            _ => Failure::Unreachable(why),
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Failure {
+        Failure::Unreachable(s)
+    }
+}
+
 /// Builds the endpoint for a hub address (`http://host:port`).
 pub fn endpoint(address: &str, cfg: &LinkConfig) -> Result<Endpoint, String> {
     Endpoint::from_shared(address.to_string())
@@ -77,9 +121,26 @@ pub async fn run(agent: Arc<Agent>, endpoint: Endpoint, cfg: LinkConfig, mut shu
                 tracing::warn!(reason = %why, "hub session closed; reconnecting");
                 agent.set_link(|l| l.last_error = Some(why));
             }
-            Err(e) => {
+            Err(Failure::Unreachable(e)) => {
                 tracing::debug!(error = %e, "cannot reach hub");
                 agent.set_link(|l| l.last_error = Some(e));
+            }
+            Err(Failure::Refused { why, retry_after }) => {
+                // Needs an operator (or, with a hint, patience): said at warn.
+                tracing::warn!(error = %why, retry_after_ms = retry_after.map(|d| d.as_millis() as u64), "no hub session");
+                agent.set_link(|l| l.last_error = Some(why));
+                agent.metrics.link_failures.inc();
+                // The hub's hint, spread by jitter so a refused crowd does not
+                // return at once; without one, the longest backoff.
+                let delay = match retry_after {
+                    Some(hint) => hint + backoff.next_delay().min(hint),
+                    None => backoff.max_delay(),
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                continue;
             }
         }
         agent.metrics.link_failures.inc();
@@ -96,7 +157,7 @@ fn msg(body: agent_message::Body) -> AgentMessage {
 }
 
 /// One session: `Err` when it never got established.
-async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> Result<End, String> {
+async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> Result<End, Failure> {
     let channel: Channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
     let mut client = AgentLinkClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
@@ -106,16 +167,22 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
     let mut inbound = client
         .session(ReceiverStream::new(rx))
         .await
-        .map_err(|s| format!("hub refused the session: {}", s.message()))?
+        .map_err(|s| Failure::from_status(&s))?
         .into_inner();
     let welcome = match inbound.message().await {
         Ok(Some(HubMessage {
             body: Some(hub_message::Body::Welcome(w)),
         })) => w,
-        Ok(Some(_)) => return Err("hub did not start with Welcome".into()),
-        Ok(None) => return Err("hub closed the session".into()),
-        Err(s) => return Err(format!("hub refused the session: {}", s.message())),
+        Ok(Some(_)) => return Err("hub did not start with Welcome".to_string().into()),
+        Ok(None) => return Err("hub closed the session".to_string().into()),
+        Err(s) => return Err(Failure::from_status(&s)),
     };
+    if let Err(why) = nodekeeper_proto::check_link_protocol("the hub", welcome.protocol) {
+        return Err(Failure::Refused {
+            why: format!("refusing the hub's session: {why}"),
+            retry_after: None,
+        });
+    }
     backoff.reset();
     agent.metrics.link_sessions.inc();
     agent.set_link(|l| {
@@ -129,7 +196,7 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
     // Everything up to what the hub has is done; replay the rest.
     agent
         .with_outbox(|o| o.ack(welcome.report_sequence))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure::Unreachable(e.to_string()))?;
     let mut sent = welcome.report_sequence;
     let mut acked = welcome.report_sequence;
     // One timer for the whole session, reset when it fires or the interval
@@ -182,7 +249,7 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
                         }
                     }
                     hub_message::Body::ReportAck(a) => {
-                        agent.with_outbox(|o| o.ack(a.sequence)).map_err(|e| e.to_string())?;
+                        agent.with_outbox(|o| o.ack(a.sequence)).map_err(|e| Failure::Unreachable(e.to_string()))?;
                         acked = acked.max(a.sequence);
                     }
                     hub_message::Body::Welcome(_) => tracing::warn!("ignoring a second Welcome"),

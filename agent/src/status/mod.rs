@@ -19,7 +19,17 @@ use crate::runtime::Agent;
 /// Severities a local event may carry.
 const SEVERITIES: &[&str] = &["Info", "Warning", "Error"];
 
-/// The socket's routes (also served on `metrics.listen` for `/metrics`).
+/// The routes of the optional TCP `metrics.listen`: metrics and health only.
+/// Whatever reads node details or changes state stays on the Unix socket,
+/// whose mode and group decide who may use it.
+pub fn metrics_router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(agent)
+}
+
+/// The socket's routes.
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/status", get(status))

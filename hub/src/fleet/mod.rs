@@ -228,10 +228,14 @@ impl Fleet {
             state.revisions.entry((k, name)).or_default().insert(generation, value);
         }
         let now = Instant::now();
-        for crate::store::LoadedNode { node, settings } in loaded.nodes {
+        for crate::store::LoadedNode { mut node, settings } in loaded.nodes {
             let Some(name) = node.metadata.as_ref().map(|m| m.name.clone()) else {
                 continue;
             };
+            if let Some(s) = &settings {
+                let labels = nodes::node_labels(nodes::base_labels(&node), s);
+                node.metadata.get_or_insert_with(Default::default).labels = labels;
+            }
             let status = node.status.clone().unwrap_or_default();
             let desired = Desired {
                 revision: status.desired_revision,

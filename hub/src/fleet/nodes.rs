@@ -153,6 +153,14 @@ pub(super) fn base_labels(node: &Node) -> BTreeMap<String, String> {
     labels
 }
 
+/// A node's `metadata.labels`: its base labels and those its desired
+/// settings (AgentProfiles) add. Derived, never stored on its own, so a hub
+/// that restarted shows what one that never restarted would.
+pub(super) fn node_labels(mut base: BTreeMap<String, String>, settings: &SharedSettings) -> BTreeMap<String, String> {
+    base.extend(settings.value.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    base
+}
+
 fn flags(e: &NodeEntry) -> Flags {
     Flags {
         exists: true,
@@ -234,16 +242,18 @@ impl State {
                 shared
             }
         };
+        // The labels are derived on every call, also when the settings did
+        // not change: the agent's own labels may have (a new Hello), and a
+        // node loaded from the store carries the labels of its last full
+        // write, which fan-outs (revisions-only writes) do not refresh.
+        entry.node.metadata.get_or_insert_with(Default::default).labels = node_labels(base, &settings);
         let status = entry.node.status.get_or_insert_with(Default::default);
         if entry.settings.as_ref().is_some_and(|s| s.hash == settings.hash) && status.desired_revision > 0 {
             return None;
         }
         self.revision += 1;
         status.desired_revision = self.revision;
-        let mut labels = base;
-        labels.extend(settings.value.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         entry.settings = Some(settings.clone());
-        entry.node.metadata.get_or_insert_with(Default::default).labels = labels;
         let tx = entry.desired_tx.clone();
         self.recount(name);
         Some((
@@ -352,6 +362,7 @@ impl Fleet {
             welcome: Welcome {
                 report_sequence,
                 hub_version: nodekeeper_proto::VERSION.into(),
+                protocol: nodekeeper_proto::LINK_PROTOCOL,
             },
             desired,
             acks,

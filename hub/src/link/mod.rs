@@ -50,6 +50,11 @@ impl AgentLink for LinkService {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 15 s")),
         };
+        if let Err(why) = nodekeeper_proto::check_link_protocol("the agent", hello.protocol) {
+            self.fleet.metrics.sessions_rejected.inc();
+            tracing::warn!(?peer, node = %hello.node_name, protocol = hello.protocol, "refused agent session: {why}");
+            return Err(Status::failed_precondition(why));
+        }
         let handles = self.fleet.open_session(hello).map_err(|e| {
             tracing::warn!(?peer, error = %e, "refused agent session");
             status_of(e)
