@@ -34,7 +34,17 @@ pub struct Metrics {
     /// Component changes by how they ended (done, rolled_back, failed).
     pub component_changes: Family<ResultLabel, Counter>,
     pub component_drift: Counter,
+    /// Label values seen in `problem_counter` and `problem_gauge`: reasons
+    /// come from rules and from anyone who may POST to the socket, so their
+    /// number is capped ([`MAX_PROBLEM_SERIES`]) rather than left to grow.
+    problem_series: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>,
+    pub series_dropped: Counter,
 }
+
+/// Distinct `problem_counter`/`problem_gauge` series kept; updates of new
+/// ones beyond it are dropped and counted in
+/// `nodekeeper_agent_metric_series_dropped_total`.
+pub const MAX_PROBLEM_SERIES: usize = 1000;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -142,10 +152,32 @@ impl Metrics {
             "Components found drifted and restored",
             m.component_drift.clone(),
         );
+        r.register(
+            "nodekeeper_agent_metric_series_dropped",
+            "Metric updates dropped because a family reached its series cap (distinct reasons)",
+            m.series_dropped.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Whether the series (`kind`, `key`) may be updated: known ones always,
+    /// new ones while fewer than [`MAX_PROBLEM_SERIES`] exist.
+    fn admit(&self, kind: &str, key: &str) -> bool {
+        let mut seen = self.problem_series.lock().unwrap_or_else(|p| p.into_inner());
+        let k = (kind.to_string(), key.to_string());
+        if seen.contains(&k) {
+            return true;
+        }
+        if seen.len() >= MAX_PROBLEM_SERIES {
+            drop(seen);
+            self.series_dropped.inc();
+            return false;
+        }
+        seen.insert(k);
+        true
     }
 
     /// Counts a finished component change.
@@ -157,6 +189,9 @@ impl Metrics {
 
     /// Counts `n` problems with `reason`.
     pub fn problem_counter(&self, reason: &str, n: u64) {
+        if !self.admit("counter", reason) {
+            return;
+        }
         self.problems
             .get_or_create(&ReasonLabel { reason: reason.into() })
             .inc_by(n as i64);
@@ -166,6 +201,9 @@ impl Metrics {
     /// current one while True.
     pub fn set_problem_gauge(&self, c: &nodekeeper_proto::v1::Condition) {
         let v = i64::from(c.status == "True");
+        if !self.admit(&c.r#type, &c.reason) {
+            return;
+        }
         self.problem_gauge
             .get_or_create(&ConditionLabel {
                 r#type: c.r#type.clone(),
@@ -177,5 +215,28 @@ impl Metrics {
     /// The text exposition format.
     pub fn encode(&self) -> String {
         nodekeeper_proto::daemon::encode_metrics(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_reasons_are_capped_and_the_rest_counted() {
+        let m = Metrics::new();
+        for i in 0..MAX_PROBLEM_SERIES + 250 {
+            m.problem_counter(&format!("Reason{i}"), 1);
+        }
+        // Known series keep counting after the cap.
+        m.problem_counter("Reason0", 1);
+        let text = m.encode();
+        let series = text.lines().filter(|l| l.starts_with("problem_counter{")).count();
+        assert_eq!(series, MAX_PROBLEM_SERIES);
+        assert!(text.contains("problem_counter{reason=\"Reason0\"} 2"), "{text}");
+        assert!(
+            text.contains("nodekeeper_agent_metric_series_dropped_total 250"),
+            "{text}"
+        );
     }
 }

@@ -55,8 +55,15 @@ enum Cmd {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
     },
-    /// Delete a resource.
-    Delete { kind: String, name: String },
+    /// Delete a resource, or a node (refused while its agent is connected
+    /// unless --force, which also closes its session).
+    Delete {
+        kind: String,
+        name: String,
+        /// For nodes: delete even while the agent is connected.
+        #[arg(long)]
+        force: bool,
+    },
     /// The fleet summary.
     Summary,
     /// This node, through the agent's local socket.
@@ -183,13 +190,17 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format) -> anyhow::Result<()> {
                 (What::Kind(_), _) => output::structured(&v, Format::Yaml)?,
             }
         }
-        Cmd::Delete { kind, name } => {
-            let What::Kind(k) = what(&kind)? else {
-                bail!("nodes are removed by stopping their agent; they cannot be deleted here yet")
-            };
-            check(call(&hub, Method::DELETE, &format!("/v1/{}/{name}", k.plural()), None).await?)?;
-            println!("{}/{name} deleted", k.name().to_ascii_lowercase());
-        }
+        Cmd::Delete { kind, name, force } => match what(&kind)? {
+            What::Nodes => {
+                let q = if force { "?force=true" } else { "" };
+                check(call(&hub, Method::DELETE, &format!("/v1/nodes/{name}{q}"), None).await?)?;
+                println!("node/{name} deleted");
+            }
+            What::Kind(k) => {
+                check(call(&hub, Method::DELETE, &format!("/v1/{}/{name}", k.plural()), None).await?)?;
+                println!("{}/{name} deleted", k.name().to_ascii_lowercase());
+            }
+        },
         Cmd::Summary => {
             let v = check(call(&hub, Method::GET, "/v1/fleet/summary", None).await?)?;
             output::structured(

@@ -18,6 +18,8 @@ pub struct HubConfig {
     /// How long a node may miss heartbeats before its Ready turns Unknown
     /// (never less than three of its heartbeat intervals).
     pub node_monitor_grace_period_seconds: u64,
+    /// Revisions kept per resource (Components' history for undo).
+    pub revision_history_limit: usize,
     /// error, warn, info, debug, trace (RUST_LOG overrides).
     pub log_level: String,
     /// text or json.
@@ -32,12 +34,15 @@ pub struct Listen {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// Only `sqlite` is available today.
     pub driver: String,
     /// SQLite file; default `<stateDir>/hub.db`.
     pub path: Option<PathBuf>,
+    /// Operations that may wait for the store writer before report ingest
+    /// waits (and so acks, and agents' streams).
+    pub max_queued_writes: usize,
 }
 
 impl Default for HubConfig {
@@ -47,6 +52,7 @@ impl Default for HubConfig {
             state_dir: PathBuf::from("/var/lib/nodekeeper-hub"),
             store: StoreConfig::default(),
             node_monitor_grace_period_seconds: 40,
+            revision_history_limit: crate::fleet::DEFAULT_REVISION_HISTORY_LIMIT,
             log_level: "info".into(),
             log_format: "text".into(),
         }
@@ -67,6 +73,7 @@ impl Default for StoreConfig {
         StoreConfig {
             driver: "sqlite".into(),
             path: None,
+            max_queued_writes: crate::store::DEFAULT_MAX_QUEUED,
         }
     }
 }
@@ -87,12 +94,26 @@ impl HubConfig {
                 format!("{:?} is not available; only \"sqlite\" is supported", self.store.driver),
             ));
         }
+        if self.store.max_queued_writes == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "store.maxQueuedWrites",
+                "must be at least 1",
+            ));
+        }
         nodekeeper_proto::config::check_logging(path, &self.log_level, &self.log_format)?;
         if self.node_monitor_grace_period_seconds == 0 {
             return Err(ConfigError::invalid(
                 path,
                 "nodeMonitorGracePeriodSeconds",
                 "must be at least 1",
+            ));
+        }
+        if !(1..=10_000).contains(&self.revision_history_limit) {
+            return Err(ConfigError::invalid(
+                path,
+                "revisionHistoryLimit",
+                format!("{} is out of range 1..=10000", self.revision_history_limit),
             ));
         }
         if !self.state_dir.is_absolute() {

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod failpoint;
 pub mod fleet;
 pub mod link;
 pub mod metrics;

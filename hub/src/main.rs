@@ -52,7 +52,7 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
     })?;
     let metrics = Metrics::new();
     let store_path = cfg.store_path();
-    let (store, loaded) = Store::open(&store_path, metrics.clone())?;
+    let (store, loaded) = Store::open_bounded(&store_path, metrics.clone(), cfg.store.max_queued_writes)?;
     tracing::info!(store = %store_path.display(), nodes = loaded.nodes.len(), resources = loaded.resources.len(), "store loaded");
     let fleet = Fleet::new(
         store,
@@ -60,6 +60,7 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
         metrics,
         FleetConfig {
             grace: Duration::from_secs(cfg.node_monitor_grace_period_seconds),
+            revision_history_limit: cfg.revision_history_limit,
         },
     )?;
 

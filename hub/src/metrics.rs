@@ -20,10 +20,15 @@ pub struct Metrics {
     pub sessions_opened: Counter,
     pub sessions_rejected: Counter,
     pub sessions_active: Gauge,
+    /// Parts of agent reports dropped by a cap, by what was capped.
+    pub reports_capped: Family<CapLabel, Counter>,
+    pub nodes_deleted: Counter,
     pub desired_pushed: Counter,
     pub store_batches: Counter,
     pub store_writes: Counter,
     pub store_commit_seconds: Histogram,
+    /// Operations queued for the store writer now.
+    pub store_queued: Gauge,
     pub nodes: Gauge,
     pub nodes_ready: Gauge,
     pub nodes_in_sync: Gauge,
@@ -38,6 +43,12 @@ pub struct Metrics {
 pub struct ComponentPhase {
     pub component: String,
     pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapLabel {
+    /// `conditions`, `components`, `field_length`, `labels`.
+    pub cap: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,10 +73,13 @@ impl Metrics {
             sessions_opened: Counter::default(),
             sessions_rejected: Counter::default(),
             sessions_active: Gauge::default(),
+            reports_capped: Family::default(),
+            nodes_deleted: Counter::default(),
             desired_pushed: Counter::default(),
             store_batches: Counter::default(),
             store_writes: Counter::default(),
             store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            store_queued: Gauge::default(),
             nodes: Gauge::default(),
             nodes_ready: Gauge::default(),
             nodes_in_sync: Gauge::default(),
@@ -100,6 +114,16 @@ impl Metrics {
             m.sessions_active.clone(),
         );
         r.register(
+            "nodekeeper_hub_reports_capped",
+            "Report contents dropped because a per-node cap was reached (conditions, components, field lengths, labels)",
+            m.reports_capped.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_nodes_deleted",
+            "Nodes deleted by operators",
+            m.nodes_deleted.clone(),
+        );
+        r.register(
             "nodekeeper_hub_desired_pushed",
             "Desired-state revisions computed for nodes",
             m.desired_pushed.clone(),
@@ -118,6 +142,11 @@ impl Metrics {
             "nodekeeper_hub_store_commit_seconds",
             "Time to commit one store batch",
             m.store_commit_seconds.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_store_queued",
+            "Operations waiting for the store writer (bounded by store.maxQueuedWrites for report ingest)",
+            m.store_queued.clone(),
         );
         r.register("nodekeeper_hub_nodes", "Registered nodes", m.nodes.clone());
         r.register(
@@ -149,6 +178,11 @@ impl Metrics {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Counts a capped part of a report.
+    pub fn capped(&self, cap: &'static str) {
+        self.reports_capped.get_or_create(&CapLabel { cap }).inc();
     }
 
     /// The text exposition format.

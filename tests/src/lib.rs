@@ -159,6 +159,7 @@ pub struct Hub {
     pub config: PathBuf,
     child: Option<Child>,
     starts: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Hub {
@@ -186,9 +187,48 @@ impl Hub {
             config,
             child: None,
             starts: 0,
+            env: Vec::new(),
         };
         h.restart();
         h
+    }
+
+    /// Environment for the next starts (e.g. `NODEKEEPER_FAILPOINT`); an
+    /// empty list clears it.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
+
+    /// Starts without waiting for /healthz (for a hub expected to die).
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "hub already running");
+        self.starts += 1;
+        let log = self.dir.join(format!("hub-{}.log", self.starts));
+        let mut cmd = Command::new(bin("nodekeeper-hub"));
+        cmd.arg("--config").arg(&self.config);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(spawn(&mut cmd, &log));
+    }
+
+    /// Waits for the running hub to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The hub's latest log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("hub-{}.log", self.starts))).unwrap_or_default()
     }
 
     /// `http://` address of the gRPC listener, for agents.
@@ -203,14 +243,7 @@ impl Hub {
 
     /// Starts (again) on the same state and ports; waits for /healthz.
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "hub already running");
-        self.starts += 1;
-        let log = self.dir.join(format!("hub-{}.log", self.starts));
-        let child = spawn(
-            Command::new(bin("nodekeeper-hub")).arg("--config").arg(&self.config),
-            &log,
-        );
-        self.child = Some(child);
+        self.spawn();
         let addr = self.http.clone();
         wait_for("hub /healthz", Duration::from_secs(30), || {
             http(&addr, "GET", "/healthz", "").ok().filter(|r| r.0 == 200)

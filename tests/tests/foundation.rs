@@ -569,3 +569,102 @@ fn metrics_listen_serves_metrics_and_health_only() {
     let events = agent.status().expect("status");
     assert!(!events.to_string().contains("FromTheNetwork"));
 }
+
+#[test]
+fn hub_killed_between_receiving_reports_and_committing_them_loses_and_doubles_nothing() {
+    let tmp = TempDir::new("ackcommit");
+    let mut hub = Hub::start(tmp.path(), "");
+    let agent = Agent::start(tmp.path(), "node-ac", Some(&hub.grpc_url()), "");
+    wait_for("Ready", T, || hub.node("node-ac").filter(|n| ready(n) == "True"));
+    wait_for("start-up report acknowledged", T, || {
+        agent.status().filter(|s| s["outbox"]["pending"] == 0)
+    });
+    hub.kill9();
+    let mut last = 0;
+    for _ in 0..10 {
+        last = agent.event("InFlight", "sent to a hub that dies before committing");
+    }
+    // The next hub dies (SIGKILL, debug-build failpoint) after taking the
+    // batch into memory and before its commit: no ack may have gone out.
+    hub.set_env(&[("NODEKEEPER_FAILPOINT", "ingest-before-commit")]);
+    hub.spawn();
+    let status = hub
+        .wait_exit(T)
+        .expect("the failpoint kills the hub on the first batch");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "{status:?}"
+    );
+    assert!(hub.log().contains("failpoint"), "{}", hub.log());
+    let st = agent.status().expect("status");
+    assert_eq!(st["outbox"]["pending"], 10, "nothing was acknowledged: {st}");
+
+    hub.set_env(&[]);
+    hub.restart();
+    let node = wait_for("every report in after the restart", T, || {
+        hub.node("node-ac").filter(|n| n["status"]["reportSequence"] == last)
+    });
+    assert_eq!(event_count(&node, "InFlight"), 10, "resent once, counted once");
+    assert_eq!(node["status"]["reportsReceived"], node["status"]["reportSequence"]);
+    wait_for("outbox drained", T, || {
+        agent.status().filter(|s| s["outbox"]["pending"] == 0)
+    });
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_stalled_store_slows_ingest_down_instead_of_queueing_without_bound() {
+    let tmp = TempDir::new("stall");
+    let stall = tmp.path().join("stall");
+    let mut hub = Hub::start(tmp.path(), "store: {maxQueuedWrites: 4}\n");
+    hub.kill9();
+    hub.set_env(&[("NODEKEEPER_FAILPOINT", &format!("store-stall={}", stall.display()))]);
+    hub.restart();
+    let hollow = nodekeeper_e2e::Hollow::start(tmp.path(), &hub.grpc_url(), 40);
+    wait_for("all registered", T, || {
+        (hub.summary()["nodes"]["connected"] == 40).then_some(())
+    });
+    wait_for("start-up reports acknowledged", T, || {
+        (hollow.stats()["outboxPending"] == 0).then_some(())
+    });
+    // The disk stalls; 40 agents send 20 reports each, one batch at a time
+    // (unbounded, that would queue 800 operations).
+    std::fs::write(&stall, "").expect("stall");
+    let mut max_queued = 0.0f64;
+    for i in 0..40 {
+        if i < 20 {
+            hollow.burst(1);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let (_, m) = http(&hub.http, "GET", "/metrics", "").expect("metrics answer while the store stalls");
+        max_queued = max_queued.max(metric(&m, "nodekeeper_hub_store_queued").expect("gauge"));
+    }
+    let pending = hollow.stats()["outboxPending"].as_u64().expect("pending");
+    assert!(pending > 0, "acks wait for the stalled store");
+    // The bound holds for ingest; the few writes the hub itself makes
+    // (Ready changes, sessions) are counted but bounded by the fleet size.
+    assert!(max_queued <= 4.0 + 40.0, "queue grew to {max_queued}");
+    // The disk recovers: everything arrives, exactly once.
+    std::fs::remove_file(&stall).expect("unstall");
+    wait_for("every report acknowledged", T, || {
+        (hollow.stats()["outboxPending"] == 0).then_some(())
+    });
+    let nodes = hub.get("/v1/nodes").expect("nodes");
+    for n in nodes["items"].as_array().expect("items") {
+        assert_eq!(n["status"]["reportsReceived"], n["status"]["reportSequence"]);
+    }
+    assert_eq!(
+        nodes["items"].as_array().map(|i| i
+            .iter()
+            .map(|n| n["status"]["reportsReceived"].as_u64().unwrap_or(0))
+            .sum::<u64>()),
+        hollow.stats()["reportsAssigned"].as_u64()
+    );
+}

@@ -129,3 +129,171 @@ fn agent_refuses_a_hub_protocol_it_does_not_speak_and_logs_why() {
         "the refusal is logged at warn:\n{log}"
     );
 }
+
+/// A session that sends `reports` after its Hello and waits for their ack.
+async fn report(url: String, name: &str, reports: Vec<nodekeeper_proto::v1::Report>) -> Result<u64, Status> {
+    let last = reports.last().map_or(0, |r| r.sequence);
+    let mut client = AgentLinkClient::connect(url)
+        .await
+        .map_err(|e| Status::unknown(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let _ = tx.send(hello(name, nodekeeper_proto::LINK_PROTOCOL)).await;
+    let mut inbound = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let _ = tx
+        .send(AgentMessage {
+            body: Some(agent_message::Body::Reports(nodekeeper_proto::v1::ReportBatch {
+                reports,
+            })),
+        })
+        .await;
+    loop {
+        match inbound.message().await? {
+            Some(HubMessage {
+                body: Some(hub_message::Body::ReportAck(a)),
+            }) if a.sequence >= last => return Ok(a.sequence),
+            Some(_) => {}
+            None => return Err(Status::unknown("closed before the ack")),
+        }
+    }
+}
+
+#[test]
+fn one_node_cannot_grow_the_hub_without_bound() {
+    use nodekeeper_proto::v1::{Condition, ConditionChange, Event, Report, report};
+    let tmp = TempDir::new("caps");
+    let hub = Hub::start(tmp.path(), "");
+    let mut reports = Vec::new();
+    // 100 distinct condition types: 64 are kept, the rest dropped and counted.
+    for i in 0..100u64 {
+        reports.push(Report {
+            sequence: i + 1,
+            body: Some(report::Body::Condition(ConditionChange {
+                condition: Some(Condition {
+                    r#type: format!("Problem{i}"),
+                    status: "True".into(),
+                    reason: "Flood".into(),
+                    ..Default::default()
+                }),
+            })),
+            ..Default::default()
+        });
+    }
+    // An event whose reason is 10 KiB long.
+    reports.push(Report {
+        sequence: 101,
+        body: Some(report::Body::Event(Event {
+            reason: "R".repeat(10_000),
+            message: "m".into(),
+            severity: "Info".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    });
+    let acked = rt()
+        .block_on(report(hub.grpc_url(), "node-greedy", reports))
+        .expect("acked");
+    assert_eq!(
+        acked, 101,
+        "capped reports are still acknowledged (resending cannot help)"
+    );
+    let node = hub.node("node-greedy").expect("node");
+    let conditions = node["status"]["conditions"].as_array().expect("conditions");
+    let problems = conditions
+        .iter()
+        .filter(|c| c["type"].as_str().is_some_and(|t| t.starts_with("Problem")))
+        .count();
+    assert_eq!(problems, 64, "conditions per node are capped");
+    assert!(!node.to_string().contains(&"R".repeat(300)), "over-long reason dropped");
+    let (_, metrics) = nodekeeper_e2e::http(&hub.http, "GET", "/metrics", "").expect("metrics");
+    assert!(
+        metrics.contains("nodekeeper_hub_reports_capped_total{cap=\"conditions\"} 36"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("nodekeeper_hub_reports_capped_total{cap=\"field_length\"} 1"));
+
+    // Too many labels in a Hello: refused with the field.
+    let mut h = hello("node-labels", nodekeeper_proto::LINK_PROTOCOL);
+    if let Some(agent_message::Body::Hello(h)) = h.body.as_mut() {
+        for i in 0..200 {
+            h.labels.insert(format!("k{i}"), "v".into());
+        }
+    }
+    let err = rt().block_on(open(hub.grpc_url(), h)).expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("hello.labels") && err.message().contains("at most 128"),
+        "{}",
+        err.message()
+    );
+}
+
+#[test]
+fn nodes_can_be_deleted_and_a_connected_one_only_with_force() {
+    let tmp = TempDir::new("delnode");
+    let mut hub = Hub::start(tmp.path(), "");
+    let mut a = Agent::start(tmp.path(), "node-del", Some(&hub.grpc_url()), "");
+    let _b = Agent::start(tmp.path(), "node-keep", Some(&hub.grpc_url()), "");
+    wait_for("both Ready", T, || (hub.summary()["nodes"]["ready"] == 2).then_some(()));
+
+    let out = hub.nkctl(&["delete", "node", "node-del"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connected agent") && err.contains("--force"), "{err}");
+    assert!(hub.node("node-del").is_some(), "refused delete changed nothing");
+
+    // --force closes the session too; the running agent registers again.
+    let sessions = a.status().expect("status")["hub"]["sessions"].as_u64().unwrap_or(0);
+    let out = hub.nkctl(&["delete", "node", "node-del", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("node/node-del deleted"));
+    wait_for("agent reconnects after its session was closed", T, || {
+        a.status()
+            .filter(|s| s["hub"]["sessions"].as_u64() > Some(sessions) && s["hub"]["connected"] == true)
+    });
+
+    // A stopped agent's node is deleted for good: from the list, the counts
+    // and the store.
+    assert!(a.terminate().success());
+    wait_for("node-del disconnected", T, || {
+        hub.node("node-del").filter(|n| n["status"]["connected"] == false)
+    });
+    let out = hub.nkctl(&["delete", "node", "node-del"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(hub.node("node-del").is_none());
+    assert_eq!(hub.summary()["nodes"]["total"], 1);
+    let (code, body) = nodekeeper_e2e::http(&hub.http, "DELETE", "/v1/nodes/node-del", "").expect("delete");
+    assert_eq!(code, 404, "{body}");
+    hub.kill9();
+    hub.restart();
+    assert!(hub.node("node-del").is_none(), "deleted in the store too");
+    assert!(hub.node("node-keep").is_some());
+    assert_eq!(hub.summary()["nodes"]["total"], 1);
+}
+
+#[test]
+fn resource_revisions_are_kept_up_to_the_history_limit() {
+    let tmp = TempDir::new("revlimit");
+    let mut hub = Hub::start(tmp.path(), "revisionHistoryLimit: 3\n");
+    for v in 1..=6 {
+        let doc = format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: tool}}\nspec:\n  version: \"{v}\"\n  files:\n  - {{path: /tmp/nk-revlimit-tool.conf, template: \"v{v}\"}}\n"
+        );
+        let out = nodekeeper_e2e::nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(&doc));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let gens = |hub: &Hub| -> Vec<u64> {
+        hub.get("/v1/components/tool/revisions").expect("revisions")["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|r| r["metadata"]["generation"].as_u64())
+            .collect()
+    };
+    assert_eq!(gens(&hub), vec![4, 5, 6]);
+    hub.kill9();
+    hub.restart();
+    assert_eq!(gens(&hub), vec![4, 5, 6], "pruned in the store as well");
+}

@@ -59,7 +59,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", get(get_node))
+        .route("/v1/nodes/{name}", get(get_node).delete(delete_node))
         .route("/v1/fleet/summary", get(summary))
         .route("/v1/apply", axum::routing::post(apply_any))
         .route("/v1/{kind}", get(list).post(apply_kind))
@@ -129,6 +129,17 @@ async fn list_nodes(State(f): State<Api>, Query(q): Query<ListQuery>) -> JsonRes
 
 async fn get_node(State(f): State<Api>, Path(name): Path<String>) -> JsonResult {
     let node = f.get_node(&name)?;
+    Ok(axum::Json(serde_json::to_value(node).unwrap_or(Value::Null)))
+}
+
+#[derive(serde::Deserialize, Default)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_node(State(f): State<Api>, Path(name): Path<String>, Query(q): Query<DeleteQuery>) -> JsonResult {
+    let node = f.delete_node(&name, q.force).await?;
     Ok(axum::Json(serde_json::to_value(node).unwrap_or(Value::Null)))
 }
 

@@ -53,7 +53,22 @@ pub struct FleetConfig {
     /// How long a node may go without heartbeats before Ready turns Unknown
     /// (at least three of the node's own heartbeat intervals).
     pub grace: Duration,
+    /// Revisions of a resource's spec kept for history and undo; older
+    /// ones are deleted as new ones are applied.
+    pub revision_history_limit: usize,
 }
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            grace: Duration::from_secs(40),
+            revision_history_limit: DEFAULT_REVISION_HISTORY_LIMIT,
+        }
+    }
+}
+
+/// Default of `revisionHistoryLimit`.
+pub const DEFAULT_REVISION_HISTORY_LIMIT: usize = 50;
 
 /// Counts for `/v1/fleet/summary`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -226,6 +241,13 @@ impl Fleet {
                 reason: e.to_string(),
             })?;
             state.revisions.entry((k, name)).or_default().insert(generation, value);
+        }
+        // A lowered revisionHistoryLimit applies at once; the store's copies
+        // go with the next apply of each resource.
+        for kept in state.revisions.values_mut() {
+            while kept.len() > config.revision_history_limit {
+                kept.pop_first();
+            }
         }
         let now = Instant::now();
         for crate::store::LoadedNode { mut node, settings } in loaded.nodes {

@@ -91,18 +91,61 @@ fn truncate(s: &mut String) {
     }
 }
 
-fn upsert_condition(status: &mut NodeStatus, mut c: Condition) {
-    truncate(&mut c.message);
-    if c.r#type == "Ready" {
-        return; // owned by the hub
-    }
-    match status.conditions.iter_mut().find(|x| x.r#type == c.r#type) {
-        Some(x) => *x = c,
-        None => status.conditions.push(c),
+/// Conditions kept per node besides Ready (NPD's defaults declare about ten); a report
+/// of a new type beyond it is dropped and counted.
+pub(super) const MAX_CONDITIONS: usize = 64;
+/// Components kept per node.
+pub(super) const MAX_COMPONENTS: usize = 256;
+/// Longest identifier (condition type, reason, source, component name) kept
+/// from a report; a report with a longer one is dropped and counted.
+pub(super) const MAX_NAME: usize = 256;
+/// Labels an agent may claim in its Hello.
+pub(super) const MAX_LABELS: usize = 128;
+
+/// Why a report was dropped by a cap (the metric's `cap` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Capped {
+    Conditions,
+    Components,
+    FieldLength,
+}
+
+impl Capped {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Capped::Conditions => "conditions",
+            Capped::Components => "components",
+            Capped::FieldLength => "field_length",
+        }
     }
 }
 
-fn add_event(status: &mut NodeStatus, mut e: Event) {
+fn too_long(fields: &[&str]) -> bool {
+    fields.iter().any(|f| f.len() > MAX_NAME)
+}
+
+fn upsert_condition(status: &mut NodeStatus, mut c: Condition) -> Result<(), Capped> {
+    if too_long(&[&c.r#type, &c.reason, &c.source]) {
+        return Err(Capped::FieldLength);
+    }
+    truncate(&mut c.message);
+    if c.r#type == "Ready" {
+        return Ok(()); // owned by the hub
+    }
+    // Ready is the hub's own and does not count.
+    let full = status.conditions.iter().filter(|x| x.r#type != "Ready").count() >= MAX_CONDITIONS;
+    match status.conditions.iter_mut().find(|x| x.r#type == c.r#type) {
+        Some(x) => *x = c,
+        None if full => return Err(Capped::Conditions),
+        None => status.conditions.push(c),
+    }
+    Ok(())
+}
+
+fn add_event(status: &mut NodeStatus, mut e: Event) -> Result<(), Capped> {
+    if too_long(&[&e.reason, &e.source, &e.severity]) {
+        return Err(Capped::FieldLength);
+    }
     truncate(&mut e.message);
     let count = e.count.max(1);
     if let Some(i) = status
@@ -125,10 +168,14 @@ fn add_event(status: &mut NodeStatus, mut e: Event) {
             status.recent_events.remove(0);
         }
     }
+    Ok(())
 }
 
 /// Records a component's status on the node; `Removed` drops it.
-fn upsert_component(status: &mut NodeStatus, mut c: NodeComponent) {
+fn upsert_component(status: &mut NodeStatus, mut c: NodeComponent) -> Result<(), Capped> {
+    if too_long(&[&c.name, &c.phase, &c.declared_version, &c.observed_version]) {
+        return Err(Capped::FieldLength);
+    }
     truncate(&mut c.last_error);
     let i = status.components.iter().position(|x| x.name == c.name);
     match (i, c.phase == nodekeeper_proto::component::phase::REMOVED) {
@@ -137,11 +184,13 @@ fn upsert_component(status: &mut NodeStatus, mut c: NodeComponent) {
         }
         (None, true) => {}
         (Some(i), false) => status.components[i] = c,
+        (None, false) if status.components.len() >= MAX_COMPONENTS => return Err(Capped::Components),
         (None, false) => {
             status.components.push(c);
             status.components.sort_by(|a, b| a.name.cmp(&b.name));
         }
     }
+    Ok(())
 }
 
 /// The labels selectors see: the agent's own, then the operator's.
@@ -272,6 +321,16 @@ impl Fleet {
     pub fn open_session(&self, hello: Hello) -> Result<SessionHandles, FleetError> {
         validate::dns_subdomain("hello.nodeName", &hello.node_name)?;
         validate::labels("hello.labels", &hello.labels)?;
+        if hello.labels.len() > MAX_LABELS {
+            self.metrics.capped("labels");
+            return Err(FleetError::Invalid(nodekeeper_proto::ResourceError::new(
+                "hello.labels",
+                format!(
+                    "{} labels; at most {MAX_LABELS} are accepted per node",
+                    hello.labels.len()
+                ),
+            )));
+        }
         let facts = hello.facts.unwrap_or_default();
         let mut st = self.lock();
         st.next_session += 1;
@@ -451,46 +510,20 @@ impl Fleet {
     /// Ingests reports in sequence order. A sequence number at or below the
     /// node's highest one is a replay and is ignored. The acknowledgement goes
     /// out only after the node's new state is committed.
-    pub fn ingest(&self, name: &str, id: u64, reports: Vec<Report>) {
-        let mut st = self.lock();
-        let Some(e) = st.nodes.get_mut(name) else {
+    ///
+    /// Waits while the store's queue is full, so a stalled disk slows ingest
+    /// down (and, through the link's flow control, the agents) instead of
+    /// growing the queue.
+    pub async fn ingest(&self, name: &str, id: u64, reports: Vec<Report>) {
+        // Room in the queue first, then the snapshot: what is written is
+        // never older than what another writer queued meanwhile.
+        let room = self.store.reserve().await;
+        let Some((write, ack, seq)) = self.ingest_now(name, id, reports) else {
             return;
         };
-        if e.session != Some(id) {
-            return;
-        }
-        let status = e.node.status.get_or_insert_with(Default::default);
-        let (mut accepted, mut dups) = (0u64, 0u64);
-        for r in reports {
-            if r.sequence <= status.report_sequence {
-                dups += 1;
-                continue;
-            }
-            status.report_sequence = r.sequence;
-            status.reports_received += 1;
-            status.reports_dropped += r.dropped_before;
-            accepted += 1;
-            match r.body {
-                Some(report::Body::Condition(c)) => {
-                    if let Some(c) = c.condition {
-                        upsert_condition(status, c);
-                    }
-                }
-                Some(report::Body::Event(ev)) => add_event(status, ev),
-                Some(report::Body::Component(c)) => upsert_component(status, c),
-                None => {}
-            }
-        }
-        self.metrics.reports_received.inc_by(accepted);
-        self.metrics.reports_duplicate.inc_by(dups);
-        if accepted == 0 {
-            return;
-        }
-        let seq = status.report_sequence;
-        let write = node_write(&e.node, e.settings.as_ref());
-        let ack = e.ack_tx.clone();
-        drop(st);
-        self.store.submit(
+        crate::failpoint::kill_if("ingest-before-commit");
+        self.store.submit_reserved(
+            room,
             vec![write],
             Some(Box::new(move |r| {
                 if r.is_ok() {
@@ -504,6 +537,64 @@ impl Fleet {
                 }
             })),
         );
+    }
+
+    /// The in-memory half of [`Fleet::ingest`]: the write to commit, the
+    /// node's ack channel and the sequence to acknowledge after it.
+    fn ingest_now(
+        &self,
+        name: &str,
+        id: u64,
+        reports: Vec<Report>,
+    ) -> Option<(crate::store::Write, Arc<watch::Sender<u64>>, u64)> {
+        let mut st = self.lock();
+        let e = st.nodes.get_mut(name)?;
+        if e.session != Some(id) {
+            return None;
+        }
+        let status = e.node.status.get_or_insert_with(Default::default);
+        let (mut accepted, mut dups) = (0u64, 0u64);
+        let mut capped = Vec::new();
+        for r in reports {
+            if r.sequence <= status.report_sequence {
+                dups += 1;
+                continue;
+            }
+            status.report_sequence = r.sequence;
+            status.reports_received += 1;
+            status.reports_dropped += r.dropped_before;
+            accepted += 1;
+            let applied = match r.body {
+                Some(report::Body::Condition(c)) => c.condition.map_or(Ok(()), |c| upsert_condition(status, c)),
+                Some(report::Body::Event(ev)) => add_event(status, ev),
+                Some(report::Body::Component(c)) => upsert_component(status, c),
+                None => Ok(()),
+            };
+            // Still acknowledged (it is the agent's, resending cannot help);
+            // counted, and warned about once per batch.
+            if let Err(cap) = applied {
+                capped.push(cap);
+            }
+        }
+        for cap in &capped {
+            self.metrics.capped(cap.label());
+        }
+        if let Some(cap) = capped.first() {
+            tracing::warn!(
+                node = name,
+                dropped = capped.len(),
+                cap = cap.label(),
+                "reports dropped by a per-node cap"
+            );
+        }
+        self.metrics.reports_received.inc_by(accepted);
+        self.metrics.reports_duplicate.inc_by(dups);
+        if accepted == 0 {
+            return None;
+        }
+        let seq = status.report_sequence;
+        let write = node_write(&e.node, e.settings.as_ref());
+        Some((write, e.ack_tx.clone(), seq))
     }
 
     /// Turns Ready to Unknown for nodes whose heartbeats stopped for longer
@@ -542,6 +633,65 @@ impl Fleet {
         if !writes.is_empty() {
             self.store.submit(writes, None);
         }
+    }
+
+    /// Deletes a node: its entry, its row in the store, its place in the
+    /// counts. Refused while its agent is connected (it would register again
+    /// at once) unless `force`, which also closes the session.
+    pub async fn delete_node(&self, name: &str, force: bool) -> Result<Node, FleetError> {
+        let (tx, rx) = oneshot::channel();
+        let removed = {
+            let mut st = self.lock();
+            let Some(e) = st.nodes.get(name) else {
+                return Err(FleetError::NotFound {
+                    kind: "Node".into(),
+                    name: name.into(),
+                });
+            };
+            if e.session.is_some() && !force {
+                return Err(FleetError::Conflict {
+                    field: "metadata.name".into(),
+                    message: format!(
+                        "node {name:?} has a connected agent, which would register it again; stop the agent first, or delete with force (nkctl delete node {name} --force) to also close its session"
+                    ),
+                });
+            }
+            let view = Self::view(e);
+            let mut entry = st.nodes.remove(name);
+            if let Some(e) = entry.as_mut() {
+                st.counts.add(e.counted, -1);
+                e.counted = Flags::default();
+                // Ends its session's outbound stream.
+                e.kill = None;
+                e.session = None;
+            }
+            // Queued under the lock, so a session that registers the node
+            // again right after is written after the delete.
+            self.store.submit(
+                vec![crate::store::Write::DeleteNode { name: name.into() }],
+                Some(Box::new(move |r| {
+                    let _ = tx.send(r);
+                })),
+            );
+            (view, entry)
+        };
+        let (removed, entry) = removed;
+        let committed = rx.await.unwrap_or_else(|_| Err("store writer stopped".into()));
+        if let Err(e) = committed {
+            // Nothing half-done: the node is back as it was (without its
+            // session, which was closed), unless it registered again meanwhile.
+            let mut st = self.lock();
+            if let Some(entry) = entry
+                && !st.nodes.contains_key(name)
+            {
+                st.nodes.insert(name.to_string(), entry);
+                st.recount(name);
+            }
+            return Err(FleetError::Store(e));
+        }
+        self.metrics.nodes_deleted.inc();
+        tracing::info!(node = name, force, "node deleted");
+        Ok(removed)
     }
 
     fn view(e: &NodeEntry) -> Node {

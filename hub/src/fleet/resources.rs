@@ -296,6 +296,14 @@ impl Fleet {
                     body: body.to_string(),
                 });
                 new_revisions.push(((r.kind(), r.name().to_string()), generation, body));
+                let limit = self.config.revision_history_limit as i64;
+                if generation > limit {
+                    writes.push(Write::DeleteRevisionsUpTo {
+                        kind: r.kind().name().into(),
+                        name: r.name().into(),
+                        generation: generation - limit,
+                    });
+                }
             }
         }
         if !writes.is_empty() {
@@ -315,8 +323,11 @@ impl Fleet {
                     st.resources.insert((r.kind(), r.name().to_string()), r.clone());
                 }
             }
+            let limit = self.config.revision_history_limit as i64;
             for (key, generation, body) in new_revisions {
-                st.revisions.entry(key).or_default().insert(generation, body);
+                let kept = st.revisions.entry(key).or_default();
+                kept.insert(generation, body);
+                kept.retain(|g, _| *g > generation - limit);
             }
             st.settings_cache.clear();
         }

@@ -81,7 +81,7 @@ async fn read_agent(fleet: Arc<Fleet>, mut inbound: Streaming<AgentMessage>, nod
         match inbound.message().await {
             Ok(Some(AgentMessage { body: Some(body) })) => match body {
                 agent_message::Body::Heartbeat(hb) => fleet.heartbeat(&node, id, hb.applied_revision),
-                agent_message::Body::Reports(batch) => fleet.ingest(&node, id, batch.reports),
+                agent_message::Body::Reports(batch) => fleet.ingest(&node, id, batch.reports).await,
                 agent_message::Body::Applied(a) => fleet.applied(&node, id, a.revision, &a.error),
                 agent_message::Body::Hello(_) => tracing::warn!("ignoring a second Hello in one session"),
             },

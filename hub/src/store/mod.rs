@@ -54,6 +54,15 @@ pub enum Write {
     /// Only a node's revisions: the small write of a fan-out or an agent's
     /// acknowledgement. Coalesced with the node's other writes in a batch.
     NodeRevisions { name: String, revisions: NodeRevisions },
+    /// Deletes a node and its revisions row.
+    DeleteNode { name: String },
+    /// Deletes a resource's kept revisions up to and including `generation`
+    /// (the history limit).
+    DeleteRevisionsUpTo {
+        kind: String,
+        name: String,
+        generation: i64,
+    },
     /// Set a counter (resource version, revision).
     Counter { key: &'static str, value: u64 },
 }
@@ -102,6 +111,8 @@ pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 struct Op {
     writes: Vec<Write>,
     done: Option<Done>,
+    /// Released when the operation is committed (or failed).
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What start-up reads back.
@@ -119,6 +130,29 @@ pub struct Loaded {
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Op>,
+    /// One permit per queued operation. Ingest waits for one
+    /// ([`Store::reserve`]), so when the disk stalls report ingest slows
+    /// down (acks wait, agents' streams fill, HTTP/2 flow control pushes
+    /// back) instead of the queue growing in memory.
+    queue: Arc<tokio::sync::Semaphore>,
+    metrics: Metrics,
+}
+
+/// Room for one queued operation, reserved with [`Store::reserve`].
+pub struct Room(Option<tokio::sync::OwnedSemaphorePermit>);
+
+/// Default bound on queued store operations (`store.maxQueuedWrites`).
+pub const DEFAULT_MAX_QUEUED: usize = 16_384;
+
+/// Debug builds only: test hooks named in `NODEKEEPER_FAILPOINT` (a comma
+/// separated list). `store-stall=PATH` makes the writer wait before each
+/// commit while PATH exists, as a stalled disk would.
+#[cfg(debug_assertions)]
+fn stall_file() -> Option<PathBuf> {
+    std::env::var("NODEKEEPER_FAILPOINT")
+        .ok()?
+        .split(',')
+        .find_map(|f| f.strip_prefix("store-stall=").map(PathBuf::from))
 }
 
 /// How long the writer waits after the first queued write before committing.
@@ -169,6 +203,12 @@ impl Store {
     /// Opens (creating if needed) the SQLite store at `path`, reads everything
     /// back and starts the writer thread.
     pub fn open(path: &Path, metrics: Metrics) -> Result<(Store, Loaded), StoreError> {
+        Store::open_bounded(path, metrics, DEFAULT_MAX_QUEUED)
+    }
+
+    /// [`Store::open`] with at most `max_queued` operations waiting for the
+    /// writer before [`Store::reserve`] waits.
+    pub fn open_bounded(path: &Path, metrics: Metrics, max_queued: usize) -> Result<(Store, Loaded), StoreError> {
         let err = |source| StoreError::Sqlite {
             path: path.to_path_buf(),
             source,
@@ -177,21 +217,50 @@ impl Store {
         let loaded = load(&conn, path)?;
         let (tx, rx) = mpsc::channel::<Op>();
         let p = path.to_path_buf();
+        let m = metrics.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer(conn, rx, p, metrics))
+            .spawn(move || writer(conn, rx, p, m))
             .map_err(|e| StoreError::Corrupt {
                 path: path.to_path_buf(),
                 row: "-".into(),
                 reason: format!("cannot start writer thread: {e}"),
             })?;
-        Ok((Store { tx }, loaded))
+        let queue = Arc::new(tokio::sync::Semaphore::new(max_queued.max(1)));
+        Ok((Store { tx, queue, metrics }, loaded))
     }
 
-    /// Queues writes; `done` runs after they are committed.
+    /// Queues writes; `done` runs after they are committed. Never waits:
+    /// for writers whose number the fleet bounds (a node's own state
+    /// changes, resources). Counted against the queue while room is left.
     pub fn submit(&self, writes: Vec<Write>, done: Option<Done>) {
-        if let Err(mpsc::SendError(Op { done: Some(d), .. })) = self.tx.send(Op { writes, done }) {
-            d(Err(StoreError::Stopped.to_string()));
+        let permit = self.queue.clone().try_acquire_owned().ok();
+        self.send(writes, done, permit);
+    }
+
+    /// Waits until the queue has room for one operation: for the writers
+    /// the outside drives (report ingest). Submit with [`Store::submit_reserved`].
+    pub async fn reserve(&self) -> Room {
+        Room(self.queue.clone().acquire_owned().await.ok())
+    }
+
+    /// Queues writes in the room reserved for them.
+    pub fn submit_reserved(&self, room: Room, writes: Vec<Write>, done: Option<Done>) {
+        self.send(writes, done, room.0);
+    }
+
+    fn send(&self, writes: Vec<Write>, done: Option<Done>, permit: Option<tokio::sync::OwnedSemaphorePermit>) {
+        self.metrics.store_queued.inc();
+        let op = Op {
+            writes,
+            done,
+            _permit: permit,
+        };
+        if let Err(mpsc::SendError(op)) = self.tx.send(op) {
+            self.metrics.store_queued.dec();
+            if let Some(d) = op.done {
+                d(Err(StoreError::Stopped.to_string()));
+            }
         }
     }
 
@@ -331,6 +400,12 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: PathBuf, metrics: 
                 Err(_) => break,
             }
         }
+        #[cfg(debug_assertions)]
+        if let Some(f) = stall_file() {
+            while f.exists() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         let started = Instant::now();
         let result = commit_batch(&mut conn, &mut batch, &metrics).map_err(|e| {
             tracing::error!(store = %path.display(), error = %e, "store commit failed; writes in this batch are not acknowledged");
@@ -338,6 +413,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: PathBuf, metrics: 
         });
         metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
         metrics.store_batches.inc();
+        metrics.store_queued.dec_by(batch.len() as i64);
         for op in batch {
             if let Some(done) = op.done {
                 done(result.clone());
@@ -360,6 +436,11 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
                     last_any.insert(name.as_str(), pos);
                 }
                 Write::NodeRevisions { name, .. } => {
+                    last_any.insert(name.as_str(), pos);
+                }
+                Write::DeleteNode { name } => {
+                    // Nothing queued before a delete may bring the node back.
+                    last_put.insert(name.as_str(), pos);
                     last_any.insert(name.as_str(), pos);
                 }
                 _ => {}
@@ -435,6 +516,18 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Op], metrics: &Metrics) -> r
                             continue;
                         }
                         put_revs(name, r)?;
+                    }
+                    Write::DeleteNode { name } => {
+                        tx.prepare_cached("DELETE FROM nodes WHERE name = ?1")?
+                            .execute(params![name])?;
+                        tx.prepare_cached("DELETE FROM node_revisions WHERE name = ?1")?
+                            .execute(params![name])?;
+                    }
+                    Write::DeleteRevisionsUpTo { kind, name, generation } => {
+                        tx.prepare_cached(
+                            "DELETE FROM resource_revisions WHERE kind = ?1 AND name = ?2 AND generation <= ?3",
+                        )?
+                        .execute(params![kind, name, generation])?;
                     }
                     Write::Counter { key, value } => {
                         put_counter.execute(params![key, *value as i64])?;
