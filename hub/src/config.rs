@@ -15,6 +15,7 @@ pub struct HubConfig {
     pub listen: Listen,
     pub state_dir: PathBuf,
     pub store: StoreConfig,
+    pub limits: LimitsConfig,
     /// How long a node may miss heartbeats before its Ready turns Unknown
     /// (never less than three of its heartbeat intervals).
     pub node_monitor_grace_period_seconds: u64,
@@ -51,10 +52,38 @@ impl Default for HubConfig {
             listen: Listen::default(),
             state_dir: PathBuf::from("/var/lib/nodekeeper-hub"),
             store: StoreConfig::default(),
+            limits: LimitsConfig::default(),
             node_monitor_grace_period_seconds: 40,
             revision_history_limit: crate::fleet::DEFAULT_REVISION_HISTORY_LIMIT,
             log_level: "info".into(),
             log_format: "text".into(),
+        }
+    }
+}
+
+/// Admission control of agent connections (`limits`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Agent connections served; 0: what the open-files limit allows after
+    /// a reserve for the API, the store and health checks.
+    pub max_connections: usize,
+    /// Connections from one source address; 0: no limit (agents behind NAT
+    /// share one).
+    pub max_connections_per_source: usize,
+    /// Open agent sessions; 0: no limit beyond maxConnections.
+    pub max_sessions: usize,
+    /// The retry hint sent with a refusal (agents add jitter up to as much).
+    pub retry_after_seconds: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 0,
+            max_connections_per_source: 0,
+            max_sessions: 0,
+            retry_after_seconds: 10,
         }
     }
 }
@@ -92,6 +121,13 @@ impl HubConfig {
                 path,
                 "store.driver",
                 format!("{:?} is not available; only \"sqlite\" is supported", self.store.driver),
+            ));
+        }
+        if !(1..=3600).contains(&self.limits.retry_after_seconds) {
+            return Err(ConfigError::invalid(
+                path,
+                "limits.retryAfterSeconds",
+                format!("{} is out of range 1..=3600", self.limits.retry_after_seconds),
             ));
         }
         if self.store.max_queued_writes == 0 {

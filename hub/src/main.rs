@@ -9,6 +9,7 @@ use clap::Parser;
 use nodekeeper_hub::config::{self, HubConfig};
 use nodekeeper_hub::fleet::{Fleet, FleetConfig};
 use nodekeeper_hub::link::LinkService;
+use nodekeeper_hub::link::admission::{self, Admission, Limits};
 use nodekeeper_hub::metrics::Metrics;
 use nodekeeper_hub::store::Store;
 use nodekeeper_proto::daemon;
@@ -73,11 +74,19 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc = {
         let mut stop = stop_rx.clone();
-        let svc = AgentLinkServer::new(LinkService::new(fleet.clone()));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let admission = Admission::new(
+            Limits::resolve(
+                cfg.limits.max_connections,
+                cfg.limits.max_connections_per_source,
+                cfg.limits.max_sessions,
+                Duration::from_secs(cfg.limits.retry_after_seconds),
+            ),
+            fleet.metrics.clone(),
+        );
+        let svc = AgentLinkServer::new(LinkService::new(fleet.clone(), admission.clone()));
+        let incoming = admission::incoming(grpc_listener, admission);
         tokio::spawn(
             tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(svc)

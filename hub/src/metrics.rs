@@ -23,6 +23,11 @@ pub struct Metrics {
     /// Parts of agent reports dropped by a cap, by what was capped.
     pub reports_capped: Family<CapLabel, Counter>,
     pub nodes_deleted: Counter,
+    /// Admission control of the agent listener.
+    pub agent_connections: Gauge,
+    pub connections_shed: Counter,
+    pub accept_errors: Counter,
+    pub sessions_throttled: Counter,
     pub desired_pushed: Counter,
     pub store_batches: Counter,
     pub store_writes: Counter,
@@ -75,6 +80,10 @@ impl Metrics {
             sessions_active: Gauge::default(),
             reports_capped: Family::default(),
             nodes_deleted: Counter::default(),
+            agent_connections: Gauge::default(),
+            connections_shed: Counter::default(),
+            accept_errors: Counter::default(),
+            sessions_throttled: Counter::default(),
             desired_pushed: Counter::default(),
             store_batches: Counter::default(),
             store_writes: Counter::default(),
@@ -122,6 +131,26 @@ impl Metrics {
             "nodekeeper_hub_nodes_deleted",
             "Nodes deleted by operators",
             m.nodes_deleted.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_agent_connections",
+            "Open connections on the agent listener",
+            m.agent_connections.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_agent_connections_shed",
+            "Agent connections closed at once, past the refusal margin of the connection limit",
+            m.connections_shed.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_accept_errors",
+            "Failed accepts on the agent listener (at the open-files limit, waited out with a pause)",
+            m.accept_errors.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_sessions_throttled",
+            "Agent sessions refused with Unavailable and a retry hint (connection, source or session limit)",
+            m.sessions_throttled.clone(),
         );
         r.register(
             "nodekeeper_hub_desired_pushed",

@@ -31,6 +31,10 @@ pub const LINK_PROTOCOL: u32 = 1;
 /// here up to [`LINK_PROTOCOL`], so a fleet upgrades hub first, then agents).
 pub const MIN_LINK_PROTOCOL: u32 = 1;
 
+/// The gRPC metadata key in which a hub at one of its limits says, in
+/// milliseconds, when an agent should try again (agents add jitter).
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
 /// Whether this build speaks link protocol `p`; `Err` says why not and what
 /// to do, for the refusal message.
 pub fn check_link_protocol(who: &str, p: u32) -> Result<(), String> {

@@ -160,6 +160,7 @@ pub struct Hub {
     child: Option<Child>,
     starts: u32,
     env: Vec<(String, String)>,
+    nofile: Option<u64>,
 }
 
 impl Hub {
@@ -188,9 +189,25 @@ impl Hub {
             child: None,
             starts: 0,
             env: Vec::new(),
+            nofile: None,
         };
         h.restart();
         h
+    }
+
+    /// Starts a hub whose open-files limit (soft and hard, as `ulimit -n`
+    /// sets them) is `nofile`.
+    pub fn start_with_nofile(dir: &Path, extra: &str, nofile: u64) -> Hub {
+        let mut h = Hub::start(dir, extra);
+        h.kill9();
+        h.nofile = Some(nofile);
+        h.restart();
+        h
+    }
+
+    /// The running hub's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Environment for the next starts (e.g. `NODEKEEPER_FAILPOINT`); an
@@ -204,7 +221,15 @@ impl Hub {
         assert!(self.child.is_none(), "hub already running");
         self.starts += 1;
         let log = self.dir.join(format!("hub-{}.log", self.starts));
-        let mut cmd = Command::new(bin("nodekeeper-hub"));
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\"")])
+                    .arg(bin("nodekeeper-hub"));
+                c
+            }
+            None => Command::new(bin("nodekeeper-hub")),
+        };
         cmd.arg("--config").arg(&self.config);
         for (k, v) in &self.env {
             cmd.env(k, v);

@@ -297,3 +297,103 @@ fn resource_revisions_are_kept_up_to_the_history_limit() {
     hub.restart();
     assert_eq!(gens(&hub), vec![4, 5, 6], "pruned in the store as well");
 }
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn at_its_open_files_limit_the_hub_refuses_agents_and_keeps_serving_operators() {
+    let tmp = TempDir::new("fdlimit");
+    // 256 descriptors: 192 agent connections, 32 more refused with a hint,
+    // the rest kept for the API, the store and health checks.
+    let hub = Hub::start_with_nofile(tmp.path(), "limits: {retryAfterSeconds: 2}\n", 256);
+    let hollow = nodekeeper_e2e::Hollow::start(tmp.path(), &hub.grpc_url(), 300);
+    wait_for("the hub fills up to its connection limit", T, || {
+        (hub.summary()["nodes"]["connected"] == 192).then_some(())
+    });
+    // Also a flood of raw TCP connections that never speak HTTP/2.
+    let flood: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(&hub.grpc).ok())
+        .collect();
+    assert!(flood.len() > 100, "opened {}", flood.len());
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The operator API answers throughout, and the hub does not spin.
+    let pid = hub.pid().expect("pid");
+    let cpu0 = cpu_seconds(pid);
+    for _ in 0..20 {
+        let (code, _) =
+            nodekeeper_e2e::http(&hub.http, "GET", "/v1/fleet/summary", "").expect("API answers at the limit");
+        assert_eq!(code, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let used = cpu_seconds(pid) - cpu0;
+    assert!(
+        used < 1.0,
+        "the hub used {used:.2} CPU seconds in 2 s at its limit: it spins"
+    );
+    let s = hub.summary();
+    assert_eq!(s["nodes"]["connected"], 192, "no more sessions than the limit: {s}");
+    let (_, m) = nodekeeper_e2e::http(&hub.http, "GET", "/metrics", "").expect("metrics");
+    assert!(metric(&m, "nodekeeper_hub_sessions_throttled_total") >= 1.0, "{m}");
+    assert!(metric(&m, "nodekeeper_hub_agent_connections_shed_total") >= 1.0, "{m}");
+    let log = hub.log();
+    assert_eq!(
+        log.matches("refusing new agent sessions").count(),
+        1,
+        "the limit is logged once:\n{log}"
+    );
+    // When the flood goes away, the waiting agents come in on their retry hint.
+    drop(flood);
+    drop(hollow);
+    wait_for("the hub notices the agents are gone", T, || {
+        (hub.summary()["nodes"]["connected"] == 0).then_some(())
+    });
+    let _again = nodekeeper_e2e::Hollow::start(tmp.path(), &hub.grpc_url(), 20);
+    wait_for("new agents are admitted again", T, || {
+        (hub.summary()["nodes"]["connected"] == 20).then_some(())
+    });
+}
+
+#[test]
+fn a_refused_agent_waits_for_the_hubs_retry_hint() {
+    let tmp = TempDir::new("retryhint");
+    let hub = Hub::start(tmp.path(), "limits: {maxSessions: 1, retryAfterSeconds: 3}\n");
+    let _first = Agent::start(tmp.path(), "node-first", Some(&hub.grpc_url()), "");
+    wait_for("first connected", T, || {
+        hub.node("node-first").filter(|n| n["status"]["connected"] == true)
+    });
+    let second = Agent::start(tmp.path(), "node-second", Some(&hub.grpc_url()), "");
+    let st = wait_for("second refused with the hint", T, || {
+        second.status().filter(|s| {
+            s["hub"]["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("session limit") && e.contains("retry in 3 s"))
+        })
+    });
+    assert_eq!(st["hub"]["connected"], false);
+    let (_, m0) = nodekeeper_e2e::http(&hub.http, "GET", "/metrics", "").expect("metrics");
+    let before = metric(&m0, "nodekeeper_hub_sessions_throttled_total");
+    std::thread::sleep(Duration::from_secs(6));
+    let (_, m1) = nodekeeper_e2e::http(&hub.http, "GET", "/metrics", "").expect("metrics");
+    let refusals = metric(&m1, "nodekeeper_hub_sessions_throttled_total") - before;
+    // Honouring a 3 s hint (plus up to 3 s of jitter) means at most 2 tries
+    // in 6 s; the agent's own backoff would have tried about 6 times.
+    assert!(refusals <= 2.0, "{refusals} refusals in 6 s despite a 3 s hint");
+    assert!(second.log().contains("retry_after_ms=3000"), "{}", second.log());
+    assert!(hub.node("node-second").is_none(), "a throttled agent registers nothing");
+}

@@ -26,6 +26,15 @@ fn units_verify_and_packages_carry_their_files_metadata_and_scripts() {
     for u in ["nodekeeper-agent.service", "nodekeeper-hub.service"] {
         let text = std::fs::read_to_string(repo().join("systemd").join(u)).expect("unit");
         assert!(text.contains("Type=notify") && text.contains("WatchdogSec=") && text.contains("Restart=always"));
+        if u == "nodekeeper-hub.service" {
+            // Enough descriptors for 100,000 agent connections and the reserve.
+            let nofile: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("LimitNOFILE="))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("LimitNOFILE in the hub unit");
+            assert!(nofile >= 110_000, "LimitNOFILE={nofile}");
+        }
         std::fs::write(units.join(u), text.replace("/usr/bin/", &bin.to_string_lossy())).expect("write");
     }
     run(Command::new("systemd-analyze")

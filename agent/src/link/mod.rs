@@ -60,10 +60,6 @@ enum Failure {
     Refused { why: String, retry_after: Option<Duration> },
 }
 
-/// The metadata key in which a hub that is at its session limit says when
-/// to come back, in milliseconds.
-pub const RETRY_AFTER_MS: &str = "retry-after-ms";
-
 impl Failure {
     fn from_status(s: &tonic::Status) -> Failure {
         let why = format!("hub refused the session: {}", s.message());
@@ -72,7 +68,7 @@ impl Failure {
                 why,
                 retry_after: s
                     .metadata()
-                    .get(RETRY_AFTER_MS)
+                    .get(nodekeeper_proto::RETRY_AFTER_MS)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u64>().ok())
                     .map(Duration::from_millis),

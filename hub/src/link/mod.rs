@@ -18,18 +18,32 @@ use tracing::Instrument;
 
 use crate::fleet::{Fleet, FleetError, SessionHandles};
 
+pub mod admission;
+
+use admission::{Admission, ConnInfo};
+
 /// How long an agent has to say Hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The gRPC service.
 pub struct LinkService {
     fleet: Arc<Fleet>,
+    admission: Arc<Admission>,
 }
 
 impl LinkService {
-    pub fn new(fleet: Arc<Fleet>) -> LinkService {
-        LinkService { fleet }
+    pub fn new(fleet: Arc<Fleet>, admission: Arc<Admission>) -> LinkService {
+        LinkService { fleet, admission }
     }
+}
+
+/// `Unavailable` with the retry hint agents honour.
+fn throttled(why: String, retry_after: Duration) -> Status {
+    let mut s = Status::unavailable(format!("{why}; retry in {} s", retry_after.as_secs()));
+    if let Ok(v) = retry_after.as_millis().to_string().parse() {
+        s.metadata_mut().insert(nodekeeper_proto::RETRY_AFTER_MS, v);
+    }
+    s
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send + 'static>>;
@@ -39,7 +53,12 @@ impl AgentLink for LinkService {
     type SessionStream = Outbound;
 
     async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {
-        let peer = request.remote_addr();
+        let info = request.extensions().get::<ConnInfo>().cloned();
+        let peer = info.as_ref().and_then(|i| i.remote);
+        let sessions = self.fleet.metrics.sessions_active.get().max(0) as usize;
+        if let Err(why) = self.admission.check_session(info.as_ref(), sessions) {
+            return Err(throttled(why, self.admission.limits().retry_after));
+        }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
