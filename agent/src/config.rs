@@ -75,6 +75,11 @@ pub struct ConvergeConfig {
     pub rpm_root: PathBuf,
     /// Download attempts per artifact before the change fails.
     pub download_attempts: u32,
+    /// Deadline for one artifact's download, all attempts included.
+    pub download_timeout_seconds: u64,
+    /// Largest artifact downloaded when its spec declares no `size`; a
+    /// larger one is cut off while it streams, before it can fill the disk.
+    pub max_artifact_bytes: u64,
     /// Standalone mode only: files of Component (and NodeSet) documents the
     /// agent keeps without a hub.
     pub components: Vec<PathBuf>,
@@ -87,6 +92,8 @@ impl Default for ConvergeConfig {
             unit_dir: PathBuf::from("/etc/systemd/system"),
             rpm_root: PathBuf::from("/"),
             download_attempts: 5,
+            download_timeout_seconds: 1800,
+            max_artifact_bytes: 4 << 30,
             components: Vec::new(),
         }
     }
@@ -178,6 +185,20 @@ impl AgentConfig {
                 path,
                 "converge.components",
                 "local component files are for standalone mode; with a hub, apply the Components there",
+            ));
+        }
+        if !(1..=86_400).contains(&self.converge.download_timeout_seconds) {
+            return Err(ConfigError::invalid(
+                path,
+                "converge.downloadTimeoutSeconds",
+                format!("{} is out of range 1..=86400", self.converge.download_timeout_seconds),
+            ));
+        }
+        if self.converge.max_artifact_bytes == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "converge.maxArtifactBytes",
+                "must be at least 1",
             ));
         }
         if !(1..=100).contains(&self.converge.download_attempts) {

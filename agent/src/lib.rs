@@ -8,6 +8,7 @@ pub mod hollow;
 pub mod link;
 pub mod metrics;
 pub mod report;
+pub mod retry;
 pub mod runtime;
 pub mod status;
 pub mod store;

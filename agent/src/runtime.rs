@@ -13,12 +13,12 @@ use nodekeeper_proto::v1::{
     AgentSettings, Condition, ConditionChange, DesiredComponent, DesiredState, Event, Hello, NodeComponent, NodeFacts,
     report,
 };
-use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::report::outbox::Outbox;
 use crate::store::{AgentStore, StoreError};
+use nodekeeper_proto::api::{AgentStatus, HubLink, OutboxStatus};
 
 /// Recent events kept for the socket's `/v1/events`.
 const RECENT_EVENTS: usize = 100;
@@ -309,26 +309,36 @@ impl Agent {
     }
 
     /// The document `/v1/status` serves.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> AgentStatus {
         let d = self.desired();
         let (pending, last_seq, dropped, cap) =
             self.with_outbox(|o| (o.pending(), o.last_sequence(), o.dropped_total(), o.cap()));
-        json!({
-            "nodeName": self.name,
-            "version": nodekeeper_proto::VERSION,
-            "mode": if self.hub.is_some() { "hub" } else { "standalone" },
-            "started": rfc3339(self.started),
-            "labels": self.labels,
-            "facts": self.facts,
-            "appliedRevision": d.revision,
-            "appliedAt": self.applied_at().map(rfc3339),
-            "settings": d.settings.unwrap_or_else(default_settings),
-            "hub": self.hub.as_ref().map(|a| {
+        AgentStatus {
+            node_name: self.name.clone(),
+            version: nodekeeper_proto::VERSION.into(),
+            mode: if self.hub.is_some() { "hub" } else { "standalone" }.into(),
+            started: rfc3339(self.started),
+            labels: self.labels.clone(),
+            facts: self.facts.clone(),
+            applied_revision: d.revision,
+            applied_at: self.applied_at().map(rfc3339),
+            settings: d.settings.unwrap_or_else(default_settings),
+            hub: self.hub.as_ref().map(|a| {
                 let l = self.link();
-                json!({"address": a, "connected": l.connected, "lastConnected": l.last_connected,
-                       "lastError": l.last_error, "sessions": l.sessions})
+                HubLink {
+                    address: a.clone(),
+                    connected: l.connected,
+                    last_connected: l.last_connected,
+                    last_error: l.last_error,
+                    sessions: l.sessions,
+                }
             }),
-            "outbox": {"pending": pending, "lastSequence": last_seq, "dropped": dropped, "capacity": cap},
-        })
+            outbox: OutboxStatus {
+                pending: pending as u64,
+                last_sequence: last_seq,
+                dropped,
+                capacity: cap as u64,
+            },
+        }
     }
 }

@@ -3,17 +3,20 @@
 
 mod client;
 mod output;
+mod table;
 
 use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use client::{Target, call, check};
+use client::{Client, Target};
 use hyper::Method;
 use nodekeeper_proto::Kind;
+use nodekeeper_proto::api::{AgentStatus, ApplyResult, Envelope, EventRecorded, List, Summary};
+use nodekeeper_proto::v1::{Component, Event, Node, NodeComponent};
 use output::Format;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 #[derive(Parser)]
 #[command(name = "nkctl", version, about = "Operate a nodekeeper fleet")]
@@ -32,6 +35,10 @@ struct Cli {
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Format,
+    /// Nodes per page when listing them (as kubectl's --chunk-size): rows
+    /// print as pages arrive, and memory stays at two pages.
+    #[arg(long, global = true, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=5000))]
+    chunk_size: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -113,7 +120,7 @@ fn what(s: &str) -> anyhow::Result<What> {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     quiet_on_closed_pipe();
     let cli = Cli::parse();
@@ -128,12 +135,68 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Node { cmd } => node(Target::Unix(cli.socket), cmd, out).await,
         Cmd::Apply { files } => apply(&Target::hub(&cli.hub)?, &files, out).await,
-        cmd => hub_command(Target::hub(&cli.hub)?, cmd, out).await,
+        cmd => hub_command(Target::hub(&cli.hub)?, cmd, out, cli.chunk_size).await,
     }
 }
 
+/// Streams a paged node list: the next page is fetched while the current
+/// one is printed, and only two pages are held at a time.
+async fn stream_nodes(
+    hub: Target,
+    query: String,
+    page_size: u64,
+    mut each: impl FnMut(Vec<Node>),
+) -> anyhow::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<Node>>>(1);
+    let fetch = tokio::spawn(async move {
+        let mut client = Client::new(hub);
+        let mut token = String::new();
+        loop {
+            let sep = if query.is_empty() { "?" } else { "&" };
+            let path = format!("/v1/nodes{query}{sep}limit={page_size}&continue={}", percent(&token));
+            match client.get::<List<Node>>(&path).await {
+                Ok(page) => {
+                    token = page.metadata.continue_token;
+                    if tx.send(Ok(page.items)).await.is_err() || token.is_empty() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    while let Some(page) = rx.recv().await {
+        each(page?);
+    }
+    let _ = fetch.await;
+    Ok(())
+}
+
+/// Parses list items of one kind.
+fn items_of<T: serde::de::DeserializeOwned>(path: &str, items: Vec<Value>) -> anyhow::Result<Vec<T>> {
+    items
+        .into_iter()
+        .map(|v| nodekeeper_proto::resource::typed(v).map_err(|e| anyhow::anyhow!("the answer to {path}: {e}")))
+        .collect()
+}
+
+/// Prints resources of an operator kind as a table.
+fn print_resources(k: Kind, path: &str, items: Vec<Value>, wide: bool) -> anyhow::Result<()> {
+    match k {
+        Kind::NodeSet => output::node_sets(&items_of(path, items)?),
+        Kind::AgentProfile => output::agent_profiles(&items_of(path, items)?, wide),
+        Kind::DetectorSet => output::detector_sets(&items_of(path, items)?),
+        Kind::Component => output::components(&items_of(path, items)?),
+    }
+    Ok(())
+}
+
 /// The commands that read or change resources at the hub.
-async fn hub_command(hub: Target, cmd: Cmd, out: Format) -> anyhow::Result<()> {
+async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::Result<()> {
+    let mut client = Client::new(hub.clone());
     match cmd {
         Cmd::Get { kind, name, selector } => {
             let w = what(&kind)?;
@@ -144,73 +207,118 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format) -> anyhow::Result<()> {
                 }
                 None => String::new(),
             };
-            let path = match (&w, &name) {
-                (What::Nodes, None) => format!("/v1/nodes{query}"),
-                (What::Nodes, Some(n)) => format!("/v1/nodes/{n}"),
-                (What::Kind(k), None) => format!("/v1/{}{query}", k.plural()),
-                (What::Kind(k), Some(n)) => format!("/v1/{}/{n}", k.plural()),
-            };
-            let v = check(call(&hub, Method::GET, &path, None).await?)?;
-            if matches!(out, Format::Json | Format::Yaml) {
-                return output::structured(&v, out);
-            }
-            let items = if name.is_some() {
-                vec![v]
-            } else {
-                v.get("items").and_then(Value::as_array).cloned().unwrap_or_default()
-            };
-            if items.is_empty() {
-                eprintln!("No resources found.");
-                return Ok(());
-            }
-            match w {
-                What::Nodes => output::nodes(&items, out == Format::Wide),
-                What::Kind(k) => output::resources(k, &items, out == Format::Wide),
-            }
-        }
-        Cmd::Describe { kind, name } => {
-            let w = what(&kind)?;
-            let path = match &w {
-                What::Nodes => format!("/v1/nodes/{name}"),
-                What::Kind(k) => format!("/v1/{}/{name}", k.plural()),
-            };
-            let v = check(call(&hub, Method::GET, &path, None).await?)?;
-            match (w, out) {
-                (_, Format::Json) => output::structured(&v, Format::Json)?,
-                (What::Nodes, _) => output::describe_node(&v),
-                (What::Kind(Kind::Component), _) => {
-                    let nodes = check(call(&hub, Method::GET, "/v1/nodes", None).await?)?;
-                    let nodes = nodes
-                        .get("items")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default();
-                    output::describe_component(&v, &nodes);
+            match (w, name) {
+                (What::Nodes, Some(n)) => {
+                    let node: Node = client.get(&format!("/v1/nodes/{n}")).await?;
+                    match out {
+                        Format::Json | Format::Yaml => output::structured(&node, out)?,
+                        _ => output::NodeTable::new(out == Format::Wide).page(&[node]),
+                    }
                 }
-                (What::Kind(_), _) => output::structured(&v, Format::Yaml)?,
+                (What::Nodes, None) if matches!(out, Format::Json | Format::Yaml) => {
+                    let mut all = Vec::new();
+                    stream_nodes(hub, query, chunk, |page| all.extend(page)).await?;
+                    let list = List {
+                        items: all,
+                        metadata: Default::default(),
+                    };
+                    output::structured(&list, out)?;
+                }
+                (What::Nodes, None) => {
+                    let mut table = output::NodeTable::new(out == Format::Wide);
+                    let mut any = false;
+                    stream_nodes(hub, query, chunk, |page| {
+                        if !page.is_empty() {
+                            any = true;
+                            table.page(&page);
+                        }
+                    })
+                    .await?;
+                    if !any {
+                        eprintln!("No resources found.");
+                    }
+                }
+                (What::Kind(k), Some(n)) => {
+                    let path = format!("/v1/{}/{n}", k.plural());
+                    let v: Value = client.get(&path).await?;
+                    match out {
+                        Format::Json | Format::Yaml => output::structured(&v, out)?,
+                        _ => print_resources(k, &path, vec![v], out == Format::Wide)?,
+                    }
+                }
+                (What::Kind(k), None) => {
+                    let path = format!("/v1/{}{query}", k.plural());
+                    let list: List<Value> = client.get(&path).await?;
+                    if matches!(out, Format::Json | Format::Yaml) {
+                        return output::structured(&list, out);
+                    }
+                    if list.items.is_empty() {
+                        eprintln!("No resources found.");
+                        return Ok(());
+                    }
+                    print_resources(k, &path, list.items, out == Format::Wide)?;
+                }
             }
         }
+        Cmd::Describe { kind, name } => match what(&kind)? {
+            What::Nodes => {
+                let node: Node = client.get(&format!("/v1/nodes/{name}")).await?;
+                match out {
+                    Format::Json => output::structured(&node, out)?,
+                    _ => output::describe_node(&node),
+                }
+            }
+            What::Kind(Kind::Component) if out != Format::Json => {
+                let path = format!("/v1/components/{name}");
+                let c: Component = nodekeeper_proto::resource::typed(client.get::<Value>(&path).await?)
+                    .map_err(|e| anyhow::anyhow!("the answer to {path}: {e}"))?;
+                let mut rows = Vec::new();
+                stream_nodes(hub, String::new(), chunk, |page| {
+                    for n in page {
+                        let node = n.metadata.map(|m| m.name).unwrap_or_default();
+                        for x in n.status.map(|s| s.components).unwrap_or_default() {
+                            if x.name == name {
+                                rows.push((node.clone(), x));
+                            }
+                        }
+                    }
+                })
+                .await?;
+                output::describe_component(&c, &rows);
+            }
+            What::Kind(k) => {
+                let v: Value = client.get(&format!("/v1/{}/{name}", k.plural())).await?;
+                let f = if out == Format::Json {
+                    Format::Json
+                } else {
+                    Format::Yaml
+                };
+                output::structured(&v, f)?;
+            }
+        },
         Cmd::Delete { kind, name, force } => match what(&kind)? {
             What::Nodes => {
                 let q = if force { "?force=true" } else { "" };
-                check(call(&hub, Method::DELETE, &format!("/v1/nodes/{name}{q}"), None).await?)?;
+                client
+                    .call(Method::DELETE, &format!("/v1/nodes/{name}{q}"), None)
+                    .await?;
                 println!("node/{name} deleted");
             }
             What::Kind(k) => {
-                check(call(&hub, Method::DELETE, &format!("/v1/{}/{name}", k.plural()), None).await?)?;
+                client
+                    .call(Method::DELETE, &format!("/v1/{}/{name}", k.plural()), None)
+                    .await?;
                 println!("{}/{name} deleted", k.name().to_ascii_lowercase());
             }
         },
         Cmd::Summary => {
-            let v = check(call(&hub, Method::GET, "/v1/fleet/summary", None).await?)?;
-            output::structured(
-                &v,
-                if out == Format::Yaml {
-                    Format::Yaml
-                } else {
-                    Format::Json
-                },
-            )?;
+            let v: Summary = client.get("/v1/fleet/summary").await?;
+            let f = if out == Format::Yaml {
+                Format::Yaml
+            } else {
+                Format::Json
+            };
+            output::structured(&v, f)?;
         }
         Cmd::Node { .. } | Cmd::Apply { .. } => anyhow::bail!("not a hub resource command"),
     }
@@ -234,65 +342,64 @@ async fn apply(hub: &Target, files: &[String], out: Format) -> anyhow::Result<()
         }
         text.push_str(&body);
     }
-    let v = check(call(hub, Method::POST, "/v1/apply", Some(text)).await?)?;
+    let bytes = Client::new(hub.clone())
+        .call(Method::POST, "/v1/apply", Some(text))
+        .await?;
+    let v: List<ApplyResult> = client::parse("/v1/apply", &bytes)?;
     if matches!(out, Format::Json | Format::Yaml) {
         return output::structured(&v, out);
     }
-    for item in v.get("items").and_then(Value::as_array).into_iter().flatten() {
-        let r = &item["resource"];
+    for item in &v.items {
+        let r: Envelope = serde_json::from_value(item.resource.clone()).unwrap_or_default();
         println!(
             "{}/{} {}",
-            r["kind"].as_str().unwrap_or_default().to_ascii_lowercase(),
-            r["metadata"]["name"].as_str().unwrap_or_default(),
-            item["action"].as_str().unwrap_or_default()
+            r.kind.to_ascii_lowercase(),
+            r.metadata.name,
+            item.action.as_str()
         );
     }
     Ok(())
 }
 
 async fn node(sock: Target, cmd: NodeCmd, out: Format) -> anyhow::Result<()> {
+    let mut client = Client::new(sock);
     match cmd {
         NodeCmd::Status => {
-            let v = check(call(&sock, Method::GET, "/v1/status", None).await?)?;
+            let v: AgentStatus = client.get("/v1/status").await?;
             match out {
                 Format::Json | Format::Yaml => output::structured(&v, out)?,
                 _ => output::node_status(&v),
             }
         }
-        NodeCmd::Events => local_list(&sock, "/v1/events", out, output::events).await?,
-        NodeCmd::Components => local_list(&sock, "/v1/components", out, output::node_components).await?,
+        NodeCmd::Events => {
+            let v: List<Event> = client.get("/v1/events").await?;
+            match out {
+                Format::Json | Format::Yaml => output::structured(&v, out)?,
+                _ => output::events(&v.items, false),
+            }
+        }
+        NodeCmd::Components => {
+            let v: List<NodeComponent> = client.get("/v1/components").await?;
+            match out {
+                Format::Json | Format::Yaml => output::structured(&v, out)?,
+                _ => output::node_components(&v.items, false),
+            }
+        }
         NodeCmd::Event {
             reason,
             message,
             severity,
         } => {
-            let body = json!({"reason": reason, "message": message, "severity": severity}).to_string();
-            let v = check(call(&sock, Method::POST, "/v1/events", Some(body)).await?)?;
-            match v.get("sequence").and_then(Value::as_u64) {
+            let body = serde_json::json!({"reason": reason, "message": message, "severity": severity}).to_string();
+            let bytes = client.call(Method::POST, "/v1/events", Some(body)).await?;
+            let v: EventRecorded = client::parse("/v1/events", &bytes)?;
+            match v.sequence {
                 Some(seq) => println!("event recorded (report sequence {seq})"),
                 None => println!("event recorded (standalone: kept on this node)"),
             }
         }
     }
     Ok(())
-}
-
-/// Gets a `{"items": [...]}` list from the agent socket and prints it.
-async fn local_list(sock: &Target, path: &str, out: Format, table: fn(&[Value], bool)) -> anyhow::Result<()> {
-    let v = check(call(sock, Method::GET, path, None).await?)?;
-    match out {
-        Format::Json | Format::Yaml => output::structured(&v, out),
-        _ => {
-            table(
-                v.get("items")
-                    .and_then(Value::as_array)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default(),
-                false,
-            );
-            Ok(())
-        }
-    }
 }
 
 /// `nkctl ... | head` ends quietly when the reader goes away, as every Unix

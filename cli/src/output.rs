@@ -1,10 +1,15 @@
 //! Rendering resources: tables (kubectl-like), wide tables, JSON, YAML, and
-//! `describe` text.
+//! `describe` text, from the contract's types.
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use comfy_table::{Table, presets};
-use serde_json::Value;
+use nodekeeper_proto::api::AgentStatus;
+use nodekeeper_proto::v1::{
+    AgentProfile, Artifact, Component, DetectorSet, Event, LabelSelector, Node, NodeComponent, NodeSet, ObjectMeta,
+};
+
+use crate::table::Table;
 
 /// Output formats (`-o`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -13,18 +18,6 @@ pub enum Format {
     Wide,
     Json,
     Yaml,
-}
-
-fn s<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
-    path.iter().fold(v, |v, k| v.get(k).unwrap_or(&Value::Null))
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// "5s", "3m", "2h", "4d" since an RFC 3339 time.
@@ -41,66 +34,38 @@ pub fn age(rfc3339: &str) -> String {
     }
 }
 
-fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(presets::NOTHING);
-    t.set_header(header.iter().map(|h| h.to_string()));
-    t
-}
-
-fn print_table(t: Table) {
-    // comfy-table pads with one space on each side; trim for kubectl-like output.
-    for line in t.to_string().lines() {
-        println!("{}", line.trim_end().strip_prefix(' ').unwrap_or(line.trim_end()));
-    }
+fn meta(m: &Option<ObjectMeta>) -> ObjectMeta {
+    m.clone().unwrap_or_default()
 }
 
 /// Ready / NotReady / Unknown of a node.
-pub fn node_ready(n: &Value) -> String {
-    s(n, &["status", "conditions"])
-        .as_array()
-        .and_then(|cs| {
-            cs.iter()
-                .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
-        })
-        .map(|c| match c.get("status").and_then(Value::as_str) {
-            Some("True") => "Ready".to_string(),
-            Some("False") => "NotReady".to_string(),
-            _ => "Unknown".to_string(),
-        })
-        .unwrap_or_else(|| "Unknown".into())
-}
-
-fn labels(v: &Value) -> String {
-    v.as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", text(v)))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default()
-}
-
-fn selector(v: &Value) -> String {
-    let mut parts = Vec::new();
-    if let Some(m) = s(v, &["matchLabels"]).as_object() {
-        parts.extend(m.iter().map(|(k, v)| format!("{k}={}", text(v))));
+pub fn node_ready(n: &Node) -> &'static str {
+    let ready = n
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"));
+    match ready.map(|c| c.status.as_str()) {
+        Some("True") => "Ready",
+        Some("False") => "NotReady",
+        _ => "Unknown",
     }
-    if let Some(es) = s(v, &["matchExpressions"]).as_array() {
-        for e in es {
-            let vals = s(e, &["values"])
-                .as_array()
-                .map(|a| a.iter().map(text).collect::<Vec<_>>().join(","))
-                .unwrap_or_default();
-            let (k, op) = (text(s(e, &["key"])), text(s(e, &["operator"])));
-            parts.push(match op.as_str() {
-                "Exists" => k,
-                "DoesNotExist" => format!("!{k}"),
-                "In" => format!("{k} in ({vals})"),
-                _ => format!("{k} notin ({vals})"),
-            });
-        }
+}
+
+fn labels(m: &BTreeMap<String, String>) -> String {
+    m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn selector(sel: &Option<LabelSelector>) -> String {
+    let Some(sel) = sel else { return "<all>".into() };
+    let mut parts: Vec<String> = sel.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    for e in &sel.match_expressions {
+        let vals = e.values.join(",");
+        parts.push(match e.operator.as_str() {
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            "In" => format!("{} in ({vals})", e.key),
+            _ => format!("{} notin ({vals})", e.key),
+        });
     }
     if parts.is_empty() {
         "<all>".into()
@@ -113,214 +78,241 @@ fn bytes_human(b: u64) -> String {
     format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64)
 }
 
-/// Prints nodes.
-pub fn nodes(items: &[Value], wide: bool) {
-    let mut header = vec!["NAME", "STATUS", "REVISION", "AGENT", "LAST SEEN", "AGE"];
-    if wide {
-        header.extend(["KERNEL", "OS", "ARCH", "CPUS", "MEMORY", "ADDRESSES", "LABELS"]);
-    }
-    let mut t = table(&header);
-    for n in items {
-        let st = s(n, &["status"]);
-        let applied = st.get("appliedRevision").and_then(Value::as_u64).unwrap_or(0);
-        let desired = st.get("desiredRevision").and_then(Value::as_u64).unwrap_or(0);
-        let rev = if applied == desired {
-            format!("{applied}")
-        } else {
-            format!("{applied}/{desired}")
-        };
-        let mut row = vec![
-            text(s(n, &["metadata", "name"])),
-            node_ready(n),
-            rev,
-            text(s(st, &["facts", "agentVersion"])),
-            age(&text(s(st, &["lastSeen"]))),
-            age(&text(s(n, &["metadata", "creationTimestamp"]))),
-        ];
+/// The node table, printed page by page as a paged list arrives.
+pub struct NodeTable {
+    table: Table,
+    wide: bool,
+}
+
+impl NodeTable {
+    pub fn new(wide: bool) -> NodeTable {
+        let mut header = vec!["NAME", "STATUS", "REVISION", "AGENT", "LAST SEEN", "AGE"];
         if wide {
-            let f = s(st, &["facts"]);
-            row.extend([
-                text(s(f, &["kernel"])),
-                text(s(f, &["os"])),
-                text(s(f, &["arch"])),
-                text(s(f, &["cpus"])),
-                bytes_human(s(f, &["memoryBytes"]).as_u64().unwrap_or(0)),
-                s(f, &["addresses"])
-                    .as_array()
-                    .map(|a| a.iter().map(text).collect::<Vec<_>>().join(","))
-                    .unwrap_or_default(),
-                labels(s(n, &["metadata", "labels"])),
-            ]);
+            header.extend(["KERNEL", "OS", "ARCH", "CPUS", "MEMORY", "ADDRESSES", "LABELS"]);
         }
-        t.add_row(row);
+        NodeTable {
+            table: Table::new(&header),
+            wide,
+        }
     }
-    print_table(t);
-}
 
-/// Prints resources of an operator kind.
-pub fn resources(kind: nodekeeper_proto::Kind, items: &[Value], wide: bool) {
-    use nodekeeper_proto::Kind;
-    match kind {
-        Kind::NodeSet => {
-            let mut t = table(&["NAME", "SELECTOR", "NODES", "READY", "AGE"]);
-            for r in items {
-                t.add_row(vec![
-                    text(s(r, &["metadata", "name"])),
-                    selector(s(r, &["spec", "selector"])),
-                    text(s(r, &["status", "nodes"])),
-                    text(s(r, &["status", "ready"])),
-                    age(&text(s(r, &["metadata", "creationTimestamp"]))),
-                ]);
-            }
-            print_table(t);
-        }
-        Kind::DetectorSet => {
-            let mut t = table(&["NAME", "SELECTOR", "MONITORS", "RULES", "NODES", "AGE"]);
-            for r in items {
-                let spec = s(r, &["spec"]);
-                let monitors = s(spec, &["logMonitors"]).as_array().cloned().unwrap_or_default();
-                let rules: usize = monitors
-                    .iter()
-                    .map(|m| s(m, &["rules"]).as_array().map_or(0, Vec::len))
-                    .sum();
-                t.add_row(vec![
-                    text(s(r, &["metadata", "name"])),
-                    selector(s(spec, &["nodeSelector"])),
-                    monitors.len().to_string(),
-                    rules.to_string(),
-                    text(s(r, &["status", "selectedNodes"])),
-                    age(&text(s(r, &["metadata", "creationTimestamp"]))),
-                ]);
-            }
-            print_table(t);
-        }
-        Kind::Component => {
-            let mut t = table(&[
-                "NAME",
-                "VERSION",
-                "ARTIFACT",
-                "NODES",
-                "UPDATED",
-                "FAILED",
-                "CONSISTENCY",
-                "AGE",
-            ]);
-            for r in items {
-                let st = s(r, &["status"]);
-                t.add_row(vec![
-                    text(s(r, &["metadata", "name"])),
-                    text(s(r, &["spec", "version"])),
-                    artifact_kind(s(r, &["spec", "artifact"])),
-                    text(s(st, &["selectedNodes"])),
-                    text(s(st, &["updatedNodes"])),
-                    text(s(st, &["failedNodes"])),
-                    format!("{}%", s(st, &["consistencyPercent"]).as_f64().unwrap_or(0.0)),
-                    age(&text(s(r, &["metadata", "creationTimestamp"]))),
-                ]);
-            }
-            print_table(t);
-        }
-        Kind::AgentProfile => {
-            let mut header = vec!["NAME", "SELECTOR", "LOG LEVEL", "HEARTBEAT", "NODES", "IN SYNC", "AGE"];
-            if wide {
-                header.extend(["GENERATION", "LABELS"]);
-            }
-            let mut t = table(&header);
-            for r in items {
-                let spec = s(r, &["spec"]);
-                let mut row = vec![
-                    text(s(r, &["metadata", "name"])),
-                    selector(s(spec, &["nodeSelector"])),
-                    text(s(spec, &["logLevel"])),
-                    s(spec, &["heartbeatSeconds"])
-                        .as_u64()
-                        .map(|h| format!("{h}s"))
-                        .unwrap_or_default(),
-                    text(s(r, &["status", "selectedNodes"])),
-                    text(s(r, &["status", "inSyncNodes"])),
-                    age(&text(s(r, &["metadata", "creationTimestamp"]))),
-                ];
-                if wide {
-                    row.extend([text(s(r, &["metadata", "generation"])), labels(s(spec, &["labels"]))]);
-                }
-                t.add_row(row);
-            }
-            print_table(t);
-        }
+    /// Prints one page of nodes.
+    pub fn page(&mut self, items: &[Node]) {
+        let rows: Vec<Vec<String>> = items.iter().map(|n| node_row(n, self.wide)).collect();
+        self.table.page(&rows);
     }
 }
 
-fn artifact_kind(a: &Value) -> String {
-    ["deb", "rpm", "archive", "file"]
-        .into_iter()
-        .find(|k| !s(a, &[k]).is_null())
-        .unwrap_or("files")
-        .to_string()
+fn node_row(n: &Node, wide: bool) -> Vec<String> {
+    let m = meta(&n.metadata);
+    let st = n.status.clone().unwrap_or_default();
+    let f = st.facts.clone().unwrap_or_default();
+    let rev = if st.applied_revision == st.desired_revision {
+        st.applied_revision.to_string()
+    } else {
+        format!("{}/{}", st.applied_revision, st.desired_revision)
+    };
+    let mut row = vec![
+        m.name.clone(),
+        node_ready(n).to_string(),
+        rev,
+        f.agent_version.clone(),
+        age(&st.last_seen),
+        age(&m.creation_timestamp),
+    ];
+    if wide {
+        row.extend([
+            f.kernel,
+            f.os,
+            f.arch,
+            f.cpus.to_string(),
+            bytes_human(f.memory_bytes),
+            f.addresses.join(","),
+            labels(&m.labels),
+        ]);
+    }
+    row
 }
 
-fn counts(v: &Value) -> String {
-    let out: Vec<String> = v
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, n)| format!("{k}={}", text(n)))
+/// Prints NodeSets.
+pub fn node_sets(items: &[NodeSet]) {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|r| {
+            let m = meta(&r.metadata);
+            let st = r.status.unwrap_or_default();
+            vec![
+                m.name,
+                selector(&r.spec.as_ref().and_then(|s| s.selector.clone())),
+                st.nodes.to_string(),
+                st.ready.to_string(),
+                age(&m.creation_timestamp),
+            ]
+        })
         .collect();
-    if out.is_empty() { "<none>".into() } else { out.join(" ") }
+    Table::new(&["NAME", "SELECTOR", "NODES", "READY", "AGE"]).print(&rows);
+}
+
+/// Prints DetectorSets.
+pub fn detector_sets(items: &[DetectorSet]) {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|r| {
+            let m = meta(&r.metadata);
+            let spec = r.spec.clone().unwrap_or_default();
+            let rules: usize = spec.log_monitors.iter().map(|m| m.rules.len()).sum();
+            vec![
+                m.name,
+                selector(&spec.node_selector),
+                spec.log_monitors.len().to_string(),
+                rules.to_string(),
+                r.status.unwrap_or_default().selected_nodes.to_string(),
+                age(&m.creation_timestamp),
+            ]
+        })
+        .collect();
+    Table::new(&["NAME", "SELECTOR", "MONITORS", "RULES", "NODES", "AGE"]).print(&rows);
+}
+
+/// Prints Components.
+pub fn components(items: &[Component]) {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|r| {
+            let m = meta(&r.metadata);
+            let spec = r.spec.clone().unwrap_or_default();
+            let st = r.status.clone().unwrap_or_default();
+            vec![
+                m.name,
+                spec.version,
+                artifact_kind(&spec.artifact).to_string(),
+                st.selected_nodes.to_string(),
+                st.updated_nodes.to_string(),
+                st.failed_nodes.to_string(),
+                format!("{}%", st.consistency_percent),
+                age(&m.creation_timestamp),
+            ]
+        })
+        .collect();
+    Table::new(&[
+        "NAME",
+        "VERSION",
+        "ARTIFACT",
+        "NODES",
+        "UPDATED",
+        "FAILED",
+        "CONSISTENCY",
+        "AGE",
+    ])
+    .print(&rows);
+}
+
+/// Prints AgentProfiles.
+pub fn agent_profiles(items: &[AgentProfile], wide: bool) {
+    let mut header = vec!["NAME", "SELECTOR", "LOG LEVEL", "HEARTBEAT", "NODES", "IN SYNC", "AGE"];
+    if wide {
+        header.extend(["GENERATION", "LABELS"]);
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|r| {
+            let m = meta(&r.metadata);
+            let spec = r.spec.clone().unwrap_or_default();
+            let st = r.status.unwrap_or_default();
+            let mut row = vec![
+                m.name.clone(),
+                selector(&spec.node_selector),
+                spec.log_level.clone().unwrap_or_default(),
+                spec.heartbeat_seconds.map(|h| format!("{h}s")).unwrap_or_default(),
+                st.selected_nodes.to_string(),
+                st.in_sync_nodes.to_string(),
+                age(&m.creation_timestamp),
+            ];
+            if wide {
+                row.extend([m.generation.to_string(), labels(&spec.labels)]);
+            }
+            row
+        })
+        .collect();
+    Table::new(&header).print(&rows);
+}
+
+fn artifact_kind(a: &Option<Artifact>) -> &'static str {
+    match a {
+        Some(a) if a.deb.is_some() => "deb",
+        Some(a) if a.rpm.is_some() => "rpm",
+        Some(a) if a.archive.is_some() => "archive",
+        Some(a) if a.file.is_some() => "file",
+        _ => "files",
+    }
+}
+
+fn counts(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "<none>".into();
+    }
+    m.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ")
 }
 
 /// A table of node components (from the hub's node status or the agent's
 /// `/v1/components`).
-pub fn node_components(items: &[Value], indented: bool) {
-    component_rows("COMPONENT", items, indented);
+pub fn node_components(items: &[NodeComponent], indented: bool) {
+    component_rows("COMPONENT", items.iter().map(|c| (c.name.clone(), c)), indented);
 }
 
-/// Rows of component states; `first` heads the `name` column (the
-/// component, or the node in `describe component`).
-fn component_rows(first: &str, items: &[Value], indented: bool) {
-    let mut t = table(&[first, "DECLARED", "OBSERVED", "PHASE", "CHANGED", "LAST ERROR"]);
-    for c in items {
-        t.add_row(vec![
-            text(s(c, &["name"])),
-            text(s(c, &["declaredVersion"])),
-            text(s(c, &["observedVersion"])),
-            text(s(c, &["phase"])),
-            age(&text(s(c, &["lastChangeTime"]))),
-            text(s(c, &["lastError"])),
-        ]);
-    }
-    if indented { indent(t) } else { print_table(t) }
+/// Rows of component states; `first` heads the name column (the component,
+/// or the node in `describe component`).
+fn component_rows<'a>(first: &str, items: impl Iterator<Item = (String, &'a NodeComponent)>, indented: bool) {
+    let rows: Vec<Vec<String>> = items
+        .map(|(name, c)| {
+            vec![
+                name,
+                c.declared_version.clone(),
+                c.observed_version.clone(),
+                c.phase.clone(),
+                age(&c.last_change_time),
+                c.last_error.clone(),
+            ]
+        })
+        .collect();
+    let t = Table::new(&[first, "DECLARED", "OBSERVED", "PHASE", "CHANGED", "LAST ERROR"]);
+    if indented { t.indented() } else { t }.print(&rows);
 }
 
 /// `nkctl describe component`: the spec in brief, the fleet counts, the
-/// kept revisions and every selected node's state.
-pub fn describe_component(c: &Value, nodes: &[Value]) {
-    let name = text(s(c, &["metadata", "name"]));
-    let spec = s(c, &["spec"]);
-    let st = s(c, &["status"]);
-    println!("Name:              {name}");
-    println!("Version:           {}", text(s(spec, &["version"])));
-    println!("Generation:        {}", text(s(c, &["metadata", "generation"])));
-    println!("Selector:          {}", selector(s(spec, &["nodeSelector"])));
-    let a = s(spec, &["artifact"]);
-    let kind = artifact_kind(a);
-    let detail = if kind == "files" {
-        String::new()
-    } else {
-        let x = s(a, &[&kind]);
-        [&["url"][..], &["package"], &["path"], &["installDir"]]
-            .iter()
-            .map(|k| text(s(x, k)))
-            .filter(|t| !t.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ")
+/// kept revisions and every selected node's state (`rows`: node name and
+/// its report of this component).
+pub fn describe_component(c: &Component, rows: &[(String, NodeComponent)]) {
+    let m = meta(&c.metadata);
+    let spec = c.spec.clone().unwrap_or_default();
+    let st = c.status.clone().unwrap_or_default();
+    println!("Name:              {}", m.name);
+    println!("Version:           {}", spec.version);
+    println!("Generation:        {}", m.generation);
+    println!("Selector:          {}", selector(&spec.node_selector));
+    let kind = artifact_kind(&spec.artifact);
+    let a = spec.artifact.clone().unwrap_or_default();
+    let detail: Vec<String> = match kind {
+        "deb" | "rpm" => {
+            let p = a.deb.or(a.rpm).unwrap_or_default();
+            vec![p.url, p.package]
+        }
+        "archive" => {
+            let x = a.archive.unwrap_or_default();
+            vec![x.url, x.install_dir]
+        }
+        "file" => {
+            let x = a.file.unwrap_or_default();
+            vec![x.url, x.path]
+        }
+        _ => vec![],
     };
-    println!("Artifact:          {}", format!("{kind} {detail}").trim_end());
-    let files: Vec<String> = s(spec, &["files"])
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|f| text(s(f, &["path"])))
-        .collect();
+    let detail: Vec<String> = detail.into_iter().filter(|t| !t.is_empty()).collect();
+    println!(
+        "Artifact:          {}",
+        format!("{kind} {}", detail.join(" ")).trim_end()
+    );
+    let files: Vec<&str> = spec.files.iter().map(|f| f.path.as_str()).collect();
     println!(
         "Files:             {}",
         if files.is_empty() {
@@ -329,58 +321,41 @@ pub fn describe_component(c: &Value, nodes: &[Value]) {
             files.join(", ")
         }
     );
-    let unit = text(s(spec, &["service", "unit"]));
-    println!("Service:           {}", if unit.is_empty() { "<none>" } else { &unit });
-    let h = s(spec, &["health"]);
-    let health = if !s(h, &["http"]).is_null() {
-        format!("http {}", text(s(h, &["http"])))
-    } else if !s(h, &["unitActive"]).is_null() {
-        format!("unitActive {}", text(s(h, &["unitActive"])))
-    } else if let Some(argv) = s(h, &["exec"]).as_array() {
-        format!("exec {}", argv.iter().map(text).collect::<Vec<_>>().join(" "))
+    let unit = spec.service.as_ref().map(|s| s.unit.as_str()).unwrap_or_default();
+    println!("Service:           {}", if unit.is_empty() { "<none>" } else { unit });
+    let h = spec.health.clone().unwrap_or_default();
+    let health = if !h.http.is_empty() {
+        format!("http {}", h.http)
+    } else if !h.unit_active.is_empty() {
+        format!("unitActive {}", h.unit_active)
+    } else if !h.exec.is_empty() {
+        format!("exec {}", h.exec.join(" "))
     } else {
         "<none>".into()
     };
     println!("Health:            {health}");
-    let on_fail = text(s(spec, &["onHealthFailure"]));
     println!(
         "On health failure: {}",
-        if on_fail.is_empty() { "rollback".into() } else { on_fail }
+        if spec.on_health_failure.is_empty() {
+            "rollback"
+        } else {
+            &spec.on_health_failure
+        }
     );
     println!(
         "Nodes:             {} selected, {} updated, {} failed ({}% consistent)",
-        text(s(st, &["selectedNodes"])),
-        text(s(st, &["updatedNodes"])),
-        text(s(st, &["failedNodes"])),
-        s(st, &["consistencyPercent"]).as_f64().unwrap_or(0.0)
+        st.selected_nodes, st.updated_nodes, st.failed_nodes, st.consistency_percent
     );
-    println!("  Versions:        {}", counts(s(st, &["versions"])));
-    println!("  Phases:          {}", counts(s(st, &["phases"])));
-    let revs: Vec<String> = s(st, &["revisions"])
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(text)
-        .collect();
+    println!("  Versions:        {}", counts(&st.versions));
+    println!("  Phases:          {}", counts(&st.phases));
+    let revs: Vec<String> = st.revisions.iter().map(|r| r.to_string()).collect();
     println!("Revisions:         {}", revs.join(", "));
     println!("Node components:");
-    let mut rows = Vec::new();
-    for n in nodes {
-        for x in s(n, &["status", "components"]).as_array().into_iter().flatten() {
-            if text(s(x, &["name"])) == name {
-                let mut x = x.clone();
-                if let Some(o) = x.as_object_mut() {
-                    o.insert("name".into(), s(n, &["metadata", "name"]).clone());
-                }
-                rows.push(x);
-            }
-        }
-    }
-    component_rows("NODE", &rows, true);
+    component_rows("NODE", rows.iter().map(|(n, c)| (n.clone(), c)), true);
 }
 
 /// Prints a value as JSON or YAML.
-pub fn structured(v: &Value, format: Format) -> anyhow::Result<()> {
+pub fn structured<T: serde::Serialize>(v: &T, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Yaml => print!("{}", serde_norway::to_string(v)?),
         _ => println!("{}", serde_json::to_string_pretty(v)?),
@@ -389,167 +364,131 @@ pub fn structured(v: &Value, format: Format) -> anyhow::Result<()> {
 }
 
 /// `nkctl describe node`.
-pub fn describe_node(n: &Value) {
-    let st = s(n, &["status"]);
-    let f = s(st, &["facts"]);
-    println!("Name:              {}", text(s(n, &["metadata", "name"])));
-    let ls = s(n, &["metadata", "labels"]).as_object().cloned().unwrap_or_default();
+pub fn describe_node(n: &Node) {
+    let m = meta(&n.metadata);
+    let st = n.status.clone().unwrap_or_default();
+    let f = st.facts.clone().unwrap_or_default();
+    println!("Name:              {}", m.name);
     let mut first = true;
-    for (k, v) in &ls {
+    for (k, v) in &m.labels {
         println!(
-            "{}{k}={}",
+            "{}{k}={v}",
             if first {
                 "Labels:            "
             } else {
                 "                   "
-            },
-            text(v)
+            }
         );
         first = false;
     }
     if first {
         println!("Labels:            <none>");
     }
-    println!("Created:           {}", text(s(n, &["metadata", "creationTimestamp"])));
+    println!("Created:           {}", m.creation_timestamp);
     println!("Status:            {}", node_ready(n));
-    println!("Connected:         {}", text(s(st, &["connected"])));
-    println!(
-        "Last seen:         {} ({} ago)",
-        text(s(st, &["lastSeen"])),
-        age(&text(s(st, &["lastSeen"])))
-    );
+    println!("Connected:         {}", st.connected);
+    println!("Last seen:         {} ({} ago)", st.last_seen, age(&st.last_seen));
     println!("Facts:");
-    for (label, key) in [
-        ("Hostname", "hostname"),
-        ("Machine ID", "machineId"),
-        ("Boot ID", "bootId"),
-        ("Kernel", "kernel"),
-        ("OS", "os"),
-        ("Arch", "arch"),
-        ("CPUs", "cpus"),
-        ("Agent version", "agentVersion"),
+    for (label, value) in [
+        ("Hostname", &f.hostname),
+        ("Machine ID", &f.machine_id),
+        ("Boot ID", &f.boot_id),
+        ("Kernel", &f.kernel),
+        ("OS", &f.os),
+        ("Arch", &f.arch),
+        ("CPUs", &f.cpus.to_string()),
+        ("Agent version", &f.agent_version),
     ] {
-        println!("  {:<16} {}", format!("{label}:"), text(s(f, &[key])));
+        println!("  {:<16} {value}", format!("{label}:"));
     }
-    println!(
-        "  {:<16} {}",
-        "Memory:",
-        bytes_human(s(f, &["memoryBytes"]).as_u64().unwrap_or(0))
-    );
-    let addrs = s(f, &["addresses"])
-        .as_array()
-        .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
-        .unwrap_or_default();
-    println!("  {:<16} {}", "Addresses:", addrs);
-    let (applied, desired) = (text(s(st, &["appliedRevision"])), text(s(st, &["desiredRevision"])));
+    println!("  {:<16} {}", "Memory:", bytes_human(f.memory_bytes));
+    println!("  {:<16} {}", "Addresses:", f.addresses.join(", "));
+    let (applied, desired) = (st.applied_revision, st.desired_revision);
     let sync = if applied == desired { "in sync" } else { "not in sync" };
     println!("Desired state:     revision {desired}, applied {applied} ({sync})");
-    let set = s(st, &["settings"]);
-    let profiles = s(set, &["profiles"])
-        .as_array()
-        .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
-        .unwrap_or_default();
+    let set = st.settings.clone().unwrap_or_default();
     println!(
         "  Settings:        logLevel={} heartbeatSeconds={} profiles=[{}]",
-        text(s(set, &["logLevel"])),
-        text(s(set, &["heartbeatSeconds"])),
-        profiles
+        set.log_level,
+        set.heartbeat_seconds,
+        set.profiles.join(", ")
     );
-    let sets = s(set, &["detectorSets"])
-        .as_array()
-        .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
-        .unwrap_or_default();
-    let monitors = s(set, &["logMonitors"]).as_array().map_or(0, Vec::len);
-    println!("  Detectors:       detectorSets=[{sets}] logMonitors={monitors}");
+    println!(
+        "  Detectors:       detectorSets=[{}] logMonitors={}",
+        set.detector_sets.join(", "),
+        set.log_monitors.len()
+    );
     println!(
         "Reports:           sequence {}, received {}, dropped by agent {}",
-        text(s(st, &["reportSequence"])),
-        text(s(st, &["reportsReceived"])),
-        text(s(st, &["reportsDropped"]))
+        st.report_sequence, st.reports_received, st.reports_dropped
     );
     println!("Components:");
-    node_components(
-        s(st, &["components"]).as_array().map(Vec::as_slice).unwrap_or_default(),
-        true,
-    );
+    node_components(&st.components, true);
     println!("Conditions:");
-    let mut t = table(&["TYPE", "STATUS", "REASON", "LAST TRANSITION", "MESSAGE"]);
-    for c in s(st, &["conditions"]).as_array().into_iter().flatten() {
-        t.add_row(vec![
-            text(s(c, &["type"])),
-            text(s(c, &["status"])),
-            text(s(c, &["reason"])),
-            age(&text(s(c, &["lastTransitionTime"]))),
-            text(s(c, &["message"])),
-        ]);
-    }
-    indent(t);
+    let rows: Vec<Vec<String>> = st
+        .conditions
+        .iter()
+        .map(|c| {
+            vec![
+                c.r#type.clone(),
+                c.status.clone(),
+                c.reason.clone(),
+                age(&c.last_transition_time),
+                c.message.clone(),
+            ]
+        })
+        .collect();
+    Table::new(&["TYPE", "STATUS", "REASON", "LAST TRANSITION", "MESSAGE"])
+        .indented()
+        .print(&rows);
     println!("Events:");
-    events(
-        s(st, &["recentEvents"])
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default(),
-        true,
-    );
+    events(&st.recent_events, true);
 }
 
 /// Prints events (newest last).
-pub fn events(items: &[Value], indented: bool) {
-    let mut t = table(&["LAST SEEN", "COUNT", "SEVERITY", "REASON", "SOURCE", "MESSAGE"]);
-    for e in items {
-        t.add_row(vec![
-            age(&text(s(e, &["time"]))),
-            text(s(e, &["count"])),
-            text(s(e, &["severity"])),
-            text(s(e, &["reason"])),
-            text(s(e, &["source"])),
-            text(s(e, &["message"])),
-        ]);
-    }
-    if indented { indent(t) } else { print_table(t) }
-}
-
-fn indent(t: Table) {
-    for line in t.to_string().lines() {
-        println!("  {}", line.trim_end().strip_prefix(' ').unwrap_or(line.trim_end()));
-    }
+pub fn events(items: &[Event], indented: bool) {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|e| {
+            vec![
+                age(&e.time),
+                e.count.to_string(),
+                e.severity.clone(),
+                e.reason.clone(),
+                e.source.clone(),
+                e.message.clone(),
+            ]
+        })
+        .collect();
+    let t = Table::new(&["LAST SEEN", "COUNT", "SEVERITY", "REASON", "SOURCE", "MESSAGE"]);
+    if indented { t.indented() } else { t }.print(&rows);
 }
 
 /// `nkctl node status`.
-pub fn node_status(v: &Value) {
-    println!("Node:              {}", text(s(v, &["nodeName"])));
+pub fn node_status(v: &AgentStatus) {
+    println!("Node:              {}", v.node_name);
     println!(
         "Agent:             {} ({} mode), started {}",
-        text(s(v, &["version"])),
-        text(s(v, &["mode"])),
-        text(s(v, &["started"]))
+        v.version, v.mode, v.started
     );
-    if let Some(h) = v.get("hub").filter(|h| !h.is_null()) {
-        let state = if s(h, &["connected"]).as_bool() == Some(true) {
-            "connected"
-        } else {
-            "disconnected"
-        };
-        println!("Hub:               {} ({state})", text(s(h, &["address"])));
-        if let Some(e) = s(h, &["lastError"]).as_str() {
+    if let Some(h) = &v.hub {
+        let state = if h.connected { "connected" } else { "disconnected" };
+        println!("Hub:               {} ({state})", h.address);
+        if let Some(e) = &h.last_error {
             println!("  Last error:      {e}");
         }
     }
-    let set = s(v, &["settings"]);
-    println!("Applied revision:  {}", text(s(v, &["appliedRevision"])));
+    let set = &v.settings;
+    println!("Applied revision:  {}", v.applied_revision);
     println!(
         "Settings:          logLevel={} heartbeatSeconds={} labels={}",
-        text(s(set, &["logLevel"])),
-        text(s(set, &["heartbeatSeconds"])),
-        labels(s(set, &["labels"]))
+        set.log_level,
+        set.heartbeat_seconds,
+        labels(&set.labels)
     );
-    let o = s(v, &["outbox"]);
+    let o = &v.outbox;
     println!(
         "Outbox:            {} pending of {}, last sequence {}, dropped {}",
-        text(s(o, &["pending"])),
-        text(s(o, &["capacity"])),
-        text(s(o, &["lastSequence"])),
-        text(s(o, &["dropped"]))
+        o.pending, o.capacity, o.last_sequence, o.dropped
     );
 }

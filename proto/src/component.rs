@@ -466,6 +466,7 @@ mod tests {
                 sha256: "AB".into(),
                 path: "/usr/bin/y".into(),
                 mode: String::new(),
+                size: 0,
             }),
             ..Default::default()
         });

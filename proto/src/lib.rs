@@ -2,6 +2,7 @@
 //! model and its validation. Every other crate uses these definitions, so the
 //! agent, hub, CLI and tests can never disagree about a field.
 
+pub mod api;
 pub mod component;
 pub mod config;
 #[cfg(feature = "daemon")]

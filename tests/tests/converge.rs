@@ -974,3 +974,98 @@ fn a_standalone_agent_keeps_components_from_local_files() {
         "{err}"
     );
 }
+
+/// A server that answers every request with `head` and then `body()` bytes
+/// as slowly as `pause` between chunks (forever when `body` never ends).
+fn bad_server(head: &'static str, chunk: usize, pause: Duration, chunks: usize) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                if c.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let data = vec![b'x'; chunk];
+                for _ in 0..chunks {
+                    if c.write_all(&data).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(pause);
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn downloads_are_capped_in_size_and_time_and_touch_nothing() {
+    let tmp = TempDir::new("conv-caps");
+    let d = tmp.path();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let big = www.join("big.bin");
+    std::fs::write(&big, noise(7, 256 * 1024)).expect("big");
+    let server = FileServer::start(&www);
+    // Endless body without a length; a body that trickles.
+    let endless = bad_server(
+        "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+        64 * 1024,
+        Duration::ZERO,
+        usize::MAX,
+    );
+    let trickle = bad_server(
+        "HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n",
+        16,
+        Duration::from_millis(200),
+        usize::MAX,
+    );
+    let sha = "ab".repeat(32);
+    let comp = |name: &str, url: &str, sha: &str, size: &str| {
+        let path = d.join(format!("bin/{name}"));
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: {name}}}\nspec:\n  version: \"1\"\n  artifact: {{file: {{url: \"{url}\", sha256: \"{sha}\", path: \"{}\"{size}}}}}\n",
+            path.display()
+        )
+    };
+    let docs = [
+        // Declared size smaller than what the server sends: cut off.
+        comp("declared", &server.url(&big), &sha256(&big), ", size: 1000"),
+        // No size: the configured maximum (100 KiB here) applies.
+        comp("nosize", &server.url(&big), &sha256(&big), ""),
+        comp("endless", &endless, &sha, ""),
+        // Within the size, but slower than the download deadline.
+        comp("slow", &trickle, &sha, ""),
+    ]
+    .join("---\n");
+    let comps = d.join("components.yaml");
+    std::fs::write(&comps, docs).expect("components");
+    let extra = format!(
+        "converge: {{intervalSeconds: 1, maxArtifactBytes: 102400, downloadTimeoutSeconds: 3, downloadAttempts: 2, components: [\"{}\"]}}\n",
+        comps.display()
+    );
+    let agent = Agent::start(d, "caps", None, &extra);
+    for (name, want) in [
+        ("declared", "larger than 1000 bytes"),
+        ("nosize", "larger than 102400 bytes"),
+        ("endless", "larger than 102400 bytes"),
+        ("slow", "downloadTimeoutSeconds"),
+    ] {
+        let c = wait_phase(&agent, name, "Failed", 1);
+        let err = c["lastError"].as_str().unwrap_or_default();
+        assert!(err.contains(want), "{name}: {err}");
+        assert!(err.contains("nothing on the node was changed"), "{name}: {err}");
+        assert!(!d.join(format!("bin/{name}")).exists(), "{name}: nothing installed");
+    }
+    // Nothing oversized stays in the cache, partial or whole.
+    let cache = d.join("caps/state/artifacts");
+    let kept: u64 = std::fs::read_dir(&cache)
+        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0);
+    assert!(kept <= 102_400 + 16 * 64, "cache holds {kept} bytes");
+}

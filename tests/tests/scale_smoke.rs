@@ -19,6 +19,41 @@ fn hollow_fleet_registers_syncs_survives_a_hub_restart_and_loses_no_report() {
         Some(hub.summary()).filter(|s| s["nodes"]["ready"] == N && s["nodes"]["total"] == N)
     });
 
+    // Paged lists: pages of 100 with continue tokens cover every node once,
+    // in name order; nkctl streams them in pages of 7.
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = hub.get(&format!("/v1/nodes?limit=100&continue={token}")).expect("page");
+        pages += 1;
+        for n in page["items"].as_array().expect("items") {
+            names.push(n["metadata"]["name"].as_str().expect("name").to_string());
+        }
+        token = page["metadata"]["continue"].as_str().unwrap_or_default().to_string();
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(names, sorted, "in order, each once");
+    assert_eq!(names.len() as u64, N);
+    let out = hub.nkctl(&["get", "nodes", "--chunk-size", "7"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(rows, names, "one header, then every node once, in order");
+    assert!(table.lines().next().is_some_and(|h| h.starts_with("NAME")));
+    let (code, body) = nodekeeper_e2e::http(&hub.http, "GET", "/v1/nodes?limit=999999", "").expect("get");
+    assert_eq!(code, 422, "{body}");
+
     // One AgentProfile selecting every node reaches all of them.
     let rev0 = hub.summary()["revision"].as_u64().expect("revision");
     let profile = "apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: all}\nspec: {logLevel: warn, labels: {wave: one}}\n";

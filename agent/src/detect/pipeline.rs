@@ -87,7 +87,7 @@ impl Pipeline {
         let mut events = Vec::new();
         self.deliver(agent, &mut problems, &mut agg, &mut events);
         let label = SourceLabel { source: name.clone() };
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = crate::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let mut failed = false;
         let mut lines: Vec<Line> = Vec::with_capacity(BATCH);
         while !stop.load(Ordering::Relaxed) {
@@ -98,8 +98,7 @@ impl Pipeline {
                     let _ = agent.record_event(source_event(&name, "LogSourceFailed", msg, "Warning"));
                     failed = true;
                 }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff.sleep();
                 continue;
             }
             if failed {
@@ -107,7 +106,7 @@ impl Pipeline {
                 let _ = agent.record_event(source_event(&name, "LogSourceRecovered", msg, "Info"));
                 failed = false;
             }
-            backoff = Duration::from_secs(1);
+            backoff.reset();
             let mut last_flush = SystemTime::now();
             while !stop.load(Ordering::Relaxed) {
                 lines.clear();

@@ -2,8 +2,6 @@
 //! heartbeats, reports from the outbox and acknowledgements of applied
 //! desired state; reconnects with exponential backoff and full jitter.
 
-pub mod backoff;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +14,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::converge;
+use crate::retry::Backoff;
 use crate::runtime::Agent;
-use backoff::Backoff;
 
 /// Reports per batch message.
 const BATCH: usize = 500;

@@ -11,8 +11,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use nodekeeper_proto::api::{ApiError, EventRecorded, List};
 use nodekeeper_proto::v1::Event;
-use serde_json::json;
 
 use crate::runtime::Agent;
 
@@ -46,15 +46,24 @@ async fn status(State(a): State<Arc<Agent>>) -> impl IntoResponse {
 }
 
 async fn conditions(State(a): State<Arc<Agent>>) -> impl IntoResponse {
-    axum::Json(json!({ "items": a.conditions() }))
+    axum::Json(List {
+        items: a.conditions(),
+        metadata: Default::default(),
+    })
 }
 
 async fn components(State(a): State<Arc<Agent>>) -> impl IntoResponse {
-    axum::Json(json!({ "items": a.components() }))
+    axum::Json(List {
+        items: a.components(),
+        metadata: Default::default(),
+    })
 }
 
 async fn events(State(a): State<Arc<Agent>>) -> impl IntoResponse {
-    axum::Json(json!({ "items": a.events() }))
+    axum::Json(List {
+        items: a.events(),
+        metadata: Default::default(),
+    })
 }
 
 async fn metrics(State(a): State<Arc<Agent>>) -> impl IntoResponse {
@@ -87,7 +96,13 @@ fn default_source() -> String {
 fn bad(field: &str, msg: String) -> (StatusCode, axum::Json<serde_json::Value>) {
     (
         StatusCode::UNPROCESSABLE_ENTITY,
-        axum::Json(json!({ "error": msg, "field": field })),
+        axum::Json(
+            serde_json::to_value(ApiError {
+                error: msg,
+                field: (!field.is_empty()).then(|| field.to_string()),
+            })
+            .unwrap_or_default(),
+        ),
     )
 }
 
@@ -125,10 +140,19 @@ async fn post_event(State(a): State<Arc<Agent>>, body: String) -> impl IntoRespo
         ..Default::default()
     };
     match a.record_event(ev) {
-        Ok(seq) => (StatusCode::CREATED, axum::Json(json!({ "sequence": seq }))),
+        Ok(sequence) => (
+            StatusCode::CREATED,
+            axum::Json(serde_json::to_value(EventRecorded { sequence }).unwrap_or_default()),
+        ),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({ "error": e.to_string() })),
+            axum::Json(
+                serde_json::to_value(ApiError {
+                    error: e.to_string(),
+                    field: None,
+                })
+                .unwrap_or_default(),
+            ),
         ),
     }
 }

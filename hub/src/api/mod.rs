@@ -12,6 +12,8 @@ use nodekeeper_proto::document::parse_resources;
 use nodekeeper_proto::{Kind, ResourceError};
 use serde_json::{Value, json};
 
+use nodekeeper_proto::api::{List, ListMeta, MAX_PAGE};
+
 use crate::fleet::{Fleet, FleetError};
 
 /// Largest request body accepted (a resource file), in bytes.
@@ -89,11 +91,30 @@ async fn metrics(State(f): State<Api>) -> impl IntoResponse {
     )
 }
 
-/// `?labelSelector=` on lists, in kubectl's syntax.
+/// `?labelSelector=` (kubectl's syntax), `?limit=` and `?continue=` on lists.
 #[derive(serde::Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct ListQuery {
     label_selector: Option<String>,
+    /// Page size; absent or 0: everything in one answer.
+    limit: Option<usize>,
+    /// The `metadata.continue` token of the previous page.
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
+}
+
+impl ListQuery {
+    fn limit(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            None | Some(0) => Ok(usize::MAX),
+            Some(n) if n <= MAX_PAGE => Ok(n),
+            Some(n) => Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("limit {n} is larger than {MAX_PAGE}; ask for smaller pages"),
+                Some("limit".into()),
+            )),
+        }
+    }
 }
 
 fn selector_of(q: &ListQuery) -> Result<Option<nodekeeper_proto::v1::LabelSelector>, ApiError> {
@@ -114,17 +135,18 @@ fn labels_of(v: &Value) -> std::collections::BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-async fn list_nodes(State(f): State<Api>, Query(q): Query<ListQuery>) -> JsonResult {
+async fn list_nodes(
+    State(f): State<Api>,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<List<nodekeeper_proto::v1::Node>>, ApiError> {
     let sel = selector_of(&q)?;
-    let items: Vec<_> = f
-        .list_nodes()
-        .into_iter()
-        .filter(|n| {
-            let labels = n.metadata.as_ref().map(|m| m.labels.clone()).unwrap_or_default();
-            nodekeeper_proto::selector::selects(sel.as_ref(), &labels)
-        })
-        .collect();
-    Ok(axum::Json(json!({ "items": items })))
+    let limit = q.limit()?;
+    let after = q.continue_token.as_deref().unwrap_or_default();
+    let (items, next) = f.list_nodes_page(sel.as_ref(), after, limit);
+    Ok(axum::Json(List {
+        items,
+        metadata: ListMeta { continue_token: next },
+    }))
 }
 
 async fn get_node(State(f): State<Api>, Path(name): Path<String>) -> JsonResult {
@@ -150,12 +172,26 @@ async fn summary(State(f): State<Api>) -> JsonResult {
 async fn list(State(f): State<Api>, Path(kind): Path<String>, Query(q): Query<ListQuery>) -> JsonResult {
     let kind = kind_of(&kind)?;
     let sel = selector_of(&q)?;
-    let items: Vec<Value> = f
+    let limit = q.limit()?;
+    let after = q.continue_token.as_deref().unwrap_or_default();
+    let mut items: Vec<Value> = f
         .list(kind)
         .into_iter()
         .filter(|r| nodekeeper_proto::selector::selects(sel.as_ref(), &labels_of(r)))
+        .filter(|r| after.is_empty() || r["metadata"]["name"].as_str().is_some_and(|n| n > after))
         .collect();
-    Ok(axum::Json(json!({ "items": items })))
+    let mut next = String::new();
+    if items.len() > limit {
+        items.truncate(limit);
+        next = items
+            .last()
+            .and_then(|r| r["metadata"]["name"].as_str())
+            .unwrap_or_default()
+            .to_string();
+    }
+    Ok(axum::Json(
+        json!({ "items": items, "metadata": ListMeta { continue_token: next } }),
+    ))
 }
 
 async fn get_one(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> JsonResult {

@@ -70,28 +70,7 @@ impl Default for FleetConfig {
 /// Default of `revisionHistoryLimit`.
 pub const DEFAULT_REVISION_HISTORY_LIMIT: usize = 50;
 
-/// Counts for `/v1/fleet/summary`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeCounts {
-    pub total: u64,
-    pub ready: u64,
-    pub not_ready: u64,
-    pub unknown: u64,
-    pub in_sync: u64,
-    pub connected: u64,
-}
-
-/// The fleet summary.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Summary {
-    pub nodes: NodeCounts,
-    /// Resources per kind (plural name).
-    pub resources: BTreeMap<String, u64>,
-    /// The newest desired-state revision the hub has computed.
-    pub revision: u64,
-}
+pub use nodekeeper_proto::api::{NodeCounts, Summary};
 
 /// What a node contributes to the fleet counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -111,24 +90,23 @@ pub(crate) enum Ready {
     Unknown,
 }
 
-impl NodeCounts {
-    fn add(&mut self, f: Flags, sign: i64) {
-        if !f.exists {
-            return;
-        }
-        let add = |n: &mut u64| *n = n.wrapping_add_signed(sign);
-        add(&mut self.total);
-        match f.ready {
-            Ready::True => add(&mut self.ready),
-            Ready::False => add(&mut self.not_ready),
-            Ready::Unknown => add(&mut self.unknown),
-        }
-        if f.in_sync {
-            add(&mut self.in_sync);
-        }
-        if f.connected {
-            add(&mut self.connected);
-        }
+/// Adds (`sign` 1) or removes (-1) what one node contributes to the counts.
+fn count(counts: &mut NodeCounts, f: Flags, sign: i64) {
+    if !f.exists {
+        return;
+    }
+    let add = |n: &mut u64| *n = n.wrapping_add_signed(sign);
+    add(&mut counts.total);
+    match f.ready {
+        Ready::True => add(&mut counts.ready),
+        Ready::False => add(&mut counts.not_ready),
+        Ready::Unknown => add(&mut counts.unknown),
+    }
+    if f.in_sync {
+        add(&mut counts.in_sync);
+    }
+    if f.connected {
+        add(&mut counts.connected);
     }
 }
 
@@ -250,14 +228,10 @@ impl Fleet {
             }
         }
         let now = Instant::now();
-        for crate::store::LoadedNode { mut node, settings } in loaded.nodes {
+        for crate::store::LoadedNode { node, settings } in loaded.nodes {
             let Some(name) = node.metadata.as_ref().map(|m| m.name.clone()) else {
                 continue;
             };
-            if let Some(s) = &settings {
-                let labels = nodes::node_labels(nodes::base_labels(&node), s);
-                node.metadata.get_or_insert_with(Default::default).labels = labels;
-            }
             let status = node.status.clone().unwrap_or_default();
             let desired = Desired {
                 revision: status.desired_revision,
@@ -281,17 +255,38 @@ impl Fleet {
                 },
             );
         }
+        // Every node's desired settings from the resources as stored: a
+        // fan-out the previous run streamed but had not committed when it
+        // died is computed again here, so every derived field (labels,
+        // settings, revisions) is what a hub that never restarted shows.
+        let names: Vec<String> = state.nodes.keys().cloned().collect();
+        let mut cache = SettingsCache::default();
+        let mut writes = Vec::new();
+        for name in &names {
+            if let Some((tx, d)) = state.recompute(name, &mut cache)
+                && let Some(e) = state.nodes.get(name)
+            {
+                push(&tx, d);
+                writes.push(crate::store::revisions_write(&e.node, e.settings.as_ref()));
+            }
+        }
+        if !writes.is_empty() {
+            tracing::info!(
+                nodes = writes.len(),
+                "desired state recomputed at start for nodes whose last change was not stored"
+            );
+        }
+        state.settings_cache = cache;
         state.revision_reserved = state.revision + REVISION_BLOCK;
-        store
-            .commit_blocking(vec![Write::Counter {
-                key: COUNTER_REVISION_RESERVED,
-                value: state.revision_reserved,
-            }])
-            .map_err(|e| StoreError::Corrupt {
-                path: "counters".into(),
-                row: COUNTER_REVISION_RESERVED.into(),
-                reason: e,
-            })?;
+        writes.push(Write::Counter {
+            key: COUNTER_REVISION_RESERVED,
+            value: state.revision_reserved,
+        });
+        store.commit_blocking(writes).map_err(|e| StoreError::Corrupt {
+            path: "counters".into(),
+            row: COUNTER_REVISION_RESERVED.into(),
+            reason: e,
+        })?;
         state.recount_all();
         let revision_durable = Arc::new(AtomicU64::new(state.revision_reserved));
         Ok(Arc::new(Fleet {

@@ -230,8 +230,8 @@ impl State {
         let Some(e) = self.nodes.get_mut(name) else { return };
         let now = flags(e);
         if now != e.counted {
-            self.counts.add(e.counted, -1);
-            self.counts.add(now, 1);
+            super::count(&mut self.counts, e.counted, -1);
+            super::count(&mut self.counts, now, 1);
             e.counted = now;
         }
     }
@@ -242,7 +242,7 @@ impl State {
         let mut counts = NodeCounts::default();
         for e in self.nodes.values_mut() {
             e.counted = flags(e);
-            counts.add(e.counted, 1);
+            super::count(&mut counts, e.counted, 1);
         }
         if counts != self.counts {
             tracing::debug!(?counts, was = ?self.counts, "fleet counts corrected by recount");
@@ -659,7 +659,7 @@ impl Fleet {
             let view = Self::view(e);
             let mut entry = st.nodes.remove(name);
             if let Some(e) = entry.as_mut() {
-                st.counts.add(e.counted, -1);
+                super::count(&mut st.counts, e.counted, -1);
                 e.counted = Flags::default();
                 // Ends its session's outbound stream.
                 e.kill = None;
@@ -713,10 +713,49 @@ impl Fleet {
     /// stay): they are the Components' own, and repeated per node they would
     /// make a fleet listing megabytes large. `get_node` has them.
     pub fn list_nodes(&self) -> Vec<Node> {
-        self.lock()
-            .nodes
-            .values()
-            .map(|e| {
+        self.list_nodes_page(None, "", usize::MAX).0
+    }
+
+    /// A page of nodes in name order: at most `limit` of those `selector`
+    /// selects, starting after the node named `after` (the previous page's
+    /// `continue` token; empty for the first page). Returns the page and the
+    /// token of the next one (empty when this is the last). Only the page is
+    /// copied out of the fleet, so paging through 10,000 nodes costs no more
+    /// memory than one page.
+    pub fn list_nodes_page(
+        &self,
+        selector: Option<&nodekeeper_proto::v1::LabelSelector>,
+        after: &str,
+        limit: usize,
+    ) -> (Vec<Node>, String) {
+        use std::ops::Bound;
+        let st = self.lock();
+        let start = if after.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(after)
+        };
+        let mut page: Vec<(&String, &NodeEntry)> = Vec::new();
+        let mut more = false;
+        for (name, e) in st.nodes.range::<str, _>((start, Bound::Unbounded)) {
+            let labels = e.node.metadata.as_ref().map(|m| &m.labels);
+            if !nodekeeper_proto::selector::selects(selector, labels.unwrap_or(&BTreeMap::new())) {
+                continue;
+            }
+            if page.len() == limit {
+                more = true;
+                break;
+            }
+            page.push((name, e));
+        }
+        // More remain: the token is the last name returned.
+        let next = match (more, page.last()) {
+            (true, Some((name, _))) => (*name).clone(),
+            _ => String::new(),
+        };
+        let page = page
+            .into_iter()
+            .map(|(_, e)| {
                 let mut n = Self::view(e);
                 if let Some(s) = n.status.as_mut().and_then(|s| s.settings.as_mut()) {
                     for c in &mut s.components {
@@ -725,7 +764,8 @@ impl Fleet {
                 }
                 n
             })
-            .collect()
+            .collect();
+        (page, next)
     }
 
     /// One node.

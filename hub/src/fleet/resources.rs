@@ -11,21 +11,7 @@ use super::nodes::{base_labels, in_sync, ready_status};
 use super::{COUNTER_RESOURCE_VERSION, Fleet, FleetError, SettingsCache, State, push};
 use crate::store::Write;
 
-/// What an apply did to one resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ApplyAction {
-    Created,
-    Configured,
-    Unchanged,
-}
-
-/// The outcome for one applied document.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ApplyResult {
-    pub action: ApplyAction,
-    pub resource: serde_json::Value,
-}
+pub use nodekeeper_proto::api::{ApplyAction, ApplyResult};
 
 impl State {
     fn with_status(&self, r: &Resource) -> Resource {

@@ -5,9 +5,9 @@
 //! need again (a previous version's files, for rollback and drift repair)
 //! are kept by hash in a small content store.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -33,11 +33,30 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
+    path.with_file_name(format!(".{}.nk-tmp", file_name(path)))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.nk-tmp"))
+        .unwrap_or_default()
+}
+
+/// Removes temporary files an interrupted write of `path` left beside it
+/// (`.<name>.<random>.nk-tmp`; links are removed, never followed).
+fn remove_stale_temps(path: &Path) {
+    let (Some(dir), name) = (path.parent(), file_name(path)) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with(&prefix) && n.ends_with(".nk-tmp") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 fn fsync_dir(path: &Path) -> io::Result<()> {
@@ -104,27 +123,24 @@ fn replace_with(
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
-    let tmp = tmp_path(path);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    if let Err(e) = fill(&mut f) {
-        drop(f);
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    finish(f, &tmp, path, mode, owner)
-}
-
-fn finish(f: File, tmp: &Path, path: &Path, mode: u32, owner: Owner) -> io::Result<()> {
-    nix::unistd::fchown(&f, Some(owner.uid.into()), Some(owner.gid.into())).map_err(io::Error::from)?;
+    remove_stale_temps(path);
+    // Created exclusively (O_EXCL, a random name, mode 0600), so a file or
+    // link planted beside the target is never written through.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", file_name(path)))
+        .suffix(".nk-tmp")
+        .tempfile_in(dir)?;
+    // On error the temporary file is deleted when `tmp` drops.
+    fill(tmp.as_file_mut())?;
+    let f = tmp.as_file();
+    nix::unistd::fchown(f, Some(owner.uid.into()), Some(owner.gid.into())).map_err(io::Error::from)?;
     f.set_permissions(fs::Permissions::from_mode(mode))?;
     f.sync_all()?;
-    drop(f);
-    fs::rename(tmp, path)?;
+    tmp.persist(path).map_err(|e| e.error)?;
     fsync_dir(path)
 }
 
@@ -356,7 +372,31 @@ mod tests {
         let o = observe(&p).expect("observe").expect("exists");
         assert_eq!(o.mode, 0o600);
         assert_eq!(o.sha256, sha256_bytes(b"two\n"));
-        assert!(!tmp_path(&p).exists());
+        let temps = |d: &Path| {
+            fs::read_dir(d)
+                .expect("dir")
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".nk-tmp"))
+                .count()
+        };
+        assert_eq!(temps(&dir.join("sub")), 0, "no temporary file left");
+        // A link planted where a temporary file could go is never written
+        // through, and a leftover of an interrupted write is cleaned up.
+        let victim = dir.join("victim");
+        fs::write(&victim, b"keep").expect("victim");
+        std::os::unix::fs::symlink(&victim, dir.join("sub/.x.conf.nk-tmp")).expect("planted link");
+        std::os::unix::fs::symlink(&victim, dir.join("sub/.x.conf.AbCdEf.nk-tmp")).expect("planted link");
+        write_atomic(&p, b"two\n", 0o600, me).expect("write past planted links");
+        assert_eq!(fs::read(&victim).expect("victim"), b"keep");
+        assert_eq!(fs::read(&p).expect("read"), b"two\n");
+        assert!(
+            dir.join("sub/.x.conf.nk-tmp").symlink_metadata().is_err(),
+            "old-style leftover removed"
+        );
+        assert!(
+            dir.join("sub/.x.conf.AbCdEf.nk-tmp").symlink_metadata().is_err(),
+            "stale temp removed"
+        );
         let link = dir.join("current");
         switch_symlink(&link, Path::new("v1")).expect("link");
         switch_symlink(&link, Path::new("v2")).expect("relink");

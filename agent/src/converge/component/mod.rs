@@ -28,7 +28,7 @@ use nodekeeper_proto::component::{self as spec_rules, phase};
 use nodekeeper_proto::time::now_rfc3339;
 use nodekeeper_proto::v1::{ComponentSpec, DesiredComponent, Event, NodeComponent, report};
 
-use self::artifact::Cache;
+use self::artifact::{Cache, Limits};
 use self::files::{ContentStore, Owner};
 use self::machine::{ArtifactState, Change, FileState, Installed, Manager, Phase, Prior, Record};
 use self::package::{Dpkg, PackageManager, Rpm};
@@ -96,7 +96,14 @@ pub fn spawn(
     }
     let desired: Arc<[DesiredComponent]> = local.unwrap_or_else(|| agent.settings().components).into();
     let mut engine = Engine {
-        cache: Cache::new(state_dir.join("artifacts"), cfg.download_attempts),
+        cache: Cache::new(
+            state_dir.join("artifacts"),
+            Limits {
+                attempts: cfg.download_attempts,
+                deadline: std::time::Duration::from_secs(cfg.download_timeout_seconds),
+                max_bytes: cfg.max_artifact_bytes,
+            },
+        ),
         content: ContentStore::new(state_dir.join("content")),
         agent,
         store,
@@ -431,7 +438,15 @@ impl Engine {
                         self.agent.metrics.component_change("failed");
                         rec.attempts += 1;
                         rec.retry_hash = ch.target_hash;
-                        rec.retry_at = unix_now() + (self.cfg.interval_seconds << rec.attempts.min(6)).min(3600);
+                        // One reconcile interval, then the jittered backoff:
+                        // nodes that failed on the same repository outage do
+                        // not come back to it in lockstep.
+                        let wait = crate::retry::Backoff::delay_for(
+                            std::time::Duration::from_secs(self.cfg.interval_seconds.max(1)),
+                            std::time::Duration::from_secs(3600),
+                            rec.attempts,
+                        );
+                        rec.retry_at = unix_now() + self.cfg.interval_seconds + wait.as_secs();
                         rec.phase = phase::FAILED.into();
                         rec.last_error = format!("{e}; nothing on the node was changed");
                         self.event(
@@ -479,13 +494,13 @@ impl Engine {
         let spec = ch.target.spec.clone().unwrap_or_default();
         match ch.phase {
             Phase::Downloading => {
-                if let Some((url, sha)) = artifact_url(&spec) {
-                    self.cache.fetch(url, sha)?;
+                if let Some((url, sha, size)) = artifact_url(&spec) {
+                    self.cache.fetch(url, sha, size)?;
                 }
                 Ok(())
             }
             Phase::Verifying => {
-                if let Some((_, sha)) = artifact_url(&spec) {
+                if let Some((_, sha, _)) = artifact_url(&spec) {
                     self.cache.verify(sha)?;
                 }
                 Ok(())
@@ -1011,7 +1026,7 @@ impl Engine {
             }
             if let Some(c) = &r.change {
                 contents.extend(c.prior.files.values().flatten().map(|f| f.sha256.as_str()));
-                keep.extend(c.target.spec.as_ref().and_then(artifact_url).map(|(_, sha)| sha));
+                keep.extend(c.target.spec.as_ref().and_then(artifact_url).map(|(_, sha, _)| sha));
             }
         }
         self.cache.retain(&keep);
@@ -1039,15 +1054,15 @@ fn staged(ch: &Change) -> Result<&Installed, String> {
 }
 
 /// The URL and hash of a downloaded artifact, if the spec has one.
-fn artifact_url(spec: &ComponentSpec) -> Option<(&str, &str)> {
+fn artifact_url(spec: &ComponentSpec) -> Option<(&str, &str, u64)> {
     let a = spec.artifact.as_ref()?;
-    fn pick(p: &nodekeeper_proto::v1::PackageArtifact) -> Option<(&str, &str)> {
-        (!p.url.is_empty()).then_some((p.url.as_str(), p.sha256.as_str()))
+    fn pick(p: &nodekeeper_proto::v1::PackageArtifact) -> Option<(&str, &str, u64)> {
+        (!p.url.is_empty()).then_some((p.url.as_str(), p.sha256.as_str(), p.size))
     }
     a.deb
         .as_ref()
         .and_then(pick)
         .or_else(|| a.rpm.as_ref().and_then(pick))
-        .or_else(|| a.archive.as_ref().map(|x| (x.url.as_str(), x.sha256.as_str())))
-        .or_else(|| a.file.as_ref().map(|x| (x.url.as_str(), x.sha256.as_str())))
+        .or_else(|| a.archive.as_ref().map(|x| (x.url.as_str(), x.sha256.as_str(), x.size)))
+        .or_else(|| a.file.as_ref().map(|x| (x.url.as_str(), x.sha256.as_str(), x.size)))
 }

@@ -1,6 +1,8 @@
-//! Reconnect delays: exponential backoff with full jitter (a uniformly random
-//! delay between zero and the exponential ceiling), so thousands of agents
-//! that lost the same hub do not come back in one wave.
+//! The agent's one retry policy: exponential backoff with full jitter (a
+//! uniformly random delay between zero and the exponential ceiling). Every
+//! retry uses it — hub reconnects, downloads, log sources that fail, and
+//! converge retries — so 10,000 nodes that lost the same hub or repository
+//! do not come back in one wave.
 
 use std::time::Duration;
 
@@ -36,6 +38,19 @@ impl Backoff {
         self.cap
     }
 
+    /// A jittered delay for attempt `attempt` (0-based) without keeping
+    /// state: for retries whose attempt count is persisted elsewhere.
+    pub fn delay_for(base: Duration, cap: Duration, attempt: u32) -> Duration {
+        let mut b = Backoff::new(base, cap);
+        b.attempt = attempt;
+        b.next_delay()
+    }
+
+    /// Sleeps the next delay on this thread (for blocking workers).
+    pub fn sleep(&mut self) {
+        std::thread::sleep(self.next_delay());
+    }
+
     /// A session got through: start over.
     pub fn reset(&mut self) {
         self.attempt = 0;
@@ -60,6 +75,15 @@ mod tests {
         assert_eq!(ceilings[9], 30000);
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn stateless_delays_follow_the_same_ceiling() {
+        for attempt in 0..12 {
+            let d = Backoff::delay_for(Duration::from_secs(1), Duration::from_secs(60), attempt);
+            let ceiling = Duration::from_secs(1u64 << attempt.min(20)).min(Duration::from_secs(60));
+            assert!(d <= ceiling, "{attempt}: {d:?} > {ceiling:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,96 @@
+"""Drives the nkctl-list benchmark: see nkctl-list.sh. Standard library only."""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from benchlib import Figures, free_port, http, kill_all, wait
+
+
+def _ok(url):
+    try:
+        http(url, timeout=2)
+        return True
+    except Exception:
+        return False
+
+
+def one_run(nkctl, hub_http, args):
+    """Runs nkctl once: (seconds to the first data row, seconds in all, rows, peak RSS bytes)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen([nkctl, "--hub", hub_http, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = None
+    rows = 0
+    header = True
+    for line in p.stdout:
+        if header:
+            header = False
+            continue
+        rows += 1
+        if first is None:
+            first = time.monotonic() - t0
+    _, status, usage = os.wait4(p.pid, 0)
+    total = time.monotonic() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr.read().decode())
+    return first, total, rows, usage.ru_maxrss * 1024
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--count", type=int, default=10000)
+    args = ap.parse_args()
+    n = args.count
+    runs = int(os.environ.get("RUNS", "5"))
+    record = os.environ.get("NO_RECORD") != "1"
+    tmp = tempfile.mkdtemp(prefix="nk-nkctl-list-")
+    grpc, hport = free_port(), free_port()
+    hub_http = f"http://127.0.0.1:{hport}"
+    cfg = os.path.join(tmp, "hub.yaml")
+    with open(cfg, "w") as f:
+        f.write(f'listen: {{grpc: "127.0.0.1:{grpc}", http: "127.0.0.1:{hport}"}}\n'
+                f"stateDir: {tmp}/state\nlogLevel: warn\n")
+    procs = []
+    fig = Figures()
+    try:
+        hub = subprocess.Popen([f"{args.bin}/nodekeeper-hub", "--config", cfg],
+                               stdout=open(os.path.join(tmp, "hub.log"), "w"), stderr=subprocess.STDOUT)
+        procs.append(hub)
+        wait("hub /healthz", 30, 0.05, lambda: _ok(f"{hub_http}/healthz"))
+        hollow = subprocess.Popen(
+            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), "--hub", f"http://127.0.0.1:{grpc}"],
+            stdout=open(os.path.join(tmp, "hollow.log"), "w"), stderr=subprocess.STDOUT)
+        procs.append(hollow)
+        wait("all registered", 300, 0.2,
+             lambda: json.loads(http(f"{hub_http}/v1/fleet/summary"))["nodes"]["ready"] >= n)
+        time.sleep(3)
+        t = time.monotonic()
+        body = http(f"{hub_http}/v1/nodes")
+        fig("hub: the whole list in one answer", f"{time.monotonic() - t:.3f} s, {len(body) / 2**20:.1f}", "MiB")
+        del body
+        nkctl = f"{args.bin}/nkctl"
+        for label, extra in (("table", []), ("wide table", ["-o", "wide"])):
+            results = [one_run(nkctl, hub_http, ["get", "nodes", *extra]) for _ in range(runs)]
+            assert all(r[2] == n for r in results), [r[2] for r in results]
+            firsts = sorted(r[0] for r in results)
+            totals = sorted(r[1] for r in results)
+            rss = max(r[3] for r in results)
+            fig(f"nkctl get nodes ({label}): first row", f"median {firsts[runs // 2] * 1000:.0f} ms, max {firsts[-1] * 1000:.0f}", "ms")
+            fig(f"nkctl get nodes ({label}): whole table", f"median {totals[runs // 2]:.3f} s, max {totals[-1]:.3f}", "s")
+            fig(f"nkctl get nodes ({label}): peak RSS", f"{rss / 2**20:.1f}", "MiB")
+        if record:
+            fig.record("nkctl get nodes at scale", "scripts/bench/nkctl-list.sh", f"N={n}, {runs} runs each, pages of 500",
+                       "release build; hub and hollow agents on the same machine")
+    finally:
+        kill_all(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
