@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub detectors: Detectors,
     /// The converge engine (node components).
     pub converge: ConvergeConfig,
+    /// Deadlines of the subprocesses the agent starts.
+    pub deadlines: crate::exec::Deadlines,
     pub log_level: String,
     /// text or json.
     pub log_format: String,
@@ -80,6 +82,9 @@ pub struct ConvergeConfig {
     /// Largest artifact downloaded when its spec declares no `size`; a
     /// larger one is cut off while it streams, before it can fill the disk.
     pub max_artifact_bytes: u64,
+    /// A step running longer than this is stuck (metric, event, watchdog
+    /// pings withheld); 0: each step's budget follows from its deadlines.
+    pub stuck_after_seconds: u64,
     /// Standalone mode only: files of Component (and NodeSet) documents the
     /// agent keeps without a hub.
     pub components: Vec<PathBuf>,
@@ -94,6 +99,7 @@ impl Default for ConvergeConfig {
             download_attempts: 5,
             download_timeout_seconds: 1800,
             max_artifact_bytes: 4 << 30,
+            stuck_after_seconds: 0,
             components: Vec::new(),
         }
     }
@@ -127,6 +133,7 @@ impl Default for AgentConfig {
             outbox: OutboxConfig::default(),
             detectors: Detectors::default(),
             converge: ConvergeConfig::default(),
+            deadlines: crate::exec::Deadlines::default(),
             log_level: "info".into(),
             log_format: "text".into(),
         }
@@ -193,6 +200,9 @@ impl AgentConfig {
                 "converge.downloadTimeoutSeconds",
                 format!("{} is out of range 1..=86400", self.converge.download_timeout_seconds),
             ));
+        }
+        if let Some(key) = self.deadlines.invalid_key() {
+            return Err(ConfigError::invalid(path, key, "must be at least 1"));
         }
         if self.converge.max_artifact_bytes == 0 {
             return Err(ConfigError::invalid(

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod converge;
 pub mod detect;
+pub mod exec;
 pub mod hollow;
 pub mod link;
 pub mod metrics;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use nodekeeper_agent::config::{self, AgentConfig};
+use nodekeeper_agent::converge::liveness::Liveness;
 use nodekeeper_agent::detect::facts::{self, FactRoots};
 use nodekeeper_agent::link::{self, LinkConfig};
 use nodekeeper_agent::metrics::Metrics;
@@ -143,6 +144,8 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     let detect_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let detectors = nodekeeper_agent::detect::manager::spawn(agent.clone(), local, detect_stop.clone())
         .context("starting the log monitors")?;
+    let liveness = Arc::new(Liveness::default());
+    nodekeeper_agent::exec::set_deadlines(cfg.deadlines);
     // The engine thread is not joined at shutdown: every step it takes is
     // recorded first, so a change cut short resumes at the next start.
     let _converge = converge::component::spawn(
@@ -152,8 +155,10 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         &cfg.state_dir,
         local_components,
         detect_stop.clone(),
+        liveness.clone(),
     )
     .context("starting the converge engine")?;
+    tokio::spawn(watch_converge(agent.clone(), liveness.clone()));
     agent
         .record_event(Event {
             severity: "Info".into(),
@@ -164,7 +169,10 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         })
         .context("recording the start event")?;
     tracing::info!(socket = %cfg.socket.display(), version = nodekeeper_proto::VERSION, "agent ready");
-    daemon::notify_ready();
+    {
+        let liveness = liveness.clone();
+        daemon::notify_ready_while(move || liveness.stuck().is_none());
+    }
 
     daemon::shutdown_signal().await;
     daemon::notify_stopping();
@@ -180,6 +188,42 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Watches the converge thread: a stuck step sets the metric and is
+/// reported once per episode (the watchdog gate reads the same state).
+async fn watch_converge(agent: Arc<Agent>, liveness: Arc<Liveness>) {
+    let mut reported = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        match liveness.stuck() {
+            Some(s) => {
+                agent.metrics.converge_stuck.set(1);
+                if !reported {
+                    reported = true;
+                    let message = format!(
+                        "{} has run for {} s, past its budget of {} s; systemd's watchdog will restart the agent, which resumes the step from its record",
+                        s.what,
+                        s.for_.as_secs(),
+                        s.budget.as_secs()
+                    );
+                    tracing::error!(%message, "converge thread stuck");
+                    let _ = agent.record_event(Event {
+                        severity: "Error".into(),
+                        reason: "ConvergeStuck".into(),
+                        message,
+                        source: "agent".into(),
+                        ..Default::default()
+                    });
+                }
+            }
+            None => {
+                agent.metrics.converge_stuck.set(0);
+                reported = false;
+            }
+        }
+    }
 }
 
 /// The local rule files: built-in ones (unless turned off) and the

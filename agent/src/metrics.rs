@@ -34,6 +34,8 @@ pub struct Metrics {
     /// Component changes by how they ended (done, rolled_back, failed).
     pub component_changes: Family<ResultLabel, Counter>,
     pub component_drift: Counter,
+    /// 1 while a converge step runs past its budget.
+    pub converge_stuck: Gauge,
     /// Label values seen in `problem_counter` and `problem_gauge`: reasons
     /// come from rules and from anyone who may POST to the socket, so their
     /// number is capped ([`MAX_PROBLEM_SERIES`]) rather than left to grow.
@@ -151,6 +153,11 @@ impl Metrics {
             "nodekeeper_agent_component_drift",
             "Components found drifted and restored",
             m.component_drift.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_converge_stuck",
+            "1 while a converge step runs past its budget (watchdog pings are withheld)",
+            m.converge_stuck.clone(),
         );
         r.register(
             "nodekeeper_agent_metric_series_dropped",

@@ -62,6 +62,13 @@ pub fn init_logging(level: &str, json: bool) -> LogLevel {
 /// The pings run on the async runtime, so a wedged runtime stops them and
 /// systemd restarts the daemon.
 pub fn notify_ready() {
+    notify_ready_while(|| true);
+}
+
+/// [`notify_ready`], pinging the watchdog only while `healthy()` holds: a
+/// daemon whose worker thread is stuck stops the pings, so systemd restarts
+/// it (the async runtime alone being alive is not enough).
+pub fn notify_ready_while(healthy: impl Fn() -> bool + Send + 'static) {
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "sd_notify READY failed");
     }
@@ -69,11 +76,27 @@ pub fn notify_ready() {
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
         let period = Duration::from_micros(usec / 2);
         tracing::info!(?period, "systemd watchdog enabled");
+        // The async task decides (so a wedged runtime stops the pings); a
+        // thread of its own sends them, since a datagram send can block and
+        // must not hold a runtime worker.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let _ = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
+            while rx.recv().is_ok() {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        });
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
+            let mut withheld = false;
             loop {
                 tick.tick().await;
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                if healthy() {
+                    withheld = false;
+                    let _ = tx.try_send(());
+                } else if !withheld {
+                    withheld = true;
+                    tracing::error!("withholding watchdog pings: a worker is stuck; systemd will restart this daemon");
+                }
             }
         });
     }

@@ -771,7 +771,7 @@ fn systemd_component_in_a_booted_container_ships_its_unit_restarts_on_change_and
     std::fs::write(
         m.root.join("etc/nk-test/agent.yaml"),
         format!(
-            "nodeName: sd-node\nhub: {{address: \"{}\"}}\nstateDir: /var/lib/nk-test\nsocket: /var/lib/nk-test/agent.sock\nconverge: {{intervalSeconds: 1}}\ndetectors: {{defaultRules: false}}\n",
+            "nodeName: sd-node\nhub: {{address: \"{}\"}}\nstateDir: /var/lib/nk-test\nsocket: /var/lib/nk-test/agent.sock\nconverge: {{intervalSeconds: 1}}\ndetectors: {{defaultRules: false}}\ndeadlines: {{systemctlSeconds: 5}}\n",
             hub.grpc_url()
         ),
     )
@@ -844,6 +844,30 @@ fn systemd_component_in_a_booted_container_ships_its_unit_restarts_on_change_and
     });
     let journal = m.sh("journalctl -u nk-agent.service --no-pager -o cat");
     assert!(journal.contains("component drifted"), "{journal}");
+
+    // 5. A unit whose start never finishes (Type=notify that never notifies,
+    // TimeoutStartSec=infinity): `systemctl restart` is killed at its
+    // deadline, the change rolls back and the old unit runs again.
+    let hung_unit = "[Unit]\\nDescription=nodekeeper demo\\n[Service]\\nType=notify\\nTimeoutStartSec=infinity\\nExecStart=/usr/local/bin/nk-demo\\n[Install]\\nWantedBy=multi-user.target\\n";
+    let hung =
+        spec("5", &scripts[0], "/usr/local/bin/nk-demo").replace(&unit_file("/usr/local/bin/nk-demo"), hung_unit);
+    assert!(hung.contains("TimeoutStartSec=infinity"), "{hung}");
+    apply(&hub, &hung);
+    // Generation 4: the fourth spec of this Component.
+    let c = wait_hub_phase(&hub, "sd-node", "demo", "Failed", 4);
+    let err = c["lastError"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("systemctl restart") && err.contains("deadline of 5s"),
+        "{c}"
+    );
+    assert_eq!(c["observedVersion"], "2", "{c}");
+    wait_for("the old unit runs again", T, || {
+        (m.prop("nk-demo.service", "ActiveState") == "active").then_some(())
+    });
+    assert_eq!(m.prop("nk-demo.service", "Type"), "simple");
+    assert!(m.sh("cat /usr/local/bin/nk-demo").contains("nk-demo 2 up"));
+    let node = hub.node("sd-node").expect("node");
+    assert_eq!(nodekeeper_e2e::ready(&node), "True", "the agent stayed connected");
     m.exec(&["systemctl", "stop", "nk-agent.service"]);
 }
 
@@ -1068,4 +1092,147 @@ fn downloads_are_capped_in_size_and_time_and_touch_nothing() {
         .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0);
     assert!(kept <= 102_400 + 16 * 64, "cache holds {kept} bytes");
+}
+
+#[test]
+fn a_package_tool_that_never_exits_is_killed_at_its_deadline_and_the_change_rolls_back() {
+    let tmp = TempDir::new("conv-hang");
+    let d = tmp.path();
+    let pkg = format!("nk-e2e-hang-{}", std::process::id());
+    let _purge = Purge(pkg.clone());
+    let bin_path = d.join("opt/hang/bin/hang");
+    let bin_s = bin_path.to_string_lossy().into_owned();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let deb1 = build_deb(&www, &pkg, "1.0-1", &[(&bin_s, "#!/bin/sh\necho hang 1.0\n", 0o755)]);
+    let deb2 = build_deb(&www, &pkg, "2.0-1", &[(&bin_s, "#!/bin/sh\necho hang 2.0\n", 0o755)]);
+    let server = FileServer::start(&www);
+    // A stand-in first on PATH for dpkg: it installs version 1 through the
+    // real dpkg, and hangs (with a child, in its process group) on version 2,
+    // as a dpkg stuck in a maintainer script would.
+    let fake = d.join("fakebin");
+    std::fs::create_dir_all(&fake).expect("fakebin");
+    let pids = d.join("hang-pids");
+    std::fs::write(
+        fake.join("dpkg"),
+        format!(
+            "#!/bin/sh\nfor a; do last=$a; done\nif [ \"$(/usr/bin/dpkg-deb -f \"$last\" Version 2>/dev/null)\" = 2.0-1 ]; then sleep 1000 & echo $! >> {p}; echo $$ >> {p}; echo stuck in postinst >&2; sleep 1000; fi\nexec /usr/bin/dpkg \"$@\"\n",
+            p = pids.display()
+        ),
+    )
+    .expect("fake dpkg");
+    std::fs::set_permissions(fake.join("dpkg"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap_or_default());
+    let hub = Hub::start(d, "");
+    let agent = Agent::start_env(
+        d,
+        "hang-node",
+        Some(&hub.grpc_url()),
+        "converge: {intervalSeconds: 1}\ndeadlines: {packageSeconds: 3}\n",
+        &[("PATH", &path)],
+    );
+    let comp = |v: &str, deb: &Path| {
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: hang}}\nspec:\n  version: \"{v}\"\n  artifact: {{deb: {{url: \"{}\", sha256: \"{}\"}}}}\n",
+            server.url(deb),
+            sha256(deb)
+        )
+    };
+    apply(&hub, &comp("1", &deb1));
+    wait_phase(&agent, "hang", "Done", 1);
+    assert_eq!(dpkg_version(&pkg).as_deref(), Some("1.0-1"));
+
+    apply(&hub, &comp("2", &deb2));
+    // While dpkg hangs the agent answers and stays connected.
+    wait_for("the change is installing", T, || {
+        agent.component("hang").filter(|c| c["phase"] == "Installing")
+    });
+    let st = agent.status().expect("the socket answers while dpkg hangs");
+    assert_eq!(st["hub"]["connected"], true);
+    let c = wait_phase(&agent, "hang", "Failed", 2);
+    let err = c["lastError"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("dpkg -i") && err.contains("deadline of 3s") && err.contains("stuck in postinst"),
+        "{err}"
+    );
+    assert_eq!(c["observedVersion"], "1", "rolled back: {c}");
+    assert_eq!(dpkg_version(&pkg).as_deref(), Some("1.0-1"));
+    let node = wait_for("rollback reported", T, || {
+        hub.node("hang-node")
+            .filter(|n| event_count(n, "ComponentRolledBack") >= 1)
+    });
+    assert_eq!(node["status"]["conditions"][0]["status"], "True", "still Ready");
+    // The stuck dpkg and the child it started are gone.
+    for pid in read(&pids).split_whitespace() {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let alive = state
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'));
+        assert!(!alive, "process {pid} of the stuck dpkg survived: {state}");
+    }
+}
+
+#[test]
+fn a_stuck_converge_step_shows_in_a_metric_and_an_event_and_stops_the_watchdog() {
+    // The sd_notify protocol without systemd: a datagram socket stands in for
+    // systemd's notify socket. The step hangs through a debug-build failpoint
+    // (a call without a deadline would look the same).
+    let tmp = TempDir::new("conv-stuck");
+    let d = tmp.path();
+    let sock_path = d.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    let comps = d.join("components.yaml");
+    std::fs::write(
+        &comps,
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: stuck}}\nspec:\n  version: \"1\"\n  files:\n  - {{path: {}, template: \"x\\n\"}}\n",
+            d.join("stuck.conf").display()
+        ),
+    )
+    .expect("components");
+    let agent = Agent::start_env(
+        d,
+        "stuck-node",
+        None,
+        &format!(
+            "converge: {{intervalSeconds: 1, stuckAfterSeconds: 2, components: [\"{}\"]}}\n",
+            comps.display()
+        ),
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().expect("utf8")),
+            ("WATCHDOG_USEC", "200000"),
+            ("NODEKEEPER_FAILPOINT", "Staging:hang"),
+        ],
+    );
+    // Every notification, with when it came (read all the time, as systemd does).
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::time::Instant>::new()));
+    {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = sock.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                    seen.lock().expect("lock").push(std::time::Instant::now());
+                }
+            }
+        });
+    }
+    let ev = wait_for("ConvergeStuck event", T, || {
+        let (_, body) = nodekeeper_e2e::http_unix(&agent.socket, "GET", "/v1/events", "").ok()?;
+        body.contains("ConvergeStuck").then_some(body)
+    });
+    let noticed = std::time::Instant::now();
+    assert!(ev.contains("component stuck: Staging"), "{ev}");
+    let (_, metrics) = nodekeeper_e2e::http_unix(&agent.socket, "GET", "/metrics", "").expect("metrics");
+    assert!(metrics.contains("nodekeeper_agent_converge_stuck 1"), "{metrics}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let pings = seen.lock().expect("lock").clone();
+    assert!(pings.len() >= 3, "pings while the step was young: {}", pings.len());
+    let late = pings
+        .iter()
+        .filter(|t| **t > noticed + Duration::from_millis(300))
+        .count();
+    assert_eq!(late, 0, "watchdog pings must stop while the converge thread is stuck");
+    assert!(agent.status().is_some(), "the socket still answers");
+    assert!(agent.log().contains("withholding watchdog pings"), "{}", agent.log());
 }

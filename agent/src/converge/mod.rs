@@ -2,4 +2,5 @@
 //! settings (AgentProfile) and node components at their declared versions.
 
 pub mod component;
+pub mod liveness;
 pub mod settings;

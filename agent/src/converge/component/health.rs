@@ -3,7 +3,7 @@
 //! probes in a row and fails when that did not happen within
 //! `gracePeriodSeconds`.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nodekeeper_proto::v1::HealthCheck;
@@ -49,32 +49,11 @@ pub fn probe(h: &HealthCheck) -> Result<(), String> {
 }
 
 fn exec(prog: &str, args: &[String], timeout: Duration) -> Result<(), String> {
-    let mut child = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running {prog}: {e}"))?;
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                return Err(format!("{prog} exited with {status}: {}", err.trim()));
-            }
-            Ok(None) if start.elapsed() > timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{prog} did not finish within {timeout:?}"));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("waiting for {prog}: {e}")),
-        }
+    let out = crate::exec::output(Command::new(prog).args(args), prog, timeout).map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{prog} exited with {}: {}", out.status, out.stderr.trim()))
     }
 }
 

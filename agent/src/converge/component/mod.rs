@@ -33,23 +33,11 @@ use self::files::{ContentStore, Owner};
 use self::machine::{ArtifactState, Change, FileState, Installed, Manager, Phase, Prior, Record};
 use self::package::{Dpkg, PackageManager, Rpm};
 use crate::config::ConvergeConfig;
+use crate::converge::liveness::Liveness;
 use crate::runtime::Agent;
 use crate::store::{AgentStore, keys};
 
 /// Runs a command; its stdout, or an error with its stderr.
-pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{what}: cannot run: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if msg.is_empty() {
-            msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        }
-        Err(format!("{what} failed ({}): {msg}", out.status))
-    }
-}
-
 /// Environment variable naming a step boundary (`Installing:after`) at
 /// which the agent kills itself with SIGKILL: the crash-consistency test's
 /// hook. Unset in production.
@@ -77,6 +65,8 @@ pub struct Engine {
     desired: Arc<[DesiredComponent]>,
     /// A record changed since the last garbage collection.
     dirty: bool,
+    /// Progress of this thread, watched from the async runtime.
+    liveness: Arc<Liveness>,
 }
 
 /// Starts the engine thread. It first finishes (or rolls back) any change a
@@ -89,6 +79,7 @@ pub fn spawn(
     state_dir: &Path,
     local: Option<Vec<DesiredComponent>>,
     stop: Arc<AtomicBool>,
+    liveness: Arc<Liveness>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let (tx, rx) = mpsc::channel();
     if local.is_none() {
@@ -113,6 +104,7 @@ pub fn spawn(
         observer: files::Observer::default(),
         desired,
         dirty: true,
+        liveness,
     };
     std::thread::Builder::new()
         .name("converge".into())
@@ -135,6 +127,7 @@ impl Engine {
         let interval = Duration::from_secs(self.cfg.interval_seconds);
         let mut next = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            self.liveness.beat();
             if std::time::Instant::now() >= next {
                 self.reconcile();
                 next = std::time::Instant::now() + interval;
@@ -237,7 +230,49 @@ impl Engine {
         }
     }
 
+    /// How long step `ph` of `ch` may take before the thread counts as
+    /// stuck: the deadlines of what the step runs, with a margin.
+    fn budget(&self, ph: Phase, ch: &Change) -> Duration {
+        use crate::exec::{Kind, deadline};
+        if self.cfg.stuck_after_seconds > 0 {
+            return Duration::from_secs(self.cfg.stuck_after_seconds);
+        }
+        let margin = Duration::from_secs(60);
+        let health = ch
+            .target
+            .spec
+            .as_ref()
+            .and_then(|s| s.health.as_ref())
+            .map_or(Duration::ZERO, |h| {
+                Duration::from_secs(
+                    u64::from(h.grace_period_seconds.max(60)) + u64::from(h.timeout_seconds.max(10)) * 2,
+                )
+            });
+        // dpkg may first wait up to two minutes for another holder's lock,
+        // and apt may update its lists before installing.
+        let package = deadline(Kind::Package) * 3 + Duration::from_secs(120);
+        let systemctl = deadline(Kind::Systemctl) * 4;
+        margin
+            + match ph {
+                Phase::Downloading => Duration::from_secs(self.cfg.download_timeout_seconds),
+                Phase::Verifying | Phase::Staging | Phase::WritingFiles => Duration::from_secs(600),
+                Phase::Installing => package,
+                Phase::Restarting => systemctl,
+                Phase::HealthCheck => health,
+                Phase::RollingBack => package + systemctl,
+            }
+    }
+
     fn failpoint(&self, at: &str) {
+        let hang = self.failpoint.as_deref().and_then(|f| f.strip_suffix(":hang"));
+        if hang.is_some() && hang == at.strip_suffix(":during") {
+            // A step that never returns (a call without a deadline): the
+            // liveness test's hook.
+            tracing::warn!(at, "failpoint: this step hangs");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
         if self.failpoint.as_deref() == Some(at) {
             tracing::warn!(at, "failpoint: killing the agent with SIGKILL");
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
@@ -374,7 +409,11 @@ impl Engine {
             let ph = ch.phase;
             let _span = tracing::info_span!("step", component = %name, phase = ph.name()).entered();
             self.failpoint(&format!("{}:before", ph.name()));
+            self.liveness
+                .begin(format!("component {name}: {}", ph.name()), self.budget(ph, &ch));
+            self.failpoint(&format!("{}:during", ph.name()));
             let result = self.step(&mut ch);
+            self.liveness.end();
             self.failpoint(&format!("{}:after", ph.name()));
             match result {
                 Ok(()) => match ph.next() {
@@ -871,7 +910,12 @@ impl Engine {
                     .unit_file(staged)
                     .is_some_and(|f| matches!(ch.prior.files.get(&f.path), Some(None)));
                 if created {
-                    run(Command::new("systemctl").args(["stop", unit]), "systemctl stop").map(drop)
+                    crate::exec::run(
+                        Command::new("systemctl").args(["stop", unit]),
+                        "systemctl stop",
+                        crate::exec::Kind::Systemctl,
+                    )
+                    .map(drop)
                 } else {
                     systemd::restart(unit)
                 }

@@ -6,7 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::run;
+use crate::exec::{self, Kind};
+
+/// A package transaction with the package deadline.
+fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
+    exec::run(cmd, what, Kind::Package)
+}
+
+/// A package query with the (shorter) query deadline.
+fn query(cmd: &mut Command, what: &str) -> Result<exec::Output, String> {
+    exec::output(cmd, what, exec::deadline(Kind::Query)).map_err(|e| e.to_string())
+}
 
 /// What the engine needs from a host's package manager.
 pub trait PackageManager {
@@ -53,12 +63,13 @@ fn apt_env(c: &mut Command) -> &mut Command {
 
 impl PackageManager for Dpkg {
     fn identify(&self, file: &Path) -> Result<(String, String), String> {
-        let out = run(
+        let out = exec::run(
             Command::new("dpkg-deb")
                 .arg("-f")
                 .arg(file)
                 .args(["Package", "Version"]),
             "dpkg-deb -f",
+            Kind::Query,
         )?;
         let field = |name: &str| {
             out.lines()
@@ -69,14 +80,14 @@ impl PackageManager for Dpkg {
     }
 
     fn installed_version(&self, name: &str) -> Result<Option<String>, String> {
-        let out = Command::new("dpkg-query")
-            .args(["-W", "-f", "${db:Status-Abbrev}|${Version}", name])
-            .output()
-            .map_err(|e| format!("running dpkg-query: {e}"))?;
+        let out = query(
+            Command::new("dpkg-query").args(["-W", "-f", "${db:Status-Abbrev}|${Version}", name]),
+            "dpkg-query",
+        )?;
         if !out.status.success() {
             return Ok(None);
         }
-        let s = String::from_utf8_lossy(&out.stdout);
+        let s = out.stdout;
         match s.split_once('|') {
             Some((status, version)) if status.trim() == "ii" => Ok(Some(version.trim().to_string())),
             _ => Ok(None),
@@ -167,11 +178,12 @@ impl Rpm {
 
 impl PackageManager for Rpm {
     fn identify(&self, file: &Path) -> Result<(String, String), String> {
-        let out = run(
+        let out = exec::run(
             Command::new("rpm")
                 .args(["-qp", "--qf", "%{NAME}\\n%{VERSION}-%{RELEASE}\\n"])
                 .arg(file),
             "rpm -qp",
+            Kind::Query,
         )?;
         let mut lines = out.lines();
         match (lines.next(), lines.next()) {
@@ -181,15 +193,11 @@ impl PackageManager for Rpm {
     }
 
     fn installed_version(&self, name: &str) -> Result<Option<String>, String> {
-        let out = self
-            .rpm()
-            .args(["-q", "--qf", "%{VERSION}-%{RELEASE}", name])
-            .output()
-            .map_err(|e| format!("running rpm -q: {e}"))?;
+        let out = query(self.rpm().args(["-q", "--qf", "%{VERSION}-%{RELEASE}", name]), "rpm -q")?;
         if !out.status.success() {
             return Ok(None);
         }
-        Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+        Ok(Some(out.stdout.trim().to_string()))
     }
 
     fn install_file(&self, file: &Path) -> Result<(), String> {

@@ -3,13 +3,14 @@
 
 use std::process::Command;
 
-use super::run;
+use crate::exec::{self, Kind};
 
 /// `systemctl daemon-reload`.
 pub fn daemon_reload() -> Result<(), String> {
-    run(
+    exec::run(
         Command::new("systemctl").arg("daemon-reload"),
         "systemctl daemon-reload",
+        Kind::Systemctl,
     )
     .map(drop)
 }
@@ -17,19 +18,31 @@ pub fn daemon_reload() -> Result<(), String> {
 /// `systemctl restart UNIT` (waits for the job, so a unit that fails to start
 /// is an error here).
 pub fn restart(unit: &str) -> Result<(), String> {
-    run(Command::new("systemctl").args(["restart", unit]), "systemctl restart").map(drop)
+    exec::run(
+        Command::new("systemctl").args(["restart", unit]),
+        "systemctl restart",
+        Kind::Systemctl,
+    )
+    .map(drop)
 }
 
 /// `systemctl enable UNIT`, so the component comes back after a reboot.
 pub fn enable(unit: &str) -> Result<(), String> {
-    run(Command::new("systemctl").args(["enable", unit]), "systemctl enable").map(drop)
+    exec::run(
+        Command::new("systemctl").args(["enable", unit]),
+        "systemctl enable",
+        Kind::Systemctl,
+    )
+    .map(drop)
 }
 
 /// Whether the unit is active.
 pub fn is_active(unit: &str) -> Result<bool, String> {
-    let out = Command::new("systemctl")
-        .args(["is-active", unit])
-        .output()
-        .map_err(|e| format!("running systemctl is-active: {e}"))?;
+    let out = exec::output(
+        Command::new("systemctl").args(["is-active", unit]),
+        "systemctl is-active",
+        exec::deadline(Kind::Systemctl),
+    )
+    .map_err(|e| e.to_string())?;
     Ok(out.status.success())
 }

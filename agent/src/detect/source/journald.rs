@@ -4,6 +4,7 @@
 //! unit, resumable by journal cursor.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -86,6 +87,16 @@ impl LogSource for JournalSource {
     fn open(&mut self, cursor: Option<&str>, not_before: Option<SystemTime>) -> std::io::Result<()> {
         self.stop_child();
         let cursor = cursor.map(String::from).or_else(|| self.cursor.clone());
+        // journalctl must be able to read the journal at all, within its
+        // start deadline: a hung or failing journalctl is an error here (the
+        // pipeline reports LogSourceFailed and retries), not a silent source.
+        let mut check = Command::new("journalctl");
+        check.args(["--lines=0", "--no-pager", "--quiet"]);
+        if let Some(d) = &self.directory {
+            check.arg(format!("--directory={}", d.display()));
+        }
+        crate::exec::run(&mut check, "journalctl", crate::exec::Kind::JournalctlStart)
+            .map_err(std::io::Error::other)?;
         let mut cmd = Command::new("journalctl");
         cmd.args(["-o", "json", "--follow", "--no-pager", "--lines=all", "--quiet"]);
         if let Some(d) = &self.directory {
@@ -113,6 +124,7 @@ impl LogSource for JournalSource {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()?;
         let stdout = child
             .stdout
