@@ -9,6 +9,7 @@
 
 pub mod archive;
 pub mod artifact;
+pub mod decide;
 pub mod files;
 pub mod health;
 pub mod local;
@@ -29,6 +30,7 @@ use nodekeeper_proto::time::now_rfc3339;
 use nodekeeper_proto::v1::{ComponentSpec, DesiredComponent, Event, NodeComponent, report};
 
 use self::artifact::{Cache, Limits};
+use self::decide::Undo;
 use self::files::{ContentStore, Owner};
 use self::machine::{ArtifactState, Change, FileState, Installed, Manager, Phase, Prior, Record};
 use self::package::{Dpkg, PackageManager, Rpm};
@@ -335,37 +337,31 @@ impl Engine {
         let Some(rec) = self.records.get(&name) else {
             return;
         };
-        let at_target = rec.installed.as_ref().is_some_and(|i| i.spec_hash == hash);
-        let failed = rec.failed_hash == hash;
-        let waiting = rec.retry_hash == hash && unix_now() < rec.retry_at;
-        let installed = rec.installed.is_some();
-        if at_target || (failed && installed) {
-            self.check_drift(&name, d, at_target);
-            return;
-        }
-        if failed {
-            return;
-        }
-        if waiting {
+        match decide::plan(rec, &hash, unix_now()) {
+            // Driven above; what is left of it waits for the next pass.
+            decide::Plan::Resume | decide::Plan::Skip => {}
+            decide::Plan::CheckDrift { at_target } => self.check_drift(&name, d, at_target),
             // Keep what is installed intact while waiting to retry.
-            self.check_drift(&name, d, false);
-            return;
-        }
-        // Checked when it arrived; checked again before it may touch the node
-        // (a spec already installed or already failed is not compiled again).
-        if let Err(e) = spec_rules::check("spec", spec) {
-            let msg = format!("the desired spec is invalid, nothing was changed: {e}");
-            if let Some(rec) = self.records.get_mut(&name)
-                && rec.last_error != msg
-            {
-                rec.phase = phase::FAILED.into();
-                rec.last_error = msg;
-                let rec = rec.clone();
-                let _ = self.save(&rec);
+            decide::Plan::WaitForRetry => self.check_drift(&name, d, false),
+            decide::Plan::Start => {
+                // Checked when it arrived; checked again before it may touch
+                // the node (a spec already installed or already failed is not
+                // compiled again).
+                if let Err(e) = spec_rules::check("spec", spec) {
+                    let msg = format!("the desired spec is invalid, nothing was changed: {e}");
+                    if let Some(rec) = self.records.get_mut(&name)
+                        && rec.last_error != msg
+                    {
+                        rec.phase = phase::FAILED.into();
+                        rec.last_error = msg;
+                        let rec = rec.clone();
+                        let _ = self.save(&rec);
+                    }
+                    return;
+                }
+                self.start(&name, d.clone(), hash, "update");
             }
-            return;
         }
-        self.start(&name, d.clone(), hash, "update");
     }
 
     fn start(&mut self, name: &str, target: DesiredComponent, hash: String, reason: &str) {
@@ -415,105 +411,29 @@ impl Engine {
             let result = self.step(&mut ch);
             self.liveness.end();
             self.failpoint(&format!("{}:after", ph.name()));
-            match result {
-                Ok(()) => match ph.next() {
-                    Some(next) if ph != Phase::RollingBack => {
-                        ch.phase = next;
-                        rec.phase = next.name().into();
-                        rec.change = Some(ch);
-                    }
-                    _ if ph == Phase::RollingBack => {
-                        let error = ch.error.clone();
-                        self.event(
-                            "Warning",
-                            "ComponentRolledBack",
-                            format!(
-                                "component {name}: {error}; rolled back to {}",
-                                ch.previous
-                                    .as_ref()
-                                    .map_or("its state before nodekeeper", |p| p.version.as_str())
-                            ),
-                        );
-                        self.agent.metrics.component_change("rolled_back");
-                        rec.installed = ch.previous;
-                        rec.failed_hash = ch.target_hash;
-                        rec.phase = phase::FAILED.into();
-                        rec.last_error = error;
-                        rec.last_change_time = now_rfc3339();
-                    }
-                    _ => {
-                        let staged = ch.staged.take();
-                        let version = staged.as_ref().map(|s| s.version.clone()).unwrap_or_default();
-                        if ch.reason == "update" {
-                            self.event(
-                                "Info",
-                                "ComponentUpdated",
-                                format!("component {name} is at version {version}"),
-                            );
-                        }
-                        self.agent.metrics.component_change("done");
-                        rec.installed = staged;
-                        rec.phase = phase::DONE.into();
-                        rec.last_error.clear();
-                        rec.failed_hash.clear();
-                        rec.retry_hash.clear();
-                        rec.attempts = 0;
-                        rec.last_change_time = now_rfc3339();
-                    }
-                },
-                Err(e) => {
-                    let e = format!("{}: {e}", ph.name());
-                    tracing::warn!(component = %name, error = %e, "component change step failed");
-                    if ph == Phase::RollingBack {
-                        self.agent.metrics.component_change("failed");
-                        let msg = format!("{}; rollback failed: {e}", ch.error);
-                        self.event("Error", "ComponentRollbackFailed", format!("component {name}: {msg}"));
-                        rec.installed = ch.previous;
-                        rec.failed_hash = ch.target_hash;
-                        rec.phase = phase::FAILED.into();
-                        rec.last_error = msg;
-                        rec.last_change_time = now_rfc3339();
-                    } else if !ph.touches_node() {
-                        self.agent.metrics.component_change("failed");
-                        rec.attempts += 1;
-                        rec.retry_hash = ch.target_hash;
-                        // One reconcile interval, then the jittered backoff:
-                        // nodes that failed on the same repository outage do
-                        // not come back to it in lockstep.
-                        let wait = crate::retry::Backoff::delay_for(
-                            std::time::Duration::from_secs(self.cfg.interval_seconds.max(1)),
-                            std::time::Duration::from_secs(3600),
-                            rec.attempts,
-                        );
-                        rec.retry_at = unix_now() + self.cfg.interval_seconds + wait.as_secs();
-                        rec.phase = phase::FAILED.into();
-                        rec.last_error = format!("{e}; nothing on the node was changed");
-                        self.event(
-                            "Warning",
-                            "ComponentChangeFailed",
-                            format!("component {name}: {}", rec.last_error),
-                        );
-                    } else if ph == Phase::HealthCheck
-                        && ch.target.spec.as_ref().is_some_and(|s| s.on_health_failure == "stay")
-                    {
-                        self.agent.metrics.component_change("failed");
-                        self.event(
-                            "Warning",
-                            "ComponentUnhealthy",
-                            format!("component {name}: {e}; staying at the new version (onHealthFailure: stay)"),
-                        );
-                        rec.installed = ch.staged;
-                        rec.failed_hash = ch.target_hash;
-                        rec.phase = phase::FAILED.into();
-                        rec.last_error = e;
-                        rec.last_change_time = now_rfc3339();
-                    } else {
-                        ch.error = e;
-                        ch.phase = Phase::RollingBack;
-                        rec.phase = Phase::RollingBack.name().into();
-                        rec.change = Some(ch);
-                    }
-                }
+            if let Err(e) = &result {
+                tracing::warn!(component = %name, error = %e, "component change step failed");
+            }
+            // One interval, then the jittered backoff: nodes that failed on
+            // the same repository outage do not come back to it in lockstep.
+            let retry_wait = self.cfg.interval_seconds
+                + crate::retry::Backoff::delay_for(
+                    Duration::from_secs(self.cfg.interval_seconds.max(1)),
+                    Duration::from_secs(3600),
+                    rec.attempts + 1,
+                )
+                .as_secs();
+            let now = decide::Now {
+                rfc3339: now_rfc3339(),
+                unix: unix_now(),
+                retry_wait,
+            };
+            let fx = decide::after_step(name, &mut rec, ch, result, &now);
+            for e in fx.events {
+                self.event(e.severity, e.reason, e.message);
+            }
+            if let Some(r) = fx.result {
+                self.agent.metrics.component_change(r);
             }
             if let Err(e) = self.save(&rec) {
                 // Without a record of the step the node must not change further.
@@ -848,8 +768,7 @@ impl Engine {
     }
 
     fn unit_file<'a>(&self, i: &'a Installed) -> Option<&'a FileState> {
-        let unit = i.unit.as_ref()?;
-        i.file(&self.cfg.unit_dir.join(unit).to_string_lossy())
+        decide::unit_file(i, &self.cfg.unit_dir)
     }
 
     /// daemon-reload when the unit file changed, restart when anything did.
@@ -874,54 +793,42 @@ impl Engine {
 
     /// Puts the node back as it was before the change.
     fn rollback(&self, ch: &Change) -> Result<(), String> {
-        let Some(staged) = ch.staged.as_ref() else {
+        let (Some(staged), prev) = (ch.staged.as_ref(), ch.previous.as_ref()) else {
             return Ok(()); // nothing was staged, so nothing was touched
         };
-        let prev = ch.previous.as_ref();
-        let prev_artifact = prev.and_then(|p| p.artifact.as_ref());
-        if let Some(s) = &staged.artifact
-            && !prev_artifact.is_some_and(|p| machine::same_slot(p, s))
-        {
-            self.restore_prior_artifact(s, &ch.prior)?;
-        }
-        if let Some(p) = prev_artifact {
-            self.apply_artifact(p)?;
-        }
-        for f in &staged.files {
-            if prev.and_then(|p| p.file(&f.path)).is_some() {
-                continue;
-            }
-            match ch.prior.files.get(&f.path) {
-                Some(Some(before)) => self.write_file(before)?,
-                Some(None) => {
-                    files::remove_if_exists(Path::new(&f.path)).map_err(|e| format!("removing {}: {e}", f.path))?
+        for undo in decide::rollback_plan(ch, &self.cfg.unit_dir) {
+            match undo {
+                Undo::RestorePriorArtifact(s) => self.restore_prior_artifact(&s, &ch.prior)?,
+                Undo::ApplyArtifact(p) => self.apply_artifact(&p)?,
+                Undo::RestoreFile(before) => self.write_file(&before)?,
+                Undo::RemoveFile(path) => {
+                    files::remove_if_exists(Path::new(&path)).map_err(|e| format!("removing {path}: {e}"))?
                 }
-                None => {}
-            }
-        }
-        if let Some(p) = prev {
-            self.write_files(p, None)?;
-        }
-        match (prev, &staged.unit) {
-            (Some(p), _) if p.unit.is_some() => self.restart(p, Some(staged), true),
-            (_, Some(unit)) => {
-                systemd::daemon_reload()?;
-                let created = self
-                    .unit_file(staged)
-                    .is_some_and(|f| matches!(ch.prior.files.get(&f.path), Some(None)));
-                if created {
+                Undo::WriteFiles => {
+                    if let Some(p) = prev {
+                        self.write_files(p, None)?;
+                    }
+                }
+                Undo::RestartPrevious => {
+                    if let Some(p) = prev {
+                        self.restart(p, Some(staged), true)?;
+                    }
+                }
+                Undo::ReloadAndStop(unit) => {
+                    systemd::daemon_reload()?;
                     crate::exec::run(
-                        Command::new("systemctl").args(["stop", unit]),
+                        Command::new("systemctl").args(["stop", &unit]),
                         "systemctl stop",
                         crate::exec::Kind::Systemctl,
-                    )
-                    .map(drop)
-                } else {
-                    systemd::restart(unit)
+                    )?;
+                }
+                Undo::ReloadAndRestart(unit) => {
+                    systemd::daemon_reload()?;
+                    systemd::restart(&unit)?;
                 }
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 
     fn restore_prior_artifact(&self, a: &ArtifactState, prior: &Prior) -> Result<(), String> {
