@@ -367,3 +367,6 @@ fn push(tx: &watch::Sender<Desired>, d: Desired) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests;

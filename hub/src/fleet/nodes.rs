@@ -601,7 +601,11 @@ impl Fleet {
     /// than the grace period (at least three of their heartbeat intervals),
     /// and refreshes the fleet gauges. Run about once a second.
     pub fn tick(&self) {
-        let now = Instant::now();
+        self.tick_at(Instant::now());
+    }
+
+    /// [`Fleet::tick`] as of `now` (tests move the clock).
+    pub fn tick_at(&self, now: Instant) {
         let mut writes = Vec::new();
         let mut st = self.lock();
         for e in st.nodes.values_mut() {

@@ -1,0 +1,239 @@
+//! The fleet's rules without SQLite or a network: the store is the memory
+//! backend, sessions are opened with Hellos, reports ingested directly.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nodekeeper_proto::document::parse_resources;
+use nodekeeper_proto::v1::{Event, Hello, NodeFacts, Report, report};
+
+use super::{ApplyAction, Fleet, FleetConfig, FleetError};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::store::memory::Memory;
+
+fn fleet_on(mem: &Memory) -> Arc<Fleet> {
+    let store = Store::with_backend(Box::new(mem.clone()), Metrics::new(), 64).expect("store");
+    Fleet::new(store, mem.load(), Metrics::new(), FleetConfig::default()).expect("fleet")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn hello(name: &str, machine: &str) -> Hello {
+    Hello {
+        node_name: name.into(),
+        facts: Some(NodeFacts {
+            machine_id: machine.into(),
+            ..Default::default()
+        }),
+        protocol: nodekeeper_proto::LINK_PROTOCOL,
+        ..Default::default()
+    }
+}
+
+fn event(seq: u64, reason: &str) -> Report {
+    Report {
+        sequence: seq,
+        body: Some(report::Body::Event(Event {
+            reason: reason.into(),
+            severity: "Info".into(),
+            message: "m".into(),
+            time: "2026-01-01T00:00:00Z".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+const PROFILE: &str = "apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: p}\nspec: {logLevel: debug, labels: {team: a}}\n";
+
+fn apply(f: &Fleet, yaml: &str) -> Result<Vec<super::ApplyResult>, FleetError> {
+    rt().block_on(f.apply(parse_resources(yaml).expect("parse")))
+}
+
+#[test]
+fn apply_creates_then_changes_nothing_then_bumps_generation_only_on_spec_changes() {
+    let mem = Memory::new();
+    let f = fleet_on(&mem);
+    let r = apply(&f, PROFILE).expect("apply");
+    assert_eq!(r[0].action, ApplyAction::Created);
+    assert_eq!(r[0].resource["metadata"]["generation"], 1);
+    let rv1 = r[0].resource["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("rv")
+        .to_string();
+    assert_eq!(apply(&f, PROFILE).expect("again")[0].action, ApplyAction::Unchanged);
+    // Labels only: configured, same generation, new resourceVersion.
+    let labelled = PROFILE.replace("metadata: {name: p}", "metadata: {name: p, labels: {x: y}}");
+    let r = apply(&f, &labelled).expect("labels");
+    assert_eq!(r[0].action, ApplyAction::Configured);
+    assert_eq!(r[0].resource["metadata"]["generation"], 1);
+    assert_ne!(r[0].resource["metadata"]["resourceVersion"], rv1.as_str());
+    // A spec change with the current resourceVersion bumps the generation;
+    // with a stale one it is refused and changes nothing.
+    let rv2 = r[0].resource["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("rv")
+        .to_string();
+    let edit = |rv: &str, level: &str| {
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {{name: p, resourceVersion: '{rv}'}}\nspec: {{logLevel: {level}}}\n"
+        )
+    };
+    let err = apply(&f, &edit(&rv1, "warn")).expect_err("stale");
+    assert_eq!(err.field(), Some("metadata.resourceVersion"), "{err}");
+    let r = apply(&f, &edit(&rv2, "warn")).expect("current");
+    assert_eq!(r[0].resource["metadata"]["generation"], 2);
+    // Survives a restart, from what was committed.
+    let again = fleet_on(&mem);
+    let p = again.get(nodekeeper_proto::Kind::AgentProfile, "p").expect("p");
+    assert_eq!(p["metadata"]["generation"], 2);
+    assert_eq!(p["spec"]["logLevel"], "warn");
+}
+
+#[test]
+fn two_components_may_not_claim_one_file() {
+    let f = fleet_on(&Memory::new());
+    let c = |name: &str| {
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: {name}}}\nspec:\n  version: \"1\"\n  files: [{{path: /etc/shared.conf, template: x}}]\n"
+        )
+    };
+    apply(&f, &c("a")).expect("first");
+    let err = apply(&f, &c("b")).expect_err("claimed twice");
+    assert!(matches!(err, FleetError::Conflict { .. }), "{err}");
+    assert!(err.to_string().contains("a"), "{err}");
+    assert!(
+        f.get(nodekeeper_proto::Kind::Component, "b").is_err(),
+        "nothing applied"
+    );
+}
+
+#[test]
+fn a_failing_store_applies_nothing() {
+    let mem = Memory::new();
+    let f = fleet_on(&mem);
+    mem.set_failing(true);
+    let err = apply(&f, PROFILE).expect_err("store down");
+    assert!(matches!(err, FleetError::Store(_)), "{err}");
+    assert!(f.get(nodekeeper_proto::Kind::AgentProfile, "p").is_err());
+    assert_eq!(f.summary().resources["agentprofiles"], 0);
+    mem.set_failing(false);
+    assert_eq!(apply(&f, PROFILE).expect("store back")[0].action, ApplyAction::Created);
+}
+
+#[test]
+fn reports_are_deduplicated_by_sequence_and_acknowledged_after_commit() {
+    let mem = Memory::new();
+    let f = fleet_on(&mem);
+    let h = f.open_session(hello("n1", "m1")).expect("session");
+    let rt = rt();
+    rt.block_on(f.ingest("n1", h.id, vec![event(1, "A"), event(2, "B"), event(3, "C")]));
+    let mut acks = h.acks.clone();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), acks.wait_for(|s| *s == 3))
+            .await
+            .expect("ack in time")
+            .expect("ack");
+    });
+    // A replay of 2..3 and a new 4: only 4 counts.
+    rt.block_on(f.ingest("n1", h.id, vec![event(2, "B"), event(3, "C"), event(4, "D")]));
+    let n = f.get_node("n1").expect("node");
+    let st = n.status.expect("status");
+    assert_eq!((st.report_sequence, st.reports_received), (4, 4));
+    assert_eq!(
+        st.recent_events
+            .iter()
+            .filter(|e| e.reason == "B")
+            .map(|e| e.count)
+            .sum::<u64>(),
+        1
+    );
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), acks.wait_for(|s| *s == 4))
+            .await
+            .expect("ack in time")
+            .expect("ack");
+    });
+    // Nothing is acknowledged while the store cannot commit.
+    mem.set_failing(true);
+    rt.block_on(f.ingest("n1", h.id, vec![event(5, "E")]));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(*h.acks.borrow(), 4, "an uncommitted report is not acknowledged");
+    mem.set_failing(false);
+    // A restarted fleet knows what was committed, so the agent resends 5.
+    let again = fleet_on(&mem);
+    let h2 = again.open_session(hello("n1", "m1")).expect("session");
+    assert_eq!(h2.welcome.report_sequence, 4);
+    // A report from a replaced session is ignored.
+    rt.block_on(f.ingest("n1", h.id + 1000, vec![event(9, "Z")]));
+}
+
+#[test]
+fn ready_follows_the_session_and_heartbeats() {
+    let f = fleet_on(&Memory::new());
+    let ready = |f: &Fleet| {
+        let n = f.get_node("n1").expect("node");
+        let c = n
+            .status
+            .expect("status")
+            .conditions
+            .into_iter()
+            .find(|c| c.r#type == "Ready")
+            .expect("Ready");
+        (c.status, c.reason)
+    };
+    let h = f.open_session(hello("n1", "m1")).expect("session");
+    assert_eq!(ready(&f), ("True".into(), "AgentConnected".into()));
+    assert_eq!(f.summary().nodes.ready, 1);
+    // Heartbeats stop: Unknown after the grace period (at least three 10 s
+    // heartbeats), not before.
+    f.tick_at(Instant::now() + Duration::from_secs(20));
+    assert_eq!(ready(&f).0, "True");
+    f.tick_at(Instant::now() + Duration::from_secs(45));
+    assert_eq!(ready(&f), ("Unknown".into(), "NodeStatusUnknown".into()));
+    assert_eq!((f.summary().nodes.ready, f.summary().nodes.unknown), (0, 1));
+    // A heartbeat brings it back; closing the session makes it Unknown.
+    f.heartbeat("n1", h.id, 0);
+    assert_eq!(ready(&f).0, "True");
+    f.close_session("n1", h.id);
+    assert_eq!(ready(&f), ("Unknown".into(), "AgentDisconnected".into()));
+    // Another machine may not take a connected node's name.
+    let _h = f.open_session(hello("n1", "m1")).expect("same machine again");
+    let Err(err) = f.open_session(hello("n1", "other")) else {
+        panic!("another machine took a connected node's name")
+    };
+    assert!(err.to_string().contains("another machine"), "{err}");
+}
+
+#[test]
+fn desired_state_follows_profiles_and_labels_survive_a_restart() {
+    let mem = Memory::new();
+    let f = fleet_on(&mem);
+    let h = f.open_session(hello("n1", "m1")).expect("session");
+    let r0 = h.desired.borrow().revision;
+    apply(&f, PROFILE).expect("apply");
+    let d = h.desired.borrow().clone();
+    assert!(d.revision > r0);
+    assert_eq!(d.settings.as_ref().map(|s| s.value.log_level.as_str()), Some("debug"));
+    let labels = f.get_node("n1").expect("node").metadata.expect("meta").labels;
+    assert_eq!(labels.get("team").map(String::as_str), Some("a"));
+    // Before the fan-out's write is even committed the hub may die; the
+    // next one computes the same settings and labels from the resources.
+    std::thread::sleep(Duration::from_millis(50));
+    let again = fleet_on(&mem);
+    let n = again.get_node("n1").expect("node");
+    assert_eq!(
+        n.metadata.expect("meta").labels.get("team").map(String::as_str),
+        Some("a")
+    );
+    assert_eq!(
+        n.status.expect("status").settings.map(|s| s.log_level),
+        Some("debug".into())
+    );
+}
