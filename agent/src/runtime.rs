@@ -167,6 +167,18 @@ impl Agent {
         out
     }
 
+    /// Acknowledges reports up to `upto` (deleted from the outbox). A
+    /// durable outbox deletes with an fsync; on the async runtime that runs
+    /// off its workers, so heartbeats and other sessions are not held up.
+    pub fn ack_reports(&self, upto: u64) -> Result<(), StoreError> {
+        let durable = lock(&self.outbox).is_durable();
+        let ack = || self.with_outbox(|o| o.ack(upto));
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) if durable => tokio::task::block_in_place(ack),
+            _ => ack(),
+        }
+    }
+
     /// Queues a report for the hub (stored first) and wakes the link.
     /// In standalone mode there is no hub and nothing is queued.
     pub fn report(&self, body: report::Body) -> Result<Option<u64>, StoreError> {

@@ -668,11 +668,26 @@ fn a_stalled_store_slows_ingest_down_instead_of_queueing_without_bound() {
     }
     let pending = hollow.stats()["outboxPending"].as_u64().expect("pending");
     assert!(pending > 0, "acks wait for the stalled store");
+    // An apply waits for the stalled store without holding the fleet:
+    // operators keep reading while it waits.
+    let hub_url = hub.http_url();
+    let applying = std::thread::spawn(move || nkctl(&hub_url, None, &["apply", "-f", "-"], Some(PROFILE)));
+    std::thread::sleep(Duration::from_millis(300));
+    for path in ["/v1/fleet/summary", "/v1/nodes?limit=5", "/v1/agentprofiles"] {
+        let (code, _) = http(&hub.http, "GET", path, "").expect("API answers while the store stalls");
+        assert_eq!(code, 200, "{path}");
+    }
+    assert!(
+        !applying.is_finished(),
+        "the apply is committed only when the disk recovers"
+    );
     // The bound holds for ingest; the few writes the hub itself makes
     // (Ready changes, sessions) are counted but bounded by the fleet size.
     assert!(max_queued <= 4.0 + 40.0, "queue grew to {max_queued}");
     // The disk recovers: everything arrives, exactly once.
     std::fs::remove_file(&stall).expect("unstall");
+    let out = applying.join().expect("apply");
+    assert!(out.status.success(), "{}", stderr(&out));
     wait_for("every report acknowledged", T, || {
         (hollow.stats()["outboxPending"] == 0).then_some(())
     });

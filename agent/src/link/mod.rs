@@ -189,7 +189,7 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
 
     // Everything up to what the hub has is done; replay the rest.
     agent
-        .with_outbox(|o| o.ack(welcome.report_sequence))
+        .ack_reports(welcome.report_sequence)
         .map_err(|e| Failure::Unreachable(e.to_string()))?;
     let mut sent = welcome.report_sequence;
     let mut acked = welcome.report_sequence;
@@ -243,7 +243,7 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
                         }
                     }
                     hub_message::Body::ReportAck(a) => {
-                        agent.with_outbox(|o| o.ack(a.sequence)).map_err(|e| Failure::Unreachable(e.to_string()))?;
+                        agent.ack_reports(a.sequence).map_err(|e| Failure::Unreachable(e.to_string()))?;
                         acked = acked.max(a.sequence);
                     }
                     hub_message::Body::Welcome(_) => tracing::warn!("ignoring a second Welcome"),

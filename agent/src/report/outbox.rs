@@ -148,6 +148,12 @@ impl Outbox {
     }
 
     /// The capacity.
+    /// Whether pushes and acks write to disk (fsync): callers on an async
+    /// runtime then run them off its workers.
+    pub fn is_durable(&self) -> bool {
+        self.store.is_some()
+    }
+
     pub fn cap(&self) -> usize {
         self.cap
     }

@@ -139,7 +139,23 @@ async fn post_event(State(a): State<Arc<Agent>>, body: String) -> impl IntoRespo
         source: e.source,
         ..Default::default()
     };
-    match a.record_event(ev) {
+    // Stored with an fsync: off the runtime's workers.
+    let recorded = match tokio::task::spawn_blocking(move || a.record_event(ev)).await {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(
+                    serde_json::to_value(ApiError {
+                        error: format!("recording the event failed: {e}"),
+                        field: None,
+                    })
+                    .unwrap_or_default(),
+                ),
+            );
+        }
+    };
+    match recorded {
         Ok(sequence) => (
             StatusCode::CREATED,
             axum::Json(serde_json::to_value(EventRecorded { sequence }).unwrap_or_default()),

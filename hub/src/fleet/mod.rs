@@ -355,6 +355,57 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// Makes sure `needed` more revisions can be handed out without waiting
+    /// for the store: extends the durable reservation and waits for it here,
+    /// in the async caller, without the fleet lock, so that the reservation
+    /// under the lock ([`Fleet::reserve_revisions`]) never has to block.
+    pub async fn ensure_reserved(&self, needed: u64) {
+        loop {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            {
+                let mut st = self.lock();
+                let want = st.revision + needed;
+                if want + REVISION_BLOCK / 2 < self.revision_durable.load(Ordering::SeqCst) {
+                    return;
+                }
+                if want + REVISION_BLOCK / 2 >= st.revision_reserved {
+                    st.revision_reserved = want + REVISION_BLOCK;
+                }
+                let value = st.revision_reserved;
+                let durable = self.revision_durable.clone();
+                self.store.submit(
+                    vec![Write::Counter {
+                        key: COUNTER_REVISION_RESERVED,
+                        value,
+                    }],
+                    Some(Box::new(move |r| {
+                        if r.is_ok() {
+                            durable.fetch_max(value, Ordering::SeqCst);
+                        }
+                        let _ = tx.send(r.is_ok());
+                    })),
+                );
+            }
+            // A failed store is retried (the caller's own write would fail too).
+            match tokio::time::timeout(Duration::from_secs(10), rx).await {
+                Ok(Ok(true)) => {}
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Runs CPU-heavy fleet work (a fan-out over every node) off the async
+    /// runtime's workers where the runtime allows it, so agent links and the
+    /// API keep being served meanwhile.
+    pub(crate) fn off_runtime<T>(&self, f: impl FnOnce() -> T) -> T {
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+            _ => f(),
+        }
+    }
+}
+
 /// Streams a desired state to the node's sessions (latest value wins; an
 /// older revision never replaces a newer one).
 fn push(tx: &watch::Sender<Desired>, d: Desired) {

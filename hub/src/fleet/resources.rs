@@ -318,7 +318,9 @@ impl Fleet {
             st.settings_cache.clear();
         }
         if planned.iter().any(|(a, _)| *a != ApplyAction::Unchanged) {
-            self.fan_out();
+            let nodes = self.lock().nodes.len() as u64;
+            self.ensure_reserved(nodes).await;
+            self.off_runtime(|| self.fan_out());
         }
         let st = self.lock();
         let results = planned
@@ -446,7 +448,9 @@ impl Fleet {
             st.revisions.remove(&(kind, name.to_string()));
             st.settings_cache.clear();
         }
-        self.fan_out();
+        let nodes = self.lock().nodes.len() as u64;
+        self.ensure_reserved(nodes).await;
+        self.off_runtime(|| self.fan_out());
         Ok(existing)
     }
 }

@@ -74,6 +74,9 @@ impl AgentLink for LinkService {
             tracing::warn!(?peer, node = %hello.node_name, protocol = hello.protocol, "refused agent session: {why}");
             return Err(Status::failed_precondition(why));
         }
+        // Room for this session's revision, waited for here rather than
+        // under the fleet lock.
+        self.fleet.ensure_reserved(1).await;
         let handles = self.fleet.open_session(hello).map_err(|e| {
             tracing::warn!(?peer, error = %e, "refused agent session");
             status_of(e)

@@ -35,6 +35,24 @@ struct Entry {
     realtime: Option<String>,
 }
 
+/// Parses one line of `journalctl -o json`: the entry's line and cursor, or
+/// `None` for a line that is not a journal entry (skipped, never fatal).
+pub fn parse_line(line: &str) -> Option<(Line, String)> {
+    let e = serde_json::from_str::<Entry>(line).ok()?;
+    let time = e
+        .realtime
+        .and_then(|t| t.parse::<u64>().ok())
+        .and_then(|us| SystemTime::UNIX_EPOCH.checked_add(Duration::from_micros(us)))
+        .unwrap_or_else(SystemTime::now);
+    Some((
+        Line {
+            time,
+            message: message_bytes(&e.message),
+        },
+        e.cursor,
+    ))
+}
+
 impl JournalSource {
     /// `log_path` as NPD writes it: "/var/log/journal" (or empty) means the
     /// system journal; anything else is a journal directory.
@@ -167,18 +185,11 @@ impl LogSource for JournalSource {
                     Err(_) => break,
                 },
             }?;
-            let Ok(e) = serde_json::from_str::<Entry>(&line) else {
+            let Some((l, cursor)) = parse_line(&line) else {
                 continue;
             };
-            let time = e
-                .realtime
-                .and_then(|t| t.parse::<u64>().ok())
-                .map_or_else(SystemTime::now, |us| SystemTime::UNIX_EPOCH + Duration::from_micros(us));
-            out.push(Line {
-                time,
-                message: message_bytes(&e.message),
-            });
-            self.cursor = Some(e.cursor);
+            out.push(l);
+            self.cursor = Some(cursor);
         }
         Ok(0)
     }
