@@ -34,6 +34,12 @@ enum Cmd {
     Hollow(nodekeeper_agent::hollow::HollowArgs),
     /// Run log-monitor rules over a log file and show what would be raised.
     TestRules(nodekeeper_agent::detect::test_rules::TestRulesArgs),
+    /// Show a systemd unit's state as the agent sees it (over D-Bus, or
+    /// systemctl without a bus), as JSON.
+    UnitStatus {
+        /// The unit, e.g. kubelet.service.
+        unit: String,
+    },
 }
 
 fn main() {
@@ -44,6 +50,15 @@ fn main_inner() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(Cmd::TestRules(t)) = args.cmd {
         return nodekeeper_agent::detect::test_rules::run(t);
+    }
+    if let Some(Cmd::UnitStatus { unit }) = &args.cmd {
+        daemon::init_logging("warn", false);
+        let units = converge::component::systemd::select();
+        let s = units.status(unit).map_err(anyhow::Error::msg)?;
+        let mut v = serde_json::to_value(&s)?;
+        v["via"] = serde_json::Value::String(units.name().into());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
     }
     if let Some(Cmd::Hollow(h)) = args.cmd {
         daemon::init_logging("warn", false);
@@ -146,6 +161,10 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         .context("starting the log monitors")?;
     let liveness = Arc::new(Liveness::default());
     nodekeeper_agent::exec::set_deadlines(cfg.deadlines);
+    // Chosen once (D-Bus, or systemctl without a bus) and logged.
+    tokio::task::spawn_blocking(converge::component::systemd::select)
+        .await
+        .context("choosing how to talk to systemd")?;
     // The engine thread is not joined at shutdown: every step it takes is
     // recorded first, so a change cut short resumes at the next start.
     let _converge = converge::component::spawn(

@@ -846,8 +846,9 @@ fn systemd_component_in_a_booted_container_ships_its_unit_restarts_on_change_and
     assert!(journal.contains("component drifted"), "{journal}");
 
     // 5. A unit whose start never finishes (Type=notify that never notifies,
-    // TimeoutStartSec=infinity): `systemctl restart` is killed at its
-    // deadline, the change rolls back and the old unit runs again.
+    // TimeoutStartSec=infinity): the restart job is given up at its
+    // deadline (canceled over D-Bus; systemctl would be killed), the change
+    // rolls back and the old unit runs again.
     let hung_unit = "[Unit]\\nDescription=nodekeeper demo\\n[Service]\\nType=notify\\nTimeoutStartSec=infinity\\nExecStart=/usr/local/bin/nk-demo\\n[Install]\\nWantedBy=multi-user.target\\n";
     let hung =
         spec("5", &scripts[0], "/usr/local/bin/nk-demo").replace(&unit_file("/usr/local/bin/nk-demo"), hung_unit);
@@ -857,7 +858,7 @@ fn systemd_component_in_a_booted_container_ships_its_unit_restarts_on_change_and
     let c = wait_hub_phase(&hub, "sd-node", "demo", "Failed", 4);
     let err = c["lastError"].as_str().unwrap_or_default();
     assert!(
-        err.contains("systemctl restart") && err.contains("deadline of 5s"),
+        err.contains("Restarting") && err.contains("nk-demo.service") && err.contains("deadline of 5s"),
         "{c}"
     );
     assert_eq!(c["observedVersion"], "2", "{c}");
@@ -868,6 +869,45 @@ fn systemd_component_in_a_booted_container_ships_its_unit_restarts_on_change_and
     assert!(m.sh("cat /usr/local/bin/nk-demo").contains("nk-demo 2 up"));
     let node = hub.node("sd-node").expect("node");
     assert_eq!(nodekeeper_e2e::ready(&node), "True", "the agent stayed connected");
+
+    // 6. Over D-Bus a job's result is the error: a oneshot unit whose start
+    // fails ends its restart job with result "failed".
+    let failing_unit = "[Unit]\\nDescription=nodekeeper demo\\n[Service]\\nType=oneshot\\nExecStart=/bin/false\\n[Install]\\nWantedBy=multi-user.target\\n";
+    let failing =
+        spec("6", &scripts[0], "/usr/local/bin/nk-demo").replace(&unit_file("/usr/local/bin/nk-demo"), failing_unit);
+    apply(&hub, &failing);
+    let c = wait_hub_phase(&hub, "sd-node", "demo", "Failed", 5);
+    let err = c["lastError"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("RestartUnit nk-demo.service") && err.contains("result \"failed\""),
+        "{c}"
+    );
+    wait_for("the old unit runs again", T, || {
+        (m.prop("nk-demo.service", "ActiveState") == "active").then_some(())
+    });
+
+    // The agent drove systemd over D-Bus, and said so; its view of a unit
+    // matches systemctl's, over D-Bus and over the systemctl fallback.
+    let journal = m.sh("journalctl -u nk-agent.service --no-pager -o cat");
+    assert!(journal.contains("systemd control: D-Bus"), "{journal}");
+    for (env, via) in [
+        ("", "D-Bus"),
+        ("DBUS_SYSTEM_BUS_ADDRESS=unix:path=/nonexistent ", "systemctl"),
+    ] {
+        let out = m.sh(&format!(
+            "{env}/usr/local/sbin/nodekeeper-agent unit-status nk-demo.service"
+        ));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(v["via"], via, "{v}");
+        assert_eq!(v["activeState"], m.prop("nk-demo.service", "ActiveState"), "{v}");
+        assert_eq!(v["subState"], m.prop("nk-demo.service", "SubState"), "{v}");
+        assert_eq!(
+            v["nRestarts"].to_string(),
+            m.prop("nk-demo.service", "NRestarts"),
+            "{v}"
+        );
+        assert!(v["activeEnterTimestamp"].as_u64() > Some(0), "{v}");
+    }
     m.exec(&["systemctl", "stop", "nk-agent.service"]);
 }
 

@@ -19,7 +19,6 @@ pub mod systemd;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -816,11 +815,7 @@ impl Engine {
                 }
                 Undo::ReloadAndStop(unit) => {
                     systemd::daemon_reload()?;
-                    crate::exec::run(
-                        Command::new("systemctl").args(["stop", &unit]),
-                        "systemctl stop",
-                        crate::exec::Kind::Systemctl,
-                    )?;
+                    systemd::stop(&unit)?;
                 }
                 Undo::ReloadAndRestart(unit) => {
                     systemd::daemon_reload()?;
