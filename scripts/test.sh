@@ -30,8 +30,13 @@ echo "== build"
 cargo build --workspace --bins --quiet
 
 echo "== tests"
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
+
+echo "== fuzz (each parser of outside input for a few seconds; long runs: RELIABILITY.md)"
+scripts/fuzz.sh "${FUZZ_SECONDS:-3}"
+exit $status
