@@ -91,3 +91,33 @@ class Figures:
             f.write(f"Machine: {os.cpu_count()} cores ({model}), {memtotal:.1f} GiB memory; {setup}\n\n")
             for line in self.lines:
                 f.write(f"- {line}\n")
+
+
+def ok(url):
+    """True when `url` answers."""
+    try:
+        http(url, timeout=2)
+        return True
+    except Exception:
+        return False
+
+
+class BenchHub:
+    """A hub on a fresh store in `tmp` (loopback ports), startable again on the same state."""
+
+    def __init__(self, bin_dir, tmp, extra=""):
+        self.bin_dir, self.tmp = bin_dir, tmp
+        self.grpc_port, self.http_port = free_port(), free_port()
+        self.http = f"http://127.0.0.1:{self.http_port}"
+        self.grpc = f"http://127.0.0.1:{self.grpc_port}"
+        self.cfg = os.path.join(tmp, "hub.yaml")
+        with open(self.cfg, "w") as f:
+            f.write(f'listen: {{grpc: "127.0.0.1:{self.grpc_port}", http: "127.0.0.1:{self.http_port}"}}\n'
+                    f"stateDir: {tmp}/state\nlogLevel: warn\n{extra}")
+
+    def start(self):
+        """Starts the hub and waits for /healthz; returns the process."""
+        p = subprocess.Popen([f"{self.bin_dir}/nodekeeper-hub", "--config", self.cfg],
+                             stdout=open(os.path.join(self.tmp, "hub.log"), "a"), stderr=subprocess.STDOUT)
+        wait("hub /healthz", 30, 0.05, lambda: ok(f"{self.http}/healthz"))
+        return p

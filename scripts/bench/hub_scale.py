@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 
-from benchlib import CLK_TCK, Figures, kill_all, free_port, http, proc_cpu_ticks, proc_mem, wait
+from benchlib import CLK_TCK, BenchHub, Figures, kill_all, free_port, http, proc_cpu_ticks, proc_mem, wait
 
 
 def jget(url):
@@ -53,20 +53,12 @@ def main():
     burst = int(os.environ.get("BURST_PER_AGENT", "10"))
     record = os.environ.get("NO_RECORD") != "1"
     tmp = tempfile.mkdtemp(prefix="nk-hub-scale-")
-    grpc, hport, cport = free_port(), free_port(), free_port()
-    hub_http = f"http://127.0.0.1:{hport}"
+    bench_hub = BenchHub(args.bin, tmp)
+    hub_http, grpc = bench_hub.http, bench_hub.grpc_port
+    cport = free_port()
     ctl = f"http://127.0.0.1:{cport}"
-    cfg = os.path.join(tmp, "hub.yaml")
-    with open(cfg, "w") as f:
-        f.write(f'listen: {{grpc: "127.0.0.1:{grpc}", http: "127.0.0.1:{hport}"}}\n'
-                f"stateDir: {tmp}/state\nlogLevel: warn\n")
     procs = []
-
-    def start_hub():
-        p = subprocess.Popen([f"{args.bin}/nodekeeper-hub", "--config", cfg],
-                             stdout=open(os.path.join(tmp, "hub.log"), "a"), stderr=subprocess.STDOUT)
-        wait("hub /healthz", 30, 0.05, lambda: _ok(f"{hub_http}/healthz"))
-        return p
+    start_hub = bench_hub.start
 
     fig = Figures()
 
@@ -212,14 +204,6 @@ def main():
     if record:
         fig.record(f"hub-scale, N = {n}", f"scripts/bench/hub-scale.sh {n}",
                    f"STEADY_SECONDS={steady}, BURST_PER_AGENT={burst}", "hub and hollow agents on the same machine")
-
-
-def _ok(url):
-    try:
-        http(url, timeout=2)
-        return True
-    except Exception:
-        return False
 
 
 if __name__ == "__main__":

@@ -8,15 +8,7 @@ import subprocess
 import tempfile
 import time
 
-from benchlib import Figures, free_port, http, kill_all, wait
-
-
-def _ok(url):
-    try:
-        http(url, timeout=2)
-        return True
-    except Exception:
-        return False
+from benchlib import BenchHub, Figures, http, kill_all, wait
 
 
 def one_run(nkctl, hub_http, args):
@@ -50,21 +42,15 @@ def main():
     runs = int(os.environ.get("RUNS", "5"))
     record = os.environ.get("NO_RECORD") != "1"
     tmp = tempfile.mkdtemp(prefix="nk-nkctl-list-")
-    grpc, hport = free_port(), free_port()
-    hub_http = f"http://127.0.0.1:{hport}"
-    cfg = os.path.join(tmp, "hub.yaml")
-    with open(cfg, "w") as f:
-        f.write(f'listen: {{grpc: "127.0.0.1:{grpc}", http: "127.0.0.1:{hport}"}}\n'
-                f"stateDir: {tmp}/state\nlogLevel: warn\n")
+    bench_hub = BenchHub(args.bin, tmp)
+    hub_http = bench_hub.http
     procs = []
     fig = Figures()
     try:
-        hub = subprocess.Popen([f"{args.bin}/nodekeeper-hub", "--config", cfg],
-                               stdout=open(os.path.join(tmp, "hub.log"), "w"), stderr=subprocess.STDOUT)
+        hub = bench_hub.start()
         procs.append(hub)
-        wait("hub /healthz", 30, 0.05, lambda: _ok(f"{hub_http}/healthz"))
         hollow = subprocess.Popen(
-            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), "--hub", f"http://127.0.0.1:{grpc}"],
+            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), "--hub", bench_hub.grpc],
             stdout=open(os.path.join(tmp, "hollow.log"), "w"), stderr=subprocess.STDOUT)
         procs.append(hollow)
         wait("all registered", 300, 0.2,

@@ -333,21 +333,10 @@ impl Fleet {
         let want = st.revision + needed;
         if want + REVISION_BLOCK / 2 >= st.revision_reserved {
             st.revision_reserved = want + REVISION_BLOCK;
-            let value = st.revision_reserved;
-            let durable = self.revision_durable.clone();
             let (tx, rx) = std::sync::mpsc::channel();
-            self.store.submit(
-                vec![Write::Counter {
-                    key: COUNTER_REVISION_RESERVED,
-                    value,
-                }],
-                Some(Box::new(move |r| {
-                    if r.is_ok() {
-                        durable.fetch_max(value, Ordering::SeqCst);
-                    }
-                    let _ = tx.send(());
-                })),
-            );
+            self.store_reservation(st.revision_reserved, move |_| {
+                let _ = tx.send(());
+            });
             if want > self.revision_durable.load(Ordering::SeqCst) {
                 let _ = rx.recv_timeout(Duration::from_secs(10));
             }
@@ -356,6 +345,24 @@ impl Fleet {
 }
 
 impl Fleet {
+    /// Stores the reservation bound `value`; once committed, revisions up to
+    /// it count as durable. `done` learns whether the commit succeeded.
+    fn store_reservation(&self, value: u64, done: impl FnOnce(bool) + Send + 'static) {
+        let durable = self.revision_durable.clone();
+        self.store.submit(
+            vec![Write::Counter {
+                key: COUNTER_REVISION_RESERVED,
+                value,
+            }],
+            Some(Box::new(move |r| {
+                if r.is_ok() {
+                    durable.fetch_max(value, Ordering::SeqCst);
+                }
+                done(r.is_ok());
+            })),
+        );
+    }
+
     /// Makes sure `needed` more revisions can be handed out without waiting
     /// for the store: extends the durable reservation and waits for it here,
     /// in the async caller, without the fleet lock, so that the reservation
@@ -372,20 +379,9 @@ impl Fleet {
                 if want + REVISION_BLOCK / 2 >= st.revision_reserved {
                     st.revision_reserved = want + REVISION_BLOCK;
                 }
-                let value = st.revision_reserved;
-                let durable = self.revision_durable.clone();
-                self.store.submit(
-                    vec![Write::Counter {
-                        key: COUNTER_REVISION_RESERVED,
-                        value,
-                    }],
-                    Some(Box::new(move |r| {
-                        if r.is_ok() {
-                            durable.fetch_max(value, Ordering::SeqCst);
-                        }
-                        let _ = tx.send(r.is_ok());
-                    })),
-                );
+                self.store_reservation(st.revision_reserved, move |ok| {
+                    let _ = tx.send(ok);
+                });
             }
             // A failed store is retried (the caller's own write would fail too).
             match tokio::time::timeout(Duration::from_secs(10), rx).await {
