@@ -34,12 +34,24 @@ enum Cmd {
     Hollow(nodekeeper_agent::hollow::HollowArgs),
     /// Run log-monitor rules over a log file and show what would be raised.
     TestRules(nodekeeper_agent::detect::test_rules::TestRulesArgs),
-    /// Show a systemd unit's state as the agent sees it (over D-Bus, or
-    /// systemctl without a bus), as JSON.
-    UnitStatus {
+    /// Drive or show a systemd unit the way the agent does (over D-Bus, or
+    /// systemctl without a bus): start, stop and restart wait for the job and
+    /// say its result; status prints the unit's state as JSON.
+    Unit {
+        #[arg(value_enum)]
+        action: UnitAction,
         /// The unit, e.g. kubelet.service.
         unit: String,
     },
+}
+
+/// What `nodekeeper-agent unit` does.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum UnitAction {
+    Start,
+    Stop,
+    Restart,
+    Status,
 }
 
 fn main() {
@@ -51,13 +63,23 @@ fn main_inner() -> anyhow::Result<()> {
     if let Some(Cmd::TestRules(t)) = args.cmd {
         return nodekeeper_agent::detect::test_rules::run(t);
     }
-    if let Some(Cmd::UnitStatus { unit }) = &args.cmd {
+    if let Some(Cmd::Unit { action, unit }) = &args.cmd {
         daemon::init_logging("warn", false);
         let units = converge::component::systemd::select();
-        let s = units.status(unit).map_err(anyhow::Error::msg)?;
-        let mut v = serde_json::to_value(&s)?;
-        v["via"] = serde_json::Value::String(units.name().into());
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let done = match action {
+            UnitAction::Start => units.start(unit),
+            UnitAction::Stop => units.stop(unit),
+            UnitAction::Restart => units.restart(unit),
+            UnitAction::Status => {
+                let s = units.status(unit).map_err(anyhow::Error::msg)?;
+                let mut v = serde_json::to_value(&s)?;
+                v["via"] = serde_json::Value::String(units.name().into());
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+        };
+        done.map_err(anyhow::Error::msg)?;
+        println!("{unit}: done (via {})", units.name());
         return Ok(());
     }
     if let Some(Cmd::Hollow(h)) = args.cmd {

@@ -132,7 +132,7 @@ impl Machine {
         m
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
         c.args(["-t", &self.pid1.to_string(), "-a", "--"]).args(args);
         c

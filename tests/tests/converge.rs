@@ -895,7 +895,7 @@ fn systemd_component_in_a_booted_container_ships_its_unit_restarts_on_change_and
         ("DBUS_SYSTEM_BUS_ADDRESS=unix:path=/nonexistent ", "systemctl"),
     ] {
         let out = m.sh(&format!(
-            "{env}/usr/local/sbin/nodekeeper-agent unit-status nk-demo.service"
+            "{env}/usr/local/sbin/nodekeeper-agent unit status nk-demo.service"
         ));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
         assert_eq!(v["via"], via, "{v}");
@@ -908,6 +908,34 @@ fn systemd_component_in_a_booted_container_ships_its_unit_restarts_on_change_and
         );
         assert!(v["activeEnterTimestamp"].as_u64() > Some(0), "{v}");
     }
+    // Jobs over D-Bus and their results: done, failed, and dependency (a
+    // unit whose requirement fails to start).
+    let unit = |args: &[&str]| {
+        let mut a = vec!["/usr/local/sbin/nodekeeper-agent", "unit"];
+        a.extend_from_slice(args);
+        let out = m.command(&a).output().expect("run nodekeeper-agent unit");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = unit(&["stop", "nk-demo.service"]);
+    assert!(ok && out.contains("done (via D-Bus)"), "{out}");
+    assert_eq!(m.prop("nk-demo.service", "ActiveState"), "inactive");
+    let (ok, out) = unit(&["start", "nk-demo.service"]);
+    assert!(ok && out.contains("done (via D-Bus)"), "{out}");
+    assert_eq!(m.prop("nk-demo.service", "ActiveState"), "active");
+    m.sh("printf '[Service]\\nType=oneshot\\nExecStart=/bin/false\\n' > /etc/systemd/system/nk-broken.service");
+    m.sh("printf '[Unit]\\nRequires=nk-broken.service\\nAfter=nk-broken.service\\n[Service]\\nExecStart=/bin/sleep infinity\\n' > /etc/systemd/system/nk-needs-broken.service");
+    m.exec(&["systemctl", "daemon-reload"]);
+    let (ok, out) = unit(&["start", "nk-needs-broken.service"]);
+    assert!(!ok && out.contains("result \"dependency\""), "{out}");
+    let (ok, out) = unit(&["start", "nk-broken.service"]);
+    assert!(!ok && out.contains("result \"failed\""), "{out}");
     m.exec(&["systemctl", "stop", "nk-agent.service"]);
 }
 

@@ -36,6 +36,8 @@ pub trait Units: Send + Sync {
     /// Which implementation this is, for the log.
     fn name(&self) -> &'static str;
     fn daemon_reload(&self) -> Result<(), String>;
+    /// Starts `unit` and waits for the job.
+    fn start(&self, unit: &str) -> Result<(), String>;
     /// Restarts (or starts) `unit` and waits for the job.
     fn restart(&self, unit: &str) -> Result<(), String>;
     /// Stops `unit` and waits for the job.
@@ -166,6 +168,10 @@ impl Units for DBus {
         })
     }
 
+    fn start(&self, unit: &str) -> Result<(), String> {
+        self.job("StartUnit", unit)
+    }
+
     fn restart(&self, unit: &str) -> Result<(), String> {
         self.job("RestartUnit", unit)
     }
@@ -240,6 +246,10 @@ impl Units for Systemctl {
 
     fn daemon_reload(&self) -> Result<(), String> {
         systemctl(&["daemon-reload"]).map(drop)
+    }
+
+    fn start(&self, unit: &str) -> Result<(), String> {
+        systemctl(&["start", unit]).map(drop)
     }
 
     fn restart(&self, unit: &str) -> Result<(), String> {
