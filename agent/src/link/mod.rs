@@ -61,16 +61,18 @@ enum Failure {
 impl Failure {
     fn from_status(s: &tonic::Status) -> Failure {
         let why = format!("hub refused the session: {}", s.message());
+        let hint = s
+            .metadata()
+            .get(nodekeeper_proto::RETRY_AFTER_MS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis);
         match s.code() {
-            tonic::Code::Unavailable => Failure::Refused {
-                why,
-                retry_after: s
-                    .metadata()
-                    .get(nodekeeper_proto::RETRY_AFTER_MS)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .map(Duration::from_millis),
-            },
+            // Admission control says when to come back; any other
+            // Unavailable (a broken connection, a store hiccup) is retried
+            // with the usual backoff.
+            tonic::Code::Unavailable if hint.is_some() => Failure::Refused { why, retry_after: hint },
+            tonic::Code::Unavailable => Failure::Unreachable(why),
             tonic::Code::FailedPrecondition
             | tonic::Code::PermissionDenied
             | tonic::Code::Unauthenticated
@@ -258,4 +260,36 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
 
 fn heartbeat_interval(agent: &Agent) -> Duration {
     Duration::from_secs(u64::from(agent.settings().heartbeat_seconds.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_told_from_outages_and_the_hint_is_read() {
+        let mut s = tonic::Status::unavailable("at the limit");
+        s.metadata_mut()
+            .insert(nodekeeper_proto::RETRY_AFTER_MS, "2500".parse().expect("value"));
+        match Failure::from_status(&s) {
+            Failure::Refused { retry_after, why } => {
+                assert_eq!(retry_after, Some(Duration::from_millis(2500)));
+                assert!(why.contains("at the limit"));
+            }
+            Failure::Unreachable(w) => panic!("a hinted refusal: {w}"),
+        }
+        // Unavailable without a hint is a broken connection: normal backoff.
+        assert!(matches!(
+            Failure::from_status(&tonic::Status::unavailable("connection reset")),
+            Failure::Unreachable(_)
+        ));
+        assert!(matches!(
+            Failure::from_status(&tonic::Status::failed_precondition("protocol")),
+            Failure::Refused { retry_after: None, .. }
+        ));
+        assert!(matches!(
+            Failure::from_status(&tonic::Status::internal("oops")),
+            Failure::Unreachable(_)
+        ));
+    }
 }
