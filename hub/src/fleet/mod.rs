@@ -368,7 +368,9 @@ impl Fleet {
     /// in the async caller, without the fleet lock, so that the reservation
     /// under the lock ([`Fleet::reserve_revisions`]) never has to block.
     pub async fn ensure_reserved(&self, needed: u64) {
-        loop {
+        // A store that stays down fails the caller's own writes; after a
+        // while the reservation under the lock (bounded) takes over.
+        for _ in 0..20 {
             let (tx, rx) = tokio::sync::oneshot::channel();
             {
                 let mut st = self.lock();
