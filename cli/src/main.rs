@@ -120,7 +120,7 @@ fn what(s: &str) -> anyhow::Result<What> {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     quiet_on_closed_pipe();
     let cli = Cli::parse();
@@ -139,8 +139,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Streams a paged node list: the next page is fetched while the current
-/// one is printed, and only two pages are held at a time.
+/// Streams a paged node list: the next page's request goes out before the
+/// current page is printed, and at most two pages are held at a time, all
+/// on one thread (one malloc arena).
 async fn stream_nodes(
     hub: Target,
     query: String,
