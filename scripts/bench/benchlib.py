@@ -121,3 +121,12 @@ class BenchHub:
                              stdout=open(os.path.join(self.tmp, "hub.log"), "a"), stderr=subprocess.STDOUT)
         wait("hub /healthz", 30, 0.05, lambda: ok(f"{self.http}/healthz"))
         return p
+
+
+def bench_args():
+    """The arguments every hub benchmark driver takes: --bin (the build's directory) and --count."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--count", type=int, default=10000)
+    return ap.parse_args()

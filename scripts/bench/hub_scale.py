@@ -1,6 +1,5 @@
 """Drives the hub-scale benchmark: see hub-scale.sh. Standard library only."""
 
-import argparse
 import http.client as httpclient
 import json
 import os
@@ -9,7 +8,7 @@ import subprocess
 import tempfile
 import time
 
-from benchlib import CLK_TCK, BenchHub, Figures, kill_all, free_port, http, proc_cpu_ticks, proc_mem, wait
+from benchlib import bench_args, CLK_TCK, BenchHub, Figures, kill_all, free_port, http, proc_cpu_ticks, proc_mem, wait
 
 
 def jget(url):
@@ -44,10 +43,7 @@ def summary(hub_http):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--count", type=int, default=10000)
-    args = ap.parse_args()
+    args = bench_args()
     n = args.count
     steady = int(os.environ.get("STEADY_SECONDS", "30"))
     burst = int(os.environ.get("BURST_PER_AGENT", "10"))

@@ -1,6 +1,5 @@
 """Drives the nkctl-list benchmark: see nkctl-list.sh. Standard library only."""
 
-import argparse
 import json
 import os
 import shutil
@@ -8,7 +7,7 @@ import subprocess
 import tempfile
 import time
 
-from benchlib import BenchHub, Figures, http, kill_all, wait
+from benchlib import bench_args, BenchHub, Figures, http, kill_all, wait
 
 
 def one_run(nkctl, hub_http, args):
@@ -34,10 +33,7 @@ def one_run(nkctl, hub_http, args):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--count", type=int, default=10000)
-    args = ap.parse_args()
+    args = bench_args()
     n = args.count
     runs = int(os.environ.get("RUNS", "5"))
     record = os.environ.get("NO_RECORD") != "1"

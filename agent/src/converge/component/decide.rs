@@ -98,12 +98,7 @@ pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(
                 format!("component {name}: {}; rolled back to {to}", ch.error),
             );
             fx.result = Some("rolled_back");
-            rec.last_error = ch.error;
-            rec.installed = ch.previous;
-            rec.failed_hash = ch.target_hash;
-            rec.phase = phase::FAILED.into();
-            rec.last_change_time = now.rfc3339.clone();
-            rec.change = None;
+            give_up(rec, ch.previous, ch.target_hash, ch.error, now);
         }
         Ok(()) => match ph.next() {
             Some(next) => {
@@ -138,12 +133,7 @@ pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(
                 let msg = format!("{}; rollback failed: {e}", ch.error);
                 emit("Error", "ComponentRollbackFailed", format!("component {name}: {msg}"));
                 fx.result = Some("failed");
-                rec.installed = ch.previous;
-                rec.failed_hash = ch.target_hash;
-                rec.phase = phase::FAILED.into();
-                rec.last_error = msg;
-                rec.last_change_time = now.rfc3339.clone();
-                rec.change = None;
+                give_up(rec, ch.previous, ch.target_hash, msg, now);
             } else if !ph.touches_node() {
                 fx.result = Some("failed");
                 rec.attempts += 1;
@@ -165,12 +155,7 @@ pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(
                     "ComponentUnhealthy",
                     format!("component {name}: {e}; staying at the new version (onHealthFailure: stay)"),
                 );
-                rec.installed = ch.staged;
-                rec.failed_hash = ch.target_hash;
-                rec.phase = phase::FAILED.into();
-                rec.last_error = e;
-                rec.last_change_time = now.rfc3339.clone();
-                rec.change = None;
+                give_up(rec, ch.staged, ch.target_hash, e, now);
             } else {
                 ch.error = e;
                 ch.phase = Phase::RollingBack;
@@ -180,6 +165,17 @@ pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(
         }
     }
     fx
+}
+
+/// Ends a change as Failed with the node at `installed`; the spec hashing
+/// to `target_hash` is not tried again until it changes.
+fn give_up(rec: &mut Record, installed: Option<Installed>, target_hash: String, error: String, now: &Now) {
+    rec.installed = installed;
+    rec.failed_hash = target_hash;
+    rec.phase = phase::FAILED.into();
+    rec.last_error = error;
+    rec.last_change_time = now.rfc3339.clone();
+    rec.change = None;
 }
 
 /// One action of a rollback, in order.
