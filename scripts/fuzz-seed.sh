@@ -41,8 +41,10 @@ spec:
 Y
 printf '%s\n' '{"__CURSOR":"s=1;i=2","__REALTIME_TIMESTAMP":"1700000000000000","MESSAGE":"containerd: failed","SYSLOG_IDENTIFIER":"containerd"}' >"$c/journald_line/seed-text"
 printf '%s\n' '{"__CURSOR":"s=1;i=3","MESSAGE":[104,105]}' >"$c/journald_line/seed-binary"
-printf '^.{15}\0:\\s(.*)\0Jan _2 15:04:05\0Nov  3 10:11:12 host kernel: task blocked for more than 120 seconds.' >"$c/filelog_translator/seed-syslog"
-printf '^time="(\\S*)"\0msg="([^\\n]*)"\02006-01-02T15:04:05.999999999Z07:00\0time="2024-01-02T03:04:05.123Z" level=error msg="container died"' >"$c/filelog_translator/seed-docker"
+printf '\000Nov  3 10:11:12 host kernel: [ 1.2] task blocked for more than 120 seconds.' >"$c/filelog_translator/seed-kernel"
+printf '\001time="2024-01-02T03:04:05.123Z" level=error msg="container died"' >"$c/filelog_translator/seed-docker"
+printf '\002Nov  3 10:11:12 host smartd: Currently unreadable (pending) sectors' >"$c/filelog_translator/seed-disk"
+printf '\000Jan _2 15:04:05\000Nov  3 10:11:12' >"$c/filelog_translator/seed-time"
 # A Hello and a report batch, protobuf-encoded.
 printf '\x0a\x08\x0a\x02n1\x30\x01' >"$c/link_message/seed-hello"
 printf '\x1a\x10\x0a\x0e\x08\x01\x22\x0a\x1a\x03Oom\x12\x03Err' >"$c/link_message/seed-report"
