@@ -30,11 +30,11 @@ for t in "${targets[@]}"; do
   fi
   echo "== fuzz $t ${limit[*]}"
   if ! "$bin/$t" "${limit[@]}" -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
-      -artifact_prefix="fuzz/artifacts/$t/" -print_final_stats=1 "fuzz/corpus/$t" 2>"fuzz/artifacts/$t/log.txt"; then
-    echo "!! $t found a crash: see fuzz/artifacts/$t/ and its log.txt" >&2
-    tail -40 "fuzz/artifacts/$t/log.txt" >&2
+      -artifact_prefix="fuzz/artifacts/$t/" -print_final_stats=1 "fuzz/corpus/$t" 2>"fuzz/artifacts/$t/last-run.log"; then
+    echo "!! $t found a crash: see fuzz/artifacts/$t/ and its last-run.log" >&2
+    tail -40 "fuzz/artifacts/$t/last-run.log" >&2
     status=1
   fi
-  grep -E "^stat::number_of_executed_units|^stat::peak_rss_mb|Done [0-9]+ runs" "fuzz/artifacts/$t/log.txt" || true
+  grep -E "^stat::number_of_executed_units|^stat::peak_rss_mb|Done [0-9]+ runs" "fuzz/artifacts/$t/last-run.log" || true
 done
 exit $status
