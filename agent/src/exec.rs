@@ -115,15 +115,33 @@ impl std::fmt::Display for Error {
     }
 }
 
-fn reader(mut r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
+/// A stream being read on its own thread: what was read so far, and a
+/// signal when it ended.
+struct Reader {
+    kept: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    done: mpsc::Receiver<()>,
+}
+
+impl Reader {
+    /// What was read, after waiting up to `wait` for the stream to end.
+    fn take(self, wait: Duration) -> String {
+        let _ = self.done.recv_timeout(wait);
+        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&kept).into_owned()
+    }
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> Reader {
+    let (tx, done) = mpsc::channel();
+    let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let k = kept.clone();
     let _ = std::thread::Builder::new().name("exec-output".into()).spawn(move || {
-        let mut kept = Vec::new();
         let mut buf = [0u8; 8192];
         loop {
             match r.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    let mut kept = k.lock().unwrap_or_else(|p| p.into_inner());
                     kept.extend_from_slice(&buf[..n]);
                     if kept.len() > KEEP {
                         // Keep the end: the error is usually last.
@@ -133,9 +151,9 @@ fn reader(mut r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
                 }
             }
         }
-        let _ = tx.send(String::from_utf8_lossy(&kept).into_owned());
+        let _ = tx.send(());
     });
-    rx
+    Reader { kept, done }
 }
 
 /// Runs `cmd` to its end or its deadline (`what` names it in errors).
@@ -163,14 +181,14 @@ pub fn output(cmd: &mut Command, what: &str, limit: Duration) -> Result<Output, 
             Err(e) => return Err(Error::Spawn(format!("{what}: waiting for it: {e}"))),
         }
     };
-    // Whatever the child left in its group goes too (a hung helper, a
-    // pager), on success as on expiry.
-    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-    let collect = |rx: Option<mpsc::Receiver<String>>| {
-        rx.and_then(|rx| rx.recv_timeout(Duration::from_secs(2)).ok())
-            .unwrap_or_default()
-    };
+    // Output still held open by something the child left behind (a daemon a
+    // maintainer script started) is not waited for long.
+    let collect = |r: Option<Reader>| r.map(|r| r.take(Duration::from_secs(2))).unwrap_or_default();
     let Some(status) = status else {
+        // Past the deadline the whole group goes: the child and whatever it
+        // started and is waiting for. After a normal exit the group is left
+        // alone (a package's maintainer script may have started a service).
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = child.wait();
         let stderr = collect(err);
         let tail = stderr.trim();
@@ -239,6 +257,41 @@ mod tests {
         );
         let e = run_for(&mut Command::new("/nonexistent/x"), "missing", Duration::from_secs(1)).unwrap_err();
         assert!(e.contains("missing: cannot run"), "{e}");
+    }
+
+    #[test]
+    fn what_a_finished_command_started_is_left_alone() {
+        let dir = std::env::temp_dir().join(format!("nk-exec-bg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pid = dir.join("pid");
+        // Like a maintainer script starting a daemon that keeps the pipe open.
+        let script = format!("sleep 30 & echo $! > {}; echo done", pid.display());
+        let start = Instant::now();
+        let out = run_for(
+            Command::new("sh").args(["-c", &script]),
+            "starter",
+            Duration::from_secs(20),
+        )
+        .expect("ok");
+        assert_eq!(out, "done\n", "what was printed is kept");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "returned while the daemon holds the pipe"
+        );
+        let bg = std::fs::read_to_string(&pid).expect("pid");
+        let bg = bg.trim();
+        let state = std::fs::read_to_string(format!("/proc/{bg}/stat")).unwrap_or_default();
+        assert!(
+            state
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z')),
+            "the daemon survives: {state}"
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(bg.parse().expect("pid")),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
