@@ -173,9 +173,10 @@ impl Agent {
     pub fn ack_reports(&self, upto: u64) -> Result<(), StoreError> {
         let durable = lock(&self.outbox).is_durable();
         let ack = || self.with_outbox(|o| o.ack(upto));
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) if durable => tokio::task::block_in_place(ack),
-            _ => ack(),
+        if durable {
+            nodekeeper_proto::daemon::off_runtime(ack)
+        } else {
+            ack()
         }
     }
 

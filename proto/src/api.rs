@@ -33,6 +33,21 @@ pub struct ListMeta {
 /// Largest page a list request may ask for.
 pub const MAX_PAGE: usize = 5000;
 
+/// One page of a list: at most `limit` of `items` (already in name order and
+/// past the previous page's token), and the next page's token: the name of
+/// the last item returned, or empty when nothing is left.
+pub fn page<T>(items: impl Iterator<Item = T>, limit: usize, name: impl Fn(&T) -> String) -> (Vec<T>, String) {
+    let mut out = Vec::new();
+    for item in items {
+        if out.len() == limit {
+            let next = out.last().map(&name).unwrap_or_default();
+            return (out, next);
+        }
+        out.push(item);
+    }
+    (out, String::new())
+}
+
 /// Node counts of the fleet summary.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -152,6 +167,18 @@ pub struct EventRecorded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_ends_with_the_token_of_its_last_item_only_when_more_remain() {
+        let name = |s: &&str| s.to_string();
+        assert_eq!(
+            page(["a", "b", "c"].into_iter(), 2, name),
+            (vec!["a", "b"], "b".to_string())
+        );
+        assert_eq!(page(["a", "b"].into_iter(), 2, name), (vec!["a", "b"], String::new()));
+        assert_eq!(page(["a"].into_iter(), usize::MAX, name), (vec!["a"], String::new()));
+        assert_eq!(page(std::iter::empty::<&str>(), 3, name), (vec![], String::new()));
+    }
 
     #[test]
     fn list_paging_token_is_named_continue_and_absent_when_done() {

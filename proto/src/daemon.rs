@@ -102,6 +102,17 @@ pub fn notify_ready_while(healthy: impl Fn() -> bool + Send + 'static) {
     }
 }
 
+/// Runs blocking work (an fsync, a computation over the whole fleet) without
+/// holding up the async runtime's other tasks: in `block_in_place` on a
+/// multi-thread runtime, directly anywhere else (a current-thread runtime
+/// in tests, a plain thread).
+pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Tells systemd the daemon is stopping.
 pub fn notify_stopping() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

@@ -584,10 +584,14 @@ fn metrics_listen_serves_metrics_and_health_only() {
     for path in ["/v1/status", "/v1/events", "/v1/conditions", "/v1/components"] {
         assert_eq!(http(&addr, "GET", path, "").expect("get").0, 404, "{path}");
     }
-    // The socket still serves them.
+    // The socket still serves them, and the refused POST recorded nothing.
     assert!(agent.status().is_some());
-    let events = agent.status().expect("status");
-    assert!(!events.to_string().contains("FromTheNetwork"));
+    let (code, events) = nodekeeper_e2e::http_unix(&agent.socket, "GET", "/v1/events", "").expect("events");
+    assert_eq!(code, 200);
+    assert!(
+        events.contains("AgentStarted") && !events.contains("FromTheNetwork"),
+        "{events}"
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@ use nodekeeper_proto::document::parse_resources;
 use nodekeeper_proto::{Kind, ResourceError};
 use serde_json::{Value, json};
 
-use nodekeeper_proto::api::{List, ListMeta, MAX_PAGE};
+use nodekeeper_proto::api::{List, ListMeta, MAX_PAGE, page};
 
 use crate::fleet::{Fleet, FleetError};
 
@@ -174,21 +174,13 @@ async fn list(State(f): State<Api>, Path(kind): Path<String>, Query(q): Query<Li
     let sel = selector_of(&q)?;
     let limit = q.limit()?;
     let after = q.continue_token.as_deref().unwrap_or_default();
-    let mut items: Vec<Value> = f
+    let name = |r: &Value| r["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let selected = f
         .list(kind)
         .into_iter()
         .filter(|r| nodekeeper_proto::selector::selects(sel.as_ref(), &labels_of(r)))
-        .filter(|r| after.is_empty() || r["metadata"]["name"].as_str().is_some_and(|n| n > after))
-        .collect();
-    let mut next = String::new();
-    if items.len() > limit {
-        items.truncate(limit);
-        next = items
-            .last()
-            .and_then(|r| r["metadata"]["name"].as_str())
-            .unwrap_or_default()
-            .to_string();
-    }
+        .filter(|r| after.is_empty() || name(r).as_str() > after);
+    let (items, next) = page(selected, limit, name);
     Ok(axum::Json(
         json!({ "items": items, "metadata": ListMeta { continue_token: next } }),
     ))

@@ -392,16 +392,6 @@ impl Fleet {
             }
         }
     }
-
-    /// Runs CPU-heavy fleet work (a fan-out over every node) off the async
-    /// runtime's workers where the runtime allows it, so agent links and the
-    /// API keep being served meanwhile.
-    pub(crate) fn off_runtime<T>(&self, f: impl FnOnce() -> T) -> T {
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-            _ => f(),
-        }
-    }
 }
 
 /// Streams a desired state to the node's sessions (latest value wins; an

@@ -712,14 +712,6 @@ impl Fleet {
         n
     }
 
-    /// Every node, sorted by name, with live fields filled in. The specs of
-    /// the node's desired components are left out (name and generation
-    /// stay): they are the Components' own, and repeated per node they would
-    /// make a fleet listing megabytes large. `get_node` has them.
-    pub fn list_nodes(&self) -> Vec<Node> {
-        self.list_nodes_page(None, "", usize::MAX).0
-    }
-
     /// A page of nodes in name order: at most `limit` of those `selector`
     /// selects, starting after the node named `after` (the previous page's
     /// `continue` token; empty for the first page). Returns the page and the
@@ -739,24 +731,15 @@ impl Fleet {
         } else {
             Bound::Excluded(after)
         };
-        let mut page: Vec<(&String, &NodeEntry)> = Vec::new();
-        let mut more = false;
-        for (name, e) in st.nodes.range::<str, _>((start, Bound::Unbounded)) {
+        let selected = st.nodes.range::<str, _>((start, Bound::Unbounded)).filter(|(_, e)| {
             let labels = e.node.metadata.as_ref().map(|m| &m.labels);
-            if !nodekeeper_proto::selector::selects(selector, labels.unwrap_or(&BTreeMap::new())) {
-                continue;
-            }
-            if page.len() == limit {
-                more = true;
-                break;
-            }
-            page.push((name, e));
-        }
-        // More remain: the token is the last name returned.
-        let next = match (more, page.last()) {
-            (true, Some((name, _))) => (*name).clone(),
-            _ => String::new(),
-        };
+            nodekeeper_proto::selector::selects(selector, labels.unwrap_or(&BTreeMap::new()))
+        });
+        let (page, next) = nodekeeper_proto::api::page(selected, limit, |(name, _)| (*name).clone());
+        // The specs of a node's desired components are left out (name and
+        // generation stay): they are the Components' own, and repeated per
+        // node they would make a fleet listing megabytes large. `get_node`
+        // has them.
         let page = page
             .into_iter()
             .map(|(_, e)| {

@@ -320,7 +320,8 @@ impl Fleet {
         if planned.iter().any(|(a, _)| *a != ApplyAction::Unchanged) {
             let nodes = self.lock().nodes.len() as u64;
             self.ensure_reserved(nodes).await;
-            self.off_runtime(|| self.fan_out());
+            // The fan-out takes CPU for the whole fleet: off the runtime's workers.
+            nodekeeper_proto::daemon::off_runtime(|| self.fan_out());
         }
         let st = self.lock();
         let results = planned
@@ -450,7 +451,8 @@ impl Fleet {
         }
         let nodes = self.lock().nodes.len() as u64;
         self.ensure_reserved(nodes).await;
-        self.off_runtime(|| self.fan_out());
+        // The fan-out takes CPU for the whole fleet: off the runtime's workers.
+        nodekeeper_proto::daemon::off_runtime(|| self.fan_out());
         Ok(existing)
     }
 }

@@ -155,7 +155,8 @@ impl Admission {
     /// Counts a new connection; `None` when it must be closed at once.
     fn admit(self: &Arc<Self>, remote: Option<SocketAddr>) -> Option<(ConnInfo, Guard)> {
         let total = self.open.fetch_add(1, Ordering::Relaxed) + 1;
-        let ip = remote.map(|a| a.ip());
+        // Sources are counted only when they are limited.
+        let ip = remote.map(|a| a.ip()).filter(|_| self.limits.max_per_source > 0);
         let per = ip.map(|ip| {
             let mut m = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
             let n = m.entry(ip).or_default();
