@@ -33,13 +33,60 @@ pub struct AgentConfig {
     pub log_level: String,
     /// text or json.
     pub log_format: String,
+    /// The file this was read from (for error messages).
+    #[serde(skip)]
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HubLink {
-    /// `http://host:port` of the hub's gRPC listener.
+    /// `https://host:port` of the hub's gRPC listener (`http://` only with
+    /// `insecure`).
     pub address: String,
+    /// A plaintext, unauthenticated hub (labs only).
+    #[serde(default)]
+    pub insecure: bool,
+    /// The join token (`nkctl token create join`); needed until the node
+    /// holds a certificate.
+    #[serde(default)]
+    pub bootstrap_token: Option<String>,
+    /// A file holding the join token instead.
+    #[serde(default)]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// `sha256:<hex>` of the hub CA's key, checked before anything is sent.
+    #[serde(default)]
+    pub ca_cert_hash: Option<String>,
+    /// The hub CA certificate instead of a pin.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Fraction of the node certificate's lifetime after which it is renewed.
+    #[serde(default = "default_renew_fraction")]
+    pub renew_fraction: f64,
+}
+
+fn default_renew_fraction() -> f64 {
+    2.0 / 3.0
+}
+
+impl HubLink {
+    /// The join token, from the config or its file.
+    pub fn token(&self, path: &Path) -> Result<Option<String>, ConfigError> {
+        let t = match (&self.bootstrap_token, &self.bootstrap_token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| ConfigError::invalid(path, "hub.bootstrapTokenFile", format!("{}: {e}", f.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(t) = &t {
+            nodekeeper_proto::token::parse(t).map_err(|e| ConfigError::invalid(path, "hub.bootstrapToken", e))?;
+        }
+        Ok(t)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -136,6 +183,7 @@ impl Default for AgentConfig {
             deadlines: crate::exec::Deadlines::default(),
             log_level: "info".into(),
             log_format: "text".into(),
+            path: PathBuf::new(),
         }
     }
 }
@@ -143,8 +191,9 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Loads and checks the file; `required` when given explicitly.
     pub fn load(path: &Path, required: bool) -> Result<AgentConfig, ConfigError> {
-        let c: AgentConfig = nodekeeper_proto::config::load(path, required)?;
+        let mut c: AgentConfig = nodekeeper_proto::config::load(path, required)?;
         c.check(path)?;
+        c.path = path.to_path_buf();
         Ok(c)
     }
 
@@ -154,14 +203,51 @@ impl AgentConfig {
             validate::dns_subdomain("nodeName", n).map_err(|e| ConfigError::invalid(path, "nodeName", e.message))?;
         }
         validate::labels("labels", &self.labels).map_err(|e| ConfigError::invalid(path, &e.field, e.message))?;
-        if let Some(h) = &self.hub
-            && !(h.address.starts_with("http://") || h.address.starts_with("https://"))
-        {
-            return Err(ConfigError::invalid(
-                path,
-                "hub.address",
-                format!("{:?} must be a URL like http://hub.example:7443", h.address),
-            ));
+        if let Some(h) = &self.hub {
+            if h.address.starts_with("http://") && !h.insecure {
+                return Err(ConfigError::invalid(
+                    path,
+                    "hub.address",
+                    format!(
+                        "{:?} is plaintext: the agent refuses an http:// hub (anyone on the path could push code to this node); use https://, or hub.insecure: true for a lab hub",
+                        h.address
+                    ),
+                ));
+            }
+            if !(h.address.starts_with("http://") || h.address.starts_with("https://")) {
+                return Err(ConfigError::invalid(
+                    path,
+                    "hub.address",
+                    format!("{:?} must be a URL like https://hub.example:7443", h.address),
+                ));
+            }
+            if h.address.starts_with("https://") {
+                if h.ca_cert_hash.is_none() && h.ca_file.is_none() {
+                    return Err(ConfigError::invalid(
+                        path,
+                        "hub.caCertHash",
+                        "an https:// hub needs hub.caCertHash (printed by `nkctl token create join`) or hub.caFile, so the agent knows it talks to its hub",
+                    ));
+                }
+                if let Some(p) = &h.ca_cert_hash {
+                    nodekeeper_proto::tls::normalize_pin(p)
+                        .map_err(|e| ConfigError::invalid(path, "hub.caCertHash", e.to_string()))?;
+                }
+                if h.bootstrap_token.is_some() && h.bootstrap_token_file.is_some() {
+                    return Err(ConfigError::invalid(
+                        path,
+                        "hub.bootstrapTokenFile",
+                        "give hub.bootstrapToken or hub.bootstrapTokenFile, not both",
+                    ));
+                }
+                if !(h.renew_fraction > 0.05 && h.renew_fraction < 0.95) {
+                    return Err(ConfigError::invalid(
+                        path,
+                        "hub.renewFraction",
+                        format!("{} is out of range (0.05, 0.95)", h.renew_fraction),
+                    ));
+                }
+            }
         }
         if !self.state_dir.is_absolute() {
             return Err(ConfigError::invalid(path, "stateDir", "must be an absolute path"));

@@ -31,9 +31,18 @@ pub struct HollowArgs {
     /// Number of hollow agents.
     #[arg(long)]
     pub count: usize,
-    /// Hub gRPC address (`http://host:port`).
+    /// Hub gRPC address (`https://host:port`; `http://` with `--insecure`).
     #[arg(long)]
     pub hub: String,
+    /// Join token every hollow agent joins with (as real agents do).
+    #[arg(long, env = "NODEKEEPER_JOIN_TOKEN")]
+    pub token: Option<String>,
+    /// The hub CA's pin (`sha256:<hex>`).
+    #[arg(long)]
+    pub ca_cert_hash: Option<String>,
+    /// A plaintext hub without identities.
+    #[arg(long)]
+    pub insecure: bool,
     /// Heartbeat interval until the hub's desired state sets one (as for real agents).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
@@ -217,10 +226,36 @@ async fn latency(State(f): State<Fleet>, Query(q): Query<LatencyQuery>) -> axum:
 pub async fn run(args: HollowArgs) -> anyhow::Result<()> {
     let lc = LinkConfig::default();
     let endpoint = link::endpoint(&args.hub, &lc).map_err(anyhow::Error::msg)?;
+    if !args.insecure && (args.token.is_none() || args.ca_cert_hash.is_none()) {
+        anyhow::bail!(
+            "hollow agents join like real ones: give --token and --ca-cert-hash (or --insecure for a plaintext hub)"
+        );
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let fleet: Fleet = Arc::new((0..args.count).map(|i| Arc::new(hollow_agent(&args, i))).collect());
     for a in fleet.iter() {
-        tokio::spawn(link::run(a.clone(), endpoint.clone(), lc.clone(), stop_rx.clone()));
+        let target = if args.insecure {
+            link::Target::Plain(endpoint.clone())
+        } else {
+            // Each hollow agent has its own key and certificate, in memory.
+            let creds = link::identity::Credentials::new(
+                link::identity::IdentityConfig {
+                    node: a.name.clone(),
+                    dir: None,
+                    bootstrap_token: args.token.clone(),
+                    ca_cert_hash: args.ca_cert_hash.clone(),
+                    ca_file: None,
+                    renew_fraction: 2.0 / 3.0,
+                },
+                &args.hub,
+            )
+            .map_err(anyhow::Error::msg)?;
+            link::Target::Tls {
+                endpoint: endpoint.clone(),
+                creds: Arc::new(creds),
+            }
+        };
+        tokio::spawn(link::run(a.clone(), target, lc.clone(), stop_rx.clone()));
         if args.report_rate > 0.0 {
             tokio::spawn(fake_detector(a.clone(), args.report_rate));
         }

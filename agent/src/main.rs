@@ -166,12 +166,33 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
                 .await
         });
     }
-    let link_task = match &agent.hub {
-        Some(address) => {
+    let link_task = match &cfg.hub {
+        Some(hub) => {
             let lc = LinkConfig::default();
-            let ep = link::endpoint(address, &lc).map_err(anyhow::Error::msg)?;
-            tracing::info!(hub = %address, "starting hub link");
-            Some(tokio::spawn(link::run(agent.clone(), ep, lc, stop_rx.clone())))
+            let ep = link::endpoint(&hub.address, &lc).map_err(anyhow::Error::msg)?;
+            let target = if hub.insecure {
+                tracing::warn!(hub = %hub.address, "hub.insecure: plaintext link without identity; for labs only");
+                link::Target::Plain(ep)
+            } else {
+                let creds = link::identity::Credentials::new(
+                    link::identity::IdentityConfig {
+                        node: name.clone(),
+                        dir: Some(cfg.state_dir.clone()),
+                        bootstrap_token: hub.token(&cfg.path)?,
+                        ca_cert_hash: hub.ca_cert_hash.clone(),
+                        ca_file: hub.ca_file.clone(),
+                        renew_fraction: hub.renew_fraction,
+                    },
+                    &hub.address,
+                )
+                .map_err(anyhow::Error::msg)?;
+                link::Target::Tls {
+                    endpoint: ep,
+                    creds: Arc::new(creds),
+                }
+            };
+            tracing::info!(hub = %hub.address, "starting hub link");
+            Some(tokio::spawn(link::run(agent.clone(), target, lc, stop_rx.clone())))
         }
         None => {
             tracing::info!("no hub configured: standalone mode");

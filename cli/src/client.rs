@@ -5,6 +5,9 @@
 //! JSON, so a renamed field fails to compile instead of printing an empty
 //! column.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use anyhow::{Context, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -12,41 +15,68 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use nodekeeper_proto::api::ApiError;
+use nodekeeper_proto::tls;
+use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 
 /// Where requests go.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Target {
-    /// `host:port` of a hub.
-    Tcp(String),
+    /// A hub's operator API.
+    Hub(Hub),
     /// Path of an agent socket.
     Unix(std::path::PathBuf),
 }
 
+/// A hub: its address, TLS (trusting the hub CA) and bearer token.
+#[derive(Clone)]
+pub struct Hub {
+    hostport: String,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    token: Option<String>,
+}
+
 impl Target {
-    /// Parses `http://host:port`.
-    pub fn hub(url: &str) -> anyhow::Result<Target> {
-        let Some(rest) = url.strip_prefix("http://") else {
-            if url.starts_with("https://") {
-                bail!("--hub {url}: https is not supported by this nkctl yet; use http://");
-            }
-            bail!("--hub {url}: expected http://host:port");
+    /// `https://host:port` trusting the CA in `ca` (PEM file), or
+    /// `http://host:port` for an insecure hub; `token` is sent as a bearer
+    /// token.
+    pub fn hub(url: &str, ca: Option<&Path>, token: Option<String>) -> anyhow::Result<Target> {
+        let (rest, https) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(r), _) => (r, true),
+            (None, Some(r)) => (r, false),
+            _ => bail!("--hub {url}: expected https://host:port"),
         };
         let hostport = rest.trim_end_matches('/');
         if hostport.is_empty() || hostport.contains('/') {
-            bail!("--hub {url}: expected http://host:port");
+            bail!("--hub {url}: expected https://host:port");
         }
-        let hostport = if hostport.contains(':') {
+        let hostport = if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
             hostport.to_string()
         } else {
-            format!("{hostport}:80")
+            format!("{hostport}:{}", if https { 443 } else { 80 })
         };
-        Ok(Target::Tcp(hostport))
+        let tls = if https {
+            let ca = ca.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--hub {url}: give the hub's CA certificate with --ca, NODEKEEPER_CA or `ca:` in the nkctl config (it is ca.crt in the hub's stateDir)"
+                )
+            })?;
+            let roots = tls::read_certs(ca).map_err(|e| anyhow::anyhow!("--ca: {e}"))?;
+            let (config, _) = tls::client_config(tls::Trust::Roots(roots), None, &[b"http/1.1"])?;
+            Some((Arc::new(config), tls::server_name_of(url)?))
+        } else {
+            None
+        };
+        Ok(Target::Hub(Hub { hostport, tls, token }))
     }
 
     fn describe(&self) -> String {
         match self {
-            Target::Tcp(h) => format!("hub at http://{h}"),
+            Target::Hub(h) => format!(
+                "hub at {}://{}",
+                if h.tls.is_some() { "https" } else { "http" },
+                h.hostport
+            ),
             Target::Unix(p) => format!("agent socket {}", p.display()),
         }
     }
@@ -65,14 +95,28 @@ impl Client {
 
     async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
         match &self.target {
-            Target::Tcp(h) => {
-                let stream = tokio::net::TcpStream::connect(h).await.with_context(|| {
+            Target::Hub(h) => {
+                let stream = tokio::net::TcpStream::connect(&h.hostport).await.with_context(|| {
                     format!(
                         "cannot reach the {}; is the hub running? (--hub or NODEKEEPER_HUB)",
                         self.target.describe()
                     )
                 })?;
-                handshake(stream).await
+                match &h.tls {
+                    Some((config, name)) => {
+                        let stream = tokio_rustls::TlsConnector::from(config.clone())
+                            .connect(name.clone(), stream)
+                            .await
+                            .with_context(|| {
+                                format!(
+                                    "TLS with the {}; is --ca the hub's CA (ca.crt in its stateDir)?",
+                                    self.target.describe()
+                                )
+                            })?;
+                        handshake(stream).await
+                    }
+                    None => handshake(stream).await,
+                }
             }
             Target::Unix(p) => {
                 let stream = tokio::net::UnixStream::connect(p).await.with_context(|| {
@@ -89,15 +133,19 @@ impl Client {
     /// Sends one request; the answer's body when it succeeded, its error
     /// (naming the field) when not.
     pub async fn call(&mut self, method: Method, path: &str, body: Option<String>) -> anyhow::Result<Bytes> {
-        let host = match &self.target {
-            Target::Tcp(h) => h.clone(),
-            Target::Unix(_) => "localhost".into(),
+        let (host, token) = match &self.target {
+            Target::Hub(h) => (h.hostport.clone(), h.token.clone()),
+            Target::Unix(_) => ("localhost".into(), None),
         };
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, host)
-            .header(hyper::header::CONTENT_TYPE, "application/yaml")
+            .header(hyper::header::CONTENT_TYPE, "application/yaml");
+        if let Some(t) = token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .context("building request")?;
         let mut sender = match self.conn.take() {
@@ -155,8 +203,13 @@ fn check(status: StatusCode, bytes: Bytes) -> anyhow::Result<Bytes> {
         Ok(e) => (e.error, e.field),
         Err(_) => (format!("{status}: {}", String::from_utf8_lossy(&bytes)), None),
     };
+    let hint = match status {
+        StatusCode::UNAUTHORIZED => " (give a token: --token, NODEKEEPER_TOKEN or `token:` in the nkctl config)",
+        StatusCode::FORBIDDEN => " (ask an admin for a token with that role)",
+        _ => "",
+    };
     match field {
-        Some(f) if !f.is_empty() && !msg.contains(&f) => bail!("{msg} (field {f})"),
-        _ => bail!("{msg}"),
+        Some(f) if !f.is_empty() && !msg.contains(&f) => bail!("{msg} (field {f}){hint}"),
+        _ => bail!("{msg}{hint}"),
     }
 }

@@ -3,6 +3,7 @@
 
 mod client;
 mod output;
+mod settings;
 mod table;
 
 use std::io::Read;
@@ -21,9 +22,15 @@ use serde_json::Value;
 #[derive(Parser)]
 #[command(name = "nkctl", version, about = "Operate a nodekeeper fleet")]
 struct Cli {
-    /// Hub operator API.
-    #[arg(long, global = true, env = "NODEKEEPER_HUB", default_value = "http://127.0.0.1:7080")]
-    hub: String,
+    /// Hub operator API (default https://127.0.0.1:7080, or `hub:` in the nkctl config).
+    #[arg(long, global = true, env = "NODEKEEPER_HUB")]
+    hub: Option<String>,
+    /// Bearer token for the hub (`nkctl token create api`, or the hub's admin.token).
+    #[arg(long, global = true, env = "NODEKEEPER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The hub's CA certificate (ca.crt in its stateDir).
+    #[arg(long, global = true, env = "NODEKEEPER_CA")]
+    ca: Option<PathBuf>,
     /// Agent socket, for `nkctl node ...`.
     #[arg(
         long,
@@ -53,6 +60,15 @@ enum Cmd {
         /// Only resources whose labels match (kubectl syntax: k=v,k!=v,k,!k).
         #[arg(short = 'l', long = "selector")]
         selector: Option<String>,
+        /// Audit entries since (RFC 3339, or a duration back from now: 1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Audit entries until.
+        #[arg(long)]
+        until: Option<String>,
+        /// Audit entries of one actor (a token's name, node:NAME, join-token:ID).
+        #[arg(long)]
+        actor: Option<String>,
     },
     /// Show one resource in detail.
     Describe { kind: String, name: String },
@@ -73,10 +89,58 @@ enum Cmd {
     },
     /// The fleet summary.
     Summary,
+    /// Join tokens and API tokens (admin).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// This node, through the agent's local socket.
     Node {
         #[command(subcommand)]
         cmd: NodeCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token; it is shown once.
+    Create {
+        #[command(subcommand)]
+        what: TokenCreate,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Delete a token by id (the part before the dot).
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCreate {
+    /// A bootstrap token nodes join with; prints it and the CA hash agents pin.
+    Join {
+        /// How long it is valid.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// How many nodes may join with it (0: any number until it expires).
+        #[arg(long, default_value_t = 0)]
+        uses: u64,
+        /// Labels the nodes that join with it receive (trusted, unlike the agent's own).
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// An operator API token.
+    Api {
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Who uses it (the audit log's actor).
+        #[arg(long)]
+        name: String,
+        /// How long it is valid (default: until deleted).
+        #[arg(long)]
+        ttl: Option<String>,
     },
 }
 
@@ -88,6 +152,9 @@ enum NodeCmd {
     Events,
     /// This node's components: declared and observed version, phase.
     Components,
+    /// Revoke a node's certificates at the hub (admin); it must join again
+    /// with a new token.
+    Revoke { name: String },
     /// Record an event on this node (sent to the hub).
     Event {
         #[arg(long)]
@@ -102,12 +169,14 @@ enum NodeCmd {
 /// What a kind argument names.
 enum What {
     Nodes,
+    Audit,
     Kind(Kind),
 }
 
 fn what(s: &str) -> anyhow::Result<What> {
     match s.to_ascii_lowercase().as_str() {
         "node" | "nodes" | "no" => Ok(What::Nodes),
+        "audit" => Ok(What::Audit),
         other => match Kind::parse(other) {
             Some(k) => Ok(What::Kind(k)),
             None if Kind::planned(other) => bail!("{other} are not available in this version yet"),
@@ -130,13 +199,86 @@ async fn main() {
     }
 }
 
+/// The hub target from flags, environment and the config file.
+fn hub_target(hub: &Option<String>, token: &Option<String>, ca: &Option<PathBuf>) -> anyhow::Result<Target> {
+    let file = settings::load()?;
+    let url = hub
+        .clone()
+        .or(file.hub)
+        .unwrap_or_else(|| "https://127.0.0.1:7080".into());
+    let token = token.clone().or(file.token);
+    let ca = ca.clone().or(file.ca);
+    Target::hub(&url, ca.as_deref(), token)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
-    match cli.cmd {
-        Cmd::Node { cmd } => node(Target::Unix(cli.socket), cmd, out).await,
-        Cmd::Apply { files } => apply(&Target::hub(&cli.hub)?, &files, out).await,
-        cmd => hub_command(Target::hub(&cli.hub)?, cmd, out, cli.chunk_size).await,
+    if let Cmd::Node { cmd } = cli.cmd {
+        return match cmd {
+            NodeCmd::Revoke { name } => revoke(hub_target(&cli.hub, &cli.token, &cli.ca)?, &name).await,
+            cmd => node(Target::Unix(cli.socket), cmd, out).await,
+        };
     }
+    let hub = hub_target(&cli.hub, &cli.token, &cli.ca)?;
+    match cli.cmd {
+        Cmd::Apply { files } => apply(&hub, &files, out).await,
+        Cmd::Token { cmd } => token(hub, cmd, out).await,
+        cmd => hub_command(hub, cmd, out, cli.chunk_size).await,
+    }
+}
+
+async fn revoke(hub: Target, name: &str) -> anyhow::Result<()> {
+    Client::new(hub)
+        .call(Method::POST, &format!("/v1/nodes/{name}/revoke"), None)
+        .await?;
+    println!("node/{name} revoked: its certificates are refused; it must join again with a new token");
+    Ok(())
+}
+
+async fn token(hub: Target, cmd: TokenCmd, out: Format) -> anyhow::Result<()> {
+    let mut client = Client::new(hub);
+    match cmd {
+        TokenCmd::Create { what } => {
+            let body = match what {
+                TokenCreate::Join {
+                    ttl,
+                    uses,
+                    labels,
+                    description,
+                } => {
+                    let mut map = serde_json::Map::new();
+                    for l in labels.iter().filter(|l| !l.is_empty()) {
+                        let (k, v) = l
+                            .split_once('=')
+                            .ok_or_else(|| anyhow::anyhow!("--labels {l}: expected key=value"))?;
+                        map.insert(k.to_string(), Value::String(v.to_string()));
+                    }
+                    serde_json::json!({"type": "join", "ttl": ttl, "uses": uses, "labels": map, "description": description})
+                }
+                TokenCreate::Api { role, name, ttl } => {
+                    serde_json::json!({"type": "api", "role": role, "name": name, "ttl": ttl})
+                }
+            };
+            let bytes = client.call(Method::POST, "/v1/tokens", Some(body.to_string())).await?;
+            let v: Value = client::parse("/v1/tokens", &bytes)?;
+            match out {
+                Format::Json | Format::Yaml => output::structured(&v, out)?,
+                _ => output::created_token(&v),
+            }
+        }
+        TokenCmd::List => {
+            let v: List<Value> = client.get("/v1/tokens").await?;
+            match out {
+                Format::Json | Format::Yaml => output::structured(&v, out)?,
+                _ => output::tokens(&v.items),
+            }
+        }
+        TokenCmd::Delete { id } => {
+            client.call(Method::DELETE, &format!("/v1/tokens/{id}"), None).await?;
+            println!("token/{id} deleted");
+        }
+    }
+    Ok(())
 }
 
 /// Streams a paged node list: the next page's request goes out before the
@@ -199,8 +341,47 @@ fn print_resources(k: Kind, path: &str, items: Vec<Value>, wide: bool) -> anyhow
 async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::Result<()> {
     let mut client = Client::new(hub.clone());
     match cmd {
-        Cmd::Get { kind, name, selector } => {
+        Cmd::Get {
+            kind,
+            name,
+            selector,
+            since,
+            until,
+            actor,
+        } => {
             let w = what(&kind)?;
+            if let What::Audit = w {
+                let mut q = vec![format!("limit={chunk}")];
+                for (k, v) in [("since", since), ("until", until), ("actor", actor)] {
+                    if let Some(v) = v {
+                        q.push(format!("{k}={}", percent(&v)));
+                    }
+                }
+                let mut entries = Vec::new();
+                let mut token = String::new();
+                loop {
+                    let path = format!("/v1/audit?{}&continue={}", q.join("&"), percent(&token));
+                    let page: List<Value> = client.get(&path).await?;
+                    entries.extend(page.items);
+                    token = page.metadata.continue_token;
+                    if token.is_empty() {
+                        break;
+                    }
+                }
+                return match out {
+                    Format::Json | Format::Yaml => output::structured(
+                        &List {
+                            items: entries,
+                            metadata: Default::default(),
+                        },
+                        out,
+                    ),
+                    _ => {
+                        output::audit(&entries);
+                        Ok(())
+                    }
+                };
+            }
             let query = match &selector {
                 Some(s) => {
                     nodekeeper_proto::selector::parse(s).map_err(|e| anyhow::anyhow!("-l {s}: {e}"))?;
@@ -209,6 +390,7 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
                 None => String::new(),
             };
             match (w, name) {
+                (What::Audit, _) => unreachable!("handled above"),
                 (What::Nodes, Some(n)) => {
                     let node: Node = client.get(&format!("/v1/nodes/{n}")).await?;
                     match out {
@@ -262,6 +444,7 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
             }
         }
         Cmd::Describe { kind, name } => match what(&kind)? {
+            What::Audit => bail!("the audit log is listed with `nkctl get audit`"),
             What::Nodes => {
                 let node: Node = client.get(&format!("/v1/nodes/{name}")).await?;
                 match out {
@@ -298,6 +481,7 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
             }
         },
         Cmd::Delete { kind, name, force } => match what(&kind)? {
+            What::Audit => bail!("the audit log is append-only; retention (audit.retention) prunes it"),
             What::Nodes => {
                 let q = if force { "?force=true" } else { "" };
                 client
@@ -321,7 +505,7 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
             };
             output::structured(&v, f)?;
         }
-        Cmd::Node { .. } | Cmd::Apply { .. } => anyhow::bail!("not a hub resource command"),
+        Cmd::Node { .. } | Cmd::Apply { .. } | Cmd::Token { .. } => anyhow::bail!("not a hub resource command"),
     }
     Ok(())
 }
@@ -386,6 +570,7 @@ async fn node(sock: Target, cmd: NodeCmd, out: Format) -> anyhow::Result<()> {
                 _ => output::node_components(&v.items, false),
             }
         }
+        NodeCmd::Revoke { .. } => anyhow::bail!("node revoke goes to the hub"),
         NodeCmd::Event {
             reason,
             message,

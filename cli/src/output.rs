@@ -492,3 +492,86 @@ pub fn node_status(v: &AgentStatus) {
         o.pending, o.capacity, o.last_sequence, o.dropped
     );
 }
+
+fn text(v: &serde_json::Value, key: &str) -> String {
+    match &v[key] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// Prints a token just created (its only showing) and how to use it.
+pub fn created_token(v: &serde_json::Value) {
+    println!("token:       {}", text(v, "token"));
+    if text(v, "type") == "join" {
+        println!("caCertHash:  {}", text(v, "caCertHash"));
+    }
+    let expires = text(v, "expires");
+    println!(
+        "expires:     {}",
+        if expires.is_empty() { "never".into() } else { expires }
+    );
+    if text(v, "type") == "join" {
+        println!();
+        println!("In the agent's config (/etc/nodekeeper/agent.yaml):");
+        println!("  hub:");
+        println!("    address: https://<hub>:7443");
+        println!("    bootstrapToken: {}", text(v, "token"));
+        println!("    caCertHash: {}", text(v, "caCertHash"));
+    } else {
+        println!("role:        {}", text(v, "role"));
+        println!("Use it with: nkctl --token <token> ... (or NODEKEEPER_TOKEN)");
+    }
+}
+
+/// Prints tokens (never secrets).
+pub fn tokens(items: &[serde_json::Value]) {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|t| {
+            let uses = match t["maxUses"].as_u64().unwrap_or(0) {
+                0 => t["uses"].as_u64().unwrap_or(0).to_string(),
+                max => format!("{}/{max}", t["uses"].as_u64().unwrap_or(0)),
+            };
+            let labels: BTreeMap<String, String> = serde_json::from_value(t["labels"].clone()).unwrap_or_default();
+            let expires = text(t, "expires");
+            vec![
+                text(t, "id"),
+                text(t, "type"),
+                if text(t, "name").is_empty() {
+                    text(t, "description")
+                } else {
+                    text(t, "name")
+                },
+                text(t, "role"),
+                labels_or_none(&labels),
+                uses,
+                if expires.is_empty() { "never".into() } else { expires },
+            ]
+        })
+        .collect();
+    Table::new(&["ID", "TYPE", "NAME", "ROLE", "LABELS", "USES", "EXPIRES"]).print(&rows);
+}
+
+fn labels_or_none(m: &BTreeMap<String, String>) -> String {
+    if m.is_empty() { "<none>".into() } else { labels(m) }
+}
+
+/// Prints audit entries, oldest first.
+pub fn audit(items: &[serde_json::Value]) {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|e| {
+            vec![
+                text(e, "time"),
+                text(e, "actor"),
+                text(e, "action"),
+                text(e, "resource"),
+                text(e, "result"),
+                text(e, "resourceVersion"),
+            ]
+        })
+        .collect();
+    Table::new(&["TIME", "ACTOR", "ACTION", "RESOURCE", "RESULT", "VERSION"]).print(&rows);
+}

@@ -25,6 +25,79 @@ pub struct HubConfig {
     pub log_level: String,
     /// text or json.
     pub log_format: String,
+    /// Plaintext listeners and no authentication at all: for labs and
+    /// throwaway tests only (warned about at every start).
+    pub insecure: bool,
+    pub tls: TlsConfig,
+    /// Label keys only tokens and operators may set (besides
+    /// `nodekeeper.io/*`, always protected): an agent's claim is ignored.
+    pub protected_label_keys: Vec<String>,
+    pub audit: AuditConfig,
+}
+
+/// The hub's PKI (`tls`). Without files, the hub creates its CA and serving
+/// certificate in `stateDir` on first start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca_file: Option<PathBuf>,
+    /// The CA's key; without it (with `caFile`) the hub cannot sign node
+    /// certificates, so joining and renewal are refused.
+    pub ca_key_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Names and addresses the created serving certificate is valid for, in
+    /// addition to localhost, 127.0.0.1, ::1 and the host name.
+    pub server_names: Vec<String>,
+    /// Lifetime of node certificates (agents renew at two thirds of it).
+    #[serde(with = "humantime_serde_compat")]
+    pub node_certificate_ttl: std::time::Duration,
+    /// TLS sessions the hub remembers for resumption (0: none).
+    pub session_cache: usize,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca_file: None,
+            ca_key_file: None,
+            cert_file: None,
+            key_file: None,
+            server_names: Vec::new(),
+            node_certificate_ttl: std::time::Duration::from_secs(365 * 24 * 3600),
+            session_cache: 20_000,
+        }
+    }
+}
+
+/// The audit log (`audit`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// How long entries are kept.
+    #[serde(with = "humantime_serde_compat")]
+    pub retention: std::time::Duration,
+    /// Most entries kept (the oldest go first).
+    pub max_entries: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            retention: std::time::Duration::from_secs(90 * 24 * 3600),
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// Durations written as humantime strings (`24h`, `90d`).
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e} (e.g. 24h, 90d)")))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +130,10 @@ impl Default for HubConfig {
             revision_history_limit: crate::fleet::DEFAULT_REVISION_HISTORY_LIMIT,
             log_level: "info".into(),
             log_format: "text".into(),
+            insecure: false,
+            tls: TlsConfig::default(),
+            protected_label_keys: Vec::new(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -151,6 +228,36 @@ impl HubConfig {
                 "revisionHistoryLimit",
                 format!("{} is out of range 1..=10000", self.revision_history_limit),
             ));
+        }
+        let t = &self.tls;
+        if t.ca_file.is_some() != t.cert_file.is_some() || t.cert_file.is_some() != t.key_file.is_some() {
+            return Err(ConfigError::invalid(
+                path,
+                "tls",
+                "caFile, certFile and keyFile are given together (or none, and the hub creates its PKI in stateDir)",
+            ));
+        }
+        if t.ca_key_file.is_some() && t.ca_file.is_none() {
+            return Err(ConfigError::invalid(path, "tls.caKeyFile", "needs tls.caFile"));
+        }
+        if t.node_certificate_ttl < std::time::Duration::from_secs(10) {
+            return Err(ConfigError::invalid(
+                path,
+                "tls.nodeCertificateTtl",
+                "must be at least 10s",
+            ));
+        }
+        for (i, k) in self.protected_label_keys.iter().enumerate() {
+            if let Err(e) = nodekeeper_proto::validate::label_key(&format!("protectedLabelKeys[{i}]"), k) {
+                return Err(ConfigError::invalid(
+                    path,
+                    &format!("protectedLabelKeys[{i}]"),
+                    e.message,
+                ));
+            }
+        }
+        if self.audit.max_entries == 0 {
+            return Err(ConfigError::invalid(path, "audit.maxEntries", "must be at least 1"));
         }
         if !self.state_dir.is_absolute() {
             return Err(ConfigError::invalid(path, "stateDir", "must be an absolute path"));

@@ -2,6 +2,7 @@
 //! their reports, and serves the operator API, on an embedded SQLite store.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod failpoint;
 pub mod fleet;

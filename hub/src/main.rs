@@ -5,11 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use clap::Parser;
+use nodekeeper_hub::auth::Auth;
 use nodekeeper_hub::config::{self, HubConfig};
 use nodekeeper_hub::fleet::{Fleet, FleetConfig};
 use nodekeeper_hub::link::LinkService;
 use nodekeeper_hub::link::admission::{self, Admission, Limits};
+use nodekeeper_hub::link::tls;
 use nodekeeper_hub::metrics::Metrics;
 use nodekeeper_hub::store::Store;
 use nodekeeper_proto::daemon;
@@ -53,8 +56,14 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
     })?;
     let metrics = Metrics::new();
     let store_path = cfg.store_path();
-    let (store, loaded) = Store::open_bounded(&store_path, metrics.clone(), cfg.store.max_queued_writes)?;
+    let (store, mut loaded) = Store::open_bounded(&store_path, metrics.clone(), cfg.store.max_queued_writes)?;
     tracing::info!(store = %store_path.display(), nodes = loaded.nodes.len(), resources = loaded.resources.len(), "store loaded");
+    let auth = Auth::new(
+        &cfg,
+        store.clone(),
+        std::mem::take(&mut loaded.records),
+        std::mem::take(&mut loaded.audit),
+    )?;
     let fleet = Fleet::new(
         store,
         loaded,
@@ -62,6 +71,7 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
         FleetConfig {
             grace: Duration::from_secs(cfg.node_monitor_grace_period_seconds),
             revision_history_limit: cfg.revision_history_limit,
+            protected_label_keys: cfg.protected_label_keys.clone(),
         },
     )?;
 
@@ -69,7 +79,7 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
     let http_listener = tokio::net::TcpListener::bind(cfg.listen.http)
         .await
         .with_context(|| format!("binding listen.http {}", cfg.listen.http))?;
-    tracing::info!(grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, version = nodekeeper_proto::VERSION, "hub listening");
+    tracing::info!(grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, version = nodekeeper_proto::VERSION, tls = !auth.insecure(), ca_cert_hash = %auth.ca_pin(), "hub listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc = {
@@ -83,36 +93,56 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
             ),
             fleet.metrics.clone(),
         );
-        let svc = AgentLinkServer::new(LinkService::new(fleet.clone(), admission.clone()));
+        let svc = AgentLinkServer::new(LinkService::new(fleet.clone(), admission.clone(), auth.clone()));
         let incoming = admission::incoming(grpc_listener, admission);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                }),
-        )
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(svc);
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match &auth.pki {
+            Some(pki) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(pki.grpc.clone());
+                let incoming = tls::agent_incoming(incoming, acceptor, auth.clone());
+                tokio::spawn(server.serve_with_incoming_shutdown(incoming, stopped))
+            }
+            None => tokio::spawn(server.serve_with_incoming_shutdown(incoming, stopped)),
+        }
     };
     let http = {
         let mut stop = stop_rx.clone();
-        let app = nodekeeper_hub::api::router(fleet.clone());
-        tokio::spawn(async move {
-            axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        })
+        let app = nodekeeper_hub::api::router(fleet.clone(), auth.clone())
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match &auth.pki {
+            Some(pki) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(pki.http.clone());
+                let listener = tls::HttpsListener::new(http_listener, acceptor, auth.clone())?.tap_io(|_| {});
+                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
+            }
+            None => {
+                let listener = http_listener.tap_io(|_| {});
+                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
+            }
+        }
     };
     let ticker = {
         let fleet: Arc<Fleet> = fleet.clone();
+        let auth = auth.clone();
         tokio::spawn(async move {
             let mut t = tokio::time::interval(Duration::from_secs(1));
+            let mut n = 0u64;
             loop {
                 t.tick().await;
                 fleet.tick();
+                if n.is_multiple_of(60) {
+                    auth.prune_audit();
+                }
+                n += 1;
             }
         })
     };

@@ -12,6 +12,9 @@ pub mod resource;
 pub mod rules;
 pub mod selector;
 pub mod time;
+#[cfg(feature = "tls")]
+pub mod tls;
+pub mod token;
 pub mod validate;
 
 /// Generated protobuf types and the `AgentLink` gRPC service.

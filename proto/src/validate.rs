@@ -128,7 +128,8 @@ pub fn labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), Reso
     Ok(())
 }
 
-fn label_key(field: &str, key: &str) -> Result<(), ResourceError> {
+/// Validates one label key.
+pub fn label_key(field: &str, key: &str) -> Result<(), ResourceError> {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, key),

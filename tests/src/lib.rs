@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -91,15 +92,7 @@ fn http_exchange(mut s: impl Read + Write, method: &str, path: &str, body: &str)
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    Ok((status, body))
+    Ok(parse_http(&raw))
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -113,6 +106,74 @@ fn dechunk(mut s: &str) -> String {
         s = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// HTTPS with a bearer token: the hub's operator API. `ca` is the hub's
+/// ca.crt; `token` goes in `Authorization` when given.
+pub fn https(
+    addr: &str,
+    ca: &Path,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let roots = nodekeeper_proto::tls::read_certs(ca).map_err(std::io::Error::other)?;
+    let (config, _) =
+        nodekeeper_proto::tls::client_config(nodekeeper_proto::tls::Trust::Roots(roots), None, &[b"http/1.1"])
+            .map_err(std::io::Error::other)?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(std::io::Error::other)?;
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    // A peer that closes without close_notify still delivered its answer.
+    if let Err(e) = stream.read_to_end(&mut raw)
+        && raw.is_empty()
+    {
+        return Err(e);
+    }
+    Ok(parse_http(&raw))
+}
+
+fn parse_http(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+/// What agents, hollow agents and nkctl need to use a hub the harness
+/// started, by the hub's gRPC URL and by its API URL: tests keep passing a
+/// URL, and the harness adds the join token, CA pin, admin token and CA.
+#[derive(Clone, Debug)]
+pub struct HubCreds {
+    pub join_token: String,
+    pub ca_cert_hash: String,
+    pub admin_token: String,
+    pub ca: PathBuf,
+}
+
+static HUBS: Mutex<Vec<(String, HubCreds)>> = Mutex::new(Vec::new());
+
+/// The credentials of the harness's hub at `url` (gRPC or API URL).
+pub fn creds_of(url: &str) -> Option<HubCreds> {
+    let hubs = HUBS.lock().unwrap_or_else(|p| p.into_inner());
+    hubs.iter().find(|(u, _)| u == url).map(|(_, c)| c.clone())
 }
 
 /// HTTP over TCP.
@@ -161,10 +222,15 @@ pub struct Hub {
     starts: u32,
     env: Vec<(String, String)>,
     nofile: Option<u64>,
+    /// Set unless the config says `insecure: true`.
+    pub creds: Option<HubCreds>,
 }
 
 impl Hub {
-    /// Starts a hub with its state in `dir/hub`. `extra` is appended to the config.
+    /// Starts a hub with its state in `dir/hub`. `extra` is appended to the
+    /// config. Unless it says `insecure: true`, the hub serves TLS: the
+    /// harness reads the admin token and CA the hub created and makes a join
+    /// token, which [`Agent::start`], [`Hollow::start`] and [`nkctl`] use.
     pub fn start(dir: &Path, extra: &str) -> Hub {
         let d = dir.join("hub");
         std::fs::create_dir_all(&d).expect("hub dir");
@@ -190,9 +256,58 @@ impl Hub {
             starts: 0,
             env: Vec::new(),
             nofile: None,
+            creds: None,
         };
         h.restart();
+        if !extra.contains("insecure: true") {
+            let state = h.dir.join("state");
+            let admin_token = std::fs::read_to_string(state.join("admin.token"))
+                .expect("the hub wrote stateDir/admin.token")
+                .trim()
+                .to_string();
+            let ca = state.join("ca.crt");
+            let (code, body) = https(
+                &h.http,
+                &ca,
+                Some(&admin_token),
+                "POST",
+                "/v1/tokens",
+                r#"{"type":"join","ttl":"24h","description":"test harness"}"#,
+            )
+            .expect("create join token");
+            assert_eq!(code, 200, "{body}");
+            let v: Value = serde_json::from_str(&body).expect("token json");
+            let creds = HubCreds {
+                join_token: v["token"].as_str().expect("token").into(),
+                ca_cert_hash: v["caCertHash"].as_str().expect("hash").into(),
+                admin_token,
+                ca,
+            };
+            let mut hubs = HUBS.lock().unwrap_or_else(|p| p.into_inner());
+            hubs.push((h.grpc_url(), creds.clone()));
+            hubs.push((h.http_url(), creds.clone()));
+            h.creds = Some(creds);
+        }
         h
+    }
+
+    /// A request to the operator API as admin (TLS and token when secure).
+    pub fn request(&self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+        self.request_as(self.creds.as_ref().map(|c| c.admin_token.as_str()), method, path, body)
+    }
+
+    /// A request with `token` (none: without `Authorization`).
+    pub fn request_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> std::io::Result<(u16, String)> {
+        match &self.creds {
+            Some(c) => https(&self.http, &c.ca, token, method, path, body),
+            None => http(&self.http, method, path, body),
+        }
     }
 
     /// Starts a hub whose open-files limit (soft and hard, as `ulimit -n`
@@ -256,22 +371,36 @@ impl Hub {
         std::fs::read_to_string(self.dir.join(format!("hub-{}.log", self.starts))).unwrap_or_default()
     }
 
-    /// `http://` address of the gRPC listener, for agents.
-    pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc)
+    fn secure(&self) -> bool {
+        !std::fs::read_to_string(&self.config)
+            .unwrap_or_default()
+            .contains("insecure: true")
     }
 
-    /// `http://` address of the operator API, for nkctl.
+    /// Address of the gRPC listener, for agents.
+    pub fn grpc_url(&self) -> String {
+        let scheme = if self.secure() { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
+    }
+
+    /// Address of the operator API, for nkctl.
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http)
+        let scheme = if self.secure() { "https" } else { "http" };
+        format!("{scheme}://{}", self.http)
     }
 
     /// Starts (again) on the same state and ports; waits for /healthz.
     pub fn restart(&mut self) {
         self.spawn();
-        let addr = self.http.clone();
+        let (addr, secure) = (self.http.clone(), self.secure());
+        let ca = self.dir.join("state").join("ca.crt");
         wait_for("hub /healthz", Duration::from_secs(30), || {
-            http(&addr, "GET", "/healthz", "").ok().filter(|r| r.0 == 200)
+            let r = if secure {
+                https(&addr, &ca, None, "GET", "/healthz", "")
+            } else {
+                http(&addr, "GET", "/healthz", "")
+            };
+            r.ok().filter(|r| r.0 == 200)
         });
     }
 
@@ -291,7 +420,10 @@ impl Hub {
     }
 
     pub fn get(&self, path: &str) -> Option<Value> {
-        get_json(&self.http, path)
+        match self.request("GET", path, "") {
+            Ok((200, b)) => serde_json::from_str(&b).ok(),
+            _ => None,
+        }
     }
 
     pub fn summary(&self) -> Value {
@@ -318,6 +450,14 @@ impl Drop for Hub {
 pub fn nkctl(hub: &str, socket: Option<&Path>, args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(bin("nkctl"));
     cmd.arg("--hub").arg(hub);
+    // No operator's nkctl config leaks into a test.
+    cmd.env("XDG_CONFIG_HOME", "/nonexistent")
+        .env_remove("NKCTL_CONFIG")
+        .env_remove("NODEKEEPER_TOKEN")
+        .env_remove("NODEKEEPER_CA");
+    if let Some(c) = creds_of(hub) {
+        cmd.env("NODEKEEPER_TOKEN", &c.admin_token).env("NODEKEEPER_CA", &c.ca);
+    }
     if let Some(s) = socket {
         cmd.arg("--socket").arg(s);
     }
@@ -333,6 +473,19 @@ pub fn nkctl(hub: &str, socket: Option<&Path>, args: &[&str], stdin: Option<&str
             .expect("write stdin");
     }
     child.wait_with_output().expect("nkctl output")
+}
+
+/// An agent's `hub:` section for the harness's hub at `url` (joining with
+/// its token), or for any other address as given (`http://` is insecure).
+pub fn hub_config(url: &str) -> String {
+    match creds_of(url) {
+        Some(c) => format!(
+            "hub: {{address: \"{url}\", bootstrapToken: \"{}\", caCertHash: \"{}\"}}\n",
+            c.join_token, c.ca_cert_hash
+        ),
+        None if url.starts_with("http://") => format!("hub: {{address: \"{url}\", insecure: true}}\n"),
+        None => format!("hub: {{address: \"{url}\"}}\n"),
+    }
 }
 
 /// A running agent.
@@ -359,7 +512,7 @@ impl Agent {
         std::fs::create_dir_all(&d).expect("agent dir");
         let socket = d.join("agent.sock");
         let config = d.join("agent.yaml");
-        let hub_line = hub.map(|h| format!("hub: {{address: \"{h}\"}}\n")).unwrap_or_default();
+        let hub_line = hub.map(|h| hub_config(h)).unwrap_or_default();
         // The built-in rules read the machine's real kernel log and journal;
         // tests that are not about detection keep them off.
         let extra = if extra.contains("detectors:") {
@@ -540,18 +693,21 @@ impl Hollow {
     pub fn start(dir: &Path, hub: &str, count: usize) -> Hollow {
         let control = format!("127.0.0.1:{}", free_port());
         let log = dir.join("hollow.log");
-        let child = spawn(
-            Command::new(bin("nodekeeper-agent")).args([
-                "hollow",
-                "--count",
-                &count.to_string(),
-                "--hub",
-                hub,
-                "--control",
-                &control,
-            ]),
-            &log,
-        );
+        let mut cmd = Command::new(bin("nodekeeper-agent"));
+        cmd.args([
+            "hollow",
+            "--count",
+            &count.to_string(),
+            "--hub",
+            hub,
+            "--control",
+            &control,
+        ]);
+        match creds_of(hub) {
+            Some(c) => cmd.args(["--token", &c.join_token, "--ca-cert-hash", &c.ca_cert_hash]),
+            None => cmd.arg("--insecure"),
+        };
+        let child = spawn(&mut cmd, &log);
         let addr = control.clone();
         wait_for("hollow control", Duration::from_secs(30), || get_json(&addr, "/stats"));
         Hollow {

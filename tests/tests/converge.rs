@@ -180,9 +180,7 @@ spec:
     assert_eq!(st["updatedNodes"], 1);
     assert_eq!(st["versions"]["1.0"], 1);
     assert_eq!(st["consistencyPercent"], 100.0);
-    let metrics = nodekeeper_e2e::http(&hub.http, "GET", "/metrics", "")
-        .expect("metrics")
-        .1;
+    let metrics = hub.request("GET", "/metrics", "").expect("metrics").1;
     for line in [
         "nodekeeper_hub_component_updated_nodes{component=\"widget\"} 1",
         "nodekeeper_hub_component_nodes{component=\"widget\",phase=\"Done\"} 1",
@@ -771,8 +769,8 @@ fn systemd_component_in_a_booted_container_ships_its_unit_restarts_on_change_and
     std::fs::write(
         m.root.join("etc/nk-test/agent.yaml"),
         format!(
-            "nodeName: sd-node\nhub: {{address: \"{}\"}}\nstateDir: /var/lib/nk-test\nsocket: /var/lib/nk-test/agent.sock\nconverge: {{intervalSeconds: 1}}\ndetectors: {{defaultRules: false}}\ndeadlines: {{systemctlSeconds: 5}}\n",
-            hub.grpc_url()
+            "nodeName: sd-node\n{}stateDir: /var/lib/nk-test\nsocket: /var/lib/nk-test/agent.sock\nconverge: {{intervalSeconds: 1}}\ndetectors: {{defaultRules: false}}\ndeadlines: {{systemctlSeconds: 5}}\n",
+            nodekeeper_e2e::hub_config(&hub.grpc_url())
         ),
     )
     .expect("agent config");

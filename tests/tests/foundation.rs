@@ -62,7 +62,9 @@ fn agent_registers_and_node_is_visible_over_http_and_in_nkctl() {
     assert!(stdout(&hub.nkctl(&["get", "nodes", "-l", "zone=z1,rack"])).contains("node-reg"));
     let none = hub.nkctl(&["get", "nodes", "-l", "zone=elsewhere"]);
     assert!(stdout(&none).is_empty() && stderr(&none).contains("No resources found"));
-    let (code, body) = http(&hub.http, "GET", "/v1/nodes?labelSelector=bad%20key", "").expect("get");
+    let (code, body) = hub
+        .request("GET", "/v1/nodes?labelSelector=bad%20key", "")
+        .expect("get");
     assert_eq!(code, 422, "{body}");
     let wide = stdout(&hub.nkctl(&["get", "nodes", "-o", "wide"]));
     assert!(wide.contains("KERNEL") && wide.contains("zone=z1"), "{wide}");
@@ -79,8 +81,10 @@ fn agent_registers_and_node_is_visible_over_http_and_in_nkctl() {
     // `nkctl ... | head` whose reader has gone: nkctl ends quietly (no panic,
     // no backtrace), as Unix tools do.
     for args in [&["describe", "node", "node-reg"][..], &["get", "nodes", "-o", "wide"]] {
+        let c = hub.creds.clone().expect("secure hub");
         let mut child = std::process::Command::new(nodekeeper_e2e::bin("nkctl"))
-            .args(["--hub", &hub.http_url()])
+            .args(["--hub", &hub.http_url(), "--token", &c.admin_token, "--ca"])
+            .arg(&c.ca)
             .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -193,9 +197,13 @@ fn agent_profile_applied_reaches_the_agent_and_the_hub_shows_in_sync() {
             "apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {{name: verbose, resourceVersion: '{rv}'}}\nspec:\n  nodeSelector: {{matchLabels: {{zone: z1}}}}\n  logLevel: {level}\n  heartbeatSeconds: 2\n"
         )
     };
-    let (code, body) = http(&hub.http, "POST", "/v1/agentprofiles", &edit("warn", &rv)).expect("post");
+    let (code, body) = hub
+        .request("POST", "/v1/agentprofiles", &edit("warn", &rv))
+        .expect("post");
     assert_eq!(code, 200, "{body}");
-    let (code, body) = http(&hub.http, "POST", "/v1/agentprofiles", &edit("trace", &rv)).expect("post");
+    let (code, body) = hub
+        .request("POST", "/v1/agentprofiles", &edit("trace", &rv))
+        .expect("post");
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("metadata.resourceVersion"), "{body}");
     assert_eq!(
@@ -455,15 +463,17 @@ fn bad_resource_documents_are_refused_with_the_field_and_nothing_is_stored() {
             "{doc}: {err}"
         );
         // Straight to the API: 422 with the field.
-        let (code, body) = http(&hub.http, "POST", "/v1/apply", &format!("{good}---\n{doc}")).expect("post");
+        let (code, body) = hub
+            .request("POST", "/v1/apply", &format!("{good}---\n{doc}"))
+            .expect("post");
         assert_eq!(code, 422, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).expect("json error");
         assert_eq!(v["field"], *field, "{body}");
     }
     // A kind posted to another kind's path is refused too.
-    let (code, body) = http(&hub.http, "POST", "/v1/agentprofiles", good).expect("post");
+    let (code, body) = hub.request("POST", "/v1/agentprofiles", good).expect("post");
     assert_eq!(code, 422, "{body}");
-    let (code, _) = http(&hub.http, "GET", "/v1/widgets", "").expect("get");
+    let (code, _) = hub.request("GET", "/v1/widgets", "").expect("get");
     assert_eq!(code, 404);
 
     let s = hub.summary();
@@ -473,7 +483,7 @@ fn bad_resource_documents_are_refused_with_the_field_and_nothing_is_stored() {
     hub.kill9();
     hub.restart();
     assert_eq!(hub.summary()["resources"]["nodesets"], 0);
-    let (code, _) = http(&hub.http, "GET", "/v1/nodesets/fine", "").expect("get");
+    let (code, _) = hub.request("GET", "/v1/nodesets/fine", "").expect("get");
     assert_eq!(code, 404);
 }
 
@@ -667,7 +677,9 @@ fn a_stalled_store_slows_ingest_down_instead_of_queueing_without_bound() {
             hollow.burst(1);
         }
         std::thread::sleep(Duration::from_millis(50));
-        let (_, m) = http(&hub.http, "GET", "/metrics", "").expect("metrics answer while the store stalls");
+        let (_, m) = hub
+            .request("GET", "/metrics", "")
+            .expect("metrics answer while the store stalls");
         max_queued = max_queued.max(metric(&m, "nodekeeper_hub_store_queued").expect("gauge"));
     }
     let pending = hollow.stats()["outboxPending"].as_u64().expect("pending");
@@ -678,7 +690,9 @@ fn a_stalled_store_slows_ingest_down_instead_of_queueing_without_bound() {
     let applying = std::thread::spawn(move || nkctl(&hub_url, None, &["apply", "-f", "-"], Some(PROFILE)));
     std::thread::sleep(Duration::from_millis(300));
     for path in ["/v1/fleet/summary", "/v1/nodes?limit=5", "/v1/agentprofiles"] {
-        let (code, _) = http(&hub.http, "GET", path, "").expect("API answers while the store stalls");
+        let (code, _) = hub
+            .request("GET", path, "")
+            .expect("API answers while the store stalls");
         assert_eq!(code, 200, "{path}");
     }
     assert!(

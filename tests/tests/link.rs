@@ -10,7 +10,9 @@ use futures::Stream;
 use nodekeeper_e2e::{Agent, Hub, TempDir, free_port, wait_for};
 use nodekeeper_proto::v1::agent_link_client::AgentLinkClient;
 use nodekeeper_proto::v1::agent_link_server::{AgentLink, AgentLinkServer};
-use nodekeeper_proto::v1::{AgentMessage, Hello, HubMessage, Welcome, agent_message, hub_message};
+use nodekeeper_proto::v1::{
+    AgentMessage, Hello, HubMessage, JoinRequest, JoinResponse, RenewRequest, Welcome, agent_message, hub_message,
+};
 use tonic::{Request, Response, Status, Streaming};
 
 const T: Duration = Duration::from_secs(30);
@@ -51,7 +53,8 @@ fn rt() -> tokio::runtime::Runtime {
 #[test]
 fn hub_refuses_an_agent_protocol_it_does_not_speak_and_says_why() {
     let tmp = TempDir::new("proto-hub");
-    let hub = Hub::start(tmp.path(), "");
+    // A hand-made client speaks the protocol here: plaintext, no identity.
+    let hub = Hub::start(tmp.path(), "insecure: true\n");
     let rt = rt();
     let err = rt
         .block_on(open(hub.grpc_url(), hello("node-future", 99)))
@@ -92,6 +95,12 @@ impl AgentLink for FutureHub {
         };
         let s = futures::stream::iter([Ok(welcome)]).chain(futures::stream::pending());
         Ok(Response::new(Box::pin(s)))
+    }
+    async fn join(&self, _r: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        Err(Status::unimplemented("this stand-in hub is insecure"))
+    }
+    async fn renew(&self, _r: Request<RenewRequest>) -> Result<Response<JoinResponse>, Status> {
+        Err(Status::unimplemented("this stand-in hub is insecure"))
     }
 }
 
@@ -164,7 +173,8 @@ async fn report(url: String, name: &str, reports: Vec<nodekeeper_proto::v1::Repo
 fn one_node_cannot_grow_the_hub_without_bound() {
     use nodekeeper_proto::v1::{Condition, ConditionChange, Event, Report, report};
     let tmp = TempDir::new("caps");
-    let hub = Hub::start(tmp.path(), "");
+    // A hand-made client sends the reports: plaintext, no identity.
+    let hub = Hub::start(tmp.path(), "insecure: true\n");
     let mut reports = Vec::new();
     // 100 distinct condition types: 64 are kept, the rest dropped and counted.
     for i in 0..100u64 {
@@ -207,7 +217,7 @@ fn one_node_cannot_grow_the_hub_without_bound() {
         .count();
     assert_eq!(problems, 64, "conditions per node are capped");
     assert!(!node.to_string().contains(&"R".repeat(300)), "over-long reason dropped");
-    let (_, metrics) = nodekeeper_e2e::http(&hub.http, "GET", "/metrics", "").expect("metrics");
+    let (_, metrics) = hub.request("GET", "/metrics", "").expect("metrics");
     assert!(
         metrics.contains("nodekeeper_hub_reports_capped_total{cap=\"conditions\"} 36"),
         "{metrics}"
@@ -264,7 +274,7 @@ fn nodes_can_be_deleted_and_a_connected_one_only_with_force() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(hub.node("node-del").is_none());
     assert_eq!(hub.summary()["nodes"]["total"], 1);
-    let (code, body) = nodekeeper_e2e::http(&hub.http, "DELETE", "/v1/nodes/node-del", "").expect("delete");
+    let (code, body) = hub.request("DELETE", "/v1/nodes/node-del", "").expect("delete");
     assert_eq!(code, 404, "{body}");
     hub.kill9();
     hub.restart();
@@ -336,8 +346,9 @@ fn at_its_open_files_limit_the_hub_refuses_agents_and_keeps_serving_operators() 
     let pid = hub.pid().expect("pid");
     let cpu0 = cpu_seconds(pid);
     for _ in 0..20 {
-        let (code, _) =
-            nodekeeper_e2e::http(&hub.http, "GET", "/v1/fleet/summary", "").expect("API answers at the limit");
+        let (code, _) = hub
+            .request("GET", "/v1/fleet/summary", "")
+            .expect("API answers at the limit");
         assert_eq!(code, 200);
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -348,14 +359,17 @@ fn at_its_open_files_limit_the_hub_refuses_agents_and_keeps_serving_operators() 
     );
     let s = hub.summary();
     assert_eq!(s["nodes"]["connected"], 192, "no more sessions than the limit: {s}");
-    let (_, m) = nodekeeper_e2e::http(&hub.http, "GET", "/metrics", "").expect("metrics");
+    let (_, m) = hub.request("GET", "/metrics", "").expect("metrics");
     assert!(metric(&m, "nodekeeper_hub_sessions_throttled_total") >= 1.0, "{m}");
     assert!(metric(&m, "nodekeeper_hub_agent_connections_shed_total") >= 1.0, "{m}");
     let log = hub.log();
-    assert_eq!(
-        log.matches("refusing new agent sessions").count(),
-        1,
-        "the limit is logged once:\n{log}"
+    // Logged once per episode, not per connection (hollow agents join on
+    // a connection of their own first, so the count dips and an episode
+    // may end and begin again a few times).
+    let logged = log.matches("refusing new agent sessions").count();
+    assert!(
+        (1..=5).contains(&logged),
+        "the limit is logged per episode ({logged}):\n{log}"
     );
     // When the flood goes away, the waiting agents come in on their retry hint.
     drop(flood);
@@ -386,10 +400,10 @@ fn a_refused_agent_waits_for_the_hubs_retry_hint() {
         })
     });
     assert_eq!(st["hub"]["connected"], false);
-    let (_, m0) = nodekeeper_e2e::http(&hub.http, "GET", "/metrics", "").expect("metrics");
+    let (_, m0) = hub.request("GET", "/metrics", "").expect("metrics");
     let before = metric(&m0, "nodekeeper_hub_sessions_throttled_total");
     std::thread::sleep(Duration::from_secs(6));
-    let (_, m1) = nodekeeper_e2e::http(&hub.http, "GET", "/metrics", "").expect("metrics");
+    let (_, m1) = hub.request("GET", "/metrics", "").expect("metrics");
     let refusals = metric(&m1, "nodekeeper_hub_sessions_throttled_total") - before;
     // Honouring a 3 s hint (plus up to 3 s of jitter) means at most 2 tries
     // in 6 s; the agent's own backoff would have tried about 6 times.

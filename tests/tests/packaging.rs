@@ -155,8 +155,23 @@ fn debs_in_a_booted_systemd_run_register_restart_upgrade_and_purge() {
     }
     assert_eq!(m.prop("nodekeeper-hub.service", "SubState"), "running");
 
-    // Point the agent at the hub (an operator's edit of the conffile).
-    m.sh("printf 'labels: {site: lab}\\nhub: {address: \"http://127.0.0.1:7443\"}\\n' >> /etc/nodekeeper/agent.yaml");
+    // The packaged hub created its PKI and an admin token on first start.
+    // The README's join flow: nkctl configured with the admin token and CA,
+    // a join token, and the agent pointed at the hub with it (an
+    // operator's edit of the conffile).
+    assert_eq!(
+        m.sh("stat -c '%a' /var/lib/nodekeeper-hub/ca.key /var/lib/nodekeeper-hub/admin.token")
+            .trim(),
+        "600\n600"
+    );
+    m.sh("mkdir -p /root/.config/nodekeeper && printf 'hub: https://127.0.0.1:7080\\ntokenFile: /var/lib/nodekeeper-hub/admin.token\\nca: /var/lib/nodekeeper-hub/ca.crt\\n' > /root/.config/nodekeeper/nkctl.yaml");
+    let join: serde_json::Value =
+        serde_json::from_str(&m.sh("nkctl token create join --ttl 1h -o json")).expect("token json");
+    m.sh(&format!(
+        "printf 'labels: {{site: lab}}\\nhub: {{address: \"https://127.0.0.1:7443\", bootstrapToken: \"{}\", caCertHash: \"{}\"}}\\n' >> /etc/nodekeeper/agent.yaml",
+        join["token"].as_str().expect("token"),
+        join["caCertHash"].as_str().expect("hash")
+    ));
     m.exec(&["systemctl", "restart", "nodekeeper-agent.service"]);
     let host = m.sh("hostname").trim().to_ascii_lowercase();
     wait_for("the agent registered and Ready at the hub", T, || {

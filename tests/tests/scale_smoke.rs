@@ -51,7 +51,7 @@ fn hollow_fleet_registers_syncs_survives_a_hub_restart_and_loses_no_report() {
         .collect();
     assert_eq!(rows, names, "one header, then every node once, in order");
     assert!(table.lines().next().is_some_and(|h| h.starts_with("NAME")));
-    let (code, body) = nodekeeper_e2e::http(&hub.http, "GET", "/v1/nodes?limit=999999", "").expect("get");
+    let (code, body) = hub.request("GET", "/v1/nodes?limit=999999", "").expect("get");
     assert_eq!(code, 422, "{body}");
 
     // One AgentProfile selecting every node reaches all of them.

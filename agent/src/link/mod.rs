@@ -17,6 +17,31 @@ use crate::converge;
 use crate::retry::Backoff;
 use crate::runtime::Agent;
 
+pub mod identity;
+
+use identity::{Credentials, JoinError};
+
+/// Where the link goes and how it proves who it is.
+#[derive(Clone)]
+pub enum Target {
+    /// Plaintext, no identity (`hub.insecure: true`).
+    Plain(Endpoint),
+    /// TLS with the node's certificate, joining first if it has none.
+    Tls {
+        endpoint: Endpoint,
+        creds: Arc<Credentials>,
+    },
+}
+
+/// Aborts a task when dropped (the renewal task lives as long as its session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Reports per batch message.
 const BATCH: usize = 500;
 /// Reports sent but not yet acknowledged before the link waits for acks.
@@ -89,7 +114,8 @@ impl From<String> for Failure {
     }
 }
 
-/// Builds the endpoint for a hub address (`http://host:port`).
+/// Builds the endpoint for a hub address (`https://host:port`, or
+/// `http://` on an insecure hub).
 pub fn endpoint(address: &str, cfg: &LinkConfig) -> Result<Endpoint, String> {
     Endpoint::from_shared(address.to_string())
         .map(|e| {
@@ -103,11 +129,11 @@ pub fn endpoint(address: &str, cfg: &LinkConfig) -> Result<Endpoint, String> {
 }
 
 /// Runs the link until `shutdown` turns true.
-pub async fn run(agent: Arc<Agent>, endpoint: Endpoint, cfg: LinkConfig, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(agent: Arc<Agent>, target: Target, cfg: LinkConfig, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap);
     loop {
         let result = tokio::select! {
-            r = session(&agent, &endpoint, &mut backoff) => r,
+            r = session(&agent, &target, &mut backoff) => r,
             _ = shutdown.wait_for(|s| *s) => Ok(End::Shutdown),
         };
         agent.set_link(|l| l.connected = false);
@@ -152,9 +178,42 @@ fn msg(body: agent_message::Body) -> AgentMessage {
     AgentMessage { body: Some(body) }
 }
 
+/// A channel to the hub: over TLS with the node certificate (joining first
+/// when there is none valid), or plaintext on an insecure hub. With TLS,
+/// also the task that renews the certificate while the session lasts.
+async fn connect(target: &Target) -> Result<(Channel, Option<AbortOnDrop>), Failure> {
+    match target {
+        Target::Plain(endpoint) => Ok((endpoint.connect().await.map_err(|e| format!("connect: {e}"))?, None)),
+        Target::Tls { endpoint, creds } => {
+            if !creds.usable() {
+                creds.join(endpoint).await.map_err(|e| match e {
+                    JoinError::Refused(why) => Failure::Refused { why, retry_after: None },
+                    JoinError::Unreachable(why) => Failure::Unreachable(why),
+                })?;
+            }
+            let (channel, _) = creds.channel(endpoint, true).await.map_err(Failure::Unreachable)?;
+            let renewer = tokio::spawn(identity::renewer(creds.clone(), channel.clone()));
+            Ok((channel, Some(AbortOnDrop(renewer))))
+        }
+    }
+}
+
 /// One session: `Err` when it never got established.
-async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> Result<End, Failure> {
-    let channel: Channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+async fn session(agent: &Agent, target: &Target, backoff: &mut Backoff) -> Result<End, Failure> {
+    let (channel, _renewer) = connect(target).await?;
+    let refused = |s: &tonic::Status| {
+        // The hub no longer takes this certificate (revoked, deleted,
+        // replaced): join again (with the token) next time.
+        if s.code() == tonic::Code::Unauthenticated
+            && let Target::Tls { creds, .. } = target
+        {
+            creds.invalidate();
+            // Joining again is the next step, at the usual pace; a refused
+            // join waits the longest backoff.
+            return Failure::Unreachable(format!("hub refused the certificate: {}", s.message()));
+        }
+        Failure::from_status(s)
+    };
     let mut client = AgentLinkClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
     tx.send(msg(agent_message::Body::Hello(agent.hello())))
@@ -163,7 +222,7 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
     let mut inbound = client
         .session(ReceiverStream::new(rx))
         .await
-        .map_err(|s| Failure::from_status(&s))?
+        .map_err(|s| refused(&s))?
         .into_inner();
     let welcome = match inbound.message().await {
         Ok(Some(HubMessage {
@@ -171,7 +230,7 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
         })) => w,
         Ok(Some(_)) => return Err("hub did not start with Welcome".to_string().into()),
         Ok(None) => return Err("hub closed the session".to_string().into()),
-        Err(s) => return Err(Failure::from_status(&s)),
+        Err(s) => return Err(refused(&s)),
     };
     if let Err(why) = nodekeeper_proto::check_link_protocol("the hub", welcome.protocol) {
         return Err(Failure::Refused {
@@ -252,7 +311,10 @@ async fn session(agent: &Agent, endpoint: &Endpoint, backoff: &mut Backoff) -> R
                 },
                 Ok(Some(HubMessage { body: None })) => {}
                 Ok(None) => return Ok(End::Closed("hub ended the session".into())),
-                Err(s) => return Ok(End::Closed(format!("hub stream error: {}", s.message()))),
+                Err(s) => {
+                    let _ = refused(&s);
+                    return Ok(End::Closed(format!("hub stream error: {}", s.message())));
+                }
             },
         }
     }

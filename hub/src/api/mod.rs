@@ -1,19 +1,24 @@
 //! The operator HTTP/JSON API. Handlers translate HTTP to fleet calls and
 //! fleet errors to status codes; the logic lives in [`crate::fleet`].
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, FromRef, Path, Query, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use nodekeeper_proto::document::parse_resources;
 use nodekeeper_proto::{Kind, ResourceError};
 use serde_json::{Value, json};
 
 use nodekeeper_proto::api::{List, ListMeta, MAX_PAGE, page};
 
+use crate::auth::audit::Record;
+use crate::auth::tokens::Role;
+use crate::auth::{Auth, Principal, TokenRequest};
 use crate::fleet::{Fleet, FleetError};
 
 /// Largest request body accepted (a resource file), in bytes.
@@ -28,8 +33,139 @@ impl IntoResponse for ApiError {
         if let Some(f) = self.2 {
             body["field"] = Value::String(f);
         }
-        (self.0, axum::Json(body)).into_response()
+        let mut r = (self.0, axum::Json(body)).into_response();
+        r.extensions_mut().insert(ErrorNote(self.1));
+        r
     }
+}
+
+/// Why a request failed, for the audit log.
+#[derive(Clone)]
+struct ErrorNote(String);
+
+/// What a mutation changed, for the audit log (actor and source are the
+/// request's).
+#[derive(Clone)]
+struct AuditNotes(Vec<Record>);
+
+fn noted(body: Value, notes: Vec<Record>) -> Response {
+    let mut r = axum::Json(body).into_response();
+    r.extensions_mut().insert(AuditNotes(notes));
+    r
+}
+
+fn note_of(action: &str, resource: &Value) -> Record {
+    let kind = resource["kind"].as_str().unwrap_or_default();
+    let plural = Kind::parse(kind).map_or_else(|| kind.to_ascii_lowercase(), |k| k.plural().to_string());
+    let name = resource["metadata"]["name"].as_str().unwrap_or_default();
+    Record::new("", action, format!("{plural}/{name}"))
+        .version(resource["metadata"]["resourceVersion"].as_str().unwrap_or_default())
+}
+
+/// The API's state: the fleet, and who may do what.
+#[derive(Clone)]
+pub struct ApiState {
+    pub fleet: Arc<Fleet>,
+    pub auth: Arc<Auth>,
+}
+
+impl FromRef<ApiState> for Arc<Fleet> {
+    fn from_ref(s: &ApiState) -> Arc<Fleet> {
+        s.fleet.clone()
+    }
+}
+
+impl FromRef<ApiState> for Arc<Auth> {
+    fn from_ref(s: &ApiState) -> Arc<Auth> {
+        s.auth.clone()
+    }
+}
+
+/// The role a request needs; `None`: served to anyone (health, metrics).
+fn required_role(method: &Method, path: &str) -> Option<Role> {
+    if matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        return None;
+    }
+    let read = method == Method::GET || method == Method::HEAD;
+    Some(if path == "/v1/tokens" || path.starts_with("/v1/tokens/") {
+        Role::Admin
+    } else if path.starts_with("/v1/audit") {
+        if read { Role::Operator } else { Role::Admin }
+    } else if path.starts_with("/v1/nodes/") && !read {
+        Role::Admin
+    } else if read {
+        Role::Viewer
+    } else {
+        Role::Operator
+    })
+}
+
+/// Authenticates the bearer token, checks the role, and audits every
+/// mutation and every refusal.
+async fn authorize(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let Some(need) = required_role(&method, &path) else {
+        return next.run(req).await;
+    };
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default();
+    let action = format!("{} {path}", method.as_str());
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let principal: Principal = match auth.authenticate(header) {
+        Ok(p) => p,
+        Err(why) => {
+            auth.record(
+                Record::new("unauthenticated", action, path)
+                    .refused(&why)
+                    .source(source),
+            );
+            let mut r = ApiError(StatusCode::UNAUTHORIZED, why, None).into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    };
+    if principal.role < need {
+        let why = format!(
+            "{} has role {}; {} {} needs {}",
+            principal.name,
+            principal.role.as_str(),
+            method.as_str(),
+            path,
+            need.as_str()
+        );
+        auth.record(Record::new(&principal.name, action, path).refused(&why).source(source));
+        return ApiError(StatusCode::FORBIDDEN, why, None).into_response();
+    }
+    req.extensions_mut().insert(principal.clone());
+    let resp = next.run(req).await;
+    let read = method == Method::GET || method == Method::HEAD;
+    if !read {
+        let status = resp.status();
+        let error = resp.extensions().get::<ErrorNote>().map(|e| e.0.clone());
+        match resp.extensions().get::<AuditNotes>() {
+            Some(notes) if status.is_success() => {
+                for n in &notes.0 {
+                    let mut r = n.clone();
+                    r.actor = principal.name.clone();
+                    auth.record(r.source(&source));
+                }
+            }
+            _ => {
+                let r = Record::new(&principal.name, action, path).source(source);
+                auth.record(if status.is_success() {
+                    r
+                } else {
+                    r.failed(error.unwrap_or_else(|| status.to_string()))
+                });
+            }
+        }
+    }
+    resp
 }
 
 impl From<FleetError> for ApiError {
@@ -52,11 +188,17 @@ impl From<ResourceError> for ApiError {
 }
 
 type Api = Arc<Fleet>;
+type ApiResult = Result<Response, ApiError>;
 type JsonResult = Result<axum::Json<Value>, ApiError>;
 
 /// The operator API router.
-pub fn router(fleet: Arc<Fleet>) -> Router {
+pub fn router(fleet: Arc<Fleet>, auth: Arc<Auth>) -> Router {
+    let state = ApiState { fleet, auth };
     Router::new()
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
+        .route("/v1/nodes/{name}/revoke", post(revoke_node))
+        .route("/v1/audit", get(audit))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
@@ -67,8 +209,9 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/v1/{kind}", get(list).post(apply_kind))
         .route("/v1/{kind}/{name}", get(get_one).delete(delete_one))
         .route("/v1/{kind}/{name}/revisions", get(revisions))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(fleet)
+        .with_state(state)
 }
 
 fn kind_of(plural: &str) -> Result<Kind, ApiError> {
@@ -160,9 +303,132 @@ struct DeleteQuery {
     force: bool,
 }
 
-async fn delete_node(State(f): State<Api>, Path(name): Path<String>, Query(q): Query<DeleteQuery>) -> JsonResult {
-    let node = f.delete_node(&name, q.force).await?;
-    Ok(axum::Json(serde_json::to_value(node).unwrap_or(Value::Null)))
+async fn delete_node(State(s): State<ApiState>, Path(name): Path<String>, Query(q): Query<DeleteQuery>) -> ApiResult {
+    let node = s.fleet.delete_node(&name, q.force).await?;
+    // The name is free again: another machine may join as it.
+    s.auth.forget(&name);
+    let v = serde_json::to_value(node).unwrap_or(Value::Null);
+    let note = Record::new("", "delete", format!("nodes/{name}"));
+    Ok(noted(v, vec![note]))
+}
+
+async fn revoke_node(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult {
+    if !s.auth.revoke(&name).await.map_err(FleetError::Store)? {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("node {name:?} has no identity on this hub (never joined, or deleted)"),
+            None,
+        ));
+    }
+    s.fleet.end_session(&name);
+    tracing::warn!(node = %name, "node revoked; its certificates are refused from now on");
+    let v = json!({ "node": name, "revoked": true });
+    Ok(noted(v, vec![Record::new("", "revoke", format!("nodes/{name}"))]))
+}
+
+async fn create_token(
+    State(s): State<ApiState>,
+    axum::Extension(p): axum::Extension<Principal>,
+    body: String,
+) -> ApiResult {
+    let req: TokenRequest = serde_json::from_str(&body)
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("token request: {e}"), None))?;
+    let (text, t) = s
+        .auth
+        .create_token(req, &p.name)
+        .await
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e, None))?;
+    let mut v = t.view();
+    v["token"] = Value::String(text);
+    v["caCertHash"] = Value::String(s.auth.ca_pin());
+    Ok(noted(
+        v,
+        vec![Record::new("", "token.create", format!("tokens/{}", t.id))],
+    ))
+}
+
+async fn list_tokens(State(a): State<Arc<Auth>>) -> JsonResult {
+    Ok(axum::Json(json!({ "items": a.tokens() })))
+}
+
+async fn delete_token(State(a): State<Arc<Auth>>, Path(id): Path<String>) -> ApiResult {
+    match a.delete_token(&id).await.map_err(FleetError::Store)? {
+        Some(t) => Ok(noted(
+            t.view(),
+            vec![Record::new("", "token.delete", format!("tokens/{id}"))],
+        )),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("token {id:?} not found"), None)),
+    }
+}
+
+/// `GET /v1/audit`: `since`/`until` (RFC 3339, or a duration back from
+/// now such as `1h`), `actor`, `action` (a prefix), `limit`, `continue`.
+#[derive(serde::Deserialize, Default)]
+struct AuditQuery {
+    since: Option<String>,
+    until: Option<String>,
+    actor: Option<String>,
+    action: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
+}
+
+fn time_param(field: &str, s: &str) -> Result<std::time::SystemTime, ApiError> {
+    if let Some(t) = nodekeeper_proto::time::parse_rfc3339(s) {
+        return Ok(t);
+    }
+    humantime::parse_duration(s)
+        .ok()
+        .and_then(|d| std::time::SystemTime::now().checked_sub(d))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{field} {s:?}: an RFC 3339 time or a duration back from now (1h)"),
+                Some(field.into()),
+            )
+        })
+}
+
+async fn audit(State(a): State<Arc<Auth>>, Query(q): Query<AuditQuery>) -> JsonResult {
+    let limit = match q.limit {
+        None | Some(0) => MAX_PAGE,
+        Some(n) if n <= MAX_PAGE => n,
+        Some(n) => {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("limit {n} is larger than {MAX_PAGE}; ask for smaller pages"),
+                Some("limit".into()),
+            ));
+        }
+    };
+    let after = match q.continue_token.as_deref().filter(|s| !s.is_empty()) {
+        Some(c) => c.parse().map_err(|_| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "bad continue token".into(),
+                Some("continue".into()),
+            )
+        })?,
+        None => 0,
+    };
+    let query = crate::auth::audit::Query {
+        since: q.since.as_deref().map(|s| time_param("since", s)).transpose()?,
+        until: q.until.as_deref().map(|s| time_param("until", s)).transpose()?,
+        actor: q.actor.filter(|s| !s.is_empty()),
+        action: q.action.filter(|s| !s.is_empty()),
+        after,
+        limit,
+    };
+    let (items, more) = a.audit(&query);
+    let next = if more {
+        items.last().map(|e| e.id.to_string()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok(axum::Json(
+        json!({ "items": items, "metadata": ListMeta { continue_token: next } }),
+    ))
 }
 
 async fn summary(State(f): State<Api>) -> JsonResult {
@@ -196,12 +462,14 @@ async fn revisions(State(f): State<Api>, Path((kind, name)): Path<(String, Strin
     Ok(axum::Json(json!({ "items": f.revisions(k, &name)? })))
 }
 
-async fn delete_one(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> JsonResult {
+async fn delete_one(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> ApiResult {
     let kind = kind_of(&kind)?;
-    Ok(axum::Json(f.delete(kind, &name).await?))
+    let v = f.delete(kind, &name).await?;
+    let note = note_of("delete", &v);
+    Ok(noted(v, vec![note]))
 }
 
-async fn apply_kind(State(f): State<Api>, Path(kind): Path<String>, body: String) -> JsonResult {
+async fn apply_kind(State(f): State<Api>, Path(kind): Path<String>, body: String) -> ApiResult {
     let kind = kind_of(&kind)?;
     let docs = parse_resources(&body)?;
     if let Some((i, d)) = docs.iter().enumerate().find(|(_, d)| d.kind() != kind) {
@@ -220,12 +488,22 @@ async fn apply_kind(State(f): State<Api>, Path(kind): Path<String>, body: String
     apply_docs(&f, docs).await
 }
 
-async fn apply_any(State(f): State<Api>, body: String) -> JsonResult {
+async fn apply_any(State(f): State<Api>, body: String) -> ApiResult {
     let docs = parse_resources(&body)?;
     apply_docs(&f, docs).await
 }
 
-async fn apply_docs(f: &Fleet, docs: Vec<nodekeeper_proto::Resource>) -> JsonResult {
+async fn apply_docs(f: &Fleet, docs: Vec<nodekeeper_proto::Resource>) -> ApiResult {
     let results = f.apply(docs).await?;
-    Ok(axum::Json(json!({ "items": results })))
+    let notes = results
+        .iter()
+        .map(|r| {
+            let action = serde_json::to_value(&r.action)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            note_of(&format!("apply ({action})"), &r.resource)
+        })
+        .collect();
+    Ok(noted(json!({ "items": results }), notes))
 }

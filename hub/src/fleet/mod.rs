@@ -56,6 +56,9 @@ pub struct FleetConfig {
     /// Revisions of a resource's spec kept for history and undo; older
     /// ones are deleted as new ones are applied.
     pub revision_history_limit: usize,
+    /// Label keys only join tokens and operators may set; an agent's claim
+    /// of one (or of any `nodekeeper.io/` key) is ignored.
+    pub protected_label_keys: Vec<String>,
 }
 
 impl Default for FleetConfig {
@@ -63,6 +66,7 @@ impl Default for FleetConfig {
         FleetConfig {
             grace: Duration::from_secs(40),
             revision_history_limit: DEFAULT_REVISION_HISTORY_LIMIT,
+            protected_label_keys: Vec::new(),
         }
     }
 }
@@ -132,6 +136,8 @@ pub(crate) struct NodeEntry {
 
 #[derive(Default)]
 pub(crate) struct State {
+    /// Label keys agents may not claim (besides `nodekeeper.io/`).
+    protected_label_keys: Arc<[String]>,
     nodes: BTreeMap<String, NodeEntry>,
     resources: BTreeMap<(Kind, String), Resource>,
     /// Every kept revision of a resource's spec (Components), by generation.
@@ -196,6 +202,7 @@ impl Fleet {
             resource_version: loaded.counters.get(COUNTER_RESOURCE_VERSION).copied().unwrap_or(0),
             // Start past everything an earlier run may have handed out.
             revision: loaded.counters.get(COUNTER_REVISION_RESERVED).copied().unwrap_or(0),
+            protected_label_keys: config.protected_label_keys.clone().into(),
             ..Default::default()
         };
         for (kind, body) in loaded.resources {

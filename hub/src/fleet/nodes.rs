@@ -193,9 +193,24 @@ fn upsert_component(status: &mut NodeStatus, mut c: NodeComponent) -> Result<(),
     Ok(())
 }
 
-/// The labels selectors see: the agent's own, then the operator's.
-pub(super) fn base_labels(node: &Node) -> BTreeMap<String, String> {
-    let mut labels = node.status.as_ref().map(|s| s.agent_labels.clone()).unwrap_or_default();
+/// The labels selectors see: the agent's own (without protected keys, which
+/// only the join token and operators may set), the join token's, then the
+/// operator's.
+pub(super) fn base_labels(node: &Node, protected: &[String]) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> = node
+        .status
+        .as_ref()
+        .map(|s| {
+            s.agent_labels
+                .iter()
+                .filter(|(k, _)| !k.starts_with(crate::auth::PROTECTED_PREFIX) && !protected.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(status) = &node.status {
+        labels.extend(status.join_labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
     if let Some(spec) = &node.spec {
         labels.extend(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
@@ -258,8 +273,8 @@ impl State {
         name: &str,
         cache: &mut SettingsCache,
     ) -> Option<(Arc<watch::Sender<Desired>>, Desired)> {
+        let base = base_labels(&self.nodes.get(name)?.node, &self.protected_label_keys);
         let entry = self.nodes.get_mut(name)?;
-        let base = base_labels(&entry.node);
         let settings = match cache.get(&base) {
             Some(s) => s.clone(),
             None => {
@@ -318,7 +333,13 @@ impl State {
 impl Fleet {
     /// Opens a session for an agent's Hello: registers or updates the node,
     /// computes its desired state, and returns the session's subscriptions.
-    pub fn open_session(&self, hello: Hello) -> Result<SessionHandles, FleetError> {
+    /// `join_labels` are the labels of the token that joined the node (none
+    /// on an insecure hub).
+    pub fn open_session(
+        &self,
+        hello: Hello,
+        join_labels: Option<BTreeMap<String, String>>,
+    ) -> Result<SessionHandles, FleetError> {
         validate::dns_subdomain("hello.nodeName", &hello.node_name)?;
         validate::labels("hello.labels", &hello.labels)?;
         if hello.labels.len() > MAX_LABELS {
@@ -384,6 +405,9 @@ impl Fleet {
         let status = entry.node.status.get_or_insert_with(Default::default);
         status.facts = Some(facts);
         status.agent_labels = hello.labels;
+        if let Some(j) = join_labels {
+            status.join_labels = j;
+        }
         status.applied_revision = hello.applied_revision;
         status.last_seen = rfc3339(entry.last_seen);
         set_ready(status, "True", "AgentConnected", "agent link is up and heartbeating");
@@ -427,6 +451,14 @@ impl Fleet {
             acks,
             replaced,
         })
+    }
+
+    /// Ends a node's open session (its certificate was revoked); the agent
+    /// sees its stream end.
+    pub fn end_session(&self, name: &str) {
+        if let Some(e) = self.lock().nodes.get_mut(name) {
+            e.kill = None;
+        }
     }
 
     /// Closes a session. Ready turns Unknown at once (the link is gone), unless

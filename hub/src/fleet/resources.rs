@@ -21,7 +21,7 @@ impl State {
                 let sel = ns.spec.as_ref().and_then(|s| s.selector.as_ref());
                 let mut st = NodeSetStatus::default();
                 for e in self.nodes.values() {
-                    if nodekeeper_proto::selector::selects(sel, &base_labels(&e.node)) {
+                    if nodekeeper_proto::selector::selects(sel, &base_labels(&e.node, &self.protected_label_keys)) {
                         st.nodes += 1;
                         if ready_status(&e.node) == "True" {
                             st.ready += 1;

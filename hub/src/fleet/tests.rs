@@ -131,7 +131,7 @@ fn a_failing_store_applies_nothing() {
 fn reports_are_deduplicated_by_sequence_and_acknowledged_after_commit() {
     let mem = Memory::new();
     let f = fleet_on(&mem);
-    let h = f.open_session(hello("n1", "m1")).expect("session");
+    let h = f.open_session(hello("n1", "m1"), None).expect("session");
     let rt = rt();
     rt.block_on(f.ingest("n1", h.id, vec![event(1, "A"), event(2, "B"), event(3, "C")]));
     let mut acks = h.acks.clone();
@@ -168,7 +168,7 @@ fn reports_are_deduplicated_by_sequence_and_acknowledged_after_commit() {
     mem.set_failing(false);
     // A restarted fleet knows what was committed, so the agent resends 5.
     let again = fleet_on(&mem);
-    let h2 = again.open_session(hello("n1", "m1")).expect("session");
+    let h2 = again.open_session(hello("n1", "m1"), None).expect("session");
     assert_eq!(h2.welcome.report_sequence, 4);
     // A report from a replaced session is ignored.
     rt.block_on(f.ingest("n1", h.id + 1000, vec![event(9, "Z")]));
@@ -188,7 +188,7 @@ fn ready_follows_the_session_and_heartbeats() {
             .expect("Ready");
         (c.status, c.reason)
     };
-    let h = f.open_session(hello("n1", "m1")).expect("session");
+    let h = f.open_session(hello("n1", "m1"), None).expect("session");
     assert_eq!(ready(&f), ("True".into(), "AgentConnected".into()));
     assert_eq!(f.summary().nodes.ready, 1);
     // Heartbeats stop: Unknown after the grace period (at least three 10 s
@@ -204,8 +204,8 @@ fn ready_follows_the_session_and_heartbeats() {
     f.close_session("n1", h.id);
     assert_eq!(ready(&f), ("Unknown".into(), "AgentDisconnected".into()));
     // Another machine may not take a connected node's name.
-    let _h = f.open_session(hello("n1", "m1")).expect("same machine again");
-    let Err(err) = f.open_session(hello("n1", "other")) else {
+    let _h = f.open_session(hello("n1", "m1"), None).expect("same machine again");
+    let Err(err) = f.open_session(hello("n1", "other"), None) else {
         panic!("another machine took a connected node's name")
     };
     assert!(err.to_string().contains("another machine"), "{err}");
@@ -215,7 +215,7 @@ fn ready_follows_the_session_and_heartbeats() {
 fn desired_state_follows_profiles_and_labels_survive_a_restart() {
     let mem = Memory::new();
     let f = fleet_on(&mem);
-    let h = f.open_session(hello("n1", "m1")).expect("session");
+    let h = f.open_session(hello("n1", "m1"), None).expect("session");
     let r0 = h.desired.borrow().revision;
     apply(&f, PROFILE).expect("apply");
     let d = h.desired.borrow().clone();

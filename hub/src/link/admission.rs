@@ -96,6 +96,8 @@ pub enum Over {
 pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
     pub over: Option<Over>,
+    /// The client certificate, after a TLS handshake that presented one.
+    pub peer: Option<Arc<nodekeeper_proto::tls::CertFacts>>,
 }
 
 /// Shared counters of the admission controller.
@@ -183,7 +185,14 @@ impl Admission {
         if over == Some(Over::Connections) {
             self.note_limit("connection limit");
         }
-        Some((ConnInfo { remote, over }, guard))
+        Some((
+            ConnInfo {
+                remote,
+                over,
+                peer: None,
+            },
+            guard,
+        ))
     }
 
     /// Whether a new session may open: `Err` is the refusal's reason.
@@ -248,6 +257,12 @@ pub struct Conn {
     stream: TcpStream,
     info: ConnInfo,
     _guard: Guard,
+}
+
+impl Conn {
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
+    }
 }
 
 impl Connected for Conn {

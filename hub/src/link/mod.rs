@@ -11,14 +11,19 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt, stream};
 use nodekeeper_proto::v1::agent_link_server::AgentLink;
-use nodekeeper_proto::v1::{AgentMessage, HubMessage, ReportAck, agent_message, hub_message};
+use nodekeeper_proto::v1::{
+    AgentMessage, HubMessage, JoinRequest, JoinResponse, RenewRequest, ReportAck, agent_message, hub_message,
+};
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::auth::audit::Record;
+use crate::auth::{Auth, Refusal};
 use crate::fleet::{Fleet, FleetError, SessionHandles};
 
 pub mod admission;
+pub mod tls;
 
 use admission::{Admission, ConnInfo};
 
@@ -29,11 +34,49 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct LinkService {
     fleet: Arc<Fleet>,
     admission: Arc<Admission>,
+    auth: Arc<Auth>,
 }
 
 impl LinkService {
-    pub fn new(fleet: Arc<Fleet>, admission: Arc<Admission>) -> LinkService {
-        LinkService { fleet, admission }
+    pub fn new(fleet: Arc<Fleet>, admission: Arc<Admission>, auth: Arc<Auth>) -> LinkService {
+        LinkService { fleet, admission, auth }
+    }
+
+    /// Audits a refusal and turns it into the status the agent sees.
+    fn refuse(&self, r: Record, why: Refusal) -> Status {
+        tracing::warn!(actor = %r.actor, action = %r.action, resource = %r.resource, source = %r.source, "refused: {why}");
+        self.fleet.metrics.sessions_rejected.inc();
+        self.auth.record(r.refused(&why));
+        match why {
+            Refusal::Unauthenticated(m) => Status::unauthenticated(m),
+            Refusal::PermissionDenied(m) => Status::permission_denied(m),
+            Refusal::AlreadyExists(m) => Status::already_exists(m),
+            Refusal::Invalid(m) => Status::invalid_argument(m),
+            Refusal::Unavailable(m) => Status::unavailable(m),
+        }
+    }
+}
+
+fn source_of<T>(r: &Request<T>) -> String {
+    r.extensions()
+        .get::<ConnInfo>()
+        .and_then(|i| i.remote)
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
+/// Ends when the node's newest certificate expires or is revoked (never on
+/// an insecure hub): a renewal moves the end without a reconnect.
+async fn identity_end(auth: Arc<Auth>, node: String) {
+    if auth.insecure() {
+        return std::future::pending().await;
+    }
+    loop {
+        let Some(t) = auth.not_after(&node) else { return };
+        let Ok(left) = t.duration_since(std::time::SystemTime::now()) else {
+            return;
+        };
+        tokio::time::sleep(left.min(Duration::from_secs(60)) + Duration::from_millis(10)).await;
     }
 }
 
@@ -59,6 +102,29 @@ impl AgentLink for LinkService {
         if let Err(why) = self.admission.check_session(info.as_ref(), sessions) {
             return Err(throttled(why, self.admission.limits().retry_after));
         }
+        let source = source_of(&request);
+        // The node's name comes from its certificate, never from its Hello.
+        let identity = if self.auth.insecure() {
+            None
+        } else {
+            let Some(cert) = info.as_ref().and_then(|i| i.peer.clone()) else {
+                return Err(self.refuse(
+                    Record::new("unauthenticated", "session", "nodes").source(source),
+                    Refusal::Unauthenticated(
+                        "a client certificate is required; join with a bootstrap token first (hub.bootstrapToken)"
+                            .into(),
+                    ),
+                ));
+            };
+            let actor = format!("node:{}", cert.common_name);
+            match self.auth.session_identity(&cert) {
+                Ok(i) => Some(i),
+                Err(why) => {
+                    let r = Record::new(actor, "session", format!("nodes/{}", cert.common_name)).source(source);
+                    return Err(self.refuse(r, why));
+                }
+            }
+        };
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
@@ -69,6 +135,40 @@ impl AgentLink for LinkService {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 15 s")),
         };
+        if let Some(i) = &identity
+            && hello.node_name != i.node
+        {
+            let r = Record::new(
+                format!("node:{}", i.node),
+                "session",
+                format!("nodes/{}", hello.node_name),
+            )
+            .source(source);
+            return Err(self.refuse(
+                r,
+                Refusal::PermissionDenied(format!(
+                    "the certificate of node {:?} cannot speak for node {:?}; a node speaks only for itself",
+                    i.node, hello.node_name
+                )),
+            ));
+        }
+        let claimed: Vec<&String> = hello.labels.keys().filter(|k| self.auth.protected(k)).collect();
+        if !claimed.is_empty() {
+            let keys = claimed.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
+            let why = format!(
+                "labels {keys} are protected: only the join token and operators set them; the agent's claim is ignored"
+            );
+            tracing::warn!(node = %hello.node_name, "{why}");
+            self.auth.record(
+                Record::new(
+                    format!("node:{}", hello.node_name),
+                    "labels.claim",
+                    format!("nodes/{}", hello.node_name),
+                )
+                .refused(why)
+                .source(source.clone()),
+            );
+        }
         if let Err(why) = nodekeeper_proto::check_link_protocol("the agent", hello.protocol) {
             self.fleet.metrics.sessions_rejected.inc();
             tracing::warn!(?peer, node = %hello.node_name, protocol = hello.protocol, "refused agent session: {why}");
@@ -77,13 +177,62 @@ impl AgentLink for LinkService {
         // Room for this session's revision, waited for here rather than
         // under the fleet lock.
         self.fleet.ensure_reserved(1).await;
-        let handles = self.fleet.open_session(hello).map_err(|e| {
+        let join_labels = identity.map(|i| i.labels);
+        let handles = self.fleet.open_session(hello, join_labels).map_err(|e| {
             tracing::warn!(?peer, error = %e, "refused agent session");
             status_of(e)
         })?;
         let span = tracing::info_span!("node", node = %handles.node, session = handles.id);
         tokio::spawn(read_agent(self.fleet.clone(), inbound, handles.node.clone(), handles.id).instrument(span));
-        Ok(Response::new(outbound(handles)))
+        let end = identity_end(self.auth.clone(), handles.node.clone());
+        Ok(Response::new(outbound(handles, end)))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let source = source_of(&request);
+        let req = request.into_inner();
+        let token_id = nodekeeper_proto::token::parse(&req.token).map_or("malformed", |(id, _)| id);
+        let actor = format!("join-token:{token_id}");
+        match self.auth.join(&req.token, &req.csr).await {
+            Ok((identity, certificate_pem, ca_pem)) => {
+                tracing::info!(node = %identity.node, token = %identity.token, %source, "node joined");
+                self.auth
+                    .record(Record::new(actor, "join", format!("nodes/{}", identity.node)).source(source));
+                Ok(Response::new(JoinResponse {
+                    certificate_pem,
+                    ca_pem,
+                }))
+            }
+            Err(why) => Err(self.refuse(Record::new(actor, "join", "nodes").source(source), why)),
+        }
+    }
+
+    async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<JoinResponse>, Status> {
+        let source = source_of(&request);
+        let peer = request.extensions().get::<ConnInfo>().and_then(|i| i.peer.clone());
+        let Some(peer) = peer else {
+            return Err(self.refuse(
+                Record::new("unauthenticated", "certificate.renew", "nodes").source(source),
+                Refusal::Unauthenticated("renewal needs the node's current client certificate".into()),
+            ));
+        };
+        let r = Record::new(
+            format!("node:{}", peer.common_name),
+            "certificate.renew",
+            format!("nodes/{}", peer.common_name),
+        )
+        .source(source);
+        match self.auth.renew(&peer, &request.into_inner().csr).await {
+            Ok((certificate_pem, ca_pem)) => {
+                tracing::info!(node = %peer.common_name, "node certificate renewed");
+                self.auth.record(r);
+                Ok(Response::new(JoinResponse {
+                    certificate_pem,
+                    ca_pem,
+                }))
+            }
+            Err(why) => Err(self.refuse(r, why)),
+        }
     }
 }
 
@@ -121,7 +270,7 @@ async fn read_agent(fleet: Arc<Fleet>, mut inbound: Streaming<AgentMessage>, nod
 
 /// What the hub sends: Welcome, then desired states and acknowledgements as
 /// they change, until a newer session of the node replaces this one.
-fn outbound(h: SessionHandles) -> Outbound {
+fn outbound(h: SessionHandles, end: impl std::future::Future<Output = ()> + Send + 'static) -> Outbound {
     let msg = |body| HubMessage { body: Some(body) };
     let welcome = stream::once(std::future::ready(msg(hub_message::Body::Welcome(h.welcome))));
     // The current desired state first (if any), then every change.
@@ -131,10 +280,14 @@ fn outbound(h: SessionHandles) -> Outbound {
     let acks =
         WatchStream::from_changes(h.acks).map(move |s| msg(hub_message::Body::ReportAck(ReportAck { sequence: s })));
     let replaced = stream::once(async move {
-        let _ = h.replaced.await;
-        Err(Status::aborted(
-            "session replaced by a newer one of the same node, or closed",
-        ))
+        tokio::select! {
+            _ = h.replaced => Err(Status::aborted(
+                "session replaced by a newer one of the same node, or closed",
+            )),
+            _ = end => Err(Status::unauthenticated(
+                "the node's certificate expired or was revoked; renew or join again",
+            )),
+        }
     });
     // tonic ends the response at the first error, so `replaced` ends it.
     Box::pin(

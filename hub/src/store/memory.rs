@@ -19,6 +19,8 @@ struct Data {
     nodes: BTreeMap<String, Vec<u8>>,
     node_revisions: BTreeMap<String, NodeRevisions>,
     counters: HashMap<String, u64>,
+    records: BTreeMap<(String, String), String>,
+    audit: BTreeMap<u64, String>,
 }
 
 /// The memory backend; clones share the same data.
@@ -50,6 +52,12 @@ impl Memory {
                 .map(|((k, n, g), b)| (k.clone(), n.clone(), *g, b.clone()))
                 .collect(),
             nodes: Vec::new(),
+            records: d
+                .records
+                .iter()
+                .map(|((k, key), b)| (k.clone(), key.clone(), b.clone()))
+                .collect(),
+            audit: d.audit.iter().map(|(i, b)| (*i, b.clone())).collect(),
         };
         for (name, body) in &d.nodes {
             let Ok(mut node) = Node::decode(body.as_slice()) else {
@@ -112,6 +120,18 @@ impl Backend for Memory {
                 }
                 Write::Counter { key, value } => {
                     d.counters.insert((*key).to_string(), *value);
+                }
+                Write::PutRecord { kind, key, body } => {
+                    d.records.insert(((*kind).to_string(), key.clone()), body.clone());
+                }
+                Write::DeleteRecord { kind, key } => {
+                    d.records.remove(&((*kind).to_string(), key.clone()));
+                }
+                Write::AppendAudit { id, body } => {
+                    d.audit.insert(*id, body.clone());
+                }
+                Write::PruneAudit { through } => {
+                    d.audit.retain(|i, _| i > through);
                 }
             }
         }

@@ -35,9 +35,16 @@ pub enum StoreError {
 /// One write.
 pub enum Write {
     /// Insert or replace a resource (JSON body).
-    PutResource { kind: String, name: String, body: String },
+    PutResource {
+        kind: String,
+        name: String,
+        body: String,
+    },
     /// Deletes a resource and every revision kept of it.
-    DeleteResource { kind: String, name: String },
+    DeleteResource {
+        kind: String,
+        name: String,
+    },
     /// Keeps one revision (generation) of a resource's spec, for history and
     /// rollback.
     PutRevision {
@@ -55,9 +62,14 @@ pub enum Write {
     },
     /// Only a node's revisions: the small write of a fan-out or an agent's
     /// acknowledgement. Coalesced with the node's other writes in a batch.
-    NodeRevisions { name: String, revisions: NodeRevisions },
+    NodeRevisions {
+        name: String,
+        revisions: NodeRevisions,
+    },
     /// Deletes a node and its revisions row.
-    DeleteNode { name: String },
+    DeleteNode {
+        name: String,
+    },
     /// Deletes a resource's kept revisions up to and including `generation`
     /// (the history limit).
     DeleteRevisionsUpTo {
@@ -66,7 +78,29 @@ pub enum Write {
         generation: i64,
     },
     /// Set a counter (resource version, revision).
-    Counter { key: &'static str, value: u64 },
+    Counter {
+        key: &'static str,
+        value: u64,
+    },
+    /// Insert or replace a small record (JSON): tokens, node identities.
+    PutRecord {
+        kind: &'static str,
+        key: String,
+        body: String,
+    },
+    DeleteRecord {
+        kind: &'static str,
+        key: String,
+    },
+    /// Appends an audit entry (JSON) under its sequence number.
+    AppendAudit {
+        id: u64,
+        body: String,
+    },
+    /// Deletes audit entries up to and including `through` (retention).
+    PruneAudit {
+        through: u64,
+    },
 }
 
 /// A node's desired/applied revisions and desired settings, kept in their
@@ -126,6 +160,10 @@ pub struct Loaded {
     pub counters: HashMap<String, u64>,
     /// (kind, name, generation, JSON body), oldest first per resource.
     pub revisions: Vec<(String, String, i64, String)>,
+    /// (kind, key, JSON body) of small records.
+    pub records: Vec<(String, String, String)>,
+    /// (sequence, JSON body) of the audit log, oldest first.
+    pub audit: Vec<(u64, String)>,
 }
 
 /// Handle to the store; cheap to clone.

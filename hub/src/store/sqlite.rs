@@ -66,7 +66,11 @@ pub(super) fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
          CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS resource_revisions (
             kind TEXT NOT NULL, name TEXT NOT NULL, generation INTEGER NOT NULL, body TEXT NOT NULL,
-            PRIMARY KEY (kind, name, generation)) WITHOUT ROWID;",
+            PRIMARY KEY (kind, name, generation)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS records (
+            kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL,
+            PRIMARY KEY (kind, key)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, body TEXT NOT NULL);",
     )?;
     // Stores written before settings were shared keep theirs inline in
     // node_revisions.settings; they are read as before and rewritten shared.
@@ -169,6 +173,23 @@ pub(super) fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError>
         .map_err(err)?;
     for row in rows {
         out.revisions.push(row.map_err(err)?);
+    }
+    let mut stmt = conn
+        .prepare("SELECT kind, key, body FROM records ORDER BY kind, key")
+        .map_err(err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(err)?;
+    for row in rows {
+        out.records.push(row.map_err(err)?);
+    }
+    let mut stmt = conn.prepare("SELECT id, body FROM audit ORDER BY id").map_err(err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .map_err(err)?;
+    for row in rows {
+        let (id, body) = row.map_err(err)?;
+        out.audit.push((id.max(0) as u64, body));
     }
     let mut stmt = conn.prepare("SELECT key, value FROM counters").map_err(err)?;
     let rows = stmt
@@ -290,6 +311,22 @@ fn commit_batch(conn: &mut Connection, batch: &[&[Write]]) -> rusqlite::Result<u
                     }
                     Write::Counter { key, value } => {
                         put_counter.execute(params![key, *value as i64])?;
+                    }
+                    Write::PutRecord { kind, key, body } => {
+                        tx.prepare_cached("INSERT OR REPLACE INTO records (kind, key, body) VALUES (?1, ?2, ?3)")?
+                            .execute(params![kind, key, body])?;
+                    }
+                    Write::DeleteRecord { kind, key } => {
+                        tx.prepare_cached("DELETE FROM records WHERE kind = ?1 AND key = ?2")?
+                            .execute(params![kind, key])?;
+                    }
+                    Write::AppendAudit { id, body } => {
+                        tx.prepare_cached("INSERT OR REPLACE INTO audit (id, body) VALUES (?1, ?2)")?
+                            .execute(params![*id as i64, body])?;
+                    }
+                    Write::PruneAudit { through } => {
+                        tx.prepare_cached("DELETE FROM audit WHERE id <= ?1")?
+                            .execute(params![*through as i64])?;
                     }
                 }
                 written += 1;
