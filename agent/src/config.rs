@@ -135,6 +135,13 @@ pub struct ConvergeConfig {
     /// Standalone mode only: files of Component (and NodeSet) documents the
     /// agent keeps without a hub.
     pub components: Vec<PathBuf>,
+    /// ed25519 public keys (minisign's form, or base64/hex) that may sign
+    /// artifacts.
+    pub trusted_keys: Vec<String>,
+    /// Refuse an artifact without a signature by one of `trustedKeys`.
+    pub require_signatures: bool,
+    /// URL prefixes artifacts may come from (empty: anywhere).
+    pub allowed_artifact_urls: Vec<String>,
 }
 
 impl Default for ConvergeConfig {
@@ -148,6 +155,9 @@ impl Default for ConvergeConfig {
             max_artifact_bytes: 4 << 30,
             stuck_after_seconds: 0,
             components: Vec::new(),
+            trusted_keys: Vec::new(),
+            require_signatures: false,
+            allowed_artifact_urls: Vec::new(),
         }
     }
 }
@@ -302,6 +312,17 @@ impl AgentConfig {
                 path,
                 "converge.downloadAttempts",
                 "must be between 1 and 100",
+            ));
+        }
+        for (i, k) in self.converge.trusted_keys.iter().enumerate() {
+            crate::converge::component::signature::parse_key(k)
+                .map_err(|e| ConfigError::invalid(path, &format!("converge.trustedKeys[{i}]"), e))?;
+        }
+        if self.converge.require_signatures && self.converge.trusted_keys.is_empty() {
+            return Err(ConfigError::invalid(
+                path,
+                "converge.requireSignatures",
+                "needs converge.trustedKeys (the keys artifacts must be signed with)",
             ));
         }
         nodekeeper_proto::config::check_logging(path, &self.log_level, &self.log_format)?;

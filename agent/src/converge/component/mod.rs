@@ -16,6 +16,7 @@ pub mod health;
 pub mod local;
 pub mod machine;
 pub mod package;
+pub mod signature;
 mod steps;
 pub mod systemd;
 

@@ -12,7 +12,7 @@ use super::decide::{self, Undo};
 use super::files::{self, Owner};
 use super::machine::{self, ArtifactState, Change, FileState, Installed, Manager, Phase, Prior};
 use super::package::{Dpkg, PackageManager, Rpm};
-use super::{Engine, archive, health, systemd};
+use super::{Engine, archive, health, signature, systemd};
 
 impl Engine {
     /// Performs one step.
@@ -21,13 +21,35 @@ impl Engine {
         match ch.phase {
             Phase::Downloading => {
                 if let Some((url, sha, size)) = artifact_url(&spec) {
+                    if !signature::url_allowed(url, &self.cfg.allowed_artifact_urls) {
+                        return Err(format!(
+                            "artifact {url} is not under converge.allowedArtifactUrls ({}); nothing was downloaded or changed",
+                            self.cfg.allowed_artifact_urls.join(", ")
+                        ));
+                    }
+                    if self.cfg.require_signatures && artifact_signature(&spec).is_empty() {
+                        return Err(format!(
+                            "artifact {url} has no signature and converge.requireSignatures is set; nothing was changed"
+                        ));
+                    }
                     self.cache.fetch(url, sha, size)?;
                 }
                 Ok(())
             }
             Phase::Verifying => {
-                if let Some((_, sha, _)) = artifact_url(&spec) {
-                    self.cache.verify(sha)?;
+                if let Some((url, sha, _)) = artifact_url(&spec) {
+                    let path = self.cache.verify(sha)?;
+                    let sig = artifact_signature(&spec);
+                    if !sig.is_empty() || self.cfg.require_signatures {
+                        let keys: Vec<signature::Key> = self
+                            .cfg
+                            .trusted_keys
+                            .iter()
+                            .filter_map(|k| signature::parse_key(k).ok())
+                            .collect();
+                        signature::verify(&path, sig, &keys)
+                            .map_err(|e| format!("artifact {url}: {e}; nothing was changed"))?;
+                    }
                 }
                 Ok(())
             }
@@ -439,6 +461,19 @@ pub(super) fn staged(ch: &Change) -> Result<&Installed, String> {
 }
 
 /// The URL and hash of a downloaded artifact, if the spec has one.
+/// The detached signature of the artifact's file (empty: none).
+pub(super) fn artifact_signature(spec: &ComponentSpec) -> &str {
+    let Some(a) = spec.artifact.as_ref() else { return "" };
+    fn pkg(p: &Option<nodekeeper_proto::v1::PackageArtifact>) -> Option<&str> {
+        p.as_ref().filter(|p| !p.url.is_empty()).map(|p| p.signature.as_str())
+    }
+    pkg(&a.deb)
+        .or_else(|| pkg(&a.rpm))
+        .or_else(|| a.archive.as_ref().map(|x| x.signature.as_str()))
+        .or_else(|| a.file.as_ref().map(|x| x.signature.as_str()))
+        .unwrap_or("")
+}
+
 pub(super) fn artifact_url(spec: &ComponentSpec) -> Option<(&str, &str, u64)> {
     let a = spec.artifact.as_ref()?;
     pub(super) fn pick(p: &nodekeeper_proto::v1::PackageArtifact) -> Option<(&str, &str, u64)> {
