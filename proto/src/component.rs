@@ -467,6 +467,7 @@ mod tests {
                 path: "/usr/bin/y".into(),
                 mode: String::new(),
                 size: 0,
+                signature: String::new(),
             }),
             ..Default::default()
         });

@@ -103,7 +103,7 @@ struct State {
     log: Log,
     /// Sources whose failed TLS handshakes were audited lately (a scanner
     /// must not flood the log).
-    handshake_audited: HashMap<IpAddr, Instant>,
+    handshake_audited: HashMap<(IpAddr, String), Instant>,
 }
 
 /// The hub's authentication and audit state.
@@ -470,14 +470,16 @@ impl Auth {
         e
     }
 
-    /// Audits a failed TLS handshake, at most once per source per minute.
+    /// Audits a failed TLS handshake, at most once per source and listener
+    /// per minute (a scanner must not flood the log).
     pub fn record_handshake_failure(&self, source: Option<std::net::SocketAddr>, listener: &str, why: &str) {
         let now = Instant::now();
         if let Some(ip) = source.map(|s| s.ip()) {
+            let key = (ip, listener.to_string());
             let mut st = self.lock();
             if st
                 .handshake_audited
-                .get(&ip)
+                .get(&key)
                 .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60))
             {
                 return;
@@ -485,7 +487,7 @@ impl Auth {
             if st.handshake_audited.len() > 10_000 {
                 st.handshake_audited.clear();
             }
-            st.handshake_audited.insert(ip, now);
+            st.handshake_audited.insert(key, now);
         }
         self.record(
             Record::new("unauthenticated", "tls.handshake", listener)

@@ -22,7 +22,11 @@ pub enum Key {
 pub fn parse_key(s: &str) -> Result<Key, String> {
     let s = s.trim();
     // A minisign public key file: a comment line, then the key.
-    let line = s.lines().rfind(|l| !l.trim().is_empty() && !l.starts_with("untrusted comment:")).unwrap_or(s).trim();
+    let line = s
+        .lines()
+        .rfind(|l| !l.trim().is_empty() && !l.starts_with("untrusted comment:"))
+        .unwrap_or(s)
+        .trim();
     if let Ok(k) = minisign_verify::PublicKey::from_base64(line) {
         return Ok(Key::Minisign(Box::new(k)));
     }
@@ -73,11 +77,7 @@ pub fn verify(file: &Path, signature: &str, keys: &[Key]) -> Result<(), String> 
     Err("the artifact's ed25519 signature does not verify with any of converge.trustedKeys".into())
 }
 
-fn minisign_file(
-    file: &Path,
-    pk: &minisign_verify::PublicKey,
-    sig: &minisign_verify::Signature,
-) -> Result<(), String> {
+fn minisign_file(file: &Path, pk: &minisign_verify::PublicKey, sig: &minisign_verify::Signature) -> Result<(), String> {
     let mut f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
     match pk.verify_stream(sig) {
         // Prehashed (minisign's default): streamed, whatever the size.
@@ -94,7 +94,8 @@ fn minisign_file(
         }
         Err(minisign_verify::Error::UnsupportedLegacyMode) => {
             let mut bytes = Vec::new();
-            f.read_to_end(&mut bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+            f.read_to_end(&mut bytes)
+                .map_err(|e| format!("{}: {e}", file.display()))?;
             pk.verify(&bytes, sig, true).map_err(|e| e.to_string())
         }
         Err(e) => Err(e.to_string()),

@@ -1,0 +1,578 @@
+//! Security end to end: node identity over mutual TLS, bootstrap tokens, a
+//! node speaking only for itself, protected labels, operator tokens and
+//! roles, artifact signatures, certificate renewal — one test per refusal,
+//! each refusal also found in the hub's audit log.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use nodekeeper_e2e::artifacts::{FileServer, sha256};
+use nodekeeper_e2e::{Agent, Hub, TempDir, nkctl, wait_for};
+use ring::signature::KeyPair;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+fn creds(hub: &Hub) -> nodekeeper_e2e::HubCreds {
+    hub.creds.clone().expect("a secure hub")
+}
+
+/// Creates a token through the API as admin; (token, body).
+fn token(hub: &Hub, body: &str) -> (String, Value) {
+    let (code, resp) = hub.request("POST", "/v1/tokens", body).expect("create token");
+    assert_eq!(code, 200, "{resp}");
+    let v: Value = serde_json::from_str(&resp).expect("json");
+    (v["token"].as_str().expect("token").to_string(), v)
+}
+
+/// The audit entries matching a query (`action=join` ...).
+fn audit(hub: &Hub, query: &str) -> Vec<Value> {
+    let v = hub.get(&format!("/v1/audit?{query}")).expect("audit");
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+fn refused(entries: &[Value], actor: &str, why: &str) -> bool {
+    entries.iter().any(|e| {
+        e["actor"] == actor
+            && e["result"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("refused") && r.contains(why))
+    })
+}
+
+/// An agent's hub section joining with `token` (and this hub's CA pin).
+fn joining(hub: &Hub, token: &str, pin: &str) -> String {
+    format!(
+        "hub: {{address: \"{}\", bootstrapToken: \"{token}\", caCertHash: \"{pin}\"}}\n",
+        hub.grpc_url()
+    )
+}
+
+fn last_error(a: &Agent) -> String {
+    a.status()
+        .and_then(|s| s["hub"]["lastError"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+#[test]
+fn tokens_that_are_expired_used_up_deleted_or_forged_are_refused_and_audited() {
+    let tmp = TempDir::new("sec-tokens");
+    let hub = Hub::start(tmp.path(), "");
+    let pin = creds(&hub).ca_cert_hash;
+    let (expired, _) = token(&hub, r#"{"type":"join","ttl":"1s"}"#);
+    let (single, _) = token(&hub, r#"{"type":"join","uses":1}"#);
+    let (deleted, _) = token(&hub, r#"{"type":"join"}"#);
+    let id = |t: &str| t.split('.').next().expect("id").to_string();
+    let (code, body) = hub
+        .request("DELETE", &format!("/v1/tokens/{}", id(&deleted)), "")
+        .expect("delete");
+    assert_eq!(code, 200, "{body}");
+    // The right id with a secret nobody was given.
+    let forged = format!("{}.{}", id(&single), "0".repeat(16));
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let first = Agent::start(tmp.path(), "first", None, &joining(&hub, &single, &pin));
+    wait_for("the single-use token joins one node", T, || {
+        hub.node("first").filter(|n| n["status"]["connected"] == true)
+    });
+    let cases = [
+        ("late", &expired, "expired"),
+        ("second", &single, "was used 1 times"),
+        ("gone", &deleted, "is not known"),
+        ("forger", &forged, "secret does not match"),
+    ];
+    let agents: Vec<Agent> = cases
+        .iter()
+        .map(|(name, t, _)| Agent::start(tmp.path(), name, None, &joining(&hub, t, &pin)))
+        .collect();
+    for ((name, t, why), a) in cases.iter().zip(&agents) {
+        wait_for(&format!("{name} refused: {why}"), T, || {
+            last_error(a).contains(why).then_some(())
+        });
+        assert!(hub.node(name).is_none(), "{name} must not be registered");
+        let entries = audit(&hub, "action=join");
+        assert!(
+            refused(&entries, &format!("join-token:{}", id(t)), why),
+            "{name}: no refused join in the audit log: {entries:?}"
+        );
+    }
+    let joined = audit(&hub, "action=join");
+    assert!(
+        joined
+            .iter()
+            .any(|e| e["resource"] == "nodes/first" && e["result"] == "ok"),
+        "{joined:?}"
+    );
+    // Later starts need no token: the certificate is in the state dir.
+    let state = first.dir.join("state");
+    for f in ["node.crt", "node.key", "ca.crt"] {
+        assert!(state.join(f).is_file(), "{f}");
+    }
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(state.join("node.key")).expect("key").permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    drop(agents);
+    let mut first = first;
+    first.kill9();
+    // The token is used up, yet the node comes back with its certificate.
+    first.restart();
+    wait_for("first reconnects with its certificate", T, || {
+        first.status().filter(|s| s["hub"]["connected"] == true)
+    });
+}
+
+#[test]
+fn a_node_speaks_only_for_itself_and_a_revoked_node_must_join_with_a_new_token() {
+    let tmp = TempDir::new("sec-node");
+    let hub = Hub::start(tmp.path(), "");
+    let c = creds(&hub);
+    let mut a = Agent::start(tmp.path(), "node-a", Some(&hub.grpc_url()), "");
+    wait_for("node-a connected", T, || {
+        hub.node("node-a").filter(|n| n["status"]["connected"] == true)
+    });
+
+    // node-a's certificate and key, presented while claiming to be node-b.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let err = rt.block_on(async {
+        let creds = nodekeeper_agent::link::identity::Credentials::new(
+            nodekeeper_agent::link::identity::IdentityConfig {
+                node: "node-a".into(),
+                dir: Some(a.dir.join("state")),
+                bootstrap_token: None,
+                ca_cert_hash: Some(c.ca_cert_hash.clone()),
+                ca_file: None,
+                renew_fraction: 0.66,
+            },
+            &hub.grpc_url(),
+        )
+        .expect("credentials");
+        let ep = tonic::transport::Endpoint::from_shared(hub.grpc_url()).expect("endpoint");
+        let (channel, _) = creds.channel(&ep, true).await.expect("TLS with node-a's certificate");
+        let mut client = nodekeeper_proto::v1::agent_link_client::AgentLinkClient::new(channel);
+        let hello = nodekeeper_proto::v1::AgentMessage {
+            body: Some(nodekeeper_proto::v1::agent_message::Body::Hello(
+                nodekeeper_proto::v1::Hello {
+                    node_name: "node-b".into(),
+                    protocol: nodekeeper_proto::LINK_PROTOCOL,
+                    ..Default::default()
+                },
+            )),
+        };
+        let r = client
+            .session(futures::stream::iter([hello]).chain(futures::stream::pending()))
+            .await;
+        match r {
+            Ok(mut s) => s.get_mut().message().await.err().expect("refused"),
+            Err(e) => e,
+        }
+    });
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(hub.node("node-b").is_none());
+    assert!(refused(
+        &audit(&hub, "actor=node:node-a"),
+        "node:node-a",
+        "cannot speak for node \"node-b\""
+    ));
+
+    // Another machine (another key) with a valid token cannot take the name.
+    let thief_dir = tmp.path().join("other");
+    std::fs::create_dir_all(&thief_dir).expect("dir");
+    let thief = Agent::start(&thief_dir, "node-a", Some(&hub.grpc_url()), "");
+    wait_for("the name is not taken over", T, || {
+        last_error(&thief)
+            .contains("already joined with another key")
+            .then_some(())
+    });
+    drop(thief);
+
+    // Revoked: the session ends, the certificate is refused, and the token
+    // that joined the node cannot join it again.
+    let out = hub.nkctl(&["node", "revoke", "node-a"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("node-a refused after revocation", T, || {
+        let e = last_error(&a);
+        (e.contains("revoked") || e.contains("join with a new token")).then_some(())
+    });
+    wait_for("node-a disconnected", T, || {
+        hub.node("node-a").filter(|n| n["status"]["connected"] == false)
+    });
+    let entries = audit(&hub, "");
+    assert!(
+        entries.iter().any(|e| e["action"] == "revoke" && e["result"] == "ok"),
+        "{entries:?}"
+    );
+    assert!(
+        refused(&entries, "node:node-a", "revoked")
+            || refused(
+                &entries,
+                &format!("join-token:{}", c.join_token.split('.').next().unwrap_or_default()),
+                "revoked"
+            ),
+        "{entries:?}"
+    );
+    // With a new token it joins again.
+    let (fresh, _) = token(&hub, r#"{"type":"join","uses":1}"#);
+    a.terminate();
+    std::fs::write(
+        &a.config,
+        std::fs::read_to_string(&a.config)
+            .expect("config")
+            .replace(&c.join_token, &fresh),
+    )
+    .expect("config");
+    a.restart();
+    wait_for("node-a joined again with a new token", T, || {
+        hub.node("node-a").filter(|n| n["status"]["connected"] == true)
+    });
+}
+
+use futures::StreamExt;
+
+#[test]
+fn the_operator_api_needs_a_token_with_a_role_and_every_mutation_is_audited() {
+    let tmp = TempDir::new("sec-api");
+    let hub = Hub::start(tmp.path(), "");
+    let profile = "apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: p}\nspec: {logLevel: debug}\n";
+    let (code, body) = hub.request_as(None, "GET", "/v1/nodes", "").expect("request");
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    let (code, body) = hub
+        .request_as(Some("abcdef.0123456789abcdef"), "GET", "/v1/nodes", "")
+        .expect("request");
+    assert_eq!(code, 401, "{body}");
+    let (viewer, _) = token(&hub, r#"{"type":"api","role":"viewer","name":"dash"}"#);
+    let (operator, _) = token(&hub, r#"{"type":"api","role":"operator","name":"ci"}"#);
+    assert_eq!(
+        hub.request_as(Some(&viewer), "GET", "/v1/nodes", "").expect("get").0,
+        200
+    );
+    let (code, body) = hub
+        .request_as(Some(&viewer), "POST", "/v1/apply", profile)
+        .expect("apply");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("needs operator"), "{body}");
+    let (code, body) = hub
+        .request_as(Some(&operator), "POST", "/v1/apply", profile)
+        .expect("apply");
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = hub
+        .request_as(Some(&operator), "GET", "/v1/tokens", "")
+        .expect("tokens");
+    assert_eq!(code, 403, "tokens are for admins");
+    assert_eq!(
+        hub.request_as(Some(&viewer), "GET", "/v1/audit", "").expect("audit").0,
+        403
+    );
+
+    let all = audit(&hub, "");
+    assert!(refused(&all, "unauthenticated", "no Authorization header"), "{all:?}");
+    assert!(refused(&all, "unauthenticated", "is not known"), "{all:?}");
+    assert!(refused(&all, "dash", "needs operator"), "{all:?}");
+    let applied = audit(&hub, "actor=ci");
+    let e = applied
+        .iter()
+        .find(|e| e["resource"] == "agentprofiles/p")
+        .expect("the apply is audited");
+    assert_eq!(e["result"], "ok");
+    assert!(!e["resourceVersion"].as_str().unwrap_or_default().is_empty(), "{e}");
+    assert!(!e["time"].as_str().unwrap_or_default().is_empty(), "{e}");
+    // nkctl reads the same log, filtered by actor.
+    let out = hub.nkctl(&["get", "audit", "--actor", "ci", "--since", "1h"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("agentprofiles/p") && !text.contains("dash"),
+        "{text}"
+    );
+    // Tokens are listed without secrets.
+    let out = hub.nkctl(&["token", "list", "-o", "json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"dash\"") && !text.contains(viewer.split('.').nth(1).expect("secret")),
+        "{text}"
+    );
+    assert!(!text.contains("secretSha256"), "{text}");
+}
+
+#[test]
+fn the_agent_checks_the_hub_ca_before_its_token_and_tls_ports_refuse_plaintext() {
+    let tmp = TempDir::new("sec-tls");
+    let hub = Hub::start(tmp.path(), "");
+    let c = creds(&hub);
+    let wrong_pin = format!("sha256:{}", "0".repeat(64));
+    let (t, _) = token(&hub, r#"{"type":"join"}"#);
+    let a = Agent::start(tmp.path(), "pinned", None, &joining(&hub, &t, &wrong_pin));
+    wait_for("the agent refuses a hub whose CA is not the pinned one", T, || {
+        last_error(&a).contains("caCertHash").then_some(())
+    });
+    let id = t.split('.').next().expect("id");
+    assert!(
+        audit(&hub, "action=join")
+            .iter()
+            .all(|e| e["actor"] != format!("join-token:{id}")),
+        "the token never reached the hub"
+    );
+    // Plaintext on both TLS ports.
+    let plain = nodekeeper_e2e::http(&hub.http, "GET", "/v1/nodes", "");
+    assert!(!matches!(plain, Ok((200, _))), "{plain:?}");
+    let insecure = Agent::start(
+        tmp.path(),
+        "plain",
+        None,
+        &format!("hub: {{address: \"http://{}\", insecure: true}}\n", hub.grpc),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(insecure.status().is_some_and(|s| s["hub"]["connected"] == false));
+    assert!(hub.node("plain").is_none());
+    wait_for("handshake refusals on both listeners in the audit log", T, || {
+        let e = audit(&hub, "action=tls.handshake");
+        (e.iter().any(|x| x["resource"] == "listen.http") && e.iter().any(|x| x["resource"] == "listen.grpc"))
+            .then_some(())
+    });
+    // An agent refuses an http:// hub unless told it is insecure.
+    let cfg = tmp.path().join("plain.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "nodeName: x\nstateDir: {}\nhub: {{address: \"http://{}\"}}\n",
+            tmp.path().join("x").display(),
+            hub.grpc
+        ),
+    )
+    .expect("config");
+    let out = std::process::Command::new(nodekeeper_e2e::bin("nodekeeper-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("hub.address") && err.contains("refuses an http:// hub"),
+        "{err}"
+    );
+    let _ = c;
+}
+
+#[test]
+fn protected_labels_come_only_from_the_join_token_and_operators() {
+    let tmp = TempDir::new("sec-labels");
+    let hub = Hub::start(tmp.path(), "protectedLabelKeys: [role]\n");
+    let pin = creds(&hub).ca_cert_hash;
+    let (t, _) = token(
+        &hub,
+        r#"{"type":"join","labels":{"role":"db","nodekeeper.io/pool":"p1"}}"#,
+    );
+    let _a = Agent::start(
+        tmp.path(),
+        "lab-node",
+        None,
+        &format!(
+            "labels: {{role: web, nodekeeper.io/tier: gold, zone: a}}\n{}",
+            joining(&hub, &t, &pin)
+        ),
+    );
+    let node = wait_for("lab-node registered", T, || hub.node("lab-node"));
+    let labels = &node["metadata"]["labels"];
+    assert_eq!(labels["role"], "db", "{labels}");
+    assert_eq!(labels["nodekeeper.io/pool"], "p1", "{labels}");
+    assert_eq!(labels["zone"], "a", "{labels}");
+    assert!(labels.get("nodekeeper.io/tier").is_none(), "{labels}");
+    // Still reported as the agent's own claim.
+    assert_eq!(node["status"]["agentLabels"]["role"], "web");
+    let entries = audit(&hub, "action=labels.claim");
+    assert!(refused(&entries, "node:lab-node", "role"), "{entries:?}");
+    assert!(refused(&entries, "node:lab-node", "nodekeeper.io/tier"), "{entries:?}");
+}
+
+/// A minisign key (public key line) and a signer over BLAKE2b-512 of a file.
+struct Minisign {
+    kp: ring::signature::Ed25519KeyPair,
+    id: [u8; 8],
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+impl Minisign {
+    fn new() -> Minisign {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
+        let kp = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
+        Minisign { kp, id: *b"nktestk1" }
+    }
+
+    fn public(&self) -> String {
+        let mut v = b"Ed".to_vec();
+        v.extend_from_slice(&self.id);
+        v.extend_from_slice(self.kp.public_key().as_ref());
+        b64(&v)
+    }
+
+    /// A minisign signature file (prehashed, as minisign makes by default).
+    fn sign(&self, file: &Path) -> String {
+        use blake2::Digest;
+        let data = std::fs::read(file).expect("read");
+        let hash = blake2::Blake2b512::digest(&data);
+        let sig = self.kp.sign(&hash);
+        let mut line = b"ED".to_vec();
+        line.extend_from_slice(&self.id);
+        line.extend_from_slice(sig.as_ref());
+        let trusted = "timestamp:0\tfile:artifact";
+        let mut global = sig.as_ref().to_vec();
+        global.extend_from_slice(trusted.as_bytes());
+        let g = self.kp.sign(&global);
+        format!(
+            "untrusted comment: signature from a test key\n{}\ntrusted comment: {trusted}\n{}\n",
+            b64(&line),
+            b64(g.as_ref())
+        )
+    }
+}
+
+#[test]
+fn artifacts_without_a_valid_signature_or_from_elsewhere_are_refused_before_anything_changes() {
+    let tmp = TempDir::new("sec-sign");
+    let d = tmp.path();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let server = FileServer::start(&www);
+    let hub = Hub::start(d, "");
+    let mini = Minisign::new();
+    let rng = ring::rand::SystemRandom::new();
+    let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
+    let plain = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
+    let other = Minisign::new();
+    let allowed = server.url(&www.join("x")).trim_end_matches('x').to_string();
+    let agent = Agent::start(
+        d,
+        "signed",
+        Some(&hub.grpc_url()),
+        &format!(
+            "converge: {{intervalSeconds: 1, requireSignatures: true, trustedKeys: [\"{}\", \"{}\"], allowedArtifactUrls: [\"{allowed}\"]}}\n",
+            mini.public(),
+            b64(plain.public_key().as_ref())
+        ),
+    );
+    let out_dir = d.join("installed");
+    let component = |name: &str, file: &Path, url: String, signature: Option<String>| {
+        let sig = signature
+            .map(|s| format!(", signature: {}", serde_json::to_string(&s).expect("json")))
+            .unwrap_or_default();
+        format!(
+            "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: {name}}}\nspec:\n  version: \"1\"\n  artifact:\n    file: {{url: \"{url}\", sha256: \"{}\", path: \"{}\"{sig}}}\n",
+            sha256(file),
+            out_dir.join(name).display()
+        )
+    };
+    let file = |name: &str| {
+        let p = www.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\necho {name}\n")).expect("write");
+        p
+    };
+    let apply = |yaml: &str| {
+        let out = nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(yaml));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let cases: Vec<(&str, String, &str)> = {
+        let unsigned = file("unsigned");
+        let forged = file("forged");
+        let mini_ok = file("mini-ok");
+        let plain_ok = file("plain-ok");
+        let elsewhere = file("elsewhere");
+        let foreign_url = server.url(&elsewhere).replace("127.0.0.1", "localhost");
+        vec![
+            (
+                "unsigned",
+                component("unsigned", &unsigned, server.url(&unsigned), None),
+                "has no signature",
+            ),
+            (
+                "forged",
+                component("forged", &forged, server.url(&forged), Some(other.sign(&forged))),
+                "does not verify",
+            ),
+            (
+                "mini-ok",
+                component("mini-ok", &mini_ok, server.url(&mini_ok), Some(mini.sign(&mini_ok))),
+                "",
+            ),
+            (
+                "plain-ok",
+                component(
+                    "plain-ok",
+                    &plain_ok,
+                    server.url(&plain_ok),
+                    Some(b64(plain.sign(&std::fs::read(&plain_ok).expect("read")).as_ref())),
+                ),
+                "",
+            ),
+            (
+                "elsewhere",
+                component("elsewhere", &elsewhere, foreign_url, Some(mini.sign(&elsewhere))),
+                "allowedArtifactUrls",
+            ),
+        ]
+    };
+    for (_, yaml, _) in &cases {
+        apply(yaml);
+    }
+    for (name, _, why) in &cases {
+        let c = wait_for(&format!("{name} settled"), T, || {
+            agent
+                .component(name)
+                .filter(|c| c["phase"] == "Done" || c["phase"] == "Failed")
+        });
+        if why.is_empty() {
+            assert_eq!(c["phase"], "Done", "{c}");
+            assert!(out_dir.join(name).is_file(), "{name} installed");
+        } else {
+            assert_eq!(c["phase"], "Failed", "{c}");
+            assert!(c.to_string().contains(why), "{name}: {c}");
+            assert!(!out_dir.join(name).exists(), "{name} must not be installed");
+        }
+    }
+}
+
+#[test]
+fn certificates_are_renewed_while_the_agent_stays_connected_and_no_report_is_lost() {
+    let tmp = TempDir::new("sec-renew");
+    let hub = Hub::start(tmp.path(), "tls: {nodeCertificateTtl: 12s}\n");
+    let agent = Agent::start(tmp.path(), "renewing", Some(&hub.grpc_url()), "");
+    wait_for("connected", T, || {
+        agent.status().filter(|s| s["hub"]["connected"] == true)
+    });
+    let crt = agent.dir.join("state/node.crt");
+    let serial = |p: &Path| {
+        let der = nodekeeper_proto::tls::read_certs(p).expect("cert");
+        nodekeeper_proto::tls::cert_facts(&der[0]).expect("facts")
+    };
+    let first = serial(&crt);
+    let mut last = 0;
+    // Reports keep flowing through two renewals and past the first
+    // certificate's expiry.
+    let until = first.not_after + Duration::from_secs(4);
+    while std::time::SystemTime::now() < until {
+        last = agent.event("RenewProbe", "while renewing");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let now = serial(&crt);
+    assert_ne!(now.serial, first.serial, "renewed");
+    assert_eq!(now.spki_sha256, first.spki_sha256, "same key");
+    let st = agent.status().expect("status");
+    assert_eq!(st["hub"]["sessions"], 1, "renewal needs no reconnect: {st}");
+    assert_eq!(st["hub"]["connected"], true);
+    wait_for("every report at the hub", T, || {
+        hub.node("renewing")
+            .filter(|n| n["status"]["reportSequence"].as_u64() >= Some(last))
+    });
+    let entries = audit(&hub, "action=certificate.renew");
+    assert!(
+        entries.iter().filter(|e| e["result"] == "ok").count() >= 1,
+        "{entries:?}"
+    );
+}
