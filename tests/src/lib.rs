@@ -512,7 +512,7 @@ impl Agent {
         std::fs::create_dir_all(&d).expect("agent dir");
         let socket = d.join("agent.sock");
         let config = d.join("agent.yaml");
-        let hub_line = hub.map(|h| hub_config(h)).unwrap_or_default();
+        let hub_line = hub.map(hub_config).unwrap_or_default();
         // The built-in rules read the machine's real kernel log and journal;
         // tests that are not about detection keep them off.
         let extra = if extra.contains("detectors:") {

@@ -166,7 +166,7 @@ fn a_node_speaks_only_for_itself_and_a_revoked_node_must_join_with_a_new_token()
             .session(futures::stream::iter([hello]).chain(futures::stream::pending()))
             .await;
         match r {
-            Ok(mut s) => s.get_mut().message().await.err().expect("refused"),
+            Ok(mut s) => s.get_mut().message().await.expect_err("refused"),
             Err(e) => e,
         }
     });

@@ -498,7 +498,7 @@ async fn apply_docs(f: &Fleet, docs: Vec<nodekeeper_proto::Resource>) -> ApiResu
     let notes = results
         .iter()
         .map(|r| {
-            let action = serde_json::to_value(&r.action)
+            let action = serde_json::to_value(r.action)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))
                 .unwrap_or_default();

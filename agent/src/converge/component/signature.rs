@@ -38,7 +38,7 @@ pub fn parse_key(s: &str) -> Result<Key, String> {
 }
 
 fn decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 == 0 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+    if s.len().is_multiple_of(2) && s.chars().all(|c| c.is_ascii_hexdigit()) {
         return hex::decode(s).ok();
     }
     base64::engine::general_purpose::STANDARD.decode(s).ok()
