@@ -69,7 +69,7 @@ def main():
         f.write(f'listen: {{grpc: "127.0.0.1:{grpc}", http: "127.0.0.1:{hport}"}}\nstateDir: {tmp}/hub\nlogLevel: warn\n')
     agent_cfg = os.path.join(tmp, "agent.yaml")
     with open(agent_cfg, "w") as f:
-        f.write(f"nodeName: bench-node\nhub: {{address: \"http://127.0.0.1:{grpc}\"}}\nstateDir: {tmp}/agent\n"
+        f.write(f"nodeName: bench-node\nhub: {{address: \"http://127.0.0.1:{grpc}\", insecure: true}}\nstateDir: {tmp}/agent\n"
                 f"socket: {tmp}/agent.sock\nmetrics: {{listen: \"127.0.0.1:{mport}\"}}\n"
                 "converge: {intervalSeconds: 1}\ndetectors: {defaultRules: false}\nlogLevel: warn\n")
     procs = []

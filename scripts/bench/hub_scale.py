@@ -63,7 +63,7 @@ def main():
         procs.append(hub)
         t0 = time.monotonic()
         hollow = subprocess.Popen(
-            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), "--hub", f"http://127.0.0.1:{grpc}",
+            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), "--hub", f"http://127.0.0.1:{grpc}", "--insecure",
              "--control", f"127.0.0.1:{cport}", "--seed", "1"],
             stdout=open(os.path.join(tmp, "hollow.log"), "w"), stderr=subprocess.STDOUT)
         procs.append(hollow)

@@ -46,7 +46,7 @@ def main():
         hub = bench_hub.start()
         procs.append(hub)
         hollow = subprocess.Popen(
-            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), "--hub", bench_hub.grpc],
+            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), "--hub", bench_hub.grpc, "--insecure"],
             stdout=open(os.path.join(tmp, "hollow.log"), "w"), stderr=subprocess.STDOUT)
         procs.append(hollow)
         wait("all registered", 300, 0.2,

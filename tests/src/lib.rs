@@ -703,6 +703,14 @@ impl Hollow {
             "--control",
             &control,
         ]);
+        // Each fleet started in a test is new machines: names of their own
+        // (a name another key joined with is refused, as for real nodes).
+        static FLEETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let prefix = match FLEETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+            0 => "hollow".to_string(),
+            n => format!("hollow{n}"),
+        };
+        cmd.args(["--prefix", &prefix]);
         match creds_of(hub) {
             Some(c) => cmd.args(["--token", &c.join_token, "--ca-cert-hash", &c.ca_cert_hash]),
             None => cmd.arg("--insecure"),
