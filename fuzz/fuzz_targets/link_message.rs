@@ -26,11 +26,14 @@ fn world() -> &'static World {
         let store = Store::with_backend(Box::new(mem.clone()), Metrics::new(), 1 << 16).expect("store");
         let fleet = Fleet::new(store, mem.load(), Metrics::new(), FleetConfig::default()).expect("fleet");
         let h = fleet
-            .open_session(Hello {
-                node_name: "fuzz".into(),
-                protocol: nodekeeper_proto::LINK_PROTOCOL,
-                ..Default::default()
-            })
+            .open_session(
+                Hello {
+                    node_name: "fuzz".into(),
+                    protocol: nodekeeper_proto::LINK_PROTOCOL,
+                    ..Default::default()
+                },
+                None,
+            )
             .expect("session");
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("rt");
         World {
@@ -49,7 +52,10 @@ fuzz_target!(|data: &[u8]| {
             let _ = nodekeeper_proto::check_link_protocol("the agent", h.protocol);
             // Another name than the fuzzer's own session, so that one stays.
             if h.node_name != "fuzz" {
-                let _ = w.fleet.open_session(h);
+                // The Hello's labels also as a join token's: both paths of
+                // label derivation see fuzzed keys.
+                let join = Some(h.labels.clone());
+                let _ = w.fleet.open_session(h, join);
             }
         }
         Some(agent_message::Body::Reports(b)) => w.rt.block_on(w.fleet.ingest("fuzz", w.session, b.reports)),
