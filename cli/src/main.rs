@@ -350,38 +350,6 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
             actor,
         } => {
             let w = what(&kind)?;
-            if let What::Audit = w {
-                let mut q = vec![format!("limit={chunk}")];
-                for (k, v) in [("since", since), ("until", until), ("actor", actor)] {
-                    if let Some(v) = v {
-                        q.push(format!("{k}={}", percent(&v)));
-                    }
-                }
-                let mut entries = Vec::new();
-                let mut token = String::new();
-                loop {
-                    let path = format!("/v1/audit?{}&continue={}", q.join("&"), percent(&token));
-                    let page: List<Value> = client.get(&path).await?;
-                    entries.extend(page.items);
-                    token = page.metadata.continue_token;
-                    if token.is_empty() {
-                        break;
-                    }
-                }
-                return match out {
-                    Format::Json | Format::Yaml => output::structured(
-                        &List {
-                            items: entries,
-                            metadata: Default::default(),
-                        },
-                        out,
-                    ),
-                    _ => {
-                        output::audit(&entries);
-                        Ok(())
-                    }
-                };
-            }
             let query = match &selector {
                 Some(s) => {
                     nodekeeper_proto::selector::parse(s).map_err(|e| anyhow::anyhow!("-l {s}: {e}"))?;
@@ -390,7 +358,15 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
                 None => String::new(),
             };
             match (w, name) {
-                (What::Audit, _) => unreachable!("handled above"),
+                (What::Audit, _) => {
+                    get_audit(
+                        &mut client,
+                        chunk,
+                        [("since", since), ("until", until), ("actor", actor)],
+                        out,
+                    )
+                    .await?
+                }
                 (What::Nodes, Some(n)) => {
                     let node: Node = client.get(&format!("/v1/nodes/{n}")).await?;
                     match out {
@@ -508,6 +484,45 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
         Cmd::Node { .. } | Cmd::Apply { .. } | Cmd::Token { .. } => anyhow::bail!("not a hub resource command"),
     }
     Ok(())
+}
+
+/// `nkctl get audit`: every page of the matching entries, oldest first.
+async fn get_audit(
+    client: &mut Client,
+    chunk: u64,
+    filters: [(&str, Option<String>); 3],
+    out: Format,
+) -> anyhow::Result<()> {
+    let mut q = vec![format!("limit={chunk}")];
+    for (k, v) in filters {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", percent(&v)));
+        }
+    }
+    let mut entries = Vec::new();
+    let mut token = String::new();
+    loop {
+        let path = format!("/v1/audit?{}&continue={}", q.join("&"), percent(&token));
+        let page: List<Value> = client.get(&path).await?;
+        entries.extend(page.items);
+        token = page.metadata.continue_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    match out {
+        Format::Json | Format::Yaml => output::structured(
+            &List {
+                items: entries,
+                metadata: Default::default(),
+            },
+            out,
+        ),
+        _ => {
+            output::audit(&entries);
+            Ok(())
+        }
+    }
 }
 
 async fn apply(hub: &Target, files: &[String], out: Format) -> anyhow::Result<()> {

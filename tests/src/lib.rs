@@ -224,6 +224,8 @@ pub struct Hub {
     nofile: Option<u64>,
     /// Set unless the config says `insecure: true`.
     pub creds: Option<HubCreds>,
+    /// TLS and tokens (the config does not say `insecure: true`).
+    secure: bool,
 }
 
 impl Hub {
@@ -257,9 +259,10 @@ impl Hub {
             env: Vec::new(),
             nofile: None,
             creds: None,
+            secure: !extra.contains("insecure: true"),
         };
         h.restart();
-        if !extra.contains("insecure: true") {
+        if h.secure {
             let state = h.dir.join("state");
             let admin_token = std::fs::read_to_string(state.join("admin.token"))
                 .expect("the hub wrote stateDir/admin.token")
@@ -371,28 +374,22 @@ impl Hub {
         std::fs::read_to_string(self.dir.join(format!("hub-{}.log", self.starts))).unwrap_or_default()
     }
 
-    fn secure(&self) -> bool {
-        !std::fs::read_to_string(&self.config)
-            .unwrap_or_default()
-            .contains("insecure: true")
-    }
-
     /// Address of the gRPC listener, for agents.
     pub fn grpc_url(&self) -> String {
-        let scheme = if self.secure() { "https" } else { "http" };
+        let scheme = if self.secure { "https" } else { "http" };
         format!("{scheme}://{}", self.grpc)
     }
 
     /// Address of the operator API, for nkctl.
     pub fn http_url(&self) -> String {
-        let scheme = if self.secure() { "https" } else { "http" };
+        let scheme = if self.secure { "https" } else { "http" };
         format!("{scheme}://{}", self.http)
     }
 
     /// Starts (again) on the same state and ports; waits for /healthz.
     pub fn restart(&mut self) {
         self.spawn();
-        let (addr, secure) = (self.http.clone(), self.secure());
+        let (addr, secure) = (self.http.clone(), self.secure);
         let ca = self.dir.join("state").join("ca.crt");
         wait_for("hub /healthz", Duration::from_secs(30), || {
             let r = if secure {

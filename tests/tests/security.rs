@@ -301,7 +301,6 @@ fn the_operator_api_needs_a_token_with_a_role_and_every_mutation_is_audited() {
 fn the_agent_checks_the_hub_ca_before_its_token_and_tls_ports_refuse_plaintext() {
     let tmp = TempDir::new("sec-tls");
     let hub = Hub::start(tmp.path(), "");
-    let c = creds(&hub);
     let wrong_pin = format!("sha256:{}", "0".repeat(64));
     let (t, _) = token(&hub, r#"{"type":"join"}"#);
     let a = Agent::start(tmp.path(), "pinned", None, &joining(&hub, &t, &wrong_pin));
@@ -354,7 +353,6 @@ fn the_agent_checks_the_hub_ca_before_its_token_and_tls_ports_refuse_plaintext()
         err.contains("hub.address") && err.contains("refuses an http:// hub"),
         "{err}"
     );
-    let _ = c;
 }
 
 #[test]

@@ -55,17 +55,14 @@ pub enum JoinError {
     Unreachable(String),
 }
 
-/// Writes a file atomically (temp, fsync, rename) with its mode.
+/// Writes a file atomically with its mode, owned by the agent (the
+/// converge engine's write: temp, fsync, rename, fsync of the directory).
 fn write_file(path: &Path, text: &str, secret: bool) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".nk-").tempfile_in(dir)?;
-    std::io::Write::write_all(&mut tmp, text.as_bytes())?;
-    tmp.as_file().sync_all()?;
-    let mode = if secret { 0o600 } else { 0o644 };
-    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    let owner = crate::converge::component::files::Owner {
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+    };
+    crate::converge::component::files::write_atomic(path, text.as_bytes(), if secret { 0o600 } else { 0o644 }, owner)
 }
 
 impl Credentials {

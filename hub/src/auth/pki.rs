@@ -134,7 +134,7 @@ impl Pki {
             }
             _ => Self::managed(cfg, state_dir)?,
         };
-        let ca_pem = pem("CERTIFICATE", &ca_der);
+        let ca_pem = pem::encode(&pem::Pem::new("CERTIFICATE", ca_der.to_vec()));
         let ca_pin = tls::spki_pin(&ca_der)?;
         let issuer = match ca_key {
             Some(k) => Some(Issuer::from_ca_cert_der(&ca_der, k).map_err(issue_err)?),
@@ -295,16 +295,4 @@ impl Pki {
 fn read_key_pair(path: &Path) -> Result<KeyPair, PkiError> {
     let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
     KeyPair::from_pem(&text).map_err(|e| file_err(path, format!("not a PEM private key rcgen can sign with: {e}")))
-}
-
-fn pem(tag: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {tag}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {tag}-----\n"));
-    out
 }

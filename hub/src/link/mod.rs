@@ -22,6 +22,52 @@ use crate::auth::audit::Record;
 use crate::auth::{Auth, Refusal};
 use crate::fleet::{Fleet, FleetError, SessionHandles};
 
+/// AsyncRead and AsyncWrite for a connection type by its stream field.
+macro_rules! delegate_io {
+    ($t:ty, $field:ident) => {
+        impl tokio::io::AsyncRead for $t {
+            fn poll_read(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_read(cx, buf)
+            }
+        }
+        impl tokio::io::AsyncWrite for $t {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.$field).poll_write(cx, buf)
+            }
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_flush(cx)
+            }
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_shutdown(cx)
+            }
+            fn poll_write_vectored(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.$field).poll_write_vectored(cx, bufs)
+            }
+            fn is_write_vectored(&self) -> bool {
+                self.$field.is_write_vectored()
+            }
+        }
+    };
+}
+
 pub mod admission;
 pub mod tls;
 
@@ -65,8 +111,9 @@ fn source_of<T>(r: &Request<T>) -> String {
         .unwrap_or_default()
 }
 
-/// Ends when the node's newest certificate expires or is revoked (never on
-/// an insecure hub): a renewal moves the end without a reconnect.
+/// Ends when the node's newest certificate expires (never on an insecure
+/// hub): a renewal moves the end without a reconnect. Revocation and
+/// deletion end the session at once through the fleet.
 async fn identity_end(auth: Arc<Auth>, node: String) {
     if auth.insecure() {
         return std::future::pending().await;
@@ -76,7 +123,7 @@ async fn identity_end(auth: Arc<Auth>, node: String) {
         let Ok(left) = t.duration_since(std::time::SystemTime::now()) else {
             return;
         };
-        tokio::time::sleep(left.min(Duration::from_secs(60)) + Duration::from_millis(10)).await;
+        tokio::time::sleep(left + Duration::from_millis(10)).await;
     }
 }
 
@@ -102,7 +149,7 @@ impl AgentLink for LinkService {
         if let Err(why) = self.admission.check_session(info.as_ref(), sessions) {
             return Err(throttled(why, self.admission.limits().retry_after));
         }
-        let source = source_of(&request);
+        let source = peer.map(|a| a.to_string()).unwrap_or_default();
         // The node's name comes from its certificate, never from its Hello.
         let identity = if self.auth.insecure() {
             None

@@ -6,14 +6,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use nodekeeper_proto::tls::cert_facts;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -42,41 +39,6 @@ impl Connected for TlsConn {
     }
 }
 
-macro_rules! delegate_io {
-    ($t:ty, $field:ident) => {
-        impl AsyncRead for $t {
-            fn poll_read(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &mut ReadBuf<'_>,
-            ) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.$field).poll_read(cx, buf)
-            }
-        }
-        impl AsyncWrite for $t {
-            fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.$field).poll_write(cx, buf)
-            }
-            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.$field).poll_flush(cx)
-            }
-            fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.$field).poll_shutdown(cx)
-            }
-            fn poll_write_vectored(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                bufs: &[io::IoSlice<'_>],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.$field).poll_write_vectored(cx, bufs)
-            }
-            fn is_write_vectored(&self) -> bool {
-                self.$field.is_write_vectored()
-            }
-        }
-    };
-}
-
 delegate_io!(TlsConn, stream);
 
 /// Wraps the admitted agent connections in TLS.
@@ -93,30 +55,43 @@ pub fn agent_incoming(
             let (acceptor, tx, auth) = (acceptor.clone(), tx.clone(), auth.clone());
             tokio::spawn(async move {
                 let mut info = conn.info().clone();
-                let remote = info.remote;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
-                    Ok(Ok(stream)) => {
-                        info.peer = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .and_then(|c| cert_facts(c).ok())
-                            .map(Arc::new);
-                        let _ = tx.send(Ok(TlsConn { stream, info })).await;
-                    }
-                    Ok(Err(e)) => handshake_failed(&auth, remote, "listen.grpc", &e.to_string()),
-                    Err(_) => handshake_failed(&auth, remote, "listen.grpc", "no handshake within 10 s"),
-                }
+                let Some(stream) = handshake(&acceptor, conn, info.remote, "listen.grpc", &auth).await else {
+                    return;
+                };
+                info.peer = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| cert_facts(c).ok())
+                    .map(Arc::new);
+                let _ = tx.send(Ok(TlsConn { stream, info })).await;
             });
         }
     });
     ReceiverStream::new(rx)
 }
 
-fn handshake_failed(auth: &Auth, remote: Option<SocketAddr>, listener: &str, why: &str) {
-    auth.record_handshake_failure(remote, listener, why);
-    tracing::debug!(?remote, listener, error = why, "TLS handshake failed");
+/// The server side of one handshake within its deadline; a failure is
+/// audited (once per source and listener a minute) and `None`.
+async fn handshake<IO>(
+    acceptor: &TlsAcceptor,
+    io: IO,
+    remote: Option<SocketAddr>,
+    listener: &str,
+    auth: &Auth,
+) -> Option<TlsStream<IO>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+    };
+    auth.record_handshake_failure(remote, listener, &why);
+    tracing::debug!(?remote, listener, error = %why, "TLS handshake failed");
+    None
 }
 
 /// The operator API's listener: TLS connections for axum.
@@ -145,12 +120,8 @@ impl HttpsListener {
                 pause = Duration::from_millis(10);
                 let (acceptor, tx, auth) = (acceptor.clone(), tx.clone(), auth.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, remote)).await;
-                        }
-                        Ok(Err(e)) => handshake_failed(&auth, Some(remote), "listen.http", &e.to_string()),
-                        Err(_) => handshake_failed(&auth, Some(remote), "listen.http", "no handshake within 10 s"),
+                    if let Some(stream) = handshake(&acceptor, tcp, Some(remote), "listen.http", &auth).await {
+                        let _ = tx.send((stream, remote)).await;
                     }
                 });
             }
