@@ -1,9 +1,12 @@
 """Helpers shared by the benchmark drivers in this folder. Standard library only."""
 
 import datetime
+import http.client as httpclient
+import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -105,29 +108,79 @@ def ok(url):
 class BenchHub:
     """A hub on a fresh store in `tmp` (loopback ports), startable again on the same state.
 
-    Plaintext (`insecure: true`) until the drivers speak TLS and tokens: the
-    side-by-side TLS figures of issue 11 are still to be taken."""
+    With `tls` (the default, and what a real hub runs) the hub creates its PKI and admin token, API
+    calls go over HTTPS with that token, and hollow agents join with a join token; `tls=False` runs
+    it `insecure: true`, for the side-by-side figures."""
 
-    def __init__(self, bin_dir, tmp, extra="insecure: true\n"):
-        self.bin_dir, self.tmp = bin_dir, tmp
+    def __init__(self, bin_dir, tmp, extra="", tls=True):
+        self.bin_dir, self.tmp, self.tls = bin_dir, tmp, tls
         self.grpc_port, self.http_port = free_port(), free_port()
-        self.http = f"http://127.0.0.1:{self.http_port}"
-        self.grpc = f"http://127.0.0.1:{self.grpc_port}"
+        scheme = "https" if tls else "http"
+        self.http = f"{scheme}://127.0.0.1:{self.http_port}"
+        self.grpc = f"{scheme}://127.0.0.1:{self.grpc_port}"
         self.cfg = os.path.join(tmp, "hub.yaml")
+        self.ca = os.path.join(tmp, "state", "ca.crt")
+        self.ctx, self.token, self._join = None, None, None
         with open(self.cfg, "w") as f:
             f.write(f'listen: {{grpc: "127.0.0.1:{self.grpc_port}", http: "127.0.0.1:{self.http_port}"}}\n'
-                    f"stateDir: {tmp}/state\nlogLevel: warn\n{extra}")
+                    f"stateDir: {tmp}/state\nlogLevel: warn\n{'' if tls else 'insecure: true' + chr(10)}{extra}")
 
     def start(self):
         """Starts the hub and waits for /healthz; returns the process."""
         p = subprocess.Popen([f"{self.bin_dir}/nodekeeper-hub", "--config", self.cfg],
                              stdout=open(os.path.join(self.tmp, "hub.log"), "a"), stderr=subprocess.STDOUT)
-        wait("hub /healthz", 30, 0.05, lambda: ok(f"{self.http}/healthz"))
+        if self.tls:
+            token = os.path.join(self.tmp, "state", "admin.token")
+            wait("hub PKI and admin token", 30, 0.05, lambda: os.path.exists(self.ca) and os.path.getsize(token) > 0)
+            self.ctx = ssl.create_default_context(cafile=self.ca)
+            with open(token) as f:
+                self.token = f.read().strip()
+        wait("hub /healthz", 30, 0.05, lambda: self.ok("/healthz"))
         return p
+
+    def headers(self):
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def request(self, path, method="GET", body=None, timeout=30):
+        """An operator API call (as admin when TLS is on); the body of the answer."""
+        req = urllib.request.Request(self.http + path, method=method, data=body.encode() if body else None,
+                                     headers=self.headers())
+        with urllib.request.urlopen(req, timeout=timeout, context=self.ctx) as r:
+            return r.read().decode()
+
+    def ok(self, path):
+        try:
+            self.request(path, timeout=2)
+            return True
+        except Exception:
+            return False
+
+    def connection(self, timeout=10):
+        """A kept-alive connection to the API (HTTPS when TLS is on)."""
+        hostport = f"127.0.0.1:{self.http_port}"
+        if self.tls:
+            return httpclient.HTTPSConnection(hostport, timeout=timeout, context=self.ctx)
+        return httpclient.HTTPConnection(hostport, timeout=timeout)
+
+    def hollow_args(self):
+        """`nodekeeper-agent hollow` arguments to reach this hub: a join token and the CA pin, or --insecure."""
+        if not self.tls:
+            return ["--hub", self.grpc, "--insecure"]
+        if self._join is None:
+            self._join = json.loads(self.request("/v1/tokens", "POST", '{"type":"join","ttl":"24h"}'))
+        return ["--hub", self.grpc, "--token", self._join["token"], "--ca-cert-hash", self._join["caCertHash"]]
+
+    def nkctl_args(self):
+        """nkctl's arguments to reach this hub."""
+        args = ["--hub", self.http]
+        if self.tls:
+            args += ["--token", self.token, "--ca", self.ca]
+        return args
 
 
 def bench_args():
-    """The arguments every hub benchmark driver takes: --bin (the build's directory) and --count."""
+    """The arguments every hub benchmark driver takes: --bin (the build's directory) and --count;
+    TLS=0 in the environment runs the hub insecure (plaintext, no tokens)."""
     import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)

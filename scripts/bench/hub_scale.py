@@ -1,6 +1,5 @@
 """Drives the hub-scale benchmark: see hub-scale.sh. Standard library only."""
 
-import http.client as httpclient
 import json
 import os
 import shutil
@@ -10,35 +9,37 @@ import time
 
 from benchlib import bench_args, CLK_TCK, BenchHub, Figures, kill_all, free_port, http, proc_cpu_ticks, proc_mem, wait
 
+HUB = None  # the BenchHub
+
 
 def jget(url):
     return json.loads(http(url))
 
 
-def metric(hub_http, name):
-    for line in http(f"{hub_http}/metrics").splitlines():
+def metric(name):
+    for line in HUB.request("/metrics").splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
 
 
-_conn = {}
+_conn = []
 
 
-def summary(hub_http):
+def summary():
     # One kept-alive connection: polling every 10 ms must not spend the CPU
-    # the hub and the hollow agents share (a new connection per poll did).
-    hostport = hub_http.removeprefix("http://")
+    # the hub and the hollow agents share (a new connection, and with TLS a
+    # new handshake, per poll did).
     try:
-        c = _conn.get(hostport)
-        if c is None:
-            c = _conn[hostport] = httpclient.HTTPConnection(hostport, timeout=10)
-        c.request("GET", "/v1/fleet/summary")
+        if not _conn:
+            _conn.append(HUB.connection())
+        c = _conn[0]
+        c.request("GET", "/v1/fleet/summary", headers=HUB.headers())
         r = c.getresponse()
         body = r.read()
         return json.loads(body) if r.status == 200 else None
     except Exception:
-        _conn.pop(hostport, None)
+        _conn.clear()
         return None
 
 
@@ -49,8 +50,9 @@ def main():
     burst = int(os.environ.get("BURST_PER_AGENT", "10"))
     record = os.environ.get("NO_RECORD") != "1"
     tmp = tempfile.mkdtemp(prefix="nk-hub-scale-")
-    bench_hub = BenchHub(args.bin, tmp)
-    hub_http, grpc = bench_hub.http, bench_hub.grpc_port
+    tls = os.environ.get("TLS", "1") != "0"
+    global HUB
+    HUB = bench_hub = BenchHub(args.bin, tmp, tls=tls)
     cport = free_port()
     ctl = f"http://127.0.0.1:{cport}"
     procs = []
@@ -63,12 +65,12 @@ def main():
         procs.append(hub)
         t0 = time.monotonic()
         hollow = subprocess.Popen(
-            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), "--hub", f"http://127.0.0.1:{grpc}", "--insecure",
+            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), *bench_hub.hollow_args(),
              "--control", f"127.0.0.1:{cport}", "--seed", "1"],
             stdout=open(os.path.join(tmp, "hollow.log"), "w"), stderr=subprocess.STDOUT)
         procs.append(hollow)
         _, s = wait("all registered and Ready", 300, 0.05,
-                    lambda: (lambda s: s if s and s["nodes"]["ready"] >= n else None)(summary(hub_http)))
+                    lambda: (lambda s: s if s and s["nodes"]["ready"] >= n else None)(summary()))
         fig("register: all Ready after", f"{time.monotonic() - t0:.2f}", "s")
 
         # Steady state at the default 10 s heartbeats.
@@ -85,16 +87,16 @@ def main():
         # Fan-out: one AgentProfile selecting every node; the first apply after
         # registration, then three changes of it (median).
         def fan_out(level):
-            rev0 = summary(hub_http)["revision"]
+            rev0 = summary()["revision"]
             profile = ("apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: bench-fanout}\n"
                        f"spec: {{logLevel: {level}, heartbeatSeconds: 10, labels: {{bench: fanout}}}}\n")
             since_ms = int(time.time() * 1000)
             t = time.monotonic()
-            http(f"{hub_http}/v1/apply", "POST", profile)
+            bench_hub.request("/v1/apply", "POST", profile)
             answered = time.monotonic() - t
             dt, _ = wait("fan-out inSync", 120, 0.01,
                          lambda: (lambda s: s if s and s["nodes"]["inSync"] >= n and s["revision"] >= rev0 + n else None)(
-                             summary(hub_http)))
+                             summary()))
             total = time.monotonic() - t if dt is not None else None
             lat = jget(f"{ctl}/latency?sinceMs={since_ms}&revision={rev0 + 1}")
             return answered, total, lat
@@ -117,7 +119,7 @@ def main():
         # change, to all inSync; then the Component's status (counts over
         # every node) as an operator's GET.
         def component(version):
-            rev0 = summary(hub_http)["revision"]
+            rev0 = summary()["revision"]
             tmpl = "".join(f"line{i}: {{{{ params.p{i % 4} }}}} on {{{{ node.name }}}}\\n" for i in range(30))
             doc = ("apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {name: bench-all}\nspec: {selector: {}}\n---\n"
                    "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: bench-kubelet}\nspec:\n"
@@ -130,10 +132,10 @@ def main():
                    + "  service: {unit: kubelet.service}\n"
                    "  health: {http: \"http://127.0.0.1:10248/healthz\", gracePeriodSeconds: 60}\n")
             t = time.monotonic()
-            http(f"{hub_http}/v1/apply", "POST", doc)
+            bench_hub.request("/v1/apply", "POST", doc)
             dt, _ = wait("component inSync", 120, 0.01,
                          lambda: (lambda s: s if s and s["nodes"]["inSync"] >= n and s["revision"] >= rev0 + n else None)(
-                             summary(hub_http)))
+                             summary()))
             return time.monotonic() - t if dt is not None else None
 
         h0, a0 = proc_cpu_ticks(hub.pid), proc_cpu_ticks(hollow.pid)
@@ -145,23 +147,23 @@ def main():
             fig("component: CPU during the first apply",
                 f"hub {(h1 - h0) / CLK_TCK:.2f} s, hollow agents {(a1 - a0) / CLK_TCK:.2f}", "s")
         t = time.monotonic()
-        st = jget(f"{hub_http}/v1/components/bench-kubelet")["status"]
+        st = json.loads(bench_hub.request("/v1/components/bench-kubelet"))["status"]
         fig("component: GET with status over every node", f"{(time.monotonic() - t) * 1000:.0f}",
             f"ms (selectedNodes {st.get('selectedNodes', 0)})")
 
         # Report ingest: every hollow agent sends `burst` condition changes at once.
-        r0 = metric(hub_http, "nodekeeper_hub_reports_received_total")
+        r0 = metric("nodekeeper_hub_reports_received_total")
         total = n * burst
         t = time.monotonic()
         http(f"{ctl}/burst?perAgent={burst}", "POST")
         dt, _ = wait("burst persisted", 300, 0.01,
-                     lambda: metric(hub_http, "nodekeeper_hub_reports_received_total") - r0 >= total)
+                     lambda: metric("nodekeeper_hub_reports_received_total") - r0 >= total)
         dt_ack, _ = wait("burst acknowledged", 300, 0.02, lambda: jget(f"{ctl}/stats")["outboxPending"] == 0)
         el = time.monotonic() - t
         if dt is not None:
             fig("ingest: burst of", f"{total} reports persisted and acknowledged in {el:.2f} s = {total / el:,.0f}",
                 "reports/s")
-        dups = metric(hub_http, "nodekeeper_hub_reports_duplicate_total")
+        dups = metric("nodekeeper_hub_reports_duplicate_total")
         fig("ingest: duplicates ignored", f"{dups:.0f}")
 
         # Restart: SIGKILL the hub and start it on the same store.
@@ -174,8 +176,8 @@ def main():
         procs.append(hub)
         samples = []
         def back():
-            s = summary(hub_http)
-            samples.append((time.monotonic(), metric(hub_http, "nodekeeper_hub_sessions_opened_total")))
+            s = summary()
+            samples.append((time.monotonic(), metric("nodekeeper_hub_sessions_opened_total")))
             ok = s and s["nodes"]["ready"] >= n and s["nodes"]["inSync"] >= n and s["nodes"]["connected"] >= n
             return s if ok else None
         dt, _ = wait("all back after restart", 300, 0.1, back)
@@ -198,8 +200,12 @@ def main():
         print(f"(logs kept in {logs})")
 
     if record:
-        fig.record(f"hub-scale, N = {n}", f"scripts/bench/hub-scale.sh {n}",
-                   f"STEADY_SECONDS={steady}, BURST_PER_AGENT={burst}", "hub and hollow agents on the same machine")
+        fig.record(f"hub-scale, N = {n}, TLS {'on' if tls else 'off'}",
+                   f"{'' if tls else 'TLS=0 '}scripts/bench/hub-scale.sh {n}",
+                   f"STEADY_SECONDS={steady}, BURST_PER_AGENT={burst}",
+                   "hub and hollow agents on the same machine; " + (
+                       "TLS 1.3 with client certificates, hollow agents joined with a token" if tls else
+                       "insecure: true (plaintext, no identities)"))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@ import subprocess
 import tempfile
 import time
 
-from benchlib import bench_args, BenchHub, Figures, http, kill_all, wait
+from benchlib import bench_args, BenchHub, Figures, kill_all, wait
 
 
-def one_run(nkctl, hub_http, args):
+def one_run(nkctl, hub_args, args):
     """Runs nkctl once: (seconds to the first data row, seconds in all, rows, peak RSS bytes)."""
     t0 = time.monotonic()
-    p = subprocess.Popen([nkctl, "--hub", hub_http, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([nkctl, *hub_args, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = None
     rows = 0
     header = True
@@ -39,26 +39,25 @@ def main():
     record = os.environ.get("NO_RECORD") != "1"
     tmp = tempfile.mkdtemp(prefix="nk-nkctl-list-")
     bench_hub = BenchHub(args.bin, tmp)
-    hub_http = bench_hub.http
     procs = []
     fig = Figures()
     try:
         hub = bench_hub.start()
         procs.append(hub)
         hollow = subprocess.Popen(
-            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), "--hub", bench_hub.grpc, "--insecure"],
+            [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), *bench_hub.hollow_args()],
             stdout=open(os.path.join(tmp, "hollow.log"), "w"), stderr=subprocess.STDOUT)
         procs.append(hollow)
         wait("all registered", 300, 0.2,
-             lambda: json.loads(http(f"{hub_http}/v1/fleet/summary"))["nodes"]["ready"] >= n)
+             lambda: json.loads(bench_hub.request("/v1/fleet/summary"))["nodes"]["ready"] >= n)
         time.sleep(3)
         t = time.monotonic()
-        body = http(f"{hub_http}/v1/nodes")
+        body = bench_hub.request("/v1/nodes")
         fig("hub: the whole list in one answer", f"{time.monotonic() - t:.3f} s, {len(body) / 2**20:.1f}", "MiB")
         del body
         nkctl = f"{args.bin}/nkctl"
         for label, extra in (("table", []), ("wide table", ["-o", "wide"])):
-            results = [one_run(nkctl, hub_http, ["get", "nodes", *extra]) for _ in range(runs)]
+            results = [one_run(nkctl, bench_hub.nkctl_args(), ["get", "nodes", *extra]) for _ in range(runs)]
             assert all(r[2] == n for r in results), [r[2] for r in results]
             firsts = sorted(r[0] for r in results)
             totals = sorted(r[1] for r in results)
@@ -68,7 +67,7 @@ def main():
             fig(f"nkctl get nodes ({label}): peak RSS", f"{rss / 2**20:.1f}", "MiB")
         if record:
             fig.record("nkctl get nodes at scale", "scripts/bench/nkctl-list.sh", f"N={n}, {runs} runs each, pages of 500",
-                       "release build; hub and hollow agents on the same machine")
+                       "release build; hub and hollow agents on the same machine; HTTPS with a token, agents joined over TLS")
     finally:
         kill_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
