@@ -112,7 +112,9 @@ class BenchHub:
     calls go over HTTPS with that token, and hollow agents join with a join token; `tls=False` runs
     it `insecure: true`, for the side-by-side figures."""
 
-    def __init__(self, bin_dir, tmp, extra="", tls=True):
+    def __init__(self, bin_dir, tmp, extra="", tls=None):
+        if tls is None:
+            tls = os.environ.get("TLS", "1") != "0"
         self.bin_dir, self.tmp, self.tls = bin_dir, tmp, tls
         self.grpc_port, self.http_port = free_port(), free_port()
         scheme = "https" if tls else "http"

@@ -50,9 +50,9 @@ def main():
     burst = int(os.environ.get("BURST_PER_AGENT", "10"))
     record = os.environ.get("NO_RECORD") != "1"
     tmp = tempfile.mkdtemp(prefix="nk-hub-scale-")
-    tls = os.environ.get("TLS", "1") != "0"
     global HUB
-    HUB = bench_hub = BenchHub(args.bin, tmp, tls=tls)
+    HUB = bench_hub = BenchHub(args.bin, tmp)
+    tls = bench_hub.tls
     cport = free_port()
     ctl = f"http://127.0.0.1:{cport}"
     procs = []

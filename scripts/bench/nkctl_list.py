@@ -66,8 +66,11 @@ def main():
             fig(f"nkctl get nodes ({label}): whole table", f"median {totals[runs // 2]:.3f} s, max {totals[-1]:.3f}", "s")
             fig(f"nkctl get nodes ({label}): peak RSS", f"{rss / 2**20:.1f}", "MiB")
         if record:
-            fig.record("nkctl get nodes at scale", "scripts/bench/nkctl-list.sh", f"N={n}, {runs} runs each, pages of 500",
-                       "release build; hub and hollow agents on the same machine; HTTPS with a token, agents joined over TLS")
+            tls = bench_hub.tls
+            fig.record(f"nkctl get nodes at scale, TLS {'on' if tls else 'off'}",
+                       f"{'' if tls else 'TLS=0 '}scripts/bench/nkctl-list.sh", f"N={n}, {runs} runs each, pages of 500",
+                       "release build; hub and hollow agents on the same machine; " + (
+                           "HTTPS with a token, agents joined over TLS" if tls else "insecure: true"))
     finally:
         kill_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
