@@ -125,7 +125,9 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
                 tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
             }
             None => {
-                let listener = http_listener.tap_io(|_| {});
+                let listener = http_listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
             }
         }

@@ -118,6 +118,10 @@ impl HttpsListener {
                     }
                 };
                 pause = Duration::from_millis(10);
+                // TLS writes a response as several records: without
+                // TCP_NODELAY, Nagle's algorithm and the client's delayed ACK
+                // stall the last one by ~40 ms.
+                let _ = tcp.set_nodelay(true);
                 let (acceptor, tx, auth) = (acceptor.clone(), tx.clone(), auth.clone());
                 tokio::spawn(async move {
                     if let Some(stream) = handshake(&acceptor, tcp, Some(remote), "listen.http", &auth).await {
