@@ -102,6 +102,10 @@ impl Client {
                         self.target.describe()
                     )
                 })?;
+                // A request and its answer are several TLS records: without
+                // this, Nagle's algorithm holds one back for the peer's
+                // delayed ACK.
+                stream.set_nodelay(true).ok();
                 match &h.tls {
                     Some((config, name)) => {
                         let stream = tokio_rustls::TlsConnector::from(config.clone())
