@@ -140,6 +140,7 @@ fn flip(agent: &Agent, n: u64, reason: &str) {
         last_transition_time: now_rfc3339(),
         last_heartbeat_time: String::new(),
         source: "hollow".into(),
+        ..Default::default()
     };
     if let Err(e) = agent.report(report::Body::Condition(ConditionChange { condition: Some(c) })) {
         tracing::warn!(node = %agent.name, error = %e, "hollow report failed");

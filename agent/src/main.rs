@@ -199,9 +199,9 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
             None
         }
     };
-    let detect_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let detectors = nodekeeper_agent::detect::manager::spawn(agent.clone(), local, detect_stop.clone())
-        .context("starting the log monitors")?;
+    let engine_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let detectors =
+        nodekeeper_agent::detect::manager::spawn(agent.clone(), local).context("starting the log monitors")?;
     let liveness = Arc::new(Liveness::default());
     nodekeeper_agent::exec::set_deadlines(cfg.deadlines);
     // Chosen once (D-Bus, or systemctl without a bus) and logged.
@@ -216,7 +216,7 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         cfg.converge.clone(),
         &cfg.state_dir,
         local_components,
-        detect_stop.clone(),
+        engine_stop.clone(),
         liveness.clone(),
     )
     .context("starting the converge engine")?;
@@ -244,8 +244,8 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     {
         tracing::warn!("hub link did not stop within 5 s");
     }
-    detect_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || detectors.join()).await;
+    engine_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || detectors.stop_and_join()).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), socket_task).await;
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!("agent stopped");
@@ -256,7 +256,9 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
 /// reported once per episode (the watchdog gate reads the same state).
 async fn watch_converge(agent: Arc<Agent>, liveness: Arc<Liveness>) {
     let mut reported = false;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Budgets are whole seconds to minutes: looking every 5 s is soon enough,
+    // and an idle agent wakes rarely.
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
         match liveness.stuck() {

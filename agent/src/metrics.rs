@@ -20,10 +20,9 @@ pub struct Metrics {
     pub link_failures: Counter,
     pub applied_revision: Gauge,
     pub events_recorded: Counter,
-    /// NPD's `problem_counter{reason}`: problems seen (a gauge that only
-    /// grows, so the name stays exactly NPD's; OpenMetrics would force a
-    /// `_total` suffix on a counter).
-    pub problems: Family<ReasonLabel, Gauge>,
+    /// NPD's `problem_counter{reason}`: problems seen, a counter as in NPD,
+    /// served under NPD's exact name (see [`Metrics::encode`]).
+    pub problems: Family<ReasonLabel, Counter>,
     /// NPD's `problem_gauge{type,reason}`: 1 while a condition is True.
     pub problem_gauge: Family<ConditionLabel, Gauge>,
     pub log_lines: Family<SourceLabel, Counter>,
@@ -201,7 +200,7 @@ impl Metrics {
         }
         self.problems
             .get_or_create(&ReasonLabel { reason: reason.into() })
-            .inc_by(n as i64);
+            .inc_by(n);
     }
 
     /// Mirrors a condition into `problem_gauge`: its reasons read 0 except the
@@ -219,9 +218,13 @@ impl Metrics {
             .set(v);
     }
 
-    /// The text exposition format.
+    /// The classic Prometheus text format: OpenMetrics would force `_total`
+    /// onto `problem_counter`, and NPD's dashboards and alerts use its name.
     pub fn encode(&self) -> String {
-        nodekeeper_proto::daemon::encode_metrics(&self.registry)
+        nodekeeper_proto::daemon::openmetrics_to_classic(
+            &nodekeeper_proto::daemon::encode_metrics(&self.registry),
+            &["problem_counter"],
+        )
     }
 }
 
@@ -241,6 +244,16 @@ mod tests {
         let series = text.lines().filter(|l| l.starts_with("problem_counter{")).count();
         assert_eq!(series, MAX_PROBLEM_SERIES);
         assert!(text.contains("problem_counter{reason=\"Reason0\"} 2"), "{text}");
+        assert!(text.contains("# TYPE problem_counter counter\n"), "{text}");
+        assert!(
+            !text.contains("problem_counter_total") && !text.contains("# EOF"),
+            "{text}"
+        );
+        // Other counters keep the conventional `_total`, family and samples alike.
+        assert!(
+            text.contains("# TYPE nodekeeper_agent_metric_series_dropped_total counter\n"),
+            "{text}"
+        );
         assert!(
             text.contains("nodekeeper_agent_metric_series_dropped_total 250"),
             "{text}"

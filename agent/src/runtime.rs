@@ -55,7 +55,7 @@ pub struct Agent {
     /// Conditions set by detectors (stored, so they survive restarts).
     conditions: Mutex<Vec<Condition>>,
     /// Where converge sends the hub's log monitors (none: hollow agents).
-    detector_updates: Mutex<Option<std::sync::mpsc::Sender<Vec<nodekeeper_proto::v1::LogMonitor>>>>,
+    detector_updates: Mutex<Option<std::sync::mpsc::Sender<crate::detect::manager::Control>>>,
     /// Where converge sends the hub's components (none: hollow agents).
     component_updates: Mutex<Option<std::sync::mpsc::Sender<Vec<DesiredComponent>>>>,
     /// Each component's state, for `/v1/components`.
@@ -198,8 +198,13 @@ impl Agent {
             ev.time = now_rfc3339();
         }
         let seq = self.report(report::Body::Event(ev.clone()))?;
+        self.remember_event(ev);
+        Ok(seq)
+    }
+
+    /// Keeps an event for `/v1/events` (identical events aggregated).
+    fn remember_event(&self, mut ev: Event) {
         self.metrics.events_recorded.inc();
-        self.metrics.problem_counter(&ev.reason, ev.count.max(1));
         let n = ev.count.max(1);
         let mut events = lock(&self.events);
         if let Some(i) = events
@@ -220,7 +225,72 @@ impl Agent {
                 events.pop_front();
             }
         }
-        Ok(seq)
+    }
+
+    /// Records what a log source found — condition changes and events —
+    /// and the source's position (`position`: its key and value) in one
+    /// store transaction, so after a crash both are on disk or neither is:
+    /// a restart neither loses nor repeats a finding.
+    pub fn record_findings(
+        &self,
+        conditions: Vec<Condition>,
+        mut events: Vec<Event>,
+        position: Option<(&str, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        let mut kv: Vec<(&str, Vec<u8>)> = Vec::new();
+        if !conditions.is_empty() {
+            let mut all = lock(&self.conditions);
+            for c in &conditions {
+                match all.iter_mut().find(|x| x.r#type == c.r#type && x.source == c.source) {
+                    Some(x) => *x = c.clone(),
+                    None => all.push(c.clone()),
+                }
+            }
+            kv.push((
+                crate::store::keys::CONDITIONS,
+                serde_json::to_vec(&*all).unwrap_or_default(),
+            ));
+        }
+        kv.extend(position);
+        for ev in events.iter_mut() {
+            if ev.time.is_empty() {
+                ev.time = now_rfc3339();
+            }
+        }
+        // With a durable outbox the reports carry the records in their
+        // transaction; otherwise the records go alone.
+        let mut kv_written = false;
+        if self.hub.is_some() {
+            let bodies = conditions
+                .iter()
+                .map(|c| {
+                    report::Body::Condition(ConditionChange {
+                        condition: Some(c.clone()),
+                    })
+                })
+                .chain(events.iter().map(|e| report::Body::Event(e.clone())))
+                .collect::<Vec<_>>();
+            if !bodies.is_empty() {
+                kv_written = self.with_outbox(|o| {
+                    let durable = o.is_durable();
+                    o.push_with(bodies, if durable { &kv } else { &[] }).map(|_| durable)
+                })?;
+                self.outbox_changed.notify_one();
+            }
+        }
+        if !kv_written
+            && !kv.is_empty()
+            && let Some(store) = &self.store
+        {
+            store.put_all(&kv)?;
+        }
+        for c in &conditions {
+            self.metrics.set_problem_gauge(c);
+        }
+        for e in events {
+            self.remember_event(e);
+        }
+        Ok(())
     }
 
     /// Loads the detector conditions stored before a restart.
@@ -261,14 +331,14 @@ impl Agent {
     }
 
     /// Connects converge to the detector manager.
-    pub fn set_detector_updates(&self, tx: std::sync::mpsc::Sender<Vec<nodekeeper_proto::v1::LogMonitor>>) {
+    pub fn set_detector_updates(&self, tx: std::sync::mpsc::Sender<crate::detect::manager::Control>) {
         *lock(&self.detector_updates) = Some(tx);
     }
 
     /// Hands the hub's log monitors to the detector manager, if there is one.
     pub fn update_detectors(&self, monitors: Vec<nodekeeper_proto::v1::LogMonitor>) {
         if let Some(tx) = lock(&self.detector_updates).as_ref() {
-            let _ = tx.send(monitors);
+            let _ = tx.send(crate::detect::manager::Control::Monitors(monitors));
         }
     }
 

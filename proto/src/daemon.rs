@@ -158,6 +158,59 @@ pub fn raise_fd_limit() {
 /// Content type of the Prometheus/OpenMetrics text exposition.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The classic Prometheus text format (version 0.0.4), which, unlike
+/// OpenMetrics, lets a counter keep a name without `_total`.
+pub const CLASSIC_METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites OpenMetrics text as the classic Prometheus text format: no
+/// `# EOF` or `# UNIT`, and each counter family named as its samples
+/// (`foo_total`), except the families in `keep`, whose samples lose the
+/// `_total` suffix instead (node-problem-detector's `problem_counter`).
+pub fn openmetrics_to_classic(text: &str, keep: &[&str]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut help: Option<&str> = None;
+    let mut kept: Option<&str> = None;
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            kept = None;
+            let family = if kind == "counter" && !keep.contains(&name) {
+                format!("{name}_total")
+            } else {
+                if kind == "counter" {
+                    kept = Some(name);
+                }
+                name.to_string()
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {family} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        match kept
+            .and_then(|k| line.strip_prefix(k))
+            .and_then(|r| r.strip_prefix("_total"))
+        {
+            Some(rest) => {
+                out.push_str(kept.unwrap_or_default());
+                out.push_str(rest);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Encodes a metrics registry in the text exposition format.
 pub fn encode_metrics(registry: &prometheus_client::registry::Registry) -> String {
     let mut out = String::new();

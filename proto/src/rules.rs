@@ -19,6 +19,8 @@ pub enum Plugin {
 
 /// Longest window a rule file may ask for.
 pub const MAX_BUFFER: u32 = 1000;
+/// NPD's `bufferSize` when a rule file leaves it out.
+pub const DEFAULT_BUFFER: usize = 10;
 
 fn duration(field: &str, s: &str) -> Result<Option<Duration>, ResourceError> {
     if s.is_empty() {
@@ -45,9 +47,14 @@ impl LogMonitor {
         duration("lookback", &self.lookback).ok().flatten()
     }
 
-    /// How many recent lines a pattern may span.
+    /// How many recent lines a pattern sees: `bufferSize`, or NPD's default
+    /// of 10 when it is omitted (0).
     pub fn window(&self) -> usize {
-        self.buffer_size.max(1) as usize
+        if self.buffer_size == 0 {
+            DEFAULT_BUFFER
+        } else {
+            self.buffer_size as usize
+        }
     }
 }
 
@@ -98,9 +105,6 @@ pub fn check(m: &LogMonitor) -> Result<(), ResourceError> {
             format!("{} must be at most {MAX_BUFFER}", m.buffer_size),
         ));
     }
-    if m.source.is_empty() {
-        return Err(ResourceError::new("source", "missing"));
-    }
     if plugin == Plugin::Filelog && m.log_path.is_empty() {
         return Err(ResourceError::new(
             "logPath",
@@ -130,12 +134,6 @@ pub fn check(m: &LogMonitor) -> Result<(), ResourceError> {
                 at("type"),
                 format!("{:?}: temporary or permanent", r.r#type),
             ));
-        }
-        if r.reason.is_empty() {
-            return Err(ResourceError::new(at("reason"), "missing"));
-        }
-        if r.pattern.is_empty() {
-            return Err(ResourceError::new(at("pattern"), "missing"));
         }
         regex::Regex::new(&r.pattern).map_err(|e| ResourceError::new(at("pattern"), format!("bad regex: {e}")))?;
         duration(&at("clearAfter"), &r.clear_after)?;

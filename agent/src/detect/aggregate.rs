@@ -63,6 +63,12 @@ impl Aggregator {
         }
     }
 
+    /// Whether counted repeats wait to be reported (a position past them
+    /// must not be stored before they are).
+    pub fn holds_unreported(&self) -> bool {
+        self.pending.values().any(|p| p.unreported > 0)
+    }
+
     /// Reports counted repeats whose window has passed (all with `all`),
     /// and forgets keys that stayed quiet for a whole window.
     pub fn flush(&mut self, now: SystemTime, all: bool, out: &mut Vec<Event>) {

@@ -1,19 +1,28 @@
 //! Matching log lines against many rules fast, with node-problem-detector's
-//! semantics: a window of the last `bufferSize` lines joined by "\n", and a
-//! rule matches when its pattern matches ending at the end of the newest line.
+//! semantics to the letter (pkg/systemlogmonitor/log_buffer.go):
+//! - the text a rule sees is the whole buffer: all `bufferSize` slots, oldest
+//!   first, joined by "\n", empty slots included, nothing trimmed;
+//! - a rule is compiled as NPD compiles it, the pattern followed by `\z`
+//!   (not grouped: in a top-level alternation `a|b` only `b` is anchored);
+//! - a rule "can match only the last line" exactly when NPD says so (the
+//!   anchor covers every branch, and the pattern can neither match "\n" nor
+//!   anchor at a start); such a rule is matched against the newest line
+//!   alone, which gives the same answer as the whole buffer;
+//! - the lines a match covers are counted as NPD counts them.
 //!
-//! Speed comes from not trying every rule on every line:
-//! - each pattern's *necessary literal* (a string every match contains) goes
-//!   into one Aho-Corasick automaton; a line that contains none of them can
-//!   only match the few rules without such a literal;
-//! - a pattern that cannot match "\n" (nearly all) is matched against the
-//!   newest line alone instead of the joined window.
+//! Perl classes (`\d`, `\w`, `\s`, `\b`) are ASCII, as in Go's RE2.
+//!
+//! Speed comes from not trying every rule on every line: each pattern's
+//! *necessary literal* (a string every match contains) goes into one
+//! Aho-Corasick automaton. A last-line rule is tried only when the newest
+//! line holds its literal; a buffer rule only while some line in the buffer
+//! does (a count per literal is kept as lines enter and leave).
 
 use std::collections::VecDeque;
 
 use aho_corasick::AhoCorasick;
-use regex::bytes::Regex;
-use regex_syntax::hir::{Hir, HirKind, Look};
+use regex::bytes::{Regex, RegexBuilder};
+use regex_syntax::hir::{Class, Hir, HirKind, Look};
 
 /// Shortest literal worth a prefilter entry.
 const MIN_LITERAL: usize = 3;
@@ -21,14 +30,16 @@ const MIN_LITERAL: usize = 3;
 /// One compiled rule.
 #[derive(Debug)]
 struct Compiled {
-    /// `(?:pattern)\z`.
+    /// `pattern\z`, as NPD compiles it.
     regex: Regex,
-    /// Needs the joined window (it can match "\n" or anchors at the start).
-    window: bool,
+    /// NPD's `lastLineOnly`: matching the newest line alone is exact.
+    last_line_only: bool,
+    /// Index of the rule's necessary literal in the prefilter.
+    literal: Option<usize>,
 }
 
-/// A rule that matched the newest line: its index, and how many of the
-/// newest lines the match covers.
+/// A rule that matched: its index, and how many of the newest lines the
+/// match covers (NPD's matched logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hit {
     pub rule: usize,
@@ -39,60 +50,154 @@ pub struct Hit {
 #[derive(Debug)]
 pub struct Matcher {
     rules: Vec<Compiled>,
+    /// Every literal, overlapping: which literals a line holds.
     prefilter: Option<AhoCorasick>,
     /// The same literals in leftmost-first form, which can use SIMD
     /// (Teddy) searching: used to reject lines that hold none of them.
     reject: Option<AhoCorasick>,
-    /// For each prefilter literal, the rules that need it.
-    literal_rules: Vec<Vec<usize>>,
-    /// Rules without a necessary literal: tried on every line.
-    always: Vec<usize>,
+    literals: usize,
+    /// Last-line rules by literal, and those without one.
+    last_by_literal: Vec<Vec<usize>>,
+    last_always: Vec<usize>,
+    /// Buffer rules by literal, and those without one.
+    buffer_by_literal: Vec<Vec<usize>>,
+    buffer_always: Vec<usize>,
 }
 
-/// The last lines seen, as NPD's log buffer keeps them. Line buffers are
-/// reused, so steady-state matching does not allocate.
+/// NPD's log buffer: `cap` slots, each empty until a line fills it. Line
+/// buffers are reused, so steady-state matching does not allocate.
 #[derive(Debug)]
 pub struct Window {
-    lines: VecDeque<Vec<u8>>,
-    cap: usize,
+    /// Oldest first; always `cap` slots.
+    slots: VecDeque<Slot>,
+    /// Lines pushed since the last clear (slots filled).
+    filled: usize,
     joined: Vec<u8>,
+    joined_ok: bool,
+    /// For each prefilter literal, how many slots hold it.
+    literal_counts: Vec<u32>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    line: Vec<u8>,
+    literals: Vec<usize>,
 }
 
 impl Window {
     pub fn new(cap: usize) -> Window {
+        let cap = cap.max(1);
         Window {
-            lines: VecDeque::with_capacity(cap.max(1)),
-            cap: cap.max(1),
+            slots: (0..cap).map(|_| Slot::default()).collect(),
+            filled: 0,
             joined: Vec::new(),
+            joined_ok: false,
+            literal_counts: Vec::new(),
         }
     }
 
-    /// Adds the newest line, dropping the oldest when full.
-    pub fn push(&mut self, line: &[u8]) {
-        let mut buf = if self.lines.len() == self.cap {
-            self.lines.pop_front().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        buf.clear();
-        buf.extend_from_slice(line);
-        self.lines.push_back(buf);
+    /// Adds the newest line (with the prefilter literals it holds), dropping
+    /// the oldest.
+    fn push(&mut self, line: &[u8], literals: &[usize]) {
+        let mut slot = self.slots.pop_front().unwrap_or_default();
+        for &l in &slot.literals {
+            if let Some(c) = self.literal_counts.get_mut(l) {
+                *c = c.saturating_sub(1);
+            }
+        }
+        slot.line.clear();
+        slot.line.extend_from_slice(line);
+        slot.literals.clear();
+        slot.literals.extend_from_slice(literals);
+        for &l in literals {
+            if self.literal_counts.len() <= l {
+                self.literal_counts.resize(l + 1, 0);
+            }
+            self.literal_counts[l] += 1;
+        }
+        self.slots.push_back(slot);
+        self.filled = (self.filled + 1).min(self.slots.len());
+        self.joined_ok = false;
     }
 
     /// The newest `n` lines, oldest first.
     pub fn last(&self, n: usize) -> impl Iterator<Item = &[u8]> {
-        let skip = self.lines.len().saturating_sub(n);
-        self.lines.iter().skip(skip).map(Vec::as_slice)
+        let skip = self.slots.len().saturating_sub(n.min(self.filled));
+        self.slots.iter().skip(skip).map(|s| s.line.as_slice())
     }
 
-    /// Forgets every line (a new boot, a rotated file).
+    /// Forgets every line (a new boot, a rotated file): NPD's fresh buffer.
     pub fn clear(&mut self) {
-        self.lines.clear();
+        for s in self.slots.iter_mut() {
+            s.line.clear();
+            s.literals.clear();
+        }
+        self.literal_counts.iter_mut().for_each(|c| *c = 0);
+        self.filled = 0;
+        self.joined_ok = false;
+    }
+
+    /// NPD's buffer string: every slot, oldest first, joined by "\n".
+    fn joined(&mut self) -> &[u8] {
+        if !self.joined_ok {
+            self.joined.clear();
+            for (k, s) in self.slots.iter().enumerate() {
+                if k > 0 {
+                    self.joined.push(b'\n');
+                }
+                self.joined.extend_from_slice(&s.line);
+            }
+            self.joined_ok = true;
+        }
+        &self.joined
+    }
+
+    /// How many of the newest lines a match starting at `start` of the
+    /// buffer string covers, counted as NPD's `Match` counts them.
+    fn covered(&self, joined_len: usize, start: usize) -> usize {
+        // NPD: s = len(log) - loc[0] - 1, then lines are taken from the
+        // newest while filled, adding len+1 each, until the total exceeds s.
+        let s = joined_len as i64 - start as i64 - 1;
+        let mut total = 0i64;
+        let mut n = 0;
+        for slot in self.slots.iter().rev().take(self.filled) {
+            n += 1;
+            total += slot.line.len() as i64 + 1;
+            if total > s {
+                break;
+            }
+        }
+        n
     }
 }
 
-fn trim_ascii(b: &[u8]) -> &[u8] {
-    b.trim_ascii()
+/// The parser NPD's patterns need: Go's RE2 has ASCII Perl classes and
+/// matches bytes of any encoding.
+fn parse(p: &str) -> Result<Hir, String> {
+    let ascii = regex_syntax::ParserBuilder::new()
+        .unicode(false)
+        .utf8(false)
+        .build()
+        .parse(p);
+    match ascii {
+        Ok(h) => Ok(h),
+        Err(_) => regex_syntax::ParserBuilder::new()
+            .utf8(false)
+            .build()
+            .parse(p)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Compiles as NPD does (`pattern\z`); a pattern that needs Unicode classes
+/// (`\pL`) is compiled with them.
+fn compile(p: &str) -> Result<Regex, String> {
+    let anchored = format!("{p}\\z");
+    RegexBuilder::new(&anchored)
+        .unicode(false)
+        .build()
+        .or_else(|_| RegexBuilder::new(&anchored).build())
+        .map_err(|e| e.to_string())
 }
 
 /// The longest literal every match of `hir` must contain, if any.
@@ -131,20 +236,32 @@ fn necessary_literal(hir: &Hir) -> Option<Vec<u8>> {
     }
 }
 
-/// Whether `hir` can match a "\n" or anchors at a text or line start, so it
-/// must see the joined window.
-fn needs_window(hir: &Hir) -> bool {
+/// NPD's `isLastLineOnly`: the pattern accepts no newline and has no start
+/// (or multi-line end) anchor.
+fn last_line_only(hir: &Hir) -> bool {
     match hir.kind() {
-        HirKind::Literal(l) => l.0.contains(&b'\n'),
-        HirKind::Class(c) => match c {
-            regex_syntax::hir::Class::Unicode(u) => u.ranges().iter().any(|r| r.start() <= '\n' && '\n' <= r.end()),
-            regex_syntax::hir::Class::Bytes(b) => b.ranges().iter().any(|r| r.start() <= b'\n' && b'\n' <= r.end()),
+        HirKind::Literal(l) => !l.0.contains(&b'\n'),
+        HirKind::Class(c) => !match c {
+            Class::Unicode(u) => u.ranges().iter().any(|r| r.start() <= '\n' && '\n' <= r.end()),
+            Class::Bytes(b) => b.ranges().iter().any(|r| r.start() <= b'\n' && b'\n' <= r.end()),
         },
-        HirKind::Look(l) => matches!(l, Look::Start | Look::StartLF | Look::StartCRLF),
-        HirKind::Capture(c) => needs_window(&c.sub),
-        HirKind::Repetition(r) => needs_window(&r.sub),
-        HirKind::Concat(cs) | HirKind::Alternation(cs) => cs.iter().any(needs_window),
-        HirKind::Empty => false,
+        HirKind::Look(l) => !matches!(
+            l,
+            Look::Start | Look::StartLF | Look::StartCRLF | Look::EndLF | Look::EndCRLF
+        ),
+        HirKind::Capture(c) => last_line_only(&c.sub),
+        HirKind::Repetition(r) => last_line_only(&r.sub),
+        HirKind::Concat(cs) | HirKind::Alternation(cs) => cs.iter().all(last_line_only),
+        HirKind::Empty => true,
+    }
+}
+
+/// Whether NPD treats `p` as a last-line rule: `p\z` must mean `(?:p)\z`
+/// (equal trees), and the pattern must pass [`last_line_only`].
+fn is_last_line_rule(p: &str) -> bool {
+    match (parse(&format!("{p}\\z")), parse(&format!("(?:{p})\\z"))) {
+        (Ok(plain), Ok(grouped)) => plain == grouped && last_line_only(&plain),
+        _ => false,
     }
 }
 
@@ -154,27 +271,27 @@ impl Matcher {
     pub fn new<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Result<Matcher, (usize, String)> {
         let mut rules = Vec::new();
         let mut literals: Vec<Vec<u8>> = Vec::new();
-        let mut literal_rules: Vec<Vec<usize>> = Vec::new();
-        let mut always = Vec::new();
         for (i, p) in patterns.into_iter().enumerate() {
-            let hir = regex_syntax::parse(p).map_err(|e| (i, e.to_string()))?;
-            let regex = Regex::new(&format!("(?:{p})\\z")).map_err(|e| (i, e.to_string()))?;
+            let hir = parse(p).map_err(|e| (i, e))?;
+            let regex = compile(p).map_err(|e| (i, e))?;
+            let last = is_last_line_rule(p);
             // Spaces start or end many literals and appear in every line: a
-            // prefilter keyed on them would stop everywhere.
-            let lit = necessary_literal(&hir).map(|l| l.trim_ascii().to_vec());
-            match lit.filter(|l| l.len() >= MIN_LITERAL) {
-                Some(lit) => match literals.iter().position(|l| *l == lit) {
-                    Some(j) => literal_rules[j].push(i),
-                    None => {
-                        literals.push(lit);
-                        literal_rules.push(vec![i]);
-                    }
-                },
-                None => always.push(i),
-            }
+            // prefilter keyed on them would stop everywhere. A literal that
+            // holds a newline spans lines, so no single line holds it.
+            let lit = necessary_literal(&hir)
+                .map(|l| l.trim_ascii().to_vec())
+                .filter(|l| l.len() >= MIN_LITERAL && !l.contains(&b'\n'));
+            let literal = lit.map(|lit| match literals.iter().position(|l| *l == lit) {
+                Some(j) => j,
+                None => {
+                    literals.push(lit);
+                    literals.len() - 1
+                }
+            });
             rules.push(Compiled {
                 regex,
-                window: needs_window(&hir),
+                last_line_only: last,
+                literal,
             });
         }
         let (prefilter, reject) = if literals.is_empty() {
@@ -187,73 +304,94 @@ impl Matcher {
                 .map_err(|e| (0, e.to_string()))?;
             (Some(all), Some(reject))
         };
-        Ok(Matcher {
-            rules,
+        let mut m = Matcher {
             prefilter,
             reject,
-            literal_rules,
-            always,
-        })
-    }
-
-    /// Whether some rule needs the joined window (otherwise callers need not
-    /// keep one).
-    pub fn needs_window(&self) -> bool {
-        self.rules.iter().any(|r| r.window)
-    }
-
-    /// The rules that match ending at `newest`, in rule order. `w` holds the
-    /// window with `newest` already pushed; it is needed only when
-    /// [`Matcher::needs_window`]. `candidates` is scratch space.
-    pub fn matches(&self, newest: &[u8], w: Option<&mut Window>, candidates: &mut Vec<usize>, out: &mut Vec<Hit>) {
-        out.clear();
-        candidates.clear();
-        let newest = trim_ascii(newest);
-        let windowed = w.is_some() && self.needs_window();
-        if let (Some(ac), Some(reject)) = (&self.prefilter, &self.reject) {
-            // Fast path: most lines hold none of the literals.
-            if reject.is_match(newest) {
-                for m in ac.find_overlapping_iter(newest) {
-                    candidates.extend_from_slice(&self.literal_rules[m.pattern().as_usize()]);
-                }
+            literals: literals.len(),
+            last_by_literal: vec![Vec::new(); literals.len()],
+            last_always: Vec::new(),
+            buffer_by_literal: vec![Vec::new(); literals.len()],
+            buffer_always: Vec::new(),
+            rules: Vec::new(),
+        };
+        for (i, r) in rules.iter().enumerate() {
+            match (r.last_line_only, r.literal) {
+                (true, Some(l)) => m.last_by_literal[l].push(i),
+                (true, None) => m.last_always.push(i),
+                (false, Some(l)) => m.buffer_by_literal[l].push(i),
+                (false, None) => m.buffer_always.push(i),
             }
         }
-        candidates.extend_from_slice(&self.always);
-        if windowed {
-            // A window rule's literal may sit in an earlier line: always try them.
-            for (i, r) in self.rules.iter().enumerate() {
-                if r.window {
-                    candidates.push(i);
+        m.rules = rules;
+        Ok(m)
+    }
+
+    /// Whether some rule needs the buffer (otherwise callers need not keep
+    /// more than the newest line).
+    pub fn needs_window(&self) -> bool {
+        self.rules.iter().any(|r| !r.last_line_only)
+    }
+
+    /// Pushes `newest` into `w` and finds the rules that match, in rule
+    /// order. `candidates` and `found` are scratch space.
+    pub fn push_and_match(
+        &self,
+        newest: &[u8],
+        w: &mut Window,
+        candidates: &mut Vec<usize>,
+        found: &mut Vec<usize>,
+        out: &mut Vec<Hit>,
+    ) {
+        out.clear();
+        candidates.clear();
+        found.clear();
+        if let (Some(ac), Some(reject)) = (&self.prefilter, &self.reject)
+            && reject.is_match(newest)
+        {
+            // Fast path: most lines hold none of the literals.
+            for m in ac.find_overlapping_iter(newest) {
+                found.push(m.pattern().as_usize());
+            }
+            found.sort_unstable();
+            found.dedup();
+        }
+        // Without buffer rules only the newest line is ever looked at.
+        let buffered = self.needs_window();
+        if buffered {
+            w.push(newest, found);
+        }
+        for &l in found.iter() {
+            candidates.extend_from_slice(&self.last_by_literal[l]);
+        }
+        candidates.extend_from_slice(&self.last_always);
+        if buffered {
+            for l in 0..self.literals {
+                if w.literal_counts.get(l).is_some_and(|&c| c > 0) {
+                    candidates.extend_from_slice(&self.buffer_by_literal[l]);
                 }
             }
+            candidates.extend_from_slice(&self.buffer_always);
         }
         if candidates.is_empty() {
             return;
         }
         candidates.sort_unstable();
         candidates.dedup();
-        let mut joined: &[u8] = &[];
-        if windowed && let Some(w) = w {
-            let Window { lines, joined: buf, .. } = w;
-            buf.clear();
-            for (k, l) in lines.iter().enumerate() {
-                if k > 0 {
-                    buf.push(b'\n');
-                }
-                buf.extend_from_slice(l);
-            }
-            joined = trim_ascii(buf);
-        }
         for &i in candidates.iter() {
             let r = &self.rules[i];
-            if !r.window {
+            if r.last_line_only {
                 if r.regex.is_match(newest) {
                     out.push(Hit { rule: i, lines: 1 });
                 }
-            } else if windowed && let Some(m) = r.regex.find(joined) {
-                // Lines covered: one more than the newlines inside the match.
-                let lines = 1 + joined[m.start()..m.end()].iter().filter(|&&b| b == b'\n').count();
-                out.push(Hit { rule: i, lines });
+            } else {
+                let joined = w.joined();
+                if let Some(m) = r.regex.find(joined) {
+                    let (len, start) = (joined.len(), m.start());
+                    out.push(Hit {
+                        rule: i,
+                        lines: w.covered(len, start),
+                    });
+                }
             }
         }
     }
@@ -266,13 +404,49 @@ mod tests {
     fn run(patterns: &[&str], lines: &[&str], cap: usize) -> Vec<Vec<Hit>> {
         let m = Matcher::new(patterns.iter().copied()).expect("compile");
         let mut w = Window::new(cap);
-        let (mut c, mut out) = (Vec::new(), Vec::new());
+        let (mut c, mut f, mut out) = (Vec::new(), Vec::new(), Vec::new());
         lines
             .iter()
             .map(|l| {
-                w.push(l.as_bytes());
-                m.matches(l.as_bytes(), Some(&mut w), &mut c, &mut out);
+                m.push_and_match(l.as_bytes(), &mut w, &mut c, &mut f, &mut out);
                 out.clone()
+            })
+            .collect()
+    }
+
+    /// NPD's own algorithm, written plainly: the joined buffer, `p\z`, the
+    /// reverse count. The reference every optimisation must agree with.
+    fn npd(patterns: &[&str], lines: &[&str], cap: usize) -> Vec<Vec<Hit>> {
+        let regs: Vec<Regex> = patterns.iter().map(|p| compile(p).expect("compile")).collect();
+        let mut msgs: Vec<String> = vec![String::new(); cap];
+        let mut current = 0usize;
+        let mut filled = vec![false; cap];
+        lines
+            .iter()
+            .map(|l| {
+                msgs[current % cap] = l.to_string();
+                filled[current % cap] = true;
+                current += 1;
+                let head = current % cap;
+                let order: Vec<usize> = (head..cap).chain(0..head).collect();
+                let log = order.iter().map(|&i| msgs[i].as_str()).collect::<Vec<_>>().join("\n");
+                let mut hits = Vec::new();
+                for (ri, re) in regs.iter().enumerate() {
+                    let Some(m) = re.find(log.as_bytes()) else { continue };
+                    let s = log.len() as i64 - m.start() as i64 - 1;
+                    let (mut total, mut n) = (0i64, 0);
+                    let mut i = current + cap - 1;
+                    while i >= current && filled[i % cap] {
+                        n += 1;
+                        total += msgs[i % cap].len() as i64 + 1;
+                        if total > s {
+                            break;
+                        }
+                        i -= 1;
+                    }
+                    hits.push(Hit { rule: ri, lines: n });
+                }
+                hits
             })
             .collect()
     }
@@ -310,6 +484,57 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_that_could_span_lines_is_tried_whatever_the_window() {
+        // Issue 12 item 2: with one slot these were never tried.
+        for p in [
+            "disk\\s+failed",
+            "disk [^x]*failed",
+            "(?s)disk.*failed",
+            "(?m)^disk failed",
+        ] {
+            let hits = run(&[p], &["ok", "disk failed"], 1);
+            assert_eq!(hits[1], vec![Hit { rule: 0, lines: 1 }], "{p}");
+        }
+        // `^` is the start of the whole buffer: with ten slots (nine of them
+        // joined before the newest line) it cannot match one line.
+        assert!(run(&["^disk failed"], &["disk failed"], 10)[0].is_empty());
+        assert_eq!(run(&["^disk failed"], &["disk failed"], 1)[0].len(), 1);
+        // `\s` spans the newline between two lines.
+        let hits = run(&["disk\\s+failed"], &["my disk", "failed"], 10);
+        assert_eq!(hits[1], vec![Hit { rule: 0, lines: 2 }]);
+    }
+
+    #[test]
+    fn top_level_alternation_anchors_only_the_last_branch_as_npd_does() {
+        // `a|b\z`: the first branch matches anywhere in the buffer, so it
+        // keeps matching while its line is among the last ten.
+        let hits = run(&["alpha|beta"], &["alpha", "x", "y"], 10);
+        assert_eq!(hits[0], vec![Hit { rule: 0, lines: 1 }]);
+        assert_eq!(hits[1], vec![Hit { rule: 0, lines: 2 }]);
+        assert_eq!(hits[2], vec![Hit { rule: 0, lines: 3 }]);
+        // Grouped, both are anchored.
+        let hits = run(&["(alpha|beta)"], &["alpha", "x"], 10);
+        assert_eq!(hits[0].len(), 1);
+        assert!(hits[1].is_empty());
+        assert!(is_last_line_rule("(alpha|beta)"));
+        assert!(!is_last_line_rule("alpha|beta"));
+    }
+
+    #[test]
+    fn an_empty_pattern_matches_every_line_as_in_npd() {
+        let hits = run(&[""], &["a", "", "b"], 10);
+        assert!(hits.iter().all(|h| h == &vec![Hit { rule: 0, lines: 1 }]), "{hits:?}");
+    }
+
+    #[test]
+    fn perl_classes_are_ascii_as_in_go() {
+        // Arabic-Indic digits and a no-break space are not \d and \s in RE2.
+        let hits = run(&["error \\d+", "a\\sb"], &["error ٣", "a\u{a0}b", "error 3"], 1);
+        assert!(hits[0].is_empty() && hits[1].is_empty());
+        assert_eq!(hits[2], vec![Hit { rule: 0, lines: 1 }]);
+    }
+
+    #[test]
     fn rules_without_a_literal_are_still_tried() {
         let hits = run(
             &["\\d+ errors?", "(?i)disk FAILED"],
@@ -322,10 +547,69 @@ mod tests {
     }
 
     #[test]
-    fn necessary_literals_are_found_and_windows_detected() {
-        let lit = |p: &str| {
-            necessary_literal(&regex_syntax::parse(p).expect("parse")).map(|l| String::from_utf8(l).expect("utf8"))
-        };
+    fn the_fast_paths_agree_with_npds_plain_algorithm() {
+        // Patterns of every kind: last-line rules with and without literals,
+        // buffer rules with literals in an earlier line, alternations,
+        // anchors, an empty pattern; lines with literals in odd places.
+        let patterns = [
+            "Killed process \\d+ .*",
+            "first\\nsecond",
+            "disk\\s+failed",
+            "alpha|beta",
+            "^start",
+            "(?m)^begin.*",
+            "x[^y]+z",
+            "",
+            "(?s)one.*two",
+            "BUG: .*",
+        ];
+        let words = [
+            "Killed process 1 (a)",
+            "first",
+            "second",
+            "disk",
+            "failed",
+            "alpha",
+            "beta",
+            "start",
+            "begin here",
+            "x",
+            "z",
+            "xaz",
+            "one",
+            "two",
+            "BUG: oops",
+            "",
+            "  spaced  ",
+            "y",
+        ];
+        // A deterministic pseudo-random sequence of lines.
+        let mut seed = 12345u64;
+        let lines: Vec<String> = (0..400)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let a = words[(seed >> 33) as usize % words.len()];
+                let b = words[(seed >> 13) as usize % words.len()];
+                if seed.is_multiple_of(3) {
+                    format!("{a} {b}")
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        for cap in [1, 2, 3, 10] {
+            assert_eq!(
+                run(&patterns, &lines, cap),
+                npd(&patterns, &lines, cap),
+                "bufferSize {cap}"
+            );
+        }
+    }
+
+    #[test]
+    fn necessary_literals_are_found_and_last_line_rules_detected() {
+        let lit = |p: &str| necessary_literal(&parse(p).expect("parse")).map(|l| String::from_utf8(l).expect("utf8"));
         assert_eq!(
             lit("Killed process \\d+ (.+) total-vm:\\d+kB").as_deref(),
             Some("Killed process ")
@@ -339,10 +623,11 @@ mod tests {
             Some("[Hardware Error]: event severity: fatal")
         );
         assert_eq!(lit("a|b"), None);
-        let win = |p: &str| needs_window(&regex_syntax::parse(p).expect("parse"));
-        assert!(!win("EXT4-fs error .*"));
-        assert!(win("a\\sb"), "\\s matches a newline");
-        assert!(win("^start"));
-        assert!(win("x[^y]z"));
+        assert!(is_last_line_rule("EXT4-fs error .*"));
+        assert!(is_last_line_rule(".*severity: fatal$"));
+        assert!(!is_last_line_rule("a\\sb"), "\\s matches a newline");
+        assert!(!is_last_line_rule("^start"));
+        assert!(!is_last_line_rule("x[^y]z"));
+        assert!(!is_last_line_rule("(?m)x$"));
     }
 }

@@ -10,4 +10,5 @@ pub mod monitor;
 pub mod pipeline;
 pub mod rules;
 pub mod source;
+pub mod stop;
 pub mod test_rules;

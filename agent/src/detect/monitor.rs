@@ -22,6 +22,9 @@ pub enum Problem {
     Event(Event),
     /// A condition changed status or reason.
     Condition(Condition),
+    /// A permanent problem seen again while its condition is True (with the
+    /// count and latest occurrence updated): NPD raises nothing for it.
+    Repeat(Condition),
 }
 
 /// One rule file at work.
@@ -33,8 +36,11 @@ pub struct Monitor {
     conditions: Vec<Condition>,
     /// Last time each permanent condition's pattern matched (for clearAfter).
     last_match: HashMap<String, SystemTime>,
-    window_needed: bool,
+    /// Whether skipList applies to the lines this monitor sees (not for
+    /// filelog, whose source applies it to the raw line).
+    skip_here: bool,
     candidates: Vec<usize>,
+    found: Vec<usize>,
     hits: Vec<Hit>,
 }
 
@@ -47,6 +53,7 @@ fn default_condition(c: &LogCondition, source: &str, now: SystemTime) -> Conditi
         last_transition_time: rfc3339(now),
         last_heartbeat_time: String::new(),
         source: source.into(),
+        ..Default::default()
     }
 }
 
@@ -63,11 +70,12 @@ impl Monitor {
             .collect();
         Ok(Monitor {
             window: Window::new(config.window()),
-            window_needed: matcher.needs_window() && config.window() > 1,
+            skip_here: config.plugin_kind() != Some(super::rules::Plugin::Filelog),
             matcher,
             conditions,
             last_match: HashMap::new(),
             candidates: Vec::new(),
+            found: Vec::new(),
             hits: Vec::new(),
             config,
         })
@@ -96,32 +104,34 @@ impl Monitor {
 
     /// Feeds one line seen at `time`; problems go to `out`.
     pub fn process(&mut self, line: &[u8], time: SystemTime, out: &mut Vec<Problem>) {
-        if self.config.skip_list.iter().any(|s| memfind(line, s.as_bytes())) {
+        // NPD applies skipList in its filelog watcher only, to the raw line
+        // (nodekeeper's file source does the same); for the kernel log and
+        // the journal nodekeeper also applies it, to the message (a
+        // deliberate difference, in README).
+        if self.skip_here && self.config.skip_list.iter().any(|s| memfind(line, s.as_bytes())) {
             return;
         }
-        // Only multi-line rules need the window; the rest look at this line.
-        let window = if self.window_needed {
-            self.window.push(line);
-            Some(&mut self.window)
-        } else {
-            None
-        };
-        self.matcher.matches(line, window, &mut self.candidates, &mut self.hits);
+        self.matcher.push_and_match(
+            line,
+            &mut self.window,
+            &mut self.candidates,
+            &mut self.found,
+            &mut self.hits,
+        );
         if self.hits.is_empty() {
             return;
         }
         for h in std::mem::take(&mut self.hits) {
             let rule = &self.config.rules[h.rule];
+            // NPD's message: the matched lines joined by "\n", as they are.
             let mut message = if h.lines <= 1 {
-                String::from_utf8_lossy(line).trim().to_string()
+                String::from_utf8_lossy(line).into_owned()
             } else {
                 self.window
                     .last(h.lines)
                     .map(|l| String::from_utf8_lossy(l).into_owned())
                     .collect::<Vec<_>>()
                     .join("\n")
-                    .trim()
-                    .to_string()
             };
             if !rule.pattern_generated_message_suffix.is_empty() {
                 message = format!("{message}; {}", rule.pattern_generated_message_suffix);
@@ -140,20 +150,32 @@ impl Monitor {
                 continue;
             }
             // A permanent rule: the condition changes (with an event) only when
-            // its status or reason does.
+            // its status or reason does, as in NPD; a repeat is counted.
             self.last_match.insert(rule.condition.clone(), time);
             if let Some(c) = self.conditions.iter_mut().find(|c| c.r#type == rule.condition) {
                 c.last_heartbeat_time = rfc3339(time);
+                c.latest_time = rfc3339(time);
+                c.latest_message = event.message.clone();
                 if c.status != "True" || c.reason != rule.reason {
                     c.status = "True".into();
                     c.reason = rule.reason.clone();
                     c.message = event.message.clone();
                     c.last_transition_time = rfc3339(time);
+                    c.count = 1;
                     out.push(Problem::Condition(c.clone()));
                     out.push(Problem::Event(event));
+                } else {
+                    c.count += 1;
+                    out.push(Problem::Repeat(c.clone()));
                 }
             }
         }
+    }
+
+    /// Whether a True condition will clear by `clearAfter` (so the monitor
+    /// must be ticked while no line comes).
+    pub fn clears_later(&self) -> bool {
+        !self.last_match.is_empty() && self.config.rules.iter().any(|r| !r.clear_after.is_empty())
     }
 
     /// Clears permanent conditions whose rules set `clearAfter` and have not

@@ -5,7 +5,6 @@
 //! says so and restarts itself with backoff.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use nodekeeper_proto::time::rfc3339;
@@ -14,6 +13,7 @@ use nodekeeper_proto::v1::Event;
 use super::aggregate::Aggregator;
 use super::monitor::{Monitor, Problem};
 use super::source::{Line, LogSource};
+use super::stop::Stop;
 use crate::metrics::SourceLabel;
 use crate::runtime::Agent;
 
@@ -21,11 +21,23 @@ use crate::runtime::Agent;
 const AGGREGATION_WINDOW: Duration = Duration::from_secs(10);
 /// Lines read per batch (a flood is processed in batches this big).
 const BATCH: usize = 4096;
+/// A source's position is stored with the findings it produced; without
+/// findings, at most this often (and at shutdown): a flood of ordinary lines
+/// costs next to no disk I/O, and a crash replays at most this much of
+/// lines that raised nothing.
+const POSITION_INTERVAL: Duration = Duration::from_secs(10);
+/// Repeats of a True condition are reported at most this often.
+const REPEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait for a line when nothing is due sooner.
+const IDLE_WAIT: Duration = Duration::from_secs(30);
 
 /// A log source and its monitors.
 pub struct Pipeline {
     pub source: Box<dyn LogSource>,
     pub monitors: Vec<Monitor>,
+    /// For each monitor, the source streams it reads (a line goes to the
+    /// monitors whose mask shares a bit with the line's streams).
+    pub streams: Vec<u64>,
 }
 
 fn source_event(source: &str, reason: &str, message: String, severity: &str) -> Event {
@@ -42,13 +54,13 @@ fn source_event(source: &str, reason: &str, message: String, severity: &str) -> 
 
 impl Pipeline {
     /// Starts the reader thread; it stops when `stop` is set.
-    pub fn spawn(self, agent: Arc<Agent>, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    pub fn spawn(self, agent: Arc<Agent>, stop: Arc<Stop>) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("detect-kmsg".into())
             .spawn(move || self.run(&agent, &stop))
     }
 
-    fn run(mut self, agent: &Agent, stop: &AtomicBool) {
+    fn run(mut self, agent: &Agent, stop: &Stop) {
         let name = self.source.name().to_string();
         let key = format!("cursor:{name}");
         let saved = agent.load_conditions().unwrap_or_default();
@@ -84,13 +96,31 @@ impl Pipeline {
             }
         }
         let mut agg = Aggregator::new(AGGREGATION_WINDOW);
-        let mut events = Vec::new();
-        self.deliver(agent, &mut problems, &mut agg, &mut events);
+        let mut out = Findings::default();
+        // Every reason of the loaded rules is exported from the start, at 0
+        // (as NPD does), so an alert on increase() sees the first problem.
+        for m in &self.monitors {
+            for r in &m.config.rules {
+                agent.metrics.problem_counter(&r.reason, 0);
+                if r.is_permanent() {
+                    agent.metrics.set_problem_gauge(&nodekeeper_proto::v1::Condition {
+                        r#type: r.condition.clone(),
+                        reason: r.reason.clone(),
+                        status: "False".into(),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        out.take(agent, &mut problems, &mut agg);
+        self.commit(agent, &mut out, None);
         let label = SourceLabel { source: name.clone() };
         let mut backoff = crate::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let mut failed = false;
         let mut lines: Vec<Line> = Vec::with_capacity(BATCH);
-        while !stop.load(Ordering::Relaxed) {
+        let mut stored = cursor.clone();
+        let mut stored_at = SystemTime::now();
+        while !stop.is_set() {
             if let Err(e) = self.source.open(cursor.as_deref(), not_before) {
                 if !failed {
                     tracing::error!(source = %name, error = %e, "cannot open the log source; retrying");
@@ -98,7 +128,7 @@ impl Pipeline {
                     let _ = agent.record_event(source_event(&name, "LogSourceFailed", msg, "Warning"));
                     failed = true;
                 }
-                backoff.sleep();
+                stop.sleep(backoff.next_delay());
                 continue;
             }
             if failed {
@@ -108,9 +138,18 @@ impl Pipeline {
             }
             backoff.reset();
             let mut last_flush = SystemTime::now();
-            while !stop.load(Ordering::Relaxed) {
+            while !stop.is_set() {
                 lines.clear();
-                let lost = match self.source.read(&mut lines, BATCH, Duration::from_millis(500)) {
+                // Wait for lines as long as nothing else is due: an idle agent
+                // does not wake on a short timer.
+                let wait = if agg.holds_unreported() || !out.repeats.is_empty() || stored != cursor {
+                    Duration::from_millis(500)
+                } else if self.monitors.iter().any(Monitor::clears_later) {
+                    Duration::from_secs(1)
+                } else {
+                    IDLE_WAIT
+                };
+                let lost = match self.source.read(&mut lines, BATCH, wait, stop) {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(source = %name, error = %e, "reading the log source failed; reopening");
@@ -126,56 +165,113 @@ impl Pipeline {
                     agg.add(
                         source_event(&name, "LogOverrun", msg, "Warning"),
                         SystemTime::now(),
-                        &mut events,
+                        &mut out.events,
                     );
                 }
                 agent.metrics.log_lines.get_or_create(&label).inc_by(lines.len() as u64);
                 for l in &lines {
-                    for m in self.monitors.iter_mut() {
-                        m.process(&l.message, l.time, &mut problems);
+                    for (m, mask) in self.monitors.iter_mut().zip(&self.streams) {
+                        if l.streams & mask != 0 {
+                            m.process(&l.message, l.time, &mut problems);
+                        }
                     }
                 }
                 let now = SystemTime::now();
-                if now.duration_since(last_flush).unwrap_or_default() >= Duration::from_secs(1) {
+                let flush = now.duration_since(last_flush).unwrap_or_default() >= REPEAT_INTERVAL;
+                if flush {
                     for m in self.monitors.iter_mut() {
                         m.tick(now, &mut problems);
                     }
-                    agg.flush(now, false, &mut events);
+                    agg.flush(now, false, &mut out.events);
                     last_flush = now;
                 }
-                self.deliver(agent, &mut problems, &mut agg, &mut events);
+                out.take(agent, &mut problems, &mut agg);
+                if flush {
+                    out.release_repeats();
+                }
                 let c = self.source.cursor();
                 if c.is_some() && c != cursor {
                     cursor = c;
                     not_before = None;
-                    if let (Some(s), Some(c)) = (&agent.store, &cursor)
-                        && let Err(e) = s.put_all(&[(key.as_str(), c.clone().into_bytes())])
-                    {
-                        tracing::warn!(source = %name, error = %e, "cannot store the log position");
+                }
+                // The position goes with the findings it produced, unless
+                // counted repeats are still held back (then it waits for them).
+                let due = now.duration_since(stored_at).unwrap_or_default() >= POSITION_INTERVAL;
+                let position = (cursor != stored && !agg.holds_unreported() && (out.any() || due))
+                    .then(|| cursor.clone())
+                    .flatten();
+                if out.any() || position.is_some() {
+                    self.commit(agent, &mut out, position.as_deref().map(|c| (key.as_str(), c)));
+                    if position.is_some() {
+                        stored = position;
+                        stored_at = now;
                     }
                 }
             }
         }
-        agg.flush(SystemTime::now(), true, &mut events);
-        self.deliver(agent, &mut problems, &mut agg, &mut events);
+        agg.flush(SystemTime::now(), true, &mut out.events);
+        out.take(agent, &mut problems, &mut agg);
+        out.release_repeats();
+        let position = (cursor != stored).then(|| cursor.clone()).flatten();
+        self.commit(agent, &mut out, position.as_deref().map(|c| (key.as_str(), c)));
     }
 
-    fn deliver(&self, agent: &Agent, problems: &mut Vec<Problem>, agg: &mut Aggregator, events: &mut Vec<Event>) {
+    /// Stores and reports what was found, with the source position.
+    fn commit(&self, agent: &Agent, out: &mut Findings, position: Option<(&str, &str)>) {
+        let conditions = std::mem::take(&mut out.conditions);
+        let events = std::mem::take(&mut out.events);
+        if let Err(e) = agent.record_findings(conditions, events, position.map(|(k, c)| (k, c.as_bytes().to_vec()))) {
+            tracing::error!(source = self.source.name(), error = %e, "cannot store findings or the log position");
+        }
+    }
+}
+
+/// What a batch of lines produced, waiting to be committed.
+#[derive(Default)]
+struct Findings {
+    conditions: Vec<nodekeeper_proto::v1::Condition>,
+    events: Vec<Event>,
+    /// Repeats of True conditions, the latest per condition, held until the
+    /// next [`REPEAT_INTERVAL`].
+    repeats: Vec<nodekeeper_proto::v1::Condition>,
+}
+
+impl Findings {
+    fn any(&self) -> bool {
+        !self.conditions.is_empty() || !self.events.is_empty()
+    }
+
+    /// Sorts the monitors' problems: condition changes at once, events
+    /// through the aggregator (each problem counted in `problem_counter`),
+    /// repeats held back.
+    fn take(&mut self, agent: &Agent, problems: &mut Vec<Problem>, agg: &mut Aggregator) {
         let now = SystemTime::now();
         for p in problems.drain(..) {
             match p {
                 Problem::Condition(c) => {
-                    if let Err(e) = agent.set_condition(c) {
-                        tracing::error!(error = %e, "cannot store a condition");
-                    }
+                    self.repeats.retain(|r| !(r.r#type == c.r#type && r.source == c.source));
+                    self.conditions
+                        .retain(|r| !(r.r#type == c.r#type && r.source == c.source));
+                    self.conditions.push(c);
                 }
-                Problem::Event(e) => agg.add(e, now, events),
+                Problem::Repeat(c) => {
+                    self.repeats.retain(|r| !(r.r#type == c.r#type && r.source == c.source));
+                    self.repeats.push(c);
+                }
+                Problem::Event(e) => {
+                    agent.metrics.problem_counter(&e.reason, 1);
+                    agg.add(e, now, &mut self.events);
+                }
             }
         }
-        for e in events.drain(..) {
-            if let Err(err) = agent.record_event(e) {
-                tracing::error!(error = %err, "cannot store an event");
-            }
+    }
+
+    /// Held repeats become condition updates to commit.
+    fn release_repeats(&mut self) {
+        for c in self.repeats.drain(..) {
+            self.conditions
+                .retain(|r| !(r.r#type == c.r#type && r.source == c.source));
+            self.conditions.push(c);
         }
     }
 }

@@ -1,6 +1,9 @@
 //! `nodekeeper-agent test-rules`: runs the agent's matcher over a log file
-//! (one message per line, as /dev/kmsg carries them) and prints what each
-//! matching line would raise, so a rule file can be tried before it ships.
+//! and prints what each matching line would raise, so a rule file can be
+//! tried before it ships. Each line goes through its monitor's watcher as
+//! NPD's would: kmsg messages trimmed (empty ones dropped), journal messages
+//! trimmed, and a filelog monitor's skipList and translator (`pluginConfig`
+//! timestamp and message regexes) applied to the raw line.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -11,6 +14,9 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::monitor::{Monitor, Problem};
+use super::rules::{LogMonitor, Plugin};
+use super::source::file::Translator;
+use super::source::{journal_message, kmsg_message};
 
 /// Options of `test-rules`.
 #[derive(Debug, Clone, clap::Args)]
@@ -34,17 +40,56 @@ struct Found {
     message: String,
 }
 
+/// A monitor with its watcher's handling of a raw line, so `test-rules`
+/// sees what the running agent's source would hand on.
+struct Tried {
+    monitor: Monitor,
+    watcher: Watcher,
+}
+
+/// How NPD's watcher of each plugin hands a raw line on.
+enum Watcher {
+    /// Empty messages dropped, the rest trimmed.
+    Kmsg,
+    /// MESSAGE trimmed.
+    Journald,
+    /// skipList on the raw line, then the translator.
+    Filelog(Translator),
+}
+
+impl Watcher {
+    fn of(cfg: &LogMonitor) -> anyhow::Result<Watcher> {
+        Ok(match cfg.plugin_kind() {
+            Some(Plugin::Filelog) => Watcher::Filelog(Translator::new(
+                &cfg.plugin_config.clone().unwrap_or_default(),
+                &cfg.skip_list,
+            )?),
+            Some(Plugin::Journald) => Watcher::Journald,
+            _ => Watcher::Kmsg,
+        })
+    }
+}
+
 fn feed(
-    monitors: &mut [Monitor],
+    tried: &mut [Tried],
     line: &[u8],
     n: u64,
     now: SystemTime,
     problems: &mut Vec<Problem>,
     found: &mut Vec<Found>,
 ) {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    for m in monitors.iter_mut() {
-        m.process(line, now, problems);
+    for t in tried.iter_mut() {
+        match &t.watcher {
+            Watcher::Kmsg => match kmsg_message(line) {
+                Some(m) => t.monitor.process(m, now, problems),
+                None => continue,
+            },
+            Watcher::Journald => t.monitor.process(journal_message(line), now, problems),
+            Watcher::Filelog(tr) => match tr.translate(line, now) {
+                Some(l) => t.monitor.process(&l.message, l.time, problems),
+                None => continue,
+            },
+        }
     }
     for p in problems.drain(..) {
         found.push(match p {
@@ -62,6 +107,8 @@ fn feed(
                 condition: c.r#type,
                 message: c.message,
             },
+            // NPD raises nothing for a repeat; test-rules prints what NPD would.
+            Problem::Repeat(_) => continue,
         });
     }
 }
@@ -74,7 +121,11 @@ pub fn run(args: TestRulesArgs) -> anyhow::Result<()> {
     let mut monitors = Vec::new();
     for path in &args.rules {
         let cfg = super::rules::load(path)?;
-        monitors.push(Monitor::new(cfg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?);
+        let watcher = Watcher::of(&cfg).with_context(|| format!("{}: pluginConfig", path.display()))?;
+        monitors.push(Tried {
+            monitor: Monitor::new(cfg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            watcher,
+        });
     }
     let mut file = std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
     let mut problems = Vec::new();

@@ -70,45 +70,63 @@ impl Outbox {
     /// Appends a report and returns its sequence number. With a store, the
     /// report is on disk when this returns.
     pub fn push(&mut self, body: report::Body) -> Result<u64, StoreError> {
+        let seqs = self.push_with(vec![body], &[])?;
+        Ok(seqs.last().copied().unwrap_or(self.last_seq))
+    }
+
+    /// Appends several reports and writes `kv` (other agent records, such as
+    /// a log source's position) in the same transaction, so they are on
+    /// disk together or not at all. Returns the reports' sequence numbers.
+    pub fn push_with(&mut self, bodies: Vec<report::Body>, kv: &[(&str, Vec<u8>)]) -> Result<Vec<u64>, StoreError> {
         let mut evict_upto = 0;
         let mut dropped_pending = self.dropped_pending;
-        let mut evicted = Vec::new();
-        while self.pending.len() - evicted.len() >= self.cap {
-            match self.pending.get(evicted.len()) {
-                Some(r) => {
+        let mut evicted = 0usize;
+        let mut reports = Vec::with_capacity(bodies.len());
+        for (i, body) in bodies.into_iter().enumerate() {
+            // Room for this report: the oldest pending ones go first, then
+            // (more new reports than the cap) the oldest new ones.
+            while self.pending.len() - evicted + reports.len() >= self.cap {
+                if let Some(r) = self.pending.get(evicted) {
                     evict_upto = r.sequence;
                     dropped_pending += 1 + r.dropped_before;
-                    evicted.push(r.sequence);
+                    evicted += 1;
+                } else if !reports.is_empty() {
+                    let r: Report = reports.remove(0);
+                    dropped_pending += 1 + r.dropped_before;
+                    self.dropped_total += 1;
+                } else {
+                    break;
                 }
-                None => break,
             }
+            reports.push(Report {
+                sequence: self.last_seq + 1 + i as u64,
+                time: now_rfc3339(),
+                body: Some(body),
+                dropped_before: std::mem::take(&mut dropped_pending),
+            });
         }
-        let report = Report {
-            sequence: self.last_seq + 1,
-            time: now_rfc3339(),
-            body: Some(body),
-            dropped_before: dropped_pending,
-        };
         if let Some(s) = &self.store {
-            s.outbox_push(&report, evict_upto, 0)?;
+            s.outbox_push(&reports, evict_upto, kv)?;
         }
         // Only now, with the write done, change memory.
-        for _ in &evicted {
+        for _ in 0..evicted {
             self.pending.pop_front();
         }
-        self.dropped_total += evicted.len() as u64;
-        if !evicted.is_empty() {
+        self.dropped_total += evicted as u64;
+        if evicted > 0 {
             tracing::warn!(
-                dropped = evicted.len(),
+                dropped = evicted,
                 cap = self.cap,
                 "outbox full: dropped the oldest reports"
             );
         }
-        self.dropped_pending = 0;
-        self.last_seq = report.sequence;
-        let seq = report.sequence;
-        self.pending.push_back(report);
-        Ok(seq)
+        self.dropped_pending = dropped_pending;
+        let seqs: Vec<u64> = reports.iter().map(|r| r.sequence).collect();
+        if let Some(last) = seqs.last() {
+            self.last_seq = self.last_seq.max(*last);
+        }
+        self.pending.extend(reports);
+        Ok(seqs)
     }
 
     /// The hub persisted everything up to `upto`.

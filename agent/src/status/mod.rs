@@ -68,7 +68,10 @@ async fn events(State(a): State<Arc<Agent>>) -> impl IntoResponse {
 
 async fn metrics(State(a): State<Arc<Agent>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, nodekeeper_proto::daemon::METRICS_CONTENT_TYPE)],
+        [(
+            header::CONTENT_TYPE,
+            nodekeeper_proto::daemon::CLASSIC_METRICS_CONTENT_TYPE,
+        )],
         a.metrics.encode(),
     )
 }

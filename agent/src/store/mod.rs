@@ -145,30 +145,38 @@ impl AgentStore {
         Ok(out)
     }
 
-    /// Stores a new report, drops evicted ones (`seq <= evict_upto`) and
-    /// records the sequence counters, all in one transaction.
-    pub fn outbox_push(&self, report: &Report, evict_upto: u64, dropped_pending: u64) -> Result<(), StoreError> {
+    /// Stores new reports, drops evicted ones (`seq <= evict_upto`), records
+    /// the sequence counters and writes `kv`, all in one transaction.
+    pub fn outbox_push(&self, reports: &[Report], evict_upto: u64, kv: &[(&str, Vec<u8>)]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        tx.execute(
-            "INSERT OR REPLACE INTO outbox (seq, body) VALUES (?1, ?2)",
-            params![report.sequence as i64, report.encode_to_vec()],
-        )
-        .map_err(|e| self.err(e))?;
+        for report in reports {
+            tx.execute(
+                "INSERT OR REPLACE INTO outbox (seq, body) VALUES (?1, ?2)",
+                params![report.sequence as i64, report.encode_to_vec()],
+            )
+            .map_err(|e| self.err(e))?;
+        }
         if evict_upto > 0 {
             tx.execute("DELETE FROM outbox WHERE seq <= ?1", [evict_upto as i64])
                 .map_err(|e| self.err(e))?;
         }
-        tx.execute(
-            "INSERT OR REPLACE INTO kv (key, value) VALUES (?1, ?2), (?3, ?4)",
-            params![
-                keys::LAST_SEQUENCE,
-                report.sequence.to_be_bytes().to_vec(),
-                keys::DROPPED_PENDING,
-                dropped_pending.to_be_bytes().to_vec()
-            ],
-        )
-        .map_err(|e| self.err(e))?;
+        if let Some(last) = reports.last() {
+            tx.execute(
+                "INSERT OR REPLACE INTO kv (key, value) VALUES (?1, ?2), (?3, ?4)",
+                params![
+                    keys::LAST_SEQUENCE,
+                    last.sequence.to_be_bytes().to_vec(),
+                    keys::DROPPED_PENDING,
+                    0u64.to_be_bytes().to_vec()
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        for (k, v) in kv {
+            tx.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?1, ?2)", params![k, v])
+                .map_err(|e| self.err(e))?;
+        }
         tx.commit().map_err(|e| self.err(e))
     }
 

@@ -71,6 +71,7 @@ fn set_ready(status: &mut NodeStatus, value: &str, reason: &str, message: &str) 
             last_transition_time: now.clone(),
             last_heartbeat_time: now,
             source: "hub".into(),
+            ..Default::default()
         },
     );
     true

@@ -27,6 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Longest sleep of the idle engine loop (its liveness beat).
+const IDLE_WAKE: Duration = Duration::from_secs(60);
+
 use nodekeeper_proto::component::{self as spec_rules, phase};
 use nodekeeper_proto::time::now_rfc3339;
 use nodekeeper_proto::v1::{DesiredComponent, Event, NodeComponent, report};
@@ -133,7 +136,13 @@ impl Engine {
                 self.reconcile();
                 next = std::time::Instant::now() + interval;
             }
-            match rx.recv_timeout(Duration::from_millis(500)) {
+            // Sleep until the next drift check or a new desired state (a beat
+            // at least every minute keeps the idle loop's liveness fresh); no
+            // short timer wakes an idle agent.
+            let wait = next
+                .saturating_duration_since(std::time::Instant::now())
+                .clamp(Duration::from_millis(10), IDLE_WAKE);
+            match rx.recv_timeout(wait) {
                 Ok(d) => {
                     self.desired = d.into();
                     while let Ok(d) = rx.try_recv() {
@@ -143,7 +152,7 @@ impl Engine {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 // A standalone agent's components never change.
-                Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(500)),
+                Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
             }
         }
     }

@@ -14,41 +14,72 @@ use std::time::{Duration, SystemTime};
 use regex::bytes::Regex;
 
 use super::{Line, LogSource};
+use crate::detect::stop::Stop;
+
+/// How often a file at its end is looked at again (NPD polls every 500 ms).
+const POLL: Duration = Duration::from_millis(200);
 use crate::detect::rules::LogPluginConfig;
 
-/// NPD's filelog translator.
+/// NPD's filelog watcher and translator: `skipList` drops a raw line that
+/// contains any of its strings; the `message` and `timestamp` regexes take
+/// their **last** submatch (the whole match when they have no group); a line
+/// either regex does not match, or whose timestamp does not parse with
+/// `timestampFormat`, is skipped. nodekeeper also accepts a filelog monitor
+/// without `pluginConfig`: the whole line is the message, seen now.
 #[derive(Debug, Clone, Default)]
 pub struct Translator {
     timestamp: Option<Regex>,
     message: Option<Regex>,
     format: Option<String>,
+    skip: Vec<Vec<u8>>,
+}
+
+/// The last submatch of `re` in `raw`, as Go's `FindSubmatch(...)[len-1]`
+/// (an unmatched group gives an empty string).
+fn last_submatch<'a>(re: &Regex, raw: &'a [u8]) -> Option<&'a [u8]> {
+    let caps = re.captures(raw)?;
+    Some(caps.get(caps.len() - 1).map_or(&[][..], |m| m.as_bytes()))
 }
 
 impl Translator {
-    /// From a checked rule file's `pluginConfig`.
-    pub fn new(c: &LogPluginConfig) -> Result<Translator, regex::Error> {
+    /// From a checked rule file's `pluginConfig` and `skipList`.
+    pub fn new(c: &LogPluginConfig, skip_list: &[String]) -> Result<Translator, regex::Error> {
         Ok(Translator {
             timestamp: c.timestamp.as_deref().map(Regex::new).transpose()?,
             message: c.message.as_deref().map(Regex::new).transpose()?,
             format: c.timestamp_format.clone(),
+            skip: skip_list
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.as_bytes().to_vec())
+                .collect(),
         })
     }
 
-    /// The line as the monitors see it, or `None` when the message regex
-    /// does not match.
+    /// The line as the monitors see it, or `None` when NPD would skip it.
     pub fn translate(&self, raw: &[u8], now: SystemTime) -> Option<Line> {
+        if self.skip.iter().any(|s| memchr::memmem::find(raw, s).is_some()) {
+            return None;
+        }
+        let time = match &self.timestamp {
+            None => now,
+            Some(re) => {
+                let ts = std::str::from_utf8(last_submatch(re, raw)?).ok()?;
+                match self.format.as_deref() {
+                    Some(f) => parse_go_time(f, ts, now)?,
+                    None => now,
+                }
+            }
+        };
         let message = match &self.message {
             None => raw.to_vec(),
-            Some(re) => re.captures(raw)?.get(1)?.as_bytes().to_vec(),
+            Some(re) => last_submatch(re, raw)?.to_vec(),
         };
-        let time = self
-            .timestamp
-            .as_ref()
-            .and_then(|re| re.find(raw))
-            .and_then(|m| std::str::from_utf8(m.as_bytes()).ok())
-            .and_then(|s| parse_go_time(self.format.as_deref()?, s.trim(), now))
-            .unwrap_or(now);
-        Some(Line { time, message })
+        Some(Line {
+            time,
+            message,
+            streams: super::ALL_STREAMS,
+        })
     }
 }
 
@@ -238,8 +269,7 @@ impl FileSource {
     }
 
     fn hand_out(&mut self, out: &mut Vec<Line>, now: SystemTime) {
-        let raw = self.partial.strip_suffix(b"\r").unwrap_or(&self.partial);
-        if let Some(line) = self.translator.translate(raw, now)
+        if let Some(line) = self.translator.translate(&self.partial, now)
             && self.not_before.is_none_or(|t| line.time >= t)
         {
             out.push(line);
@@ -282,7 +312,7 @@ impl LogSource for FileSource {
         Ok(())
     }
 
-    fn read(&mut self, out: &mut Vec<Line>, max: usize, wait: Duration) -> std::io::Result<u64> {
+    fn read(&mut self, out: &mut Vec<Line>, max: usize, wait: Duration, stop: &Stop) -> std::io::Result<u64> {
         let now = SystemTime::now();
         let mut got_data = false;
         while out.len() < max {
@@ -312,11 +342,9 @@ impl LogSource for FileSource {
                 self.reopen_at(0)?;
                 self.not_before = None;
             }
-            Ok(_) => std::thread::sleep(wait.min(Duration::from_millis(200))),
+            Ok(_) => stop.sleep(wait.min(POLL)),
             // Between a rename and the new file's creation.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::thread::sleep(wait.min(Duration::from_millis(200)))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => stop.sleep(wait.min(POLL)),
             Err(e) => return Err(e),
         }
         Ok(0)
@@ -357,12 +385,15 @@ mod tests {
 
     #[test]
     fn translator_takes_the_message_group_and_skips_other_lines() {
-        let tr = Translator::new(&LogPluginConfig {
-            timestamp: Some("^.{15}".into()),
-            message: Some("kernel: \\[.*\\] (.*)".into()),
-            timestamp_format: Some("Jan _2 15:04:05".into()),
-            ..Default::default()
-        })
+        let tr = Translator::new(
+            &LogPluginConfig {
+                timestamp: Some("^.{15}".into()),
+                message: Some("kernel: \\[.*\\] (.*)".into()),
+                timestamp_format: Some("Jan _2 15:04:05".into()),
+                ..Default::default()
+            },
+            &["sshd".to_string()],
+        )
         .expect("translator");
         let now = SystemTime::now();
         let l = tr

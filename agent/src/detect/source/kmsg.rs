@@ -9,6 +9,8 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use crate::detect::stop::Stop;
+
 /// One kernel log record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
@@ -88,7 +90,13 @@ impl Kmsg {
 
     /// Reads every record available now into `out` (up to `max`); waits up
     /// to `wait` for one when none is. Returns overrun information.
-    pub fn read(&mut self, out: &mut Vec<Record>, max: usize, wait: Duration) -> std::io::Result<ReadInfo> {
+    pub fn read(
+        &mut self,
+        out: &mut Vec<Record>,
+        max: usize,
+        wait: Duration,
+        stop: &Stop,
+    ) -> std::io::Result<ReadInfo> {
         let mut info = ReadInfo::default();
         let mut waited = false;
         while out.len() < max {
@@ -123,10 +131,9 @@ impl Kmsg {
                         break;
                     }
                     waited = true;
-                    let fd = self.file.as_fd();
-                    let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-                    let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
-                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
+                    if !stop.wait_readable(self.file.as_fd(), wait) {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -176,16 +183,19 @@ impl super::LogSource for KmsgSource {
         Ok(())
     }
 
-    fn read(&mut self, out: &mut Vec<super::Line>, max: usize, wait: Duration) -> std::io::Result<u64> {
+    fn read(&mut self, out: &mut Vec<super::Line>, max: usize, wait: Duration, stop: &Stop) -> std::io::Result<u64> {
         let k = self
             .open
             .as_mut()
             .ok_or_else(|| std::io::Error::other("kmsg is not open"))?;
         self.records.clear();
-        let info = k.read(&mut self.records, max, wait)?;
-        out.extend(self.records.drain(..).map(|r| super::Line {
-            time: r.time,
-            message: r.message,
+        let info = k.read(&mut self.records, max, wait, stop)?;
+        out.extend(self.records.drain(..).filter_map(|r| {
+            Some(super::Line {
+                time: r.time,
+                message: super::kmsg_message(&r.message)?.to_vec(),
+                streams: super::ALL_STREAMS,
+            })
         }));
         Ok(info.lost)
     }
@@ -243,7 +253,9 @@ mod tests {
         let mut found = false;
         for _ in 0..50 {
             let mut out = Vec::new();
-            k.read(&mut out, 100_000, Duration::from_millis(100)).expect("read");
+            let stop = Stop::new().expect("eventfd");
+            k.read(&mut out, 100_000, Duration::from_millis(100), &stop)
+                .expect("read");
             if out.iter().any(|r| String::from_utf8_lossy(&r.message).contains(&tag)) {
                 found = true;
                 break;
