@@ -429,16 +429,29 @@ pub fn describe_node(n: &Node) {
         .conditions
         .iter()
         .map(|c| {
+            // A problem seen again while True: how often, and the latest.
+            let message = if c.count > 1 {
+                format!(
+                    "{} (seen {} times; latest {} ago: {})",
+                    c.message,
+                    c.count,
+                    age(&c.latest_time),
+                    c.latest_message
+                )
+            } else {
+                c.message.clone()
+            };
             vec![
                 c.r#type.clone(),
                 c.status.clone(),
                 c.reason.clone(),
+                c.count.to_string(),
                 age(&c.last_transition_time),
-                c.message.clone(),
+                message,
             ]
         })
         .collect();
-    Table::new(&["TYPE", "STATUS", "REASON", "LAST TRANSITION", "MESSAGE"])
+    Table::new(&["TYPE", "STATUS", "REASON", "COUNT", "LAST TRANSITION", "MESSAGE"])
         .indented()
         .print(&rows);
     println!("Events:");

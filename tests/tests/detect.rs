@@ -198,6 +198,42 @@ fn kernel_log_problems_from_real_kmsg_reach_socket_hub_and_metrics_without_repla
         desc.contains("ReadonlyFilesystem") && desc.contains("OOMKilling"),
         "{desc}"
     );
+    // problem_counter as NPD exports it: a counter under its exact name, every
+    // reason of the loaded rules present from the start (at 0 until seen), and
+    // only problems counted (not the agent's own lifecycle events).
+    assert!(metrics.contains("# TYPE problem_counter counter\n"), "{metrics}");
+    assert!(
+        metrics.contains("problem_counter{reason=\"KernelOops\"} 0"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("reason=\"AgentStarted\""), "{metrics}");
+    assert!(!metrics.contains("problem_counter_total"), "{metrics}");
+
+    // A second filesystem goes read-only while the condition is True: NPD
+    // drops it; nodekeeper counts it and keeps the latest occurrence.
+    let second = format!("{tag}: EXT4-fs (sdz9): Remounting filesystem read-only");
+    kmsg(&second);
+    let repeated = |c: &serde_json::Value| {
+        // At least 2: lines of earlier runs within the rules' lookback count too.
+        c["type"] == "ReadonlyFilesystem"
+            && c["count"].as_u64().is_some_and(|n| n >= 2)
+            && c["latestMessage"] == second.as_str()
+    };
+    wait_for("the repeat counted at the hub", T, || {
+        hub.node("node-kmsg").filter(|n| {
+            n["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(repeated))
+        })
+    });
+    let (_, body) = http_unix(&agent.socket, "GET", "/v1/conditions", "").expect("conditions");
+    let conds: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(
+        conds["items"].as_array().is_some_and(|cs| cs.iter().any(repeated)),
+        "{body}"
+    );
+    let desc = String::from_utf8_lossy(&hub.nkctl(&["describe", "node", "node-kmsg"]).stdout).into_owned();
+    assert!(desc.contains(" times; latest ") && desc.contains("sdz9"), "{desc}");
 
     // Restart: a line written while the agent is down is read (no gap), the
     // ones before are not read again (no replay), conditions stay True.
@@ -401,13 +437,35 @@ fn journald_problems_are_found_and_the_cursor_survives_a_restart() {
         ),
     )
     .expect("rules");
+    // A second journald monitor, of another identifier: both are served by
+    // one journalctl, and each sees only its own entries.
+    let kubelet_rules = tmp.path().join("kubelet.yaml");
+    std::fs::write(
+        &kubelet_rules,
+        format!(
+            "plugin: journald\npluginConfig: {{source: kubelet}}\nlogPath: {}\nsource: kubelet-monitor\nconditions: []\nrules:\n- {{type: temporary, reason: KubeletSawShim, pattern: 'failed to start shim: .*'}}\n",
+            journal.display()
+        ),
+    )
+    .expect("rules");
     let hub = Hub::start(tmp.path(), "");
     let cfg = format!(
-        "detectors:\n  defaultRules: false\n  logMonitors: [{}]\n",
-        rules.display()
+        "detectors:\n  defaultRules: false\n  logMonitors: [{}, {}]\n",
+        rules.display(),
+        kubelet_rules.display()
     );
     let mut agent = Agent::start(tmp.path(), "node-jd", Some(&hub.grpc_url()), &cfg);
     std::thread::sleep(Duration::from_millis(500));
+    let journalctls = wait_for("the journal reader", T, || {
+        let n = agent.children().iter().filter(|c| *c == "journalctl").count();
+        (n > 0).then_some(n)
+    });
+    assert_eq!(
+        journalctls,
+        1,
+        "one journalctl for both monitors: {:?}",
+        agent.children()
+    );
     journal_append(
         &journal,
         "containerd",
@@ -433,10 +491,26 @@ fn journald_problems_are_found_and_the_cursor_survives_a_restart() {
                 })
         })
     });
+    let kubelet_saw = |n: &serde_json::Value| {
+        n["status"]["recentEvents"].as_array().is_some_and(|es| {
+            es.iter().any(|e| {
+                e["reason"] == "KubeletSawShim" && e["message"] == "failed to start shim: not containerd's line"
+            })
+        })
+    };
+    let node = wait_for("the kubelet monitor's own entry", T, || {
+        hub.node("node-jd").filter(|n| kubelet_saw(n))
+    });
     assert_eq!(
         boom_count(&node, "failed to start shim: not containerd's line"),
-        0,
-        "other identifiers are not read"
+        1,
+        "the kubelet entry reaches the kubelet monitor only, not the containerd one"
+    );
+    assert!(
+        !node["status"]["recentEvents"].as_array().is_some_and(|es| es
+            .iter()
+            .any(|e| e["reason"] == "KubeletSawShim" && e["message"] == "failed to start shim: exec: runc: not found")),
+        "the containerd entry does not reach the kubelet monitor"
     );
 
     assert!(agent.terminate().success());

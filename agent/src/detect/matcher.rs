@@ -607,6 +607,128 @@ mod tests {
         }
     }
 
+    // The patterns, lines and verdicts below are node-problem-detector's own
+    // (pkg/systemlogmonitor/log_buffer_equivalence_test.go and
+    // log_buffer_test.go, Apache-2.0, see tests/fixtures/npd/LICENSE), so
+    // nodekeeper is held to the tests NPD holds itself to.
+    const NPD_PATTERNS: &[&str] = &[
+        r"Killed process \d+ (.+) total-vm:\d+kB, anon-rss:\d+kB, file-rss:\d+kB.*",
+        r"task [\S ]+:\w+ blocked for more than \w+ seconds\.",
+        r"unregister_netdevice: waiting for \w+ to become free. Usage count = \d+",
+        r"BUG: unable to handle kernel NULL pointer dereference at .*",
+        r"EXT4-fs error .*",
+        r"XFS .* Shutting down filesystem.?",
+        r".*\[Hardware Error\]: event severity: fatal$",
+        r#"Error syncing pod .*skipping.*failed to "StartContainer".*"#,
+        r"(?s)first.*second",
+        r"^only line",
+        r"(?m)^line \w+$",
+        "alpha\nbeta",
+        r"alpha[\s\S]*beta",
+        r"alpha[\x00-\x7f]+beta",
+        r"\Aalpha",
+        r"alpha|beta",
+        r"abort|abandon",
+        r"alpha|",
+        r"\balpha\b",
+        r"alpha$",
+        r"a*",
+        r"",
+        r"(alpha|beta) gamma",
+        r"[^x]+",
+    ];
+    const NPD_LINES: &[&str] = &[
+        "alpha gamma",
+        "beta gamma",
+        "abort now",
+        "only line",
+        "first",
+        "second",
+        "line one",
+        "line two",
+        "alpha",
+        "beta",
+        "task docker:1234 blocked for more than 120 seconds.",
+        "EXT4-fs error (device sda1): ext4_find_entry:1455: inode #2",
+        "mce: [Hardware Error]: event severity: fatal",
+        "Killed process 1234 (mysqld) total-vm:100kB, anon-rss:20kB, file-rss:3kB",
+        "",
+        "trailing\nembedded newline",
+    ];
+
+    #[test]
+    fn npds_equivalence_cases_give_npds_answers() {
+        let mut seed = 1u64;
+        let mut next = |n: usize| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % n.max(1)
+        };
+        for cap in [1, 2, 3, 5, 10] {
+            for _ in 0..100 {
+                let lines: Vec<&str> = (0..next(cap * 2 + 1) + 1)
+                    .map(|_| NPD_LINES[next(NPD_LINES.len())])
+                    .collect();
+                assert_eq!(
+                    run(NPD_PATTERNS, &lines, cap),
+                    npd(NPD_PATTERNS, &lines, cap),
+                    "bufferSize {cap}: {lines:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn npds_last_line_verdicts_hold() {
+        for (p, want) in [
+            ("EXT4-fs error .*", true),
+            (r"task \S+ blocked", true),
+            ("alpha$", true),
+            (r"\balpha\b", true),
+            ("[^x]+", false),
+            (r"[^x\n]+", true),
+            ("(alpha|beta)+ gamma", true),
+            ("(?s)alpha.*beta", false),
+            ("^alpha", false),
+            (r"\Aalpha", false),
+            ("(?m)^alpha$", false),
+            ("alpha\nbeta", false),
+            (r"alpha[\s\S]*beta", false),
+            (r"alpha[\x00-\x7f]beta", false),
+            (r"alpha[\n]beta", false),
+            (r"alpha(beta|\n)", false),
+            (r"alpha{1,3}[\t-\r]beta", false),
+            ("alpha|beta", false),
+            ("abort|abandon", false),
+            ("a|", false),
+            ("(alpha|beta) gamma", true),
+        ] {
+            assert_eq!(is_last_line_rule(p), want, "{p:?}");
+        }
+        // NPD's reported repro: the first branch matches an older line.
+        let hits = run(
+            &["oom-kill|Out of memory"],
+            &["kernel: oom-kill:constraint=CONSTRAINT_NONE", "kubelet: node ready"],
+            2,
+        );
+        assert_eq!(hits[1], vec![Hit { rule: 0, lines: 2 }]);
+        // log_buffer_test.go's TestMatch, buffer of four.
+        let two = run(&["a1", "b1", "b2", r"\w{2}", "a1\nb2", "a1b2"], &["a1", "b2"], 4);
+        assert_eq!(
+            two[1],
+            vec![
+                Hit { rule: 2, lines: 1 },
+                Hit { rule: 3, lines: 1 },
+                Hit { rule: 4, lines: 2 }
+            ]
+        );
+        let full = run(
+            &["(?s)a1.+", r"[a-z]\d\n[a-z]\d", r"[a-z]\d"],
+            &["a1", "b2", "c3", "d4", "e5"],
+            4,
+        );
+        assert_eq!(full[4], vec![Hit { rule: 1, lines: 2 }, Hit { rule: 2, lines: 1 }]);
+    }
+
     #[test]
     fn necessary_literals_are_found_and_last_line_rules_detected() {
         let lit = |p: &str| necessary_literal(&parse(p).expect("parse")).map(|l| String::from_utf8(l).expect("utf8"));

@@ -268,6 +268,45 @@ mod tests {
     }
 
     #[test]
+    fn a_permanent_problem_seen_again_is_counted_not_silent() {
+        let mut m = monitor(RULES);
+        let t = SystemTime::now();
+        let mut out = Vec::new();
+        m.process(b"EXT4-fs (sda1): Remounting filesystem read-only", t, &mut out);
+        out.clear();
+        let later = t + Duration::from_secs(5);
+        m.process(b"EXT4-fs (sdb1): Remounting filesystem read-only", later, &mut out);
+        // NPD raises nothing here; nodekeeper reports a repeat, not a change.
+        assert_eq!(out.len(), 1);
+        let Problem::Repeat(c) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(c.count, 2);
+        assert_eq!(c.latest_message, "EXT4-fs (sdb1): Remounting filesystem read-only");
+        assert_eq!(c.latest_time, rfc3339(later));
+        assert_eq!(
+            c.message, "EXT4-fs (sda1): Remounting filesystem read-only",
+            "the message stays the transition's, as in NPD"
+        );
+        assert_eq!(m.conditions()[0].count, 2);
+    }
+
+    #[test]
+    fn messages_are_npds_matched_lines_untrimmed_and_the_window_defaults_to_ten() {
+        let m = monitor(
+            "plugin: kmsg\nconditions: []\nrules:\n- {type: temporary, reason: Two, pattern: 'first\\n  second  '}\n",
+        );
+        assert_eq!(m.config.window(), 10, "NPD's default bufferSize");
+        assert_eq!(m.config.source, "", "no source: NPD's default, empty");
+        let mut m = m;
+        let mut out = Vec::new();
+        m.process(b"first", SystemTime::now(), &mut out);
+        m.process(b"  second  ", SystemTime::now(), &mut out);
+        match &out[..] {
+            [Problem::Event(e)] => assert_eq!(e.message, "first\n  second  "),
+            p => panic!("{p:?}"),
+        }
+    }
+
+    #[test]
     fn conditions_clear_after_quiet_time_and_on_a_new_boot_and_survive_restore() {
         let mut m = monitor(RULES);
         let t = SystemTime::now();

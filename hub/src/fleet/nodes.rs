@@ -130,6 +130,10 @@ fn upsert_condition(status: &mut NodeStatus, mut c: Condition) -> Result<(), Cap
         return Err(Capped::FieldLength);
     }
     truncate(&mut c.message);
+    truncate(&mut c.latest_message);
+    if too_long(&[&c.latest_time]) {
+        return Err(Capped::FieldLength);
+    }
     if c.r#type == "Ready" {
         return Ok(()); // owned by the hub
     }

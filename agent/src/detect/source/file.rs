@@ -401,5 +401,43 @@ mod tests {
             .expect("line");
         assert_eq!(l.message, b"EXT4-fs error (sda1)");
         assert!(tr.translate(b"Nov 21 10:00:00 host sshd[1]: accepted", now).is_none());
+        // skipList looks at the raw line, timestamp included (NPD's filelog).
+        let tr2 = Translator::new(
+            &LogPluginConfig {
+                timestamp: Some("^(host )?(.{15})".into()),
+                message: Some("kernel: (\\[.*\\] )?(.*)".into()),
+                timestamp_format: Some("Jan _2 15:04:05".into()),
+                ..Default::default()
+            },
+            &["Nov 22".to_string()],
+        )
+        .expect("translator");
+        assert!(
+            tr2.translate(b"Nov 22 10:00:00 host kernel: [1.0] EXT4-fs error", now)
+                .is_none()
+        );
+        // The last submatch is taken, for the timestamp and the message alike.
+        let l = tr2
+            .translate(b"Nov 21 10:00:00 host kernel: [1.0] EXT4-fs error", now)
+            .expect("line");
+        assert_eq!(l.message, b"EXT4-fs error");
+        // A timestamp that does not parse: NPD skips the line.
+        assert!(
+            tr2.translate(b"Xyz 99 10:00:00 host kernel: EXT4-fs error", now)
+                .is_none()
+        );
+        // No group: the whole match is the message.
+        let whole = Translator::new(
+            &LogPluginConfig {
+                message: Some("EXT4-fs .*".into()),
+                ..Default::default()
+            },
+            &[],
+        )
+        .expect("translator");
+        assert_eq!(
+            whole.translate(b"x EXT4-fs error", now).expect("line").message,
+            b"EXT4-fs error"
+        );
     }
 }
