@@ -44,6 +44,10 @@ ORDINARY = [
 def main():
     out, lines = sys.argv[1], int(sys.argv[2])
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    main_to(out, lines, seed)
+
+
+def main_to(out, lines, seed):
     rng = random.Random(seed)
     fixtures_dir = os.path.join(os.path.dirname(__file__), "../../tests/fixtures/npd/kernel-log-problems")
     faults = []
