@@ -15,7 +15,11 @@ use nodekeeper_proto::v1::LogPluginConfig;
 /// NPD's shipped filelog configurations (config/*-filelog.json).
 const CONFIGS: &[(&str, &str, &str)] = &[
     ("^.{15}", "kernel: \\[.*\\] (.*)", "Jan _2 15:04:05"),
-    ("^time=\"(\\S*)\"", "msg=\"([^\n]*)\"", "2006-01-02T15:04:05.999999999-07:00"),
+    (
+        "^time=\"(\\S*)\"",
+        "msg=\"([^\n]*)\"",
+        "2006-01-02T15:04:05.999999999-07:00",
+    ),
     (
         "^.{15}",
         "(?i)Currently unreadable.*sectors|(?i)Offline uncorrectable sectors",
@@ -29,12 +33,15 @@ fn translators() -> &'static [Translator] {
         CONFIGS
             .iter()
             .map(|(ts, msg, layout)| {
-                Translator::new(&LogPluginConfig {
-                    timestamp: Some(ts.to_string()),
-                    message: Some(msg.to_string()),
-                    timestamp_format: Some(layout.to_string()),
-                    ..Default::default()
-                })
+                Translator::new(
+                    &LogPluginConfig {
+                        timestamp: Some(ts.to_string()),
+                        message: Some(msg.to_string()),
+                        timestamp_format: Some(layout.to_string()),
+                        ..Default::default()
+                    },
+                    &["skip".to_string()],
+                )
                 .expect("NPD's configurations compile")
             })
             .collect()
@@ -42,7 +49,9 @@ fn translators() -> &'static [Translator] {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&pick, line)) = data.split_first() else { return };
+    let Some((&pick, line)) = data.split_first() else {
+        return;
+    };
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let t = &translators()[usize::from(pick) % CONFIGS.len()];
     let _ = t.translate(line, now);

@@ -35,7 +35,10 @@ fn world() -> &'static World {
                 None,
             )
             .expect("session");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("rt");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("rt");
         World {
             fleet,
             session: h.id,

@@ -365,10 +365,11 @@ fn at_its_open_files_limit_the_hub_refuses_agents_and_keeps_serving_operators() 
     let log = hub.log();
     // Logged once per episode, not per connection (hollow agents join on
     // a connection of their own first, so the count dips and an episode
-    // may end and begin again a few times).
+    // may end and begin again a few times; over a hundred connections were
+    // refused, so ten lines at most still means per episode).
     let logged = log.matches("refusing new agent sessions").count();
     assert!(
-        (1..=5).contains(&logged),
+        (1..=10).contains(&logged),
         "the limit is logged per episode ({logged}):\n{log}"
     );
     // When the flood goes away, the waiting agents come in on their retry hint.
