@@ -312,24 +312,6 @@ impl Agent {
         Ok(saved)
     }
 
-    /// Sets a detector condition: stored, reported to the hub, exported.
-    pub fn set_condition(&self, c: Condition) -> Result<(), StoreError> {
-        let snapshot = {
-            let mut all = lock(&self.conditions);
-            match all.iter_mut().find(|x| x.r#type == c.r#type && x.source == c.source) {
-                Some(x) => *x = c.clone(),
-                None => all.push(c.clone()),
-            }
-            serde_json::to_vec(&*all).unwrap_or_default()
-        };
-        if let Some(store) = &self.store {
-            store.put_all(&[(crate::store::keys::CONDITIONS, snapshot)])?;
-        }
-        self.metrics.set_problem_gauge(&c);
-        self.report(report::Body::Condition(ConditionChange { condition: Some(c) }))?;
-        Ok(())
-    }
-
     /// Connects converge to the detector manager.
     pub fn set_detector_updates(&self, tx: std::sync::mpsc::Sender<crate::detect::manager::Control>) {
         *lock(&self.detector_updates) = Some(tx);

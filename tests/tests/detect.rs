@@ -6,6 +6,19 @@ use std::process::Command;
 
 use nodekeeper_e2e::{TempDir, bin};
 
+/// `nodekeeper-agent test-rules -o json` over `input` with `rules`; it must succeed.
+fn test_rules_json(input: &std::path::Path, rules: &[PathBuf]) -> serde_json::Value {
+    let out = Command::new(bin("nodekeeper-agent"))
+        .args(["test-rules", "-o", "json", "--input"])
+        .arg(input)
+        .arg("--rules")
+        .args(rules)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
 fn npd() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/npd")
 }
@@ -29,16 +42,13 @@ fn test_rules_finds_every_npd_kernel_fixture_problem() {
     }
     let input = tmp.path().join("kmsg.log");
     std::fs::write(&input, &log).expect("write");
-    let out = Command::new(bin("nodekeeper-agent"))
-        .args(["test-rules", "-o", "json", "--input"])
-        .arg(&input)
-        .arg("--rules")
-        .arg(npd().join("config/kernel-monitor.json"))
-        .arg(npd().join("config/readonly-monitor.json"))
-        .output()
-        .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v = test_rules_json(
+        &input,
+        &[
+            npd().join("config/kernel-monitor.json"),
+            npd().join("config/readonly-monitor.json"),
+        ],
+    );
     let counts = &v["counts"];
     for (reason, n) in [
         ("OOMKilling", 1),
@@ -255,6 +265,11 @@ fn kernel_log_problems_from_real_kmsg_reach_socket_hub_and_metrics_without_repla
     assert!(
         body.contains("\"status\":\"True\""),
         "conditions restored after restart: {body}"
+    );
+    let (_, metrics) = http_unix(&agent.socket, "GET", "/metrics", "").expect("metrics");
+    assert!(
+        metrics.contains("problem_gauge{type=\"ReadonlyFilesystem\",reason=\"FilesystemIsReadOnly\"} 1"),
+        "a restored condition keeps its gauge: {metrics}"
     );
     let node = wait_for("the line written while down", T, || {
         hub.node("node-kmsg").filter(|n| {
@@ -980,14 +995,10 @@ fn ordinary_lines_of_a_busy_node_raise_nothing() {
     let decoys = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/kernel/decoys.log");
     let n = std::fs::read_to_string(&decoys).expect("decoys").lines().count();
     assert!(n >= 100, "at least 100 decoys, {n} found");
-    let out = Command::new(bin("nodekeeper-agent"))
-        .args(["test-rules", "-o", "json", "--input"])
-        .arg(&decoys)
-        .arg("--rules")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../agent/rules/kernel.yaml"))
-        .output()
-        .expect("run");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v = test_rules_json(
+        &decoys,
+        &[PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../agent/rules/kernel.yaml")],
+    );
     assert_eq!(v["lines"], n);
     assert_eq!(v["matches"].as_array().map(Vec::len), Some(0), "{}", v["matches"]);
 }
@@ -1026,14 +1037,7 @@ fn every_built_in_kernel_rule_fires_on_its_sample_through_real_kmsg() {
     let input = tmp.path().join("sample.log");
     for (reason, era, line) in KERNEL_SAMPLES {
         std::fs::write(&input, format!("{line}\n")).expect("write");
-        let out = Command::new(bin("nodekeeper-agent"))
-            .args(["test-rules", "-o", "json", "--input"])
-            .arg(&input)
-            .arg("--rules")
-            .arg(&rules_file)
-            .output()
-            .expect("run");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let v = test_rules_json(&input, std::slice::from_ref(&rules_file));
         let hit = v["matches"]
             .as_array()
             .is_some_and(|ms| ms.iter().any(|m| m["reason"] == *reason));

@@ -55,7 +55,11 @@ pub struct Matcher {
     /// The same literals in leftmost-first form, which can use SIMD
     /// (Teddy) searching: used to reject lines that hold none of them.
     reject: Option<AhoCorasick>,
-    literals: usize,
+    /// Whether any rule needs the buffer (otherwise only the newest line is
+    /// looked at, and no buffer is kept).
+    buffered: bool,
+    /// Literals some buffer rule needs (their counts decide its candidacy).
+    buffer_literals: Vec<usize>,
     /// Last-line rules by literal, and those without one.
     last_by_literal: Vec<Vec<usize>>,
     last_always: Vec<usize>,
@@ -307,7 +311,8 @@ impl Matcher {
         let mut m = Matcher {
             prefilter,
             reject,
-            literals: literals.len(),
+            buffered: rules.iter().any(|r| !r.last_line_only),
+            buffer_literals: Vec::new(),
             last_by_literal: vec![Vec::new(); literals.len()],
             last_always: Vec::new(),
             buffer_by_literal: vec![Vec::new(); literals.len()],
@@ -322,14 +327,11 @@ impl Matcher {
                 (false, None) => m.buffer_always.push(i),
             }
         }
+        m.buffer_literals = (0..literals.len())
+            .filter(|&l| !m.buffer_by_literal[l].is_empty())
+            .collect();
         m.rules = rules;
         Ok(m)
-    }
-
-    /// Whether some rule needs the buffer (otherwise callers need not keep
-    /// more than the newest line).
-    pub fn needs_window(&self) -> bool {
-        self.rules.iter().any(|r| !r.last_line_only)
     }
 
     /// Pushes `newest` into `w` and finds the rules that match, in rule
@@ -355,17 +357,15 @@ impl Matcher {
             found.sort_unstable();
             found.dedup();
         }
-        // Without buffer rules only the newest line is ever looked at.
-        let buffered = self.needs_window();
-        if buffered {
+        if self.buffered {
             w.push(newest, found);
         }
         for &l in found.iter() {
             candidates.extend_from_slice(&self.last_by_literal[l]);
         }
         candidates.extend_from_slice(&self.last_always);
-        if buffered {
-            for l in 0..self.literals {
+        if self.buffered {
+            for &l in &self.buffer_literals {
                 if w.literal_counts.get(l).is_some_and(|&c| c > 0) {
                     candidates.extend_from_slice(&self.buffer_by_literal[l]);
                 }

@@ -111,6 +111,10 @@ impl Pipeline {
                     });
                 }
             }
+            // A condition restored True keeps its gauge at 1.
+            for c in m.conditions().iter().filter(|c| c.status == "True") {
+                agent.metrics.set_problem_gauge(c);
+            }
         }
         out.take(agent, &mut problems, &mut agg);
         self.commit(agent, &mut out, None);
@@ -236,6 +240,12 @@ struct Findings {
     repeats: Vec<nodekeeper_proto::v1::Condition>,
 }
 
+/// Puts `c` in `list`, replacing the entry of the same condition.
+fn upsert(list: &mut Vec<nodekeeper_proto::v1::Condition>, c: nodekeeper_proto::v1::Condition) {
+    list.retain(|r| !(r.r#type == c.r#type && r.source == c.source));
+    list.push(c);
+}
+
 impl Findings {
     fn any(&self) -> bool {
         !self.conditions.is_empty() || !self.events.is_empty()
@@ -250,14 +260,9 @@ impl Findings {
             match p {
                 Problem::Condition(c) => {
                     self.repeats.retain(|r| !(r.r#type == c.r#type && r.source == c.source));
-                    self.conditions
-                        .retain(|r| !(r.r#type == c.r#type && r.source == c.source));
-                    self.conditions.push(c);
+                    upsert(&mut self.conditions, c);
                 }
-                Problem::Repeat(c) => {
-                    self.repeats.retain(|r| !(r.r#type == c.r#type && r.source == c.source));
-                    self.repeats.push(c);
-                }
+                Problem::Repeat(c) => upsert(&mut self.repeats, c),
                 Problem::Event(e) => {
                     agent.metrics.problem_counter(&e.reason, 1);
                     agg.add(e, now, &mut self.events);
@@ -268,10 +273,8 @@ impl Findings {
 
     /// Held repeats become condition updates to commit.
     fn release_repeats(&mut self) {
-        for c in self.repeats.drain(..) {
-            self.conditions
-                .retain(|r| !(r.r#type == c.r#type && r.source == c.source));
-            self.conditions.push(c);
+        for c in std::mem::take(&mut self.repeats) {
+            upsert(&mut self.conditions, c);
         }
     }
 }

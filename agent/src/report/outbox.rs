@@ -81,6 +81,7 @@ impl Outbox {
         let mut evict_upto = 0;
         let mut dropped_pending = self.dropped_pending;
         let mut evicted = 0usize;
+        let mut dropped_new = 0u64;
         let mut reports = Vec::with_capacity(bodies.len());
         for (i, body) in bodies.into_iter().enumerate() {
             // Room for this report: the oldest pending ones go first, then
@@ -93,7 +94,7 @@ impl Outbox {
                 } else if !reports.is_empty() {
                     let r: Report = reports.remove(0);
                     dropped_pending += 1 + r.dropped_before;
-                    self.dropped_total += 1;
+                    dropped_new += 1;
                 } else {
                     break;
                 }
@@ -112,7 +113,7 @@ impl Outbox {
         for _ in 0..evicted {
             self.pending.pop_front();
         }
-        self.dropped_total += evicted as u64;
+        self.dropped_total += evicted as u64 + dropped_new;
         if evicted > 0 {
             tracing::warn!(
                 dropped = evicted,

@@ -255,7 +255,9 @@ impl LogSource for JournalSource {
         let mut chunk = [0u8; 64 * 1024];
         let mut waited = false;
         let mut eof = false;
-        while out.len() < max {
+        // Take what the pipe holds now (waiting once when it is empty), up
+        // to a bound; lines are split below.
+        loop {
             match stdout.read(&mut chunk) {
                 Ok(0) => {
                     eof = true;
