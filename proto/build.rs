@@ -36,6 +36,15 @@ const RESOURCE_MESSAGES: &[&str] = &[
     "ServiceSpec",
     "HealthCheck",
     "UpdateStrategy",
+    "RollingUpdate",
+    "Canary",
+    "TimeWindow",
+    "RolloutStatus",
+    "NodeSetRollout",
+    "Permit",
+    "DisruptionBudget",
+    "DisruptionBudgetSpec",
+    "DisruptionBudgetStatus",
     "ComponentStatus",
     "DesiredComponent",
     "NodeComponent",
@@ -53,6 +62,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             format!(".nodekeeper.v1.{m}"),
             "#[derive(serde::Serialize, serde::Deserialize)]\n\
              #[serde(rename_all = \"camelCase\", default, deny_unknown_fields)]",
+        );
+    }
+    // Counts or percents accept YAML integers as well as strings.
+    for f in [
+        "RollingUpdate.max_unavailable",
+        "RollingUpdate.partition",
+        "RollingUpdate.failure_threshold",
+        "Canary.nodes",
+        "DisruptionBudgetSpec.max_unavailable",
+    ] {
+        builder = builder.field_attribute(
+            format!(".nodekeeper.v1.{f}"),
+            "#[serde(deserialize_with = \"crate::count::deserialize\")]",
         );
     }
     builder.compile_fds(fds)?;

@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub detectors: Detectors,
     /// The converge engine (node components).
     pub converge: ConvergeConfig,
+    /// Permits from the hub's defender for disruptive actions.
+    pub defender: DefenderConfig,
     /// Deadlines of the subprocesses the agent starts.
     pub deadlines: crate::exec::Deadlines,
     pub log_level: String,
@@ -112,6 +114,35 @@ pub struct Detectors {
     pub default_rules: bool,
 }
 
+/// What an agent with a hub does when it cannot ask the hub's defender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Offline {
+    /// No disruptive change without a permit (the default).
+    #[default]
+    Deny,
+    /// Go ahead without one (the budgets cannot be checked).
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct DefenderConfig {
+    /// With the hub unreachable: `deny` (default) or `allow`.
+    pub offline: Offline,
+    /// The TTL asked for a permit; it is renewed at a third of it.
+    pub permit_ttl_seconds: u32,
+}
+
+impl Default for DefenderConfig {
+    fn default() -> Self {
+        DefenderConfig {
+            offline: Offline::Deny,
+            permit_ttl_seconds: 60,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct ConvergeConfig {
@@ -190,6 +221,7 @@ impl Default for AgentConfig {
             outbox: OutboxConfig::default(),
             detectors: Detectors::default(),
             converge: ConvergeConfig::default(),
+            defender: DefenderConfig::default(),
             deadlines: crate::exec::Deadlines::default(),
             log_level: "info".into(),
             log_format: "text".into(),

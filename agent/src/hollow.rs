@@ -15,8 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Query, State};
 use axum::routing::{get, post};
+use nodekeeper_proto::component::phase;
 use nodekeeper_proto::time::now_rfc3339;
-use nodekeeper_proto::v1::{AgentSettings, Condition, ConditionChange, DesiredState, NodeFacts, report};
+use nodekeeper_proto::v1::{
+    AgentSettings, Condition, ConditionChange, DesiredComponent, DesiredState, NodeComponent, NodeFacts, report,
+};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -64,6 +67,21 @@ pub struct HollowArgs {
     /// Control listener for benchmarks (burst, stats, latency).
     #[arg(long)]
     pub control: Option<SocketAddr>,
+    /// How long a simulated component change takes once its permit is
+    /// granted (0: component changes are not simulated).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub component_seconds: Duration,
+    /// Share of nodes (deterministic by seed, node and version) whose health
+    /// gate fails on a new version, which then roll back. A node's first
+    /// version, and a version it ran before, always succeed.
+    #[arg(long, default_value_t = 0.0)]
+    pub component_failure_percent: f64,
+    /// Node i gets the label `zone=z<i mod N>`.
+    #[arg(long, default_value_t = 3)]
+    pub zones: usize,
+    /// The TTL hollow agents ask for their permits (renewed at a third).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub permit_ttl: Duration,
 }
 
 /// Deterministic 128-bit hex id from (seed, index, salt) — splitmix64.
@@ -108,7 +126,7 @@ fn facts(args: &HollowArgs, i: usize) -> NodeFacts {
 fn hollow_agent(args: &HollowArgs, i: usize) -> Agent {
     let mut labels = BTreeMap::new();
     labels.insert("hollow".to_string(), "true".to_string());
-    labels.insert("zone".to_string(), format!("z{}", i % 3));
+    labels.insert("zone".to_string(), format!("z{}", i % args.zones.max(1)));
     let agent = Agent::new(AgentParts {
         name: format!("{}-{i:05}", args.prefix),
         labels,
@@ -157,6 +175,96 @@ async fn fake_detector(agent: Arc<Agent>, rate: f64) {
         tick.tick().await;
         flip(&agent, n, "FakeDetector");
         n += 1;
+    }
+}
+
+/// Whether node `index` fails version `version` (deterministic).
+fn fails(seed: u64, index: u64, version: &str, percent: f64) -> bool {
+    if percent <= 0.0 {
+        return false;
+    }
+    let salt = version.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let h = u64::from_str_radix(&hex_id(seed, index, salt)[..8], 16).unwrap_or(0);
+    (h % 10_000) as f64 / 100.0 < percent
+}
+
+fn component_report(agent: &Agent, name: &str, d: &DesiredComponent, observed: &str, ph: &str, error: &str) {
+    let nc = NodeComponent {
+        name: name.into(),
+        declared_version: d.spec.as_ref().map(|s| s.version.clone()).unwrap_or_default(),
+        observed_version: observed.into(),
+        phase: ph.into(),
+        last_error: error.into(),
+        last_change_time: now_rfc3339(),
+        generation: d.generation,
+    };
+    agent.set_component(nc.clone());
+    if let Err(e) = agent.report(report::Body::Component(nc)) {
+        tracing::warn!(node = %agent.name, error = %e, "hollow component report failed");
+    }
+}
+
+/// Component changes as a real agent walks them, without touching
+/// anything: Staging, a permit from the defender, Installing for `took`,
+/// then Done, or (for a failing version) RollingBack and Failed at the old
+/// version. The permit is released at the end.
+async fn simulate_components(agent: Arc<Agent>, index: u64, seed: u64, took: Duration, failure_percent: f64) {
+    // name → (generation handled, version running)
+    let mut state: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    let mut good: std::collections::BTreeSet<String> = Default::default();
+    tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 1000)).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let desired = agent.settings().components;
+        for d in desired {
+            let version = d.spec.as_ref().map(|s| s.version.clone()).unwrap_or_default();
+            let (handled, running) = state.get(&d.name).cloned().unwrap_or((0, String::new()));
+            if handled == d.generation {
+                continue;
+            }
+            if running == version {
+                component_report(&agent, &d.name, &d, &running, phase::DONE, "");
+                state.insert(d.name.clone(), (d.generation, running));
+                continue;
+            }
+            component_report(&agent, &d.name, &d, &running, phase::STAGING, "");
+            let reason = format!("update component {} to {version} (hollow)", d.name);
+            let permit = match agent
+                .permits
+                .acquire(&format!("component/{}", d.name), &reason, false)
+                .await
+            {
+                Ok(p) => p,
+                Err(why) => {
+                    let msg = format!("waiting for a permit: {why}");
+                    component_report(&agent, &d.name, &d, &running, phase::STAGING, &msg);
+                    tokio::time::sleep(Duration::from_millis(2000 + rand::random::<u64>() % 3000)).await;
+                    continue;
+                }
+            };
+            component_report(&agent, &d.name, &d, &running, phase::INSTALLING, "");
+            tokio::time::sleep(took).await;
+            let first = running.is_empty();
+            if !first && !good.contains(&version) && fails(seed, index, &version, failure_percent) {
+                component_report(&agent, &d.name, &d, &running, phase::ROLLING_BACK, "");
+                component_report(
+                    &agent,
+                    &d.name,
+                    &d,
+                    &running,
+                    phase::FAILED,
+                    "simulated health gate failure; rolled back",
+                );
+                state.insert(d.name.clone(), (d.generation, running));
+            } else {
+                component_report(&agent, &d.name, &d, &version, phase::DONE, "");
+                good.insert(version.clone());
+                state.insert(d.name.clone(), (d.generation, version));
+            }
+            permit.release().await;
+        }
     }
 }
 
@@ -235,6 +343,10 @@ pub async fn run(args: HollowArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let fleet: Fleet = Arc::new((0..args.count).map(|i| Arc::new(hollow_agent(&args, i))).collect());
     for a in fleet.iter() {
+        a.permits
+            .configure(crate::config::Offline::Deny, args.permit_ttl.as_secs() as u32);
+    }
+    for (index, a) in fleet.iter().enumerate() {
         let target = if args.insecure {
             link::Target::Plain(endpoint.clone())
         } else {
@@ -257,6 +369,15 @@ pub async fn run(args: HollowArgs) -> anyhow::Result<()> {
             }
         };
         tokio::spawn(link::run(a.clone(), target, lc.clone(), stop_rx.clone()));
+        if !args.component_seconds.is_zero() {
+            tokio::spawn(simulate_components(
+                a.clone(),
+                index as u64,
+                args.seed,
+                args.component_seconds,
+                args.component_failure_percent,
+            ));
+        }
         if args.report_rate > 0.0 {
             tokio::spawn(fake_detector(a.clone(), args.report_rate));
         }
@@ -281,6 +402,21 @@ pub async fn run(args: HollowArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_are_a_deterministic_share_per_version() {
+        let n = (0..10_000).filter(|i| fails(1, *i, "2.0", 5.0)).count();
+        assert!((400..600).contains(&n), "{n}");
+        assert_eq!(
+            (0..100).filter(|i| fails(1, *i, "2.0", 5.0)).collect::<Vec<_>>(),
+            (0..100).filter(|i| fails(1, *i, "2.0", 5.0)).collect::<Vec<_>>()
+        );
+        assert_ne!(
+            (0..1000).filter(|i| fails(1, *i, "2.0", 5.0)).collect::<Vec<_>>(),
+            (0..1000).filter(|i| fails(1, *i, "3.0", 5.0)).collect::<Vec<_>>()
+        );
+        assert!(!(0..1000).any(|i| fails(1, i, "2.0", 0.0)));
+    }
 
     #[test]
     fn identities_are_distinct_and_reproducible() {

@@ -135,6 +135,9 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         log: Some(log),
         metrics: Metrics::new(),
     }));
+    agent
+        .permits
+        .configure(cfg.defender.offline, cfg.defender.permit_ttl_seconds);
     if let Err(e) = converge::settings::restore(&agent) {
         tracing::error!(error = %e, "cannot apply the cached desired state; running with defaults until the hub sends one");
     }

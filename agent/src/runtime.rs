@@ -61,6 +61,8 @@ pub struct Agent {
     /// Each component's state, for `/v1/components`.
     components: Mutex<BTreeMap<String, NodeComponent>>,
     link: Mutex<LinkStatus>,
+    /// Permits from the hub's defender (converge and remedies ask).
+    pub permits: Arc<crate::link::permit::Permits>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,7 +92,9 @@ pub struct AgentParts {
 
 impl Agent {
     pub fn new(p: AgentParts) -> Agent {
+        let permits = Arc::new(crate::link::permit::Permits::new(&p.name, p.hub.is_none()));
         Agent {
+            permits,
             name: p.name,
             labels: p.labels,
             facts: p.facts,

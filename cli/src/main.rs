@@ -3,6 +3,7 @@
 
 mod client;
 mod output;
+mod rollout;
 mod settings;
 mod table;
 
@@ -99,6 +100,54 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
+    /// Component rollouts: status, pause, resume, history, undo.
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
+    },
+    /// Stop (on) or allow again (off) every new permit fleet-wide.
+    Freeze {
+        #[command(subcommand)]
+        cmd: FreezeCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCmd {
+    /// Where a rollout stands, per NodeSet; `-w` follows it until it
+    /// completes (exit 0) or pauses (exit 1).
+    Status {
+        /// component/NAME
+        target: String,
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// How often `-w` looks.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+    },
+    /// Release no more nodes (changes under way finish).
+    Pause { target: String },
+    /// Go on; also accepts the failures that paused it.
+    Resume { target: String },
+    /// The kept revisions.
+    History { target: String },
+    /// Roll back to the previous revision (or --to-revision N), with the
+    /// component's strategy and budgets.
+    Undo {
+        target: String,
+        #[arg(long)]
+        to_revision: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FreezeCmd {
+    /// No new permits until `freeze off` (recorded in the audit log).
+    On {
+        #[arg(long)]
+        reason: String,
+    },
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +219,7 @@ enum NodeCmd {
 enum What {
     Nodes,
     Audit,
+    Permits,
     Kind(Kind),
 }
 
@@ -177,12 +227,13 @@ fn what(s: &str) -> anyhow::Result<What> {
     match s.to_ascii_lowercase().as_str() {
         "node" | "nodes" | "no" => Ok(What::Nodes),
         "audit" => Ok(What::Audit),
+        "permits" | "permit" => Ok(What::Permits),
         other => match Kind::parse(other) {
             Some(k) => Ok(What::Kind(k)),
             None if Kind::planned(other) => bail!("{other} are not available in this version yet"),
             None => {
                 bail!(
-                    "unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds), components (comp)"
+                    "unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds), components (comp), disruptionbudgets (db), permits, audit"
                 )
             }
         },
@@ -223,6 +274,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Apply { files } => apply(&hub, &files, out).await,
         Cmd::Token { cmd } => token(hub, cmd, out).await,
+        Cmd::Rollout { cmd } => match cmd {
+            RolloutCmd::Status {
+                target,
+                watch,
+                interval,
+            } => rollout::status(hub, &rollout::component_name(&target)?, watch, interval, out).await,
+            RolloutCmd::Pause { target } => rollout::verb(hub, &rollout::component_name(&target)?, "pause", None).await,
+            RolloutCmd::Resume { target } => {
+                rollout::verb(hub, &rollout::component_name(&target)?, "resume", None).await
+            }
+            RolloutCmd::History { target } => rollout::history(hub, &rollout::component_name(&target)?, out).await,
+            RolloutCmd::Undo { target, to_revision } => {
+                rollout::verb(hub, &rollout::component_name(&target)?, "undo", to_revision).await
+            }
+        },
+        Cmd::Freeze { cmd } => match cmd {
+            FreezeCmd::On { reason } => rollout::freeze(hub, true, &reason).await,
+            FreezeCmd::Off => rollout::freeze(hub, false, "").await,
+        },
         cmd => hub_command(hub, cmd, out, cli.chunk_size).await,
     }
 }
@@ -333,6 +403,7 @@ fn print_resources(k: Kind, path: &str, items: Vec<Value>, wide: bool) -> anyhow
         Kind::AgentProfile => output::agent_profiles(&items_of(path, items)?, wide),
         Kind::DetectorSet => output::detector_sets(&items_of(path, items)?),
         Kind::Component => output::components(&items_of(path, items)?),
+        Kind::DisruptionBudget => output::disruption_budgets(&items_of(path, items)?),
     }
     Ok(())
 }
@@ -358,6 +429,13 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
                 None => String::new(),
             };
             match (w, name) {
+                (What::Permits, _) => {
+                    let v: List<nodekeeper_proto::v1::Permit> = client.get("/v1/permits").await?;
+                    match out {
+                        Format::Json | Format::Yaml => output::structured(&v, out)?,
+                        _ => output::permits(&v.items),
+                    }
+                }
                 (What::Audit, _) => {
                     get_audit(
                         &mut client,
@@ -421,6 +499,7 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
         }
         Cmd::Describe { kind, name } => match what(&kind)? {
             What::Audit => bail!("the audit log is listed with `nkctl get audit`"),
+            What::Permits => bail!("permits are listed with `nkctl get permits`"),
             What::Nodes => {
                 let node: Node = client.get(&format!("/v1/nodes/{name}")).await?;
                 match out {
@@ -458,6 +537,7 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
         },
         Cmd::Delete { kind, name, force } => match what(&kind)? {
             What::Audit => bail!("the audit log is append-only; retention (audit.retention) prunes it"),
+            What::Permits => bail!("permits are released by their agents, or expire at their TTL"),
             What::Nodes => {
                 let q = if force { "?force=true" } else { "" };
                 client
@@ -472,6 +552,7 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
                 println!("{}/{name} deleted", k.name().to_ascii_lowercase());
             }
         },
+        Cmd::Rollout { .. } | Cmd::Freeze { .. } => bail!("rollout and freeze are run before hub_command"),
         Cmd::Summary => {
             let v: Summary = client.get("/v1/fleet/summary").await?;
             let f = if out == Format::Yaml {

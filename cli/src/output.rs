@@ -182,6 +182,7 @@ pub fn components(items: &[Component]) {
             let m = meta(&r.metadata);
             let spec = r.spec.clone().unwrap_or_default();
             let st = r.status.clone().unwrap_or_default();
+            let rollout = st.rollout.clone().unwrap_or_default();
             vec![
                 m.name,
                 spec.version,
@@ -190,6 +191,12 @@ pub fn components(items: &[Component]) {
                 st.updated_nodes.to_string(),
                 st.failed_nodes.to_string(),
                 format!("{}%", st.consistency_percent),
+                if rollout.phase.is_empty() {
+                    "-".into()
+                } else {
+                    rollout.phase
+                },
+                rollout.update_revision.to_string(),
                 age(&m.creation_timestamp),
             ]
         })
@@ -202,6 +209,63 @@ pub fn components(items: &[Component]) {
         "UPDATED",
         "FAILED",
         "CONSISTENCY",
+        "ROLLOUT",
+        "REVISION",
+        "AGE",
+    ])
+    .print(&rows);
+}
+
+/// Prints the permits held.
+pub fn permits(items: &[nodekeeper_proto::v1::Permit]) {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|p| {
+            vec![
+                p.node.clone(),
+                p.action.clone(),
+                p.id.clone(),
+                age(&p.granted_time),
+                p.expire_time.clone(),
+                p.reason.clone(),
+            ]
+        })
+        .collect();
+    Table::new(&["NODE", "ACTION", "PERMIT", "AGE", "EXPIRES", "REASON"]).print(&rows);
+}
+
+/// Prints DisruptionBudgets.
+pub fn disruption_budgets(items: &[nodekeeper_proto::v1::DisruptionBudget]) {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|r| {
+            let m = meta(&r.metadata);
+            let spec = r.spec.clone().unwrap_or_default();
+            let st = r.status.unwrap_or_default();
+            vec![
+                m.name,
+                spec.max_unavailable,
+                if spec.max_per_hour == 0 {
+                    "-".into()
+                } else {
+                    spec.max_per_hour.to_string()
+                },
+                st.selected_nodes.to_string(),
+                st.unavailable_nodes.to_string(),
+                st.allowed_unavailable.to_string(),
+                st.granted_last_hour.to_string(),
+                age(&m.creation_timestamp),
+            ]
+        })
+        .collect();
+    Table::new(&[
+        "NAME",
+        "MAX UNAVAILABLE",
+        "MAX PER HOUR",
+        "NODES",
+        "UNAVAILABLE",
+        "ALLOWED",
+        "GRANTED 1H",
         "AGE",
     ])
     .print(&rows);

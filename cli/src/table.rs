@@ -58,6 +58,26 @@ impl Table {
         self.page(rows);
     }
 
+    /// All rows as text (header first), for views that print it later.
+    pub fn render(mut self, rows: &[Vec<String>]) -> String {
+        for r in rows {
+            for (i, c) in r.iter().enumerate() {
+                let w = c.chars().count();
+                match self.widths.get_mut(i) {
+                    Some(x) => *x = (*x).max(w),
+                    None => self.widths.push(w),
+                }
+            }
+        }
+        let mut buf = Vec::new();
+        let header = self.header.clone();
+        self.line(&mut buf, &header);
+        for r in rows {
+            self.line(&mut buf, r);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
     fn line(&self, out: &mut impl Write, cells: &[String]) {
         let mut s = " ".repeat(self.indent);
         for (i, c) in cells.iter().enumerate() {

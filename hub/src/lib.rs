@@ -4,8 +4,10 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod defender;
 pub mod failpoint;
 pub mod fleet;
 pub mod link;
 pub mod metrics;
+pub mod rollout;
 pub mod store;

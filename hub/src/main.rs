@@ -61,7 +61,7 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
     let auth = Auth::new(
         &cfg,
         store.clone(),
-        std::mem::take(&mut loaded.records),
+        loaded.records.clone(),
         std::mem::take(&mut loaded.audit),
     )?;
     let fleet = Fleet::new(
@@ -141,10 +141,23 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
             loop {
                 t.tick().await;
                 fleet.tick();
+                fleet.expire_permits();
                 if n.is_multiple_of(60) {
                     auth.prune_audit();
                 }
                 n += 1;
+            }
+        })
+    };
+    // The rollout controller: one pass a second over every Component.
+    let rollouts = {
+        let fleet: Arc<Fleet> = fleet.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                fleet.rollout_pass().await;
             }
         })
     };
@@ -157,6 +170,7 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
     daemon::notify_stopping();
     let _ = stop_tx.send(true);
     ticker.abort();
+    rollouts.abort();
     match tokio::time::timeout(Duration::from_secs(5), http).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server error at shutdown"),
         Err(_) => tracing::warn!("HTTP server did not stop within 5 s"),

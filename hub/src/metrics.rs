@@ -42,6 +42,24 @@ pub struct Metrics {
     pub component_nodes: Family<ComponentPhase, Gauge>,
     pub component_updated: Family<ComponentLabel, Gauge>,
     pub component_selected: Family<ComponentLabel, Gauge>,
+    /// Defender decisions by action kind and result (granted, denied,
+    /// expired, released).
+    pub permits: Family<PermitLabels, Counter>,
+    pub permits_held: Gauge,
+    /// Seconds spent deciding batches of permit requests.
+    pub permit_decide_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Seconds the rollout controller spent in its passes.
+    pub rollout_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Nodes released to a new revision by rollouts.
+    pub rollout_released: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PermitLabels {
+    /// `component`, `remedy`.
+    pub action: String,
+    /// `granted`, `denied`, `expired`, `released`.
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,6 +113,11 @@ impl Metrics {
             component_nodes: Family::default(),
             component_updated: Family::default(),
             component_selected: Family::default(),
+            permits: Family::default(),
+            permits_held: Gauge::default(),
+            permit_decide_seconds: Counter::default(),
+            rollout_seconds: Counter::default(),
+            rollout_released: Counter::default(),
         };
         r.register(
             "nodekeeper_hub_reports_received",
@@ -203,6 +226,31 @@ impl Metrics {
             "Nodes a Component selects",
             m.component_selected.clone(),
         );
+        r.register(
+            "nodekeeper_hub_permits",
+            "Defender decisions on permits, by action kind and result",
+            m.permits.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_permits_held",
+            "Permits held now",
+            m.permits_held.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_permit_decide_seconds",
+            "CPU time spent deciding permit requests",
+            m.permit_decide_seconds.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_rollout_seconds",
+            "Time the rollout controller spent in its passes",
+            m.rollout_seconds.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_rollout_released_nodes",
+            "Nodes released to a new Component revision by rollouts",
+            m.rollout_released.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             ..m
@@ -212,6 +260,16 @@ impl Metrics {
     /// Counts a capped part of a report.
     pub fn capped(&self, cap: &'static str) {
         self.reports_capped.get_or_create(&CapLabel { cap }).inc();
+    }
+
+    /// Counts a defender decision.
+    pub fn permit(&self, action: &str, result: &'static str) {
+        self.permits
+            .get_or_create(&PermitLabels {
+                action: crate::defender::action_kind(action).to_string(),
+                result,
+            })
+            .inc();
     }
 
     /// The text exposition format.

@@ -32,8 +32,64 @@ pub mod phase {
 
 /// `onHealthFailure` values.
 pub const ON_HEALTH_FAILURE: &[&str] = &["rollback", "stay"];
-/// `updateStrategy.type` values this build knows.
-pub const UPDATE_STRATEGIES: &[&str] = &["AllAtOnce"];
+/// `updateStrategy.type` values.
+pub const UPDATE_STRATEGIES: &[&str] = &[ROLLING_UPDATE, ALL_AT_ONCE];
+/// Batch by batch, NodeSet by NodeSet (the default).
+pub const ROLLING_UPDATE: &str = "RollingUpdate";
+/// Every selected node at once (still within the defender's budgets).
+pub const ALL_AT_ONCE: &str = "AllAtOnce";
+
+fn update_strategy(at: &str, u: &crate::v1::UpdateStrategy) -> Result<(), ResourceError> {
+    if !u.r#type.is_empty() && !UPDATE_STRATEGIES.contains(&u.r#type.as_str()) {
+        return Err(err(
+            format!("{at}.type"),
+            format!("{:?}: one of {}", u.r#type, UPDATE_STRATEGIES.join(", ")),
+        ));
+    }
+    let Some(r) = &u.rolling_update else { return Ok(()) };
+    let f = format!("{at}.rollingUpdate");
+    if u.r#type == ALL_AT_ONCE {
+        return Err(err(
+            f,
+            "rollingUpdate applies to type RollingUpdate only; remove it or change the type",
+        ));
+    }
+    for (i, n) in r.node_set_order.iter().enumerate() {
+        crate::validate::dns_subdomain(&format!("{f}.nodeSetOrder[{i}]"), n)?;
+        if r.node_set_order[..i].contains(n) {
+            return Err(err(format!("{f}.nodeSetOrder[{i}]"), format!("{n:?} is listed twice")));
+        }
+    }
+    if !r.others.is_empty() && r.others != "include" && r.others != "exclude" {
+        return Err(err(
+            format!("{f}.others"),
+            format!("{:?}: include or exclude", r.others),
+        ));
+    }
+    crate::count::check(&format!("{f}.maxUnavailable"), &r.max_unavailable)?;
+    if crate::count::Count::parse(&r.max_unavailable).is_ok_and(|c| c.of(u64::MAX) == 0) {
+        return Err(err(
+            format!("{f}.maxUnavailable"),
+            "0 would never change a node; use spec.paused to hold a rollout",
+        ));
+    }
+    crate::count::check(&format!("{f}.partition"), &r.partition)?;
+    crate::count::check(&format!("{f}.failureThreshold"), &r.failure_threshold)?;
+    if let Some(c) = &r.canary {
+        crate::count::check(&format!("{f}.canary.nodes"), &c.nodes)?;
+    }
+    crate::window::check(&format!("{f}.windows"), &r.windows)
+}
+
+/// The part of a spec a revision is made of: everything but how and
+/// whether it rolls out (`updateStrategy`, `paused`). Changing only those
+/// starts no rollout, and agents never see them.
+pub fn template(spec: &ComponentSpec) -> ComponentSpec {
+    let mut t = spec.clone();
+    t.update_strategy = None;
+    t.paused = false;
+    t
+}
 
 fn err(field: impl Into<String>, msg: impl Into<String>) -> ResourceError {
     ResourceError::new(field, msg)
@@ -112,18 +168,8 @@ pub fn check(at: &str, spec: &ComponentSpec) -> Result<(), ResourceError> {
             format!("{:?}: one of {}", spec.on_health_failure, ON_HEALTH_FAILURE.join(", ")),
         ));
     }
-    if let Some(u) = &spec.update_strategy
-        && !u.r#type.is_empty()
-        && !UPDATE_STRATEGIES.contains(&u.r#type.as_str())
-    {
-        return Err(err(
-            format!("{at}.updateStrategy.type"),
-            format!(
-                "{:?}: this hub knows only {} (rollouts by NodeSet come later)",
-                u.r#type,
-                UPDATE_STRATEGIES.join(", ")
-            ),
-        ));
+    if let Some(u) = &spec.update_strategy {
+        update_strategy(&format!("{at}.updateStrategy"), u)?;
     }
     Ok(())
 }
@@ -144,7 +190,7 @@ pub fn for_node<'a>(
         if !crate::selector::selects(spec.node_selector.as_ref(), labels) {
             continue;
         }
-        let mut spec = spec.clone();
+        let mut spec = template(spec);
         for o in std::mem::take(&mut spec.node_set_params) {
             let selected = node_sets
                 .get(o.node_set.as_str())
@@ -491,8 +537,83 @@ mod tests {
         let mut s = spec();
         s.update_strategy = Some(crate::v1::UpdateStrategy {
             r#type: "Canary".into(),
+            rolling_update: None,
         });
         assert_eq!(check("spec", &s).unwrap_err().field, "spec.updateStrategy.type");
+        let rolling = |r: crate::v1::RollingUpdate| {
+            let mut s = spec();
+            s.update_strategy = Some(crate::v1::UpdateStrategy {
+                r#type: String::new(),
+                rolling_update: Some(r),
+            });
+            check("spec", &s).map_err(|e| e.field)
+        };
+        use crate::v1::RollingUpdate;
+        assert_eq!(
+            rolling(RollingUpdate {
+                max_unavailable: "10%".into(),
+                partition: "3".into(),
+                node_set_order: vec!["a".into(), "b".into()],
+                ..Default::default()
+            }),
+            Ok(())
+        );
+        let bad = |r: RollingUpdate| rolling(r).unwrap_err();
+        let prefix = "spec.updateStrategy.rollingUpdate";
+        assert_eq!(
+            bad(RollingUpdate {
+                max_unavailable: "0".into(),
+                ..Default::default()
+            }),
+            format!("{prefix}.maxUnavailable")
+        );
+        assert_eq!(
+            bad(RollingUpdate {
+                partition: "x%".into(),
+                ..Default::default()
+            }),
+            format!("{prefix}.partition")
+        );
+        assert_eq!(
+            bad(RollingUpdate {
+                node_set_order: vec!["a".into(), "a".into()],
+                ..Default::default()
+            }),
+            format!("{prefix}.nodeSetOrder[1]")
+        );
+        assert_eq!(
+            bad(RollingUpdate {
+                others: "sometimes".into(),
+                ..Default::default()
+            }),
+            format!("{prefix}.others")
+        );
+        assert_eq!(
+            bad(RollingUpdate {
+                canary: Some(crate::v1::Canary {
+                    nodes: "200%".into(),
+                    soak_seconds: 0
+                }),
+                ..Default::default()
+            }),
+            format!("{prefix}.canary.nodes")
+        );
+    }
+
+    #[test]
+    fn counts_load_from_yaml_integers_and_strings() {
+        let doc = "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: k}\nspec:\n  version: '1'\n  updateStrategy:\n    rollingUpdate: {maxUnavailable: 2, partition: '10%'}\n";
+        let r = crate::document::parse_resources(doc).expect("parse");
+        let crate::Resource::Component(c) = &r[0] else {
+            panic!("component")
+        };
+        let ru = c
+            .spec
+            .as_ref()
+            .and_then(|s| s.update_strategy.as_ref())
+            .and_then(|u| u.rolling_update.as_ref())
+            .expect("ru");
+        assert_eq!((ru.max_unavailable.as_str(), ru.partition.as_str()), ("2", "10%"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod component;
 pub mod config;
+pub mod count;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod document;
@@ -16,6 +17,7 @@ pub mod time;
 pub mod tls;
 pub mod token;
 pub mod validate;
+pub mod window;
 
 /// Generated protobuf types and the `AgentLink` gRPC service.
 #[allow(clippy::all, missing_docs)]

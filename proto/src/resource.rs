@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use crate::API_VERSION;
-use crate::v1::{AgentProfile, Component, DetectorSet, NodeSet, ObjectMeta};
+use crate::v1::{AgentProfile, Component, DetectorSet, DisruptionBudget, NodeSet, ObjectMeta};
 
 /// An error in a resource document, naming the field it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,11 +44,18 @@ pub enum Kind {
     AgentProfile,
     DetectorSet,
     Component,
+    DisruptionBudget,
 }
 
 impl Kind {
     /// Every appliable kind.
-    pub const ALL: &[Kind] = &[Kind::NodeSet, Kind::AgentProfile, Kind::DetectorSet, Kind::Component];
+    pub const ALL: &[Kind] = &[
+        Kind::NodeSet,
+        Kind::AgentProfile,
+        Kind::DetectorSet,
+        Kind::Component,
+        Kind::DisruptionBudget,
+    ];
 
     /// The `kind` field value.
     pub fn name(self) -> &'static str {
@@ -57,6 +64,7 @@ impl Kind {
             Kind::AgentProfile => "AgentProfile",
             Kind::DetectorSet => "DetectorSet",
             Kind::Component => "Component",
+            Kind::DisruptionBudget => "DisruptionBudget",
         }
     }
 
@@ -67,6 +75,7 @@ impl Kind {
             Kind::AgentProfile => "agentprofiles",
             Kind::DetectorSet => "detectorsets",
             Kind::Component => "components",
+            Kind::DisruptionBudget => "disruptionbudgets",
         }
     }
 
@@ -87,6 +96,7 @@ impl Kind {
             Kind::AgentProfile => "ap",
             Kind::DetectorSet => "ds",
             Kind::Component => "comp",
+            Kind::DisruptionBudget => "db",
         }
     }
 
@@ -104,6 +114,7 @@ pub enum Resource {
     DetectorSet(DetectorSet),
     /// Boxed: a Component is much larger than the other kinds.
     Component(Box<Component>),
+    DisruptionBudget(DisruptionBudget),
 }
 
 impl Resource {
@@ -114,6 +125,7 @@ impl Resource {
             Resource::AgentProfile(_) => Kind::AgentProfile,
             Resource::DetectorSet(_) => Kind::DetectorSet,
             Resource::Component(_) => Kind::Component,
+            Resource::DisruptionBudget(_) => Kind::DisruptionBudget,
         }
     }
 
@@ -131,6 +143,7 @@ impl Resource {
             Resource::AgentProfile(r) => r.metadata.as_ref(),
             Resource::DetectorSet(r) => r.metadata.as_ref(),
             Resource::Component(r) => r.metadata.as_ref(),
+            Resource::DisruptionBudget(r) => r.metadata.as_ref(),
         };
         m.unwrap_or(&EMPTY)
     }
@@ -142,6 +155,7 @@ impl Resource {
             Resource::AgentProfile(r) => r.metadata.get_or_insert_with(Default::default),
             Resource::DetectorSet(r) => r.metadata.get_or_insert_with(Default::default),
             Resource::Component(r) => r.metadata.get_or_insert_with(Default::default),
+            Resource::DisruptionBudget(r) => r.metadata.get_or_insert_with(Default::default),
         }
     }
 
@@ -157,6 +171,7 @@ impl Resource {
             Resource::AgentProfile(r) => serde_json::to_value(&r.spec),
             Resource::DetectorSet(r) => serde_json::to_value(&r.spec),
             Resource::Component(r) => serde_json::to_value(&r.spec),
+            Resource::DisruptionBudget(r) => serde_json::to_value(&r.spec),
         };
         spec.unwrap_or(Value::Null)
     }
@@ -168,6 +183,7 @@ impl Resource {
             Resource::AgentProfile(r) => r.status = None,
             Resource::DetectorSet(r) => r.status = None,
             Resource::Component(r) => r.status = None,
+            Resource::DisruptionBudget(r) => r.status = None,
         }
     }
 
@@ -179,6 +195,7 @@ impl Resource {
             Resource::AgentProfile(r) => (&mut r.api_version, &mut r.kind),
             Resource::DetectorSet(r) => (&mut r.api_version, &mut r.kind),
             Resource::Component(r) => (&mut r.api_version, &mut r.kind),
+            Resource::DisruptionBudget(r) => (&mut r.api_version, &mut r.kind),
         };
         *api = API_VERSION.to_string();
         *k = kind;
@@ -191,6 +208,7 @@ impl Resource {
             Resource::AgentProfile(r) => serde_json::to_value(r),
             Resource::DetectorSet(r) => serde_json::to_value(r),
             Resource::Component(r) => serde_json::to_value(r),
+            Resource::DisruptionBudget(r) => serde_json::to_value(r),
         };
         v.unwrap_or(Value::Null)
     }
@@ -212,7 +230,10 @@ impl Resource {
             ));
         }
         let kind_str = obj.get("kind").and_then(Value::as_str).ok_or_else(|| {
-            ResourceError::new("kind", "missing; one of NodeSet, AgentProfile, DetectorSet, Component")
+            ResourceError::new(
+                "kind",
+                "missing; one of NodeSet, AgentProfile, DetectorSet, Component, DisruptionBudget",
+            )
         })?;
         let kind = Kind::ALL
             .iter()
@@ -221,7 +242,7 @@ impl Resource {
             .ok_or_else(|| {
                 ResourceError::new(
                     "kind",
-                    format!("unknown kind {kind_str:?}; one of NodeSet, AgentProfile, DetectorSet, Component"),
+                    format!("unknown kind {kind_str:?}; one of NodeSet, AgentProfile, DetectorSet, Component, DisruptionBudget"),
                 )
             })?;
         let mut r = match kind {
@@ -229,6 +250,7 @@ impl Resource {
             Kind::AgentProfile => Resource::AgentProfile(typed(value)?),
             Kind::DetectorSet => Resource::DetectorSet(typed(value)?),
             Kind::Component => Resource::Component(Box::new(typed(value)?)),
+            Kind::DisruptionBudget => Resource::DisruptionBudget(typed(value)?),
         };
         crate::validate::resource(&r)?;
         r.clear_status();

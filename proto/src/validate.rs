@@ -49,6 +49,19 @@ pub fn resource(r: &Resource) -> Result<(), ResourceError> {
             let spec = ap.spec.as_ref().ok_or_else(|| ResourceError::new("spec", "missing"))?;
             agent_profile_spec(spec)
         }
+        Resource::DisruptionBudget(b) => {
+            let spec = b.spec.as_ref().ok_or_else(|| ResourceError::new("spec", "missing"))?;
+            if let Some(sel) = &spec.node_selector {
+                selector("spec.nodeSelector", sel)?;
+            }
+            if spec.max_unavailable.trim().is_empty() {
+                return Err(ResourceError::new(
+                    "spec.maxUnavailable",
+                    "missing: how many selected nodes may be unavailable at once (`1`, `10%`)",
+                ));
+            }
+            crate::count::check("spec.maxUnavailable", &spec.max_unavailable)
+        }
     }
 }
 

@@ -716,8 +716,14 @@ pub struct Hollow {
 impl Hollow {
     /// Starts `count` hollow agents against `hub` (gRPC URL).
     pub fn start(dir: &Path, hub: &str, count: usize) -> Hollow {
+        Hollow::start_with(dir, hub, count, &[])
+    }
+
+    /// [`Hollow::start`] with more `nodekeeper-agent hollow` arguments
+    /// (`--zones`, `--component-seconds`, `--prefix`, ...).
+    pub fn start_with(dir: &Path, hub: &str, count: usize, extra: &[&str]) -> Hollow {
         let control = format!("127.0.0.1:{}", free_port());
-        let log = dir.join("hollow.log");
+        let log = dir.join(format!("hollow-{}.log", unique()));
         let mut cmd = Command::new(bin("nodekeeper-agent"));
         cmd.args([
             "hollow",
@@ -735,7 +741,10 @@ impl Hollow {
             0 => "hollow".to_string(),
             n => format!("hollow{n}"),
         };
-        cmd.args(["--prefix", &prefix]);
+        if !extra.contains(&"--prefix") {
+            cmd.args(["--prefix", &prefix]);
+        }
+        cmd.args(extra);
         match creds_of(hub) {
             Some(c) => cmd.args(["--token", &c.join_token, "--ca-cert-hash", &c.ca_cert_hash]),
             None => cmd.arg("--insecure"),
@@ -751,6 +760,14 @@ impl Hollow {
 
     pub fn stats(&self) -> Value {
         get_json(&self.control, "/stats").expect("hollow stats")
+    }
+
+    /// SIGKILL: every hollow agent of this process dies at once.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, nix::sys::signal::Signal::SIGKILL);
+            let _ = c.wait();
+        }
     }
 
     /// Every agent queues `per_agent` condition changes.

@@ -102,6 +102,12 @@ impl AgentLink for FutureHub {
     async fn renew(&self, _r: Request<RenewRequest>) -> Result<Response<JoinResponse>, Status> {
         Err(Status::unimplemented("this stand-in hub is insecure"))
     }
+    async fn permit(
+        &self,
+        _r: Request<nodekeeper_proto::v1::PermitRequest>,
+    ) -> Result<Response<nodekeeper_proto::v1::PermitDecision>, Status> {
+        Err(Status::unimplemented("this stand-in hub grants nothing"))
+    }
 }
 
 use futures::StreamExt;

@@ -18,6 +18,7 @@ use crate::retry::Backoff;
 use crate::runtime::Agent;
 
 pub mod identity;
+pub mod permit;
 
 use identity::{Credentials, JoinError};
 
@@ -137,6 +138,7 @@ pub async fn run(agent: Arc<Agent>, target: Target, cfg: LinkConfig, mut shutdow
             _ = shutdown.wait_for(|s| *s) => Ok(End::Shutdown),
         };
         agent.set_link(|l| l.connected = false);
+        agent.permits.set_channel(None);
         match result {
             Ok(End::Shutdown) => return,
             Ok(End::Closed(why)) => {
@@ -214,7 +216,7 @@ async fn session(agent: &Agent, target: &Target, backoff: &mut Backoff) -> Resul
         }
         Failure::from_status(s)
     };
-    let mut client = AgentLinkClient::new(channel);
+    let mut client = AgentLinkClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
     tx.send(msg(agent_message::Body::Hello(agent.hello())))
         .await
@@ -239,6 +241,7 @@ async fn session(agent: &Agent, target: &Target, backoff: &mut Backoff) -> Resul
         });
     }
     backoff.reset();
+    agent.permits.set_channel(Some(channel));
     agent.metrics.link_sessions.inc();
     agent.set_link(|l| {
         l.connected = true;

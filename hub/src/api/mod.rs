@@ -209,6 +209,9 @@ pub fn router(fleet: Arc<Fleet>, auth: Arc<Auth>) -> Router {
         .route("/v1/{kind}", get(list).post(apply_kind))
         .route("/v1/{kind}/{name}", get(get_one).delete(delete_one))
         .route("/v1/{kind}/{name}/revisions", get(revisions))
+        .route("/v1/components/{name}/rollout/{verb}", post(rollout_verb))
+        .route("/v1/permits", get(permits))
+        .route("/v1/freeze", get(freeze_state).post(set_freeze))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -460,6 +463,72 @@ async fn get_one(State(f): State<Api>, Path((kind, name)): Path<(String, String)
 async fn revisions(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> JsonResult {
     let k = kind_of(&kind)?;
     Ok(axum::Json(json!({ "items": f.revisions(k, &name)? })))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct RolloutBody {
+    to_revision: Option<i64>,
+}
+
+/// `POST /v1/components/{name}/rollout/{pause|resume|undo}`.
+async fn rollout_verb(State(f): State<Api>, Path((name, verb)): Path<(String, String)>, body: String) -> ApiResult {
+    let b: RolloutBody = if body.trim().is_empty() {
+        RolloutBody::default()
+    } else {
+        serde_json::from_str(&body).map_err(|e| ResourceError::new("", format!("the request body: {e}")))?
+    };
+    let v = match verb.as_str() {
+        "pause" => f.set_paused(&name, true).await?,
+        "resume" => f.set_paused(&name, false).await?,
+        "undo" => f.undo(&name, b.to_revision).await?,
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no rollout verb {other:?}; pause, resume or undo"),
+                None,
+            ));
+        }
+    };
+    let note = note_of(&format!("rollout {verb}"), &v);
+    Ok(noted(v, vec![note]))
+}
+
+async fn permits(State(f): State<Api>) -> JsonResult {
+    Ok(axum::Json(json!({ "items": f.permits() })))
+}
+
+async fn freeze_state(State(f): State<Api>) -> JsonResult {
+    Ok(axum::Json(serde_json::to_value(f.freeze_state()).unwrap_or_default()))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FreezeBody {
+    frozen: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /v1/freeze {"frozen": true, "reason": "..."}`: while frozen the
+/// defender grants no new permits.
+async fn set_freeze(State(f): State<Api>, principal: Option<axum::Extension<Principal>>, body: String) -> ApiResult {
+    let b: FreezeBody =
+        serde_json::from_str(&body).map_err(|e| ResourceError::new("frozen", format!("the request body: {e}")))?;
+    if b.frozen && b.reason.trim().is_empty() {
+        return Err(ResourceError::new("reason", "say why the fleet is frozen (nkctl freeze on --reason TEXT)").into());
+    }
+    let actor = principal
+        .map(|p| p.0.name.clone())
+        .unwrap_or_else(|| "anonymous".into());
+    let v = f.set_freeze(b.frozen, &b.reason, &actor).await?;
+    let action = if b.frozen {
+        format!("freeze on ({})", b.reason.trim())
+    } else {
+        "freeze off".to_string()
+    };
+    let note = Record::new("", action, "fleet/freeze");
+    Ok(noted(serde_json::to_value(v).unwrap_or_default(), vec![note]))
 }
 
 async fn delete_one(State(f): State<Api>, Path((kind, name)): Path<(String, String)>) -> ApiResult {

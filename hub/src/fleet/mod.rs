@@ -5,7 +5,9 @@
 
 pub mod desired;
 mod nodes;
+mod permits;
 mod resources;
+mod rollouts;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -151,8 +153,19 @@ pub(crate) struct State {
     /// Revisions up to this are reserved (a write is queued or committed).
     revision_reserved: u64,
     next_session: u64,
-    /// Settings computed since resources last changed, by label set.
+    /// Settings computed since resources last changed, by label set and
+    /// released revisions.
     settings_cache: SettingsCache,
+    /// Rollout state per Component (stored) and the status its last pass
+    /// computed.
+    rollouts: BTreeMap<String, crate::rollout::State>,
+    rollout_status: BTreeMap<String, nodekeeper_proto::v1::RolloutStatus>,
+    /// Permits held, by node (stored).
+    permits: BTreeMap<String, crate::defender::Held>,
+    /// Grants of the last hour, for maxPerHour (stored).
+    grants: crate::defender::Grants,
+    freeze: crate::defender::Freeze,
+    next_permit: u64,
 }
 
 /// The fleet; shared by every front end behind an `Arc`.
@@ -165,6 +178,10 @@ pub struct Fleet {
     config: FleetConfig,
     /// Revisions up to this are reserved durably.
     revision_durable: Arc<AtomicU64>,
+    /// Permit requests waiting for the next batch decision.
+    permit_queue: Mutex<Vec<permits::Pending>>,
+    /// Held by whoever decides a batch of permit requests.
+    permit_leader: tokio::sync::Mutex<()>,
 }
 
 pub(crate) const COUNTER_RESOURCE_VERSION: &str = "resource_version";
@@ -174,8 +191,11 @@ pub(crate) const COUNTER_REVISION_RESERVED: &str = "revision_reserved";
 /// Revisions reserved per durable write.
 const REVISION_BLOCK: u64 = 1_000_000;
 
-/// Desired settings per distinct label set, within one recomputation.
-pub(crate) type SettingsCache = std::collections::HashMap<BTreeMap<String, String>, Arc<SharedSettings>>;
+/// What a node's desired settings depend on: its labels and the Component
+/// revisions released to it.
+pub(crate) type CacheKey = (BTreeMap<String, String>, BTreeMap<String, i64>);
+/// Desired settings per distinct key, within one recomputation.
+pub(crate) type SettingsCache = std::collections::HashMap<CacheKey, Arc<SharedSettings>>;
 
 /// A node's desired state as its sessions see it: the revision and the
 /// shared settings (turned into a `DesiredState` message only when sent).
@@ -262,6 +282,8 @@ impl Fleet {
                 },
             );
         }
+        rollouts::load(&mut state, &loaded.records);
+        permits::load(&mut state, &loaded.records);
         // Every node's desired settings from the resources as stored: a
         // fan-out the previous run streamed but had not committed when it
         // died is computed again here, so every derived field (labels,
@@ -303,6 +325,8 @@ impl Fleet {
             metrics,
             config,
             revision_durable,
+            permit_queue: Mutex::new(Vec::new()),
+            permit_leader: tokio::sync::Mutex::new(()),
         }))
     }
 

@@ -147,7 +147,7 @@ fn upsert_condition(status: &mut NodeStatus, mut c: Condition) -> Result<(), Cap
     Ok(())
 }
 
-fn add_event(status: &mut NodeStatus, mut e: Event) -> Result<(), Capped> {
+pub(super) fn add_event(status: &mut NodeStatus, mut e: Event) -> Result<(), Capped> {
     if too_long(&[&e.reason, &e.source, &e.severity]) {
         return Err(Capped::FieldLength);
     }
@@ -279,8 +279,16 @@ impl State {
         cache: &mut SettingsCache,
     ) -> Option<(Arc<watch::Sender<Desired>>, Desired)> {
         let base = base_labels(&self.nodes.get(name)?.node, &self.protected_label_keys);
-        let entry = self.nodes.get_mut(name)?;
-        let settings = match cache.get(&base) {
+        let released = self
+            .nodes
+            .get(name)?
+            .node
+            .status
+            .as_ref()
+            .map(|s| s.released.clone())
+            .unwrap_or_default();
+        let key = super::rollouts::cache_key(&base, &released);
+        let settings = match cache.get(&key) {
             Some(s) => s.clone(),
             None => {
                 let profiles = self.resources.values().filter_map(|r| match r {
@@ -301,16 +309,14 @@ impl State {
                         _ => None,
                     })
                     .collect();
-                let components = self.resources.values().filter_map(|r| match r {
-                    nodekeeper_proto::Resource::Component(c) => Some(c.as_ref()),
-                    _ => None,
-                });
-                desired::add_components(&mut s, &base, components, &node_sets);
+                let components = self.node_components(&base, &released);
+                desired::add_components(&mut s, &base, components.iter(), &node_sets);
                 let shared = SharedSettings::new(s);
-                cache.insert(base.clone(), shared.clone());
+                cache.insert(key, shared.clone());
                 shared
             }
         };
+        let entry = self.nodes.get_mut(name)?;
         // The labels are derived on every call, also when the settings did
         // not change: the agent's own labels may have (a new Hello), and a
         // node loaded from the store carries the labels of its last full

@@ -64,9 +64,14 @@ impl State {
                     selected_nodes: selected,
                 });
             }
+            Resource::DisruptionBudget(b) => {
+                let name = b.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+                b.status = Some(Fleet::budget_status(self, &name));
+            }
             Resource::Component(c) => {
                 let meta = c.metadata.clone().unwrap_or_default();
                 let version = c.spec.as_ref().map(|s| s.version.as_str()).unwrap_or_default();
+                let update = self.update_revision(&meta.name).unwrap_or(meta.generation);
                 let mut st = ComponentStatus::default();
                 for e in self.nodes.values() {
                     let Some(status) = e.node.status.as_ref() else { continue };
@@ -86,7 +91,7 @@ impl State {
                     };
                     *st.versions.entry(observed.to_string()).or_default() += 1;
                     *st.phases.entry(ph.to_string()).or_default() += 1;
-                    let current = reported.is_some_and(|x| x.generation == meta.generation);
+                    let current = reported.is_some_and(|x| x.generation == update);
                     if current && ph == phase::DONE && observed == version {
                         st.updated_nodes += 1;
                     }
@@ -103,6 +108,7 @@ impl State {
                     .get(&(Kind::Component, meta.name.clone()))
                     .map(|r| r.keys().copied().collect())
                     .unwrap_or_default();
+                st.rollout = self.rollout_status.get(&meta.name).cloned();
                 c.status = Some(st);
             }
         }
@@ -168,6 +174,20 @@ fn not_found(kind: Kind, name: &str) -> FleetError {
 }
 
 impl Fleet {
+    /// Whether `r` (a Component) changes what nodes run compared with its
+    /// newest kept revision; a change of `updateStrategy` or `paused` alone
+    /// is no new revision, so it starts no rollout.
+    fn template_changed(&self, r: &Resource) -> bool {
+        let Resource::Component(c) = r else { return true };
+        let st = self.lock();
+        let latest = st
+            .revisions
+            .get(&(Kind::Component, r.name().to_string()))
+            .and_then(|k| k.values().next_back())
+            .and_then(super::rollouts::revision_component);
+        latest.is_none_or(|l| super::rollouts::template_value(&l) != super::rollouts::template_value(c))
+    }
+
     /// Applies validated resources as one unit: every document is checked
     /// (resourceVersion conflicts) before any is written, and all writes are
     /// committed in one transaction. Applying the same document twice changes
@@ -273,7 +293,7 @@ impl Fleet {
                 name: r.name().into(),
                 body: body.to_string(),
             });
-            if keeps_revisions(r.kind()) {
+            if keeps_revisions(r.kind()) && self.template_changed(r) {
                 let generation = r.metadata().generation;
                 writes.push(Write::PutRevision {
                     kind: r.kind().name().into(),
@@ -436,15 +456,19 @@ impl Fleet {
     pub async fn delete(&self, kind: Kind, name: &str) -> Result<serde_json::Value, FleetError> {
         let _guard = self.apply_lock.lock().await;
         let existing = self.get(kind, name)?;
-        self.store
-            .commit(vec![Write::DeleteResource {
-                kind: kind.name().into(),
-                name: name.into(),
-            }])
-            .await
-            .map_err(FleetError::Store)?;
+        let mut writes = vec![Write::DeleteResource {
+            kind: kind.name().into(),
+            name: name.into(),
+        }];
+        if kind == Kind::Component {
+            writes.extend(Self::forget_rollout_writes(&self.lock(), name));
+        }
+        self.store.commit(writes).await.map_err(FleetError::Store)?;
         {
             let mut st = self.lock();
+            if kind == Kind::Component {
+                Self::forget_rollout(&mut st, name);
+            }
             st.resources.remove(&(kind, name.to_string()));
             st.revisions.remove(&(kind, name.to_string()));
             st.settings_cache.clear();

@@ -12,7 +12,8 @@ use std::time::Duration;
 use futures::{Stream, StreamExt, stream};
 use nodekeeper_proto::v1::agent_link_server::AgentLink;
 use nodekeeper_proto::v1::{
-    AgentMessage, HubMessage, JoinRequest, JoinResponse, RenewRequest, ReportAck, agent_message, hub_message,
+    AgentMessage, HubMessage, JoinRequest, JoinResponse, PermitDecision, PermitRequest, RenewRequest, ReportAck,
+    agent_message, hub_message,
 };
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -280,6 +281,49 @@ impl AgentLink for LinkService {
             }
             Err(why) => Err(self.refuse(r, why)),
         }
+    }
+
+    async fn permit(&self, request: Request<PermitRequest>) -> Result<Response<PermitDecision>, Status> {
+        let source = source_of(&request);
+        // The node is the certificate's; on an insecure hub, the request's.
+        let node = if self.auth.insecure() {
+            request.get_ref().node_name.clone()
+        } else {
+            let Some(cert) = request.extensions().get::<ConnInfo>().and_then(|i| i.peer.clone()) else {
+                return Err(self.refuse(
+                    Record::new("unauthenticated", "permit", "nodes").source(source),
+                    Refusal::Unauthenticated("a permit needs the node's client certificate".into()),
+                ));
+            };
+            match self.auth.session_identity(&cert) {
+                Ok(i) => i.node,
+                Err(why) => {
+                    let r = Record::new(
+                        format!("node:{}", cert.common_name),
+                        "permit",
+                        format!("nodes/{}", cert.common_name),
+                    )
+                    .source(source);
+                    return Err(self.refuse(r, why));
+                }
+            }
+        };
+        let req = request.into_inner();
+        if !self.auth.insecure() && !req.node_name.is_empty() && req.node_name != node {
+            let r = Record::new(format!("node:{node}"), "permit", format!("nodes/{}", req.node_name)).source(source);
+            return Err(self.refuse(
+                r,
+                Refusal::PermissionDenied(format!(
+                    "node {node:?} cannot ask for a permit for node {:?}; a node speaks only for itself",
+                    req.node_name
+                )),
+            ));
+        }
+        self.fleet
+            .permit(&node, req)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
     }
 }
 

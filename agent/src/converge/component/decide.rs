@@ -119,6 +119,7 @@ pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(
                 fx.result = Some("done");
                 rec.installed = staged;
                 rec.phase = phase::DONE.into();
+                rec.reported_generation = ch.target.generation;
                 rec.last_error.clear();
                 rec.failed_hash.clear();
                 rec.retry_hash.clear();

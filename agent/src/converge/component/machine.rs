@@ -196,6 +196,11 @@ pub struct Record {
     pub retry_hash: String,
     pub retry_at: u64,
     pub attempts: u32,
+    /// The desired generation last reported for the installed version: a
+    /// new revision with the same content (a rollout's undo) is reported
+    /// done without a change.
+    #[serde(default)]
+    pub reported_generation: i64,
 }
 
 impl Record {

@@ -71,6 +71,20 @@ pub struct Engine {
     dirty: bool,
     /// Progress of this thread, watched from the async runtime.
     liveness: Arc<Liveness>,
+    /// The runtime permit calls run on (the engine is a plain thread).
+    rt: tokio::runtime::Handle,
+    /// Permits held by changes under way, by component.
+    held: BTreeMap<String, crate::link::permit::Permit>,
+    /// Components whose change a restart interrupted after it touched the node.
+    resumed: std::collections::BTreeSet<String>,
+    /// When to ask again for a permit that was denied.
+    permit_retry: Option<std::time::Instant>,
+}
+
+/// Seconds before asking again for a denied permit (jittered, so waiting
+/// nodes do not ask in lockstep).
+fn permit_retry_delay() -> Duration {
+    Duration::from_millis(2000 + rand::random::<u64>() % 3000)
 }
 
 /// Starts the engine thread. It first finishes (or rolls back) any change a
@@ -109,6 +123,10 @@ pub fn spawn(
         desired,
         dirty: true,
         liveness,
+        rt: tokio::runtime::Handle::current(),
+        held: BTreeMap::new(),
+        resumed: Default::default(),
+        permit_retry: None,
     };
     std::thread::Builder::new()
         .name("converge".into())
@@ -123,7 +141,10 @@ impl Engine {
         }
         let names: Vec<String> = self.records.keys().cloned().collect();
         for name in names {
-            if self.records.get(&name).is_some_and(|r| r.change.is_some()) {
+            if let Some(ch) = self.records.get(&name).and_then(|r| r.change.as_ref()) {
+                if ch.phase.touches_node() {
+                    self.resumed.insert(name.clone());
+                }
                 tracing::info!(component = %name, "resuming a change interrupted by a restart");
                 self.drive(&name);
             }
@@ -132,14 +153,17 @@ impl Engine {
         let mut next = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             self.liveness.beat();
-            if std::time::Instant::now() >= next {
+            let retry_due = self.permit_retry.is_some_and(|t| std::time::Instant::now() >= t);
+            if std::time::Instant::now() >= next || retry_due {
+                self.permit_retry = None;
                 self.reconcile();
                 next = std::time::Instant::now() + interval;
             }
+            let wake = self.permit_retry.map_or(next, |t| t.min(next));
             // Sleep until the next drift check or a new desired state (a beat
             // at least every minute keeps the idle loop's liveness fresh); no
             // short timer wakes an idle agent.
-            let wait = next
+            let wait = wake
                 .saturating_duration_since(std::time::Instant::now())
                 .clamp(Duration::from_millis(10), IDLE_WAKE);
             match rx.recv_timeout(wait) {
@@ -348,7 +372,12 @@ impl Engine {
         match decide::plan(rec, &hash, unix_now()) {
             // Driven above; what is left of it waits for the next pass.
             decide::Plan::Resume | decide::Plan::Skip => {}
-            decide::Plan::CheckDrift { at_target } => self.check_drift(&name, d, at_target),
+            decide::Plan::CheckDrift { at_target } => {
+                if at_target {
+                    self.at_revision(&name, d.generation);
+                }
+                self.check_drift(&name, d, at_target)
+            }
             // Keep what is installed intact while waiting to retry.
             decide::Plan::WaitForRetry => self.check_drift(&name, d, false),
             decide::Plan::Start => {
@@ -411,6 +440,9 @@ impl Engine {
             };
             let Some(mut ch) = rec.change.take() else { return };
             let ph = ch.phase;
+            if ph.touches_node() && !self.held.contains_key(name) && !self.ask_permit(name, &ch) {
+                return;
+            }
             let _span = tracing::info_span!("step", component = %name, phase = ph.name()).entered();
             self.failpoint(&format!("{}:before", ph.name()));
             self.liveness
@@ -451,8 +483,70 @@ impl Engine {
             let done = rec.change.is_none();
             self.records.insert(name.to_string(), rec);
             if done {
+                self.resumed.remove(name);
+                if let Some(p) = self.held.remove(name) {
+                    self.rt.block_on(p.release());
+                }
                 return;
             }
         }
     }
+
+    /// The node already runs the desired content: a new generation of it
+    /// (a rollout's undo to what the node runs) is done without a change.
+    fn at_revision(&mut self, name: &str, generation: i64) {
+        let Some(rec) = self.records.get_mut(name) else { return };
+        if rec.reported_generation == generation && rec.phase == phase::DONE {
+            return;
+        }
+        rec.reported_generation = generation;
+        rec.phase = phase::DONE.into();
+        rec.last_error.clear();
+        rec.failed_hash.clear();
+        let rec = rec.clone();
+        if let Err(e) = self.save(&rec) {
+            tracing::error!(component = %name, error = %e, "cannot record the component's revision");
+        }
+    }
+
+    /// Asks the defender before the first step that touches the node;
+    /// `false` (the change waits, its record untouched) when there is no
+    /// permit, with the reason in the component's `lastError`.
+    fn ask_permit(&mut self, name: &str, ch: &Change) -> bool {
+        let version = ch.target.spec.as_ref().map(|s| s.version.as_str()).unwrap_or_default();
+        let reason = format!("{} component {name} to {version} ({})", ch.reason, ch.phase.name());
+        let must_finish = self.resumed.contains(name);
+        let permits = self.agent.permits.clone();
+        let action = format!("component/{name}");
+        match self.rt.block_on(permits.acquire(&action, &reason, must_finish)) {
+            Ok(p) => {
+                tracing::info!(component = %name, permit = %p.id, "permit granted");
+                self.held.insert(name.to_string(), p);
+                if let Some(rec) = self.records.get_mut(name)
+                    && rec.last_error.starts_with(WAITING_FOR_PERMIT)
+                {
+                    rec.last_error.clear();
+                    let rec = rec.clone();
+                    let _ = self.save(&rec);
+                }
+                true
+            }
+            Err(why) => {
+                let msg = format!("{WAITING_FOR_PERMIT}: {why}");
+                tracing::info!(component = %name, %why, "waiting for a permit");
+                self.permit_retry = Some(std::time::Instant::now() + permit_retry_delay());
+                if let Some(rec) = self.records.get_mut(name)
+                    && rec.last_error != msg
+                {
+                    rec.last_error = msg;
+                    let rec = rec.clone();
+                    let _ = self.save(&rec);
+                }
+                false
+            }
+        }
+    }
 }
+
+/// How `lastError` starts while a change waits for the defender.
+pub const WAITING_FOR_PERMIT: &str = "waiting for a permit";

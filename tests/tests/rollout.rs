@@ -1,0 +1,319 @@
+//! Rollouts and the defender at scale, with hollow agents: the real hub and
+//! the real link and permit code; only the component changes are simulated
+//! (`nodekeeper-agent hollow --component-seconds`, a deterministic share of
+//! nodes failing a new version). The same properties with real agents,
+//! real packages and real dpkg are in `rollout_real.rs`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nodekeeper_e2e::{Hollow, Hub, TempDir, https, nkctl, wait_for};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(180);
+
+fn apply(hub: &Hub, yaml: &str) {
+    let out = nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(yaml));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn rollout(hub: &Hub, name: &str) -> Value {
+    hub.get(&format!("/v1/components/{name}"))
+        .map(|c| c["status"]["rollout"].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn node_sets(zones: usize) -> String {
+    (0..zones)
+        .map(|z| {
+            format!(
+                "apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {{name: z{z}}}\nspec: {{selector: {{matchLabels: {{zone: z{z}}}}}}}\n---\n"
+            )
+        })
+        .collect()
+}
+
+fn component(version: &str, strategy: &str) -> String {
+    format!(
+        "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: kubelet}}\nspec:\n  nodeSelector: {{matchLabels: {{hollow: 'true'}}}}\n  version: '{version}'\n  files: [{{path: /etc/hollow/kubelet.conf, template: 'v{version}'}}]\n{strategy}"
+    )
+}
+
+/// One node as sampled: zone, and the component's reported phase,
+/// generation and observed version.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    zone: String,
+    phase: String,
+    generation: i64,
+    observed: String,
+}
+
+fn sample(addr: &str, ca: &std::path::Path, token: &str) -> Option<BTreeMap<String, Seen>> {
+    let (code, body) = https(addr, ca, Some(token), "GET", "/v1/nodes?limit=5000", "").ok()?;
+    if code != 200 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body).ok()?;
+    let mut out = BTreeMap::new();
+    for n in v["items"].as_array()? {
+        let name = n["metadata"]["name"].as_str()?.to_string();
+        let comp = n["status"]["components"]
+            .as_array()
+            .and_then(|c| c.iter().find(|x| x["name"] == "kubelet"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        out.insert(
+            name,
+            Seen {
+                zone: n["metadata"]["labels"]["zone"].as_str().unwrap_or_default().to_string(),
+                phase: comp["phase"].as_str().unwrap_or_default().to_string(),
+                generation: comp["generation"].as_i64().unwrap_or(0),
+                observed: comp["observedVersion"].as_str().unwrap_or_default().to_string(),
+            },
+        );
+    }
+    Some(out)
+}
+
+/// Samples the nodes' phases in the background: the most nodes being
+/// changed at once (Installing or RollingBack), overall and per zone, and
+/// when each node was first seen changing (sample index).
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Samples>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default, Debug)]
+struct Samples {
+    n: u64,
+    max_changing: usize,
+    max_changing_per_zone: BTreeMap<String, usize>,
+    first_changing: BTreeMap<String, u64>,
+    last: BTreeMap<String, Seen>,
+}
+
+impl Sampler {
+    fn start(hub: &Hub) -> Sampler {
+        let creds = hub.creds.clone().expect("a secure hub");
+        let addr = hub.http.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Samples::default()));
+        let (s, out) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(nodes) = sample(&addr, &creds.ca, &creds.admin_token) {
+                    let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                    o.n += 1;
+                    let n = o.n;
+                    let mut per_zone: BTreeMap<String, usize> = BTreeMap::new();
+                    let mut total = 0;
+                    for (name, x) in &nodes {
+                        if x.phase == "Installing" || x.phase == "RollingBack" {
+                            total += 1;
+                            *per_zone.entry(x.zone.clone()).or_default() += 1;
+                            o.first_changing.entry(name.clone()).or_insert(n);
+                        }
+                    }
+                    o.max_changing = o.max_changing.max(total);
+                    for (z, c) in per_zone {
+                        let m = o.max_changing_per_zone.entry(z).or_default();
+                        *m = (*m).max(c);
+                    }
+                    o.last = nodes;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Sampler {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling and hands over what was seen.
+    fn finish(mut self) -> Samples {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Waits until the rollout of the Component's newest revision (its
+/// generation now) is in `phase`.
+fn wait_phase(hub: &Hub, name: &str, phase: &str) -> Value {
+    let generation = hub
+        .get(&format!("/v1/components/{name}"))
+        .and_then(|c| c["metadata"]["generation"].as_i64())
+        .expect("generation");
+    wait_for(&format!("rollout of {name} revision {generation} {phase}"), T, || {
+        Some(rollout(hub, name)).filter(|r| r["phase"] == phase && r["updateRevision"] == generation)
+    })
+}
+
+fn metric(hub: &Hub, name: &str, labels: &str) -> f64 {
+    let (_, body) = hub.request("GET", "/metrics", "").expect("metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// 1,000 hollow nodes in 4 zones: a first version everywhere at once, then
+/// a rolling update canary first and zone by zone within a budget, some
+/// nodes failing it; a bad version pausing at its failure threshold with
+/// those nodes back on the old version; undo bringing every node back.
+#[test]
+fn a_thousand_nodes_roll_canary_first_zone_by_zone_within_budgets_pause_on_failures_and_undo() {
+    const N: usize = 1000;
+    let tmp = TempDir::new("rollout-scale");
+    let hub = Hub::start(tmp.path(), "");
+    let _hollow = Hollow::start_with(
+        tmp.path(),
+        &hub.grpc_url(),
+        N,
+        &[
+            "--zones",
+            "4",
+            "--component-seconds",
+            "500ms",
+            "--component-failure-percent",
+            "3",
+        ],
+    );
+    wait_for("all Ready", T, || {
+        Some(hub.summary()).filter(|s| s["nodes"]["ready"] == N as u64)
+    });
+    apply(&hub, &node_sets(4));
+
+    // Version 1 everywhere at once (a first install never fails in the simulation).
+    apply(&hub, &component("1.0", "  updateStrategy: {type: AllAtOnce}\n"));
+    wait_phase(&hub, "kubelet", "Complete");
+    let c = hub.get("/v1/components/kubelet").expect("component");
+    assert_eq!(c["status"]["updatedNodes"], N as u64, "{c}");
+
+    // Version 2, rolling: 10 canaries, then z0..z3 with 20% of a zone at
+    // once (50 of 250), 1 s of silence after each, within a budget of 80
+    // unavailable nodes (failed ones count, so the budget binds too).
+    apply(
+        &hub,
+        "apiVersion: nodekeeper.io/v1\nkind: DisruptionBudget\nmetadata: {name: fleet}\nspec: {nodeSelector: {matchLabels: {hollow: 'true'}}, maxUnavailable: 80}\n",
+    );
+    let strategy = "  updateStrategy:\n    rollingUpdate:\n      nodeSetOrder: [z0, z1, z2, z3]\n      canary: {nodes: 10, soakSeconds: 2}\n      maxUnavailable: 20%\n      soakSeconds: 1\n      failureThreshold: 10%\n";
+    let sampler = Sampler::start(&hub);
+    apply(&hub, &component("2.0", strategy));
+    let done = wait_phase(&hub, "kubelet", "Complete");
+    let s = sampler.finish();
+    assert!(s.n > 20, "sampled often enough: {}", s.n);
+    assert!(s.max_changing <= 80, "the DisruptionBudget was exceeded: {s:?}");
+    for (z, m) in &s.max_changing_per_zone {
+        assert!(*m <= 50, "zone {z}: {m} nodes changing at once; maxUnavailable is 50");
+    }
+    assert_eq!(done["nodeSets"][0]["name"], "canary", "{done}");
+    assert_eq!(done["nodeSets"][0]["selected"], 10, "{done}");
+    // Order: the canaries (the first nodes of z0) first, then each zone only
+    // after every node of the one before changed.
+    let span = |zone: &str| -> (u64, u64) {
+        let idx: Vec<u64> = s
+            .first_changing
+            .iter()
+            .filter(|(n, _)| s.last.get(*n).is_some_and(|x| x.zone == zone))
+            .map(|(_, i)| *i)
+            .collect();
+        (
+            idx.iter().copied().min().unwrap_or(0),
+            idx.iter().copied().max().unwrap_or(0),
+        )
+    };
+    let spans: Vec<(u64, u64)> = (0..4).map(|z| span(&format!("z{z}"))).collect();
+    for z in 1..4 {
+        assert!(
+            spans[z].0 > spans[z - 1].1,
+            "zone z{z} started (sample {}) before z{} finished starting (sample {}): {spans:?}",
+            spans[z].0,
+            z - 1,
+            spans[z - 1].1
+        );
+    }
+    let failed = s.last.values().filter(|x| x.phase == "Failed").count();
+    assert!(failed > 0 && failed < 100, "3% of nodes fail version 2: {failed}");
+    for x in s.last.values().filter(|x| x.phase == "Failed") {
+        assert_eq!(x.observed, "1.0", "a failed node rolled back to the old version");
+    }
+    let c = hub.get("/v1/components/kubelet").expect("component");
+    assert_eq!(c["status"]["rollout"]["phase"], "Complete");
+    assert_eq!(c["status"]["updatedNodes"].as_u64(), Some((N - failed) as u64), "{c}");
+    // nkctl shows the rollout.
+    let out = hub.nkctl(&["get", "components"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Complete"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = hub.nkctl(&["rollout", "status", "component/kubelet"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for g in ["canary", "z0", "z1", "z2", "z3"] {
+        assert!(text.contains(g), "{text}");
+    }
+    assert!(metric(&hub, "nodekeeper_hub_permits_total", "result=\"granted\"") >= N as f64);
+
+    // Version 3 is bad for 3% too; with a threshold of 5 failures it pauses.
+    let strict = strategy.replace("failureThreshold: 10%", "failureThreshold: 5");
+    apply(&hub, &component("3.0", &strict));
+    let paused = wait_phase(&hub, "kubelet", "Paused");
+    assert!(
+        paused["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("failureThreshold 5"),
+        "{paused}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let nodes = sample(
+        &hub.http,
+        &hub.creds.as_ref().expect("creds").ca,
+        &hub.creds.as_ref().expect("creds").admin_token,
+    )
+    .expect("nodes");
+    let on3 = nodes.values().filter(|x| x.observed == "3.0").count();
+    assert!(on3 < N / 4, "a paused rollout stops releasing: {on3} nodes on 3.0");
+    for x in nodes
+        .values()
+        .filter(|x| x.phase == "Failed" && x.generation == paused["updateRevision"].as_i64().unwrap_or(0))
+    {
+        assert_ne!(x.observed, "3.0", "failed nodes are back on their old version");
+    }
+    let out = hub.nkctl(&["rollout", "status", "component/kubelet", "-w"]);
+    assert_eq!(out.status.code(), Some(1), "status -w ends with 1 on a paused rollout");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("paused"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Undo to revision 1 (1.0, which every node ran), with the same
+    // strategy and budgets: every node ends on 1.0.
+    let out = hub.nkctl(&["rollout", "undo", "component/kubelet", "--to-revision", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_phase(&hub, "kubelet", "Complete");
+    let nodes = sample(
+        &hub.http,
+        &hub.creds.as_ref().expect("creds").ca,
+        &hub.creds.as_ref().expect("creds").admin_token,
+    )
+    .expect("nodes");
+    assert_eq!(
+        nodes.values().filter(|x| x.observed == "1.0").count(),
+        N,
+        "undo brought every node back"
+    );
+    let history = hub.nkctl(&["rollout", "history", "component/kubelet"]);
+    let h = String::from_utf8_lossy(&history.stdout);
+    assert!(h.contains("3.0") && h.contains("2.0") && h.contains("update"), "{h}");
+}
