@@ -134,7 +134,9 @@ impl Fleet {
                     .and_then(|u| u.rolling_update.as_ref())
                     .is_some_and(|r| r.others == "exclude");
                 let mut groups = order.clone();
-                groups.push(OTHERS.to_string());
+                if !exclude {
+                    groups.push(OTHERS.to_string());
+                }
                 let mut obs = Vec::new();
                 for (node, l) in &labels {
                     if !nodekeeper_proto::selector::selects(spec.node_selector.as_ref(), l) {

@@ -384,6 +384,9 @@ pub fn next(
         update_revision: u,
         node_sets: gs
             .iter()
+            // An empty "others" group is noise; an empty ordered NodeSet is
+            // shown (a typo in nodeSetOrder shows as 0 selected).
+            .filter(|g| g.name != OTHERS || !g.members.is_empty())
             .map(|g| {
                 let (gphase, since) = st.group_phase.get(&g.name).cloned().unwrap_or_default();
                 NodeSetRollout {
