@@ -132,7 +132,12 @@ pub struct FileServer {
 
 impl FileServer {
     pub fn start(dir: &Path) -> FileServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind file server");
+        FileServer::start_on(dir, "127.0.0.1")
+    }
+
+    /// Like [`FileServer::start`], listening on `host` (`0.0.0.0`).
+    pub fn start_on(dir: &Path, host: &str) -> FileServer {
+        let listener = TcpListener::bind(format!("{host}:0")).expect("bind file server");
         let port = listener.local_addr().expect("addr").port();
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (dir, sh) = (dir.to_path_buf(), shared.clone());
@@ -147,8 +152,13 @@ impl FileServer {
 
     /// The URL of a file in the served directory.
     pub fn url(&self, file: &Path) -> String {
+        self.url_at("127.0.0.1", file)
+    }
+
+    /// The URL of a file as seen at `host`.
+    pub fn url_at(&self, host: &str, file: &Path) -> String {
         format!(
-            "http://127.0.0.1:{}/{}",
+            "http://{host}:{}/{}",
             self.port,
             file.file_name().expect("file name").to_string_lossy()
         )

@@ -184,3 +184,102 @@ impl Drop for Machine {
         }
     }
 }
+
+/// The address every node namespace reaches the hub namespace at.
+pub const HUB_ADDR: &str = "10.199.0.1";
+
+/// Several hosts on one machine (LAB.md): a network namespace for the hub
+/// (which the test thread enters, so the hub, nkctl and the harness's
+/// requests live there) and one per node, each linked to the hub's by a
+/// veth pair, with [`HUB_ADDR`] routed to the hub from every node. Every
+/// address is inside the namespaces; the host's network is untouched.
+pub struct Hosts {
+    pub hub: String,
+    pub nodes: Vec<String>,
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+impl Hosts {
+    pub fn create(tag: &str, n: usize) -> Hosts {
+        let id = std::process::id();
+        let hub = format!("nk-{tag}-{id}-hub");
+        ip(&["netns", "add", &hub]);
+        let h = Hosts {
+            hub: hub.clone(),
+            nodes: Vec::new(),
+        };
+        ip(&["-n", &hub, "link", "set", "lo", "up"]);
+        ip(&["-n", &hub, "addr", "add", &format!("{HUB_ADDR}/32"), "dev", "lo"]);
+        let mut h = h;
+        for k in 1..=n {
+            let node = format!("nk-{tag}-{id}-n{k}");
+            ip(&["netns", "add", &node]);
+            h.nodes.push(node.clone());
+            let veth = format!("h{k}");
+            ip(&["-n", &node, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n", &hub, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &node,
+            ]);
+            ip(&["-n", &hub, "addr", "add", &format!("10.200.{k}.1/24"), "dev", &veth]);
+            ip(&["-n", &hub, "link", "set", &veth, "up"]);
+            ip(&["-n", &node, "addr", "add", &format!("10.200.{k}.2/24"), "dev", "eth0"]);
+            ip(&["-n", &node, "link", "set", "eth0", "up"]);
+            ip(&[
+                "-n",
+                &node,
+                "route",
+                "add",
+                &format!("{HUB_ADDR}/32"),
+                "via",
+                &format!("10.200.{k}.1"),
+            ]);
+        }
+        h
+    }
+
+    /// Moves the calling thread (and what it starts from now on) into the
+    /// hub's network namespace.
+    pub fn enter_hub(&self) {
+        let f = std::fs::File::open(format!("/run/netns/{}", self.hub)).expect("hub netns");
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the hub namespace");
+    }
+
+    /// The command prefix that runs a program on node `k` (0-based): its
+    /// network namespace, and a private mount namespace in which each
+    /// `(dir, path)` overlays `path` with a private upper layer in `dir`
+    /// (its own dpkg database, its own install directory).
+    pub fn wrap(&self, k: usize, overlays: &[(&Path, &str)]) -> Vec<String> {
+        let mut script = String::new();
+        for (i, (dir, path)) in overlays.iter().enumerate() {
+            let (up, work) = (dir.join(format!("up{i}")), dir.join(format!("work{i}")));
+            std::fs::create_dir_all(&up).expect("upper dir");
+            std::fs::create_dir_all(&work).expect("work dir");
+            script.push_str(&format!(
+                "mount -t overlay overlay -o lowerdir={path},upperdir={},workdir={} {path} && ",
+                up.display(),
+                work.display()
+            ));
+        }
+        script.push_str(&format!("exec ip netns exec {} \"$0\" \"$@\"", self.nodes[k]));
+        vec![
+            "unshare".into(),
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            "sh".into(),
+            "-c".into(),
+            script,
+        ]
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in self.nodes.iter().chain(std::iter::once(&self.hub)) {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}

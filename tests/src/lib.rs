@@ -234,17 +234,21 @@ impl Hub {
     /// harness reads the admin token and CA the hub created and makes a join
     /// token, which [`Agent::start`], [`Hollow::start`] and [`nkctl`] use.
     pub fn start(dir: &Path, extra: &str) -> Hub {
+        Hub::start_on(dir, extra, "127.0.0.1")
+    }
+
+    /// Like [`Hub::start`], listening on `host` (`0.0.0.0` for agents in
+    /// other namespaces); the harness still talks to it on 127.0.0.1.
+    pub fn start_on(dir: &Path, extra: &str, host: &str) -> Hub {
         let d = dir.join("hub");
         std::fs::create_dir_all(&d).expect("hub dir");
-        let (grpc, http) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
+        let (gport, hport) = (free_port(), free_port());
+        let (grpc, http) = (format!("127.0.0.1:{gport}"), format!("127.0.0.1:{hport}"));
         let config = d.join("hub.yaml");
         std::fs::write(
             &config,
             format!(
-                "listen: {{grpc: \"{grpc}\", http: \"{http}\"}}\nstateDir: {}\n{extra}",
+                "listen: {{grpc: \"{host}:{gport}\", http: \"{host}:{hport}\"}}\nstateDir: {}\n{extra}",
                 d.join("state").display()
             ),
         )
@@ -431,6 +435,20 @@ impl Hub {
         self.get(&format!("/v1/nodes/{name}"))
     }
 
+    /// The gRPC URL agents elsewhere use (`https://<host>:<port>`); the
+    /// harness gives them this hub's join token and pin for it.
+    pub fn grpc_url_at(&self, host: &str) -> String {
+        let port = self.grpc.rsplit(':').next().unwrap_or_default();
+        let scheme = if self.secure { "https" } else { "http" };
+        let url = format!("{scheme}://{host}:{port}");
+        if let Some(c) = &self.creds {
+            HUBS.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((url.clone(), c.clone()));
+        }
+        url
+    }
+
     /// Runs nkctl against this hub.
     pub fn nkctl(&self, args: &[&str]) -> Output {
         nkctl(&self.http_url(), None, args, None)
@@ -494,6 +512,8 @@ pub struct Agent {
     env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
+    /// A command prefix the agent runs under (another host's namespaces).
+    wrap: Vec<String>,
 }
 
 impl Agent {
@@ -503,8 +523,24 @@ impl Agent {
         Agent::start_env(dir, name, hub, extra, &[])
     }
 
+    /// Like [`Agent::start`], run under `wrap` (see [`lab::Hosts::wrap`]).
+    pub fn start_wrapped(dir: &Path, name: &str, hub: Option<&str>, extra: &str, wrap: Vec<String>) -> Agent {
+        Agent::start_full(dir, name, hub, extra, &[], wrap)
+    }
+
     /// Like [`Agent::start`], with extra environment variables.
     pub fn start_env(dir: &Path, name: &str, hub: Option<&str>, extra: &str, env: &[(&str, &str)]) -> Agent {
+        Agent::start_full(dir, name, hub, extra, env, Vec::new())
+    }
+
+    fn start_full(
+        dir: &Path,
+        name: &str,
+        hub: Option<&str>,
+        extra: &str,
+        env: &[(&str, &str)],
+        wrap: Vec<String>,
+    ) -> Agent {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).expect("agent dir");
         let socket = d.join("agent.sock");
@@ -535,6 +571,7 @@ impl Agent {
             env,
             child: None,
             starts: 0,
+            wrap,
         };
         a.restart();
         a
@@ -553,6 +590,10 @@ impl Agent {
             c.arg("-c")
                 .arg("export WATCHDOG_PID=$$; exec \"$0\" \"$@\"")
                 .arg(bin("nodekeeper-agent"));
+            c
+        } else if let Some((first, rest)) = self.wrap.split_first() {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin("nodekeeper-agent"));
             c
         } else {
             Command::new(bin("nodekeeper-agent"))

@@ -325,9 +325,16 @@ fn a_thousand_nodes_roll_canary_first_zone_by_zone_within_budgets_pause_on_failu
 fn a_killed_hub_resumes_within_budget_not_ready_nodes_are_skipped_dead_permits_expire_and_freeze_stops_changes() {
     let tmp = TempDir::new("rollout-crash");
     let mut hub = Hub::start(tmp.path(), "");
-    let hollow = Hollow::start_with(tmp.path(), &hub.grpc_url(), 290, &["--prefix", "live", "--component-seconds", "1s"]);
+    let hollow = Hollow::start_with(
+        tmp.path(),
+        &hub.grpc_url(),
+        290,
+        &["--prefix", "live", "--component-seconds", "1s"],
+    );
     let mut gone = Hollow::start_with(tmp.path(), &hub.grpc_url(), 10, &["--prefix", "gone"]);
-    wait_for("all Ready", T, || Some(hub.summary()).filter(|s| s["nodes"]["ready"] == 300));
+    wait_for("all Ready", T, || {
+        Some(hub.summary()).filter(|s| s["nodes"]["ready"] == 300)
+    });
     apply(&hub, &component("1.0", "  updateStrategy: {type: AllAtOnce}\n"));
     wait_phase(&hub, "kubelet", "Complete");
     // Ten nodes go away before the rollout: they count against the budget
@@ -353,8 +360,16 @@ fn a_killed_hub_resumes_within_budget_not_ready_nodes_are_skipped_dead_permits_e
     hub.restart();
     let done = wait_phase(&hub, "kubelet", "Complete");
     let s = sampler.finish();
-    assert!(s.max_changing <= 20, "budget: 10% of 300 = 30, 10 already down; seen {}", s.max_changing);
-    assert!(s.max_changing >= 10, "the budget, not the strategy, bounded it: {}", s.max_changing);
+    assert!(
+        s.max_changing <= 20,
+        "budget: 10% of 300 = 30, 10 already down; seen {}",
+        s.max_changing
+    );
+    assert!(
+        s.max_changing >= 10,
+        "the budget, not the strategy, bounded it: {}",
+        s.max_changing
+    );
     let skipped: Vec<&str> = done["skippedNodes"]
         .as_array()
         .expect("skipped")
@@ -363,14 +378,25 @@ fn a_killed_hub_resumes_within_budget_not_ready_nodes_are_skipped_dead_permits_e
         .collect();
     assert_eq!(skipped.len(), 10, "{done}");
     assert!(skipped.iter().all(|n| n.starts_with("gone-")), "{skipped:?}");
-    let nodes = sample(&hub.http, &hub.creds.as_ref().expect("creds").ca, &hub.creds.as_ref().expect("creds").admin_token)
-        .expect("nodes");
+    let nodes = sample(
+        &hub.http,
+        &hub.creds.as_ref().expect("creds").ca,
+        &hub.creds.as_ref().expect("creds").admin_token,
+    )
+    .expect("nodes");
     assert_eq!(
-        nodes.iter().filter(|(n, x)| n.starts_with("live-") && x.observed == "2.0").count(),
+        nodes
+            .iter()
+            .filter(|(n, x)| n.starts_with("live-") && x.observed == "2.0")
+            .count(),
         290,
         "every live node updated across the hub restart"
     );
-    assert!(hub.get("/v1/permits").expect("permits")["items"].as_array().is_some_and(Vec::is_empty));
+    assert!(
+        hub.get("/v1/permits").expect("permits")["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
     let budget = hub.get("/v1/disruptionbudgets/fleet").expect("budget");
     assert_eq!(budget["status"]["selectedNodes"], 300, "{budget}");
     assert_eq!(budget["status"]["unavailableNodes"], 10, "{budget}");
@@ -384,13 +410,19 @@ fn a_killed_hub_resumes_within_budget_not_ready_nodes_are_skipped_dead_permits_e
         &["--prefix", "stuck", "--component-seconds", "1h", "--permit-ttl", "10s"],
     );
     wait_for("the stuck node holds a permit", T, || {
-        hub.get("/v1/permits")
-            .filter(|p| p["items"].as_array().is_some_and(|i| i.iter().any(|x| x["node"] == "stuck-00000")))
+        hub.get("/v1/permits").filter(|p| {
+            p["items"]
+                .as_array()
+                .is_some_and(|i| i.iter().any(|x| x["node"] == "stuck-00000"))
+        })
     });
     stuck.kill9();
     wait_for("its permit expired", Duration::from_secs(40), || {
-        hub.get("/v1/permits")
-            .filter(|p| p["items"].as_array().is_some_and(|i| i.iter().all(|x| x["node"] != "stuck-00000")))
+        hub.get("/v1/permits").filter(|p| {
+            p["items"]
+                .as_array()
+                .is_some_and(|i| i.iter().all(|x| x["node"] != "stuck-00000"))
+        })
     });
     assert!(metric(&hub, "nodekeeper_hub_permits_total", "result=\"expired\"") >= 1.0);
     let node = hub.node("stuck-00000").expect("node");
@@ -409,8 +441,12 @@ fn a_killed_hub_resumes_within_budget_not_ready_nodes_are_skipped_dead_permits_e
         &component("3.0", "  updateStrategy:\n    rollingUpdate: {maxUnavailable: 50}\n"),
     );
     std::thread::sleep(Duration::from_secs(5));
-    let nodes = sample(&hub.http, &hub.creds.as_ref().expect("creds").ca, &hub.creds.as_ref().expect("creds").admin_token)
-        .expect("nodes");
+    let nodes = sample(
+        &hub.http,
+        &hub.creds.as_ref().expect("creds").ca,
+        &hub.creds.as_ref().expect("creds").admin_token,
+    )
+    .expect("nodes");
     assert_eq!(
         nodes
             .iter()
@@ -419,14 +455,17 @@ fn a_killed_hub_resumes_within_budget_not_ready_nodes_are_skipped_dead_permits_e
         0,
         "nothing changes while frozen"
     );
-    let waiting = nodes.iter().filter(|(n, x)| n.starts_with("live-") && x.phase == "Staging").count();
+    let waiting = nodes
+        .iter()
+        .filter(|(n, x)| n.starts_with("live-") && x.phase == "Staging")
+        .count();
     assert!(waiting > 0, "released nodes wait for a permit");
     assert!(metric(&hub, "nodekeeper_hub_permits_total", "result=\"denied\"") >= 1.0);
     let audit = hub.get("/v1/audit?limit=500").expect("audit");
     assert!(
-        audit["items"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["action"].as_str().is_some_and(|x| x.contains("freeze on (incident drill)")))),
+        audit["items"].as_array().is_some_and(|a| a.iter().any(|e| e["action"]
+            .as_str()
+            .is_some_and(|x| x.contains("freeze on (incident drill)")))),
         "{audit}"
     );
     let out = hub.nkctl(&["freeze", "off"]);
@@ -448,8 +487,15 @@ fn windows_partition_excluded_nodes_and_all_at_once_within_a_budget() {
     hub.kill9();
     hub.set_env(&[("NODEKEEPER_FAILPOINT", &format!("clock={}", clock.display()))]);
     hub.restart();
-    let _hollow = Hollow::start_with(tmp.path(), &hub.grpc_url(), 40, &["--zones", "2", "--component-seconds", "300ms"]);
-    wait_for("all Ready", T, || Some(hub.summary()).filter(|s| s["nodes"]["ready"] == 40));
+    let _hollow = Hollow::start_with(
+        tmp.path(),
+        &hub.grpc_url(),
+        40,
+        &["--zones", "2", "--component-seconds", "300ms"],
+    );
+    wait_for("all Ready", T, || {
+        Some(hub.summary()).filter(|s| s["nodes"]["ready"] == 40)
+    });
     apply(&hub, &node_sets(2));
     apply(&hub, &component("1.0", "  updateStrategy: {type: AllAtOnce}\n"));
     wait_phase(&hub, "kubelet", "Complete");
@@ -462,13 +508,32 @@ fn windows_partition_excluded_nodes_and_all_at_once_within_a_budget() {
     std::fs::write(&clock, "2026-12-01T09:30:00Z").expect("clock");
     let done = wait_phase(&hub, "kubelet", "Complete");
     let z0 = &done["nodeSets"][0];
-    assert_eq!((z0["name"].as_str(), z0["selected"].as_u64()), (Some("z0"), Some(20)), "{done}");
-    assert_eq!((z0["updated"].as_u64(), z0["partitioned"].as_u64()), (Some(15), Some(5)), "{done}");
-    assert_eq!(done["nodeSets"].as_array().map(Vec::len), Some(1), "others are excluded: {done}");
-    let nodes = sample(&hub.http, &hub.creds.as_ref().expect("creds").ca, &hub.creds.as_ref().expect("creds").admin_token)
-        .expect("nodes");
+    assert_eq!(
+        (z0["name"].as_str(), z0["selected"].as_u64()),
+        (Some("z0"), Some(20)),
+        "{done}"
+    );
+    assert_eq!(
+        (z0["updated"].as_u64(), z0["partitioned"].as_u64()),
+        (Some(15), Some(5)),
+        "{done}"
+    );
+    assert_eq!(
+        done["nodeSets"].as_array().map(Vec::len),
+        Some(1),
+        "others are excluded: {done}"
+    );
+    let nodes = sample(
+        &hub.http,
+        &hub.creds.as_ref().expect("creds").ca,
+        &hub.creds.as_ref().expect("creds").admin_token,
+    )
+    .expect("nodes");
     assert_eq!(nodes.values().filter(|x| x.observed == "2.0").count(), 15);
-    assert!(nodes.values().filter(|x| x.zone == "z1").all(|x| x.observed == "1.0"), "z1 excluded");
+    assert!(
+        nodes.values().filter(|x| x.zone == "z1").all(|x| x.observed == "1.0"),
+        "z1 excluded"
+    );
 
     // AllAtOnce releases every node, and a budget of 4 still bounds them.
     apply(
