@@ -149,14 +149,19 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
             }
         })
     };
-    // The rollout controller: one pass a second over every Component.
+    // The rollout controller: a pass a second over every Component, and
+    // soon after a node reports a change done or failed (gathered for a
+    // moment, so a batch finishing together costs one pass).
     let rollouts = {
         let fleet: Arc<Fleet> = fleet.clone();
         tokio::spawn(async move {
             let mut t = tokio::time::interval(Duration::from_secs(1));
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                t.tick().await;
+                tokio::select! {
+                    _ = t.tick() => {}
+                    _ = fleet.rollout_nudge.notified() => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
                 fleet.rollout_pass().await;
             }
         })

@@ -66,7 +66,7 @@ def main():
         t0 = time.monotonic()
         hollow = subprocess.Popen(
             [f"{args.bin}/nodekeeper-agent", "hollow", "--count", str(n), *bench_hub.hollow_args(),
-             "--control", f"127.0.0.1:{cport}", "--seed", "1"],
+             "--control", f"127.0.0.1:{cport}", "--seed", "1", "--component-seconds", "0"],
             stdout=open(os.path.join(tmp, "hollow.log"), "w"), stderr=subprocess.STDOUT)
         procs.append(hollow)
         _, s = wait("all registered and Ready", 300, 0.05,
@@ -124,6 +124,7 @@ def main():
             doc = ("apiVersion: nodekeeper.io/v1\nkind: NodeSet\nmetadata: {name: bench-all}\nspec: {selector: {}}\n---\n"
                    "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: bench-kubelet}\nspec:\n"
                    f"  version: \"{version}\"\n"
+                   "  updateStrategy: {type: AllAtOnce}\n"
                    f"  artifact: {{deb: {{url: \"http://repo.invalid/kubelet_{version}_amd64.deb\", sha256: \"{'a' * 64}\"}}}}\n"
                    "  params: {p0: a, p1: b, p2: c, p3: d}\n"
                    "  nodeSetParams: [{nodeSet: bench-all, params: {p0: z}}]\n"

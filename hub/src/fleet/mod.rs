@@ -182,6 +182,9 @@ pub struct Fleet {
     permit_queue: Mutex<Vec<permits::Pending>>,
     /// Held by whoever decides a batch of permit requests.
     permit_leader: tokio::sync::Mutex<()>,
+    /// Woken when a node reports a component's progress, so the rollout
+    /// controller's next pass comes at once rather than at its next tick.
+    pub rollout_nudge: tokio::sync::Notify,
 }
 
 pub(crate) const COUNTER_RESOURCE_VERSION: &str = "resource_version";
@@ -327,6 +330,7 @@ impl Fleet {
             revision_durable,
             permit_queue: Mutex::new(Vec::new()),
             permit_leader: tokio::sync::Mutex::new(()),
+            rollout_nudge: tokio::sync::Notify::new(),
         }))
     }
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use nodekeeper_proto::component::phase;
 use nodekeeper_proto::time::{now_rfc3339, rfc3339};
 use nodekeeper_proto::v1::{
     Condition, Event, Hello, Node, NodeComponent, NodeStatus, ObjectMeta, Report, Welcome, report,
@@ -598,6 +599,7 @@ impl Fleet {
         let status = e.node.status.get_or_insert_with(Default::default);
         let (mut accepted, mut dups) = (0u64, 0u64);
         let mut capped = Vec::new();
+        let mut component_news = false;
         for r in reports {
             if r.sequence <= status.report_sequence {
                 dups += 1;
@@ -610,7 +612,10 @@ impl Fleet {
             let applied = match r.body {
                 Some(report::Body::Condition(c)) => c.condition.map_or(Ok(()), |c| upsert_condition(status, c)),
                 Some(report::Body::Event(ev)) => add_event(status, ev),
-                Some(report::Body::Component(c)) => upsert_component(status, c),
+                Some(report::Body::Component(c)) => {
+                    component_news |= c.phase == phase::DONE || c.phase == phase::FAILED;
+                    upsert_component(status, c)
+                }
                 None => Ok(()),
             };
             // Still acknowledged (it is the agent's, resending cannot help);
@@ -632,6 +637,9 @@ impl Fleet {
         }
         self.metrics.reports_received.inc_by(accepted);
         self.metrics.reports_duplicate.inc_by(dups);
+        if component_news {
+            self.rollout_nudge.notify_one();
+        }
         if accepted == 0 {
             return None;
         }
