@@ -145,13 +145,17 @@ impl Sampler {
     }
 }
 
-/// Waits until the rollout of the Component's newest revision (its
-/// generation now) is in `phase`.
+/// Waits until the rollout of the Component's newest revision is in `phase`.
+fn on_version(hub: &Hub, version: &str) -> usize {
+    let c = hub.creds.as_ref().expect("creds");
+    sample(&hub.http, &c.ca, &c.admin_token).map_or(0, |n| n.values().filter(|x| x.observed == version).count())
+}
+
 fn wait_phase(hub: &Hub, name: &str, phase: &str) -> Value {
     let generation = hub
         .get(&format!("/v1/components/{name}"))
-        .and_then(|c| c["metadata"]["generation"].as_i64())
-        .expect("generation");
+        .and_then(|c| c["status"]["revisions"].as_array()?.last()?.as_i64())
+        .expect("the newest revision");
     wait_for(&format!("rollout of {name} revision {generation} {phase}"), T, || {
         Some(rollout(hub, name)).filter(|r| r["phase"] == phase && r["updateRevision"] == generation)
     })
@@ -534,6 +538,78 @@ fn windows_partition_excluded_nodes_and_all_at_once_within_a_budget() {
         nodes.values().filter(|x| x.zone == "z1").all(|x| x.observed == "1.0"),
         "z1 excluded"
     );
+
+    // Pause holds a rollout (no more nodes released), resume lets it go on;
+    // neither is a new revision.
+    let one_by_one = "  updateStrategy:\n    rollingUpdate: {maxUnavailable: 1}\n";
+    apply(&hub, &component("2.5", one_by_one));
+    wait_for("a node released", T, || {
+        let r = rollout(&hub, "kubelet");
+        (r["nodeSets"].as_array().is_some_and(|g| {
+            g.iter()
+                .any(|g| g["inProgress"] == 1 || g["updated"].as_u64() > Some(0))
+        }))
+        .then_some(())
+    });
+    let out = hub.nkctl(&["rollout", "pause", "component/kubelet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let paused = wait_phase(&hub, "kubelet", "Paused");
+    assert!(
+        paused["reason"].as_str().unwrap_or_default().contains("spec.paused"),
+        "{paused}"
+    );
+    let on = |hub: &Hub| {
+        sample(
+            &hub.http,
+            &hub.creds.as_ref().expect("creds").ca,
+            &hub.creds.as_ref().expect("creds").admin_token,
+        )
+        .map(|n| n.values().filter(|x| x.observed == "2.5").count())
+        .unwrap_or(0)
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let held = on(&hub);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(on(&hub), held, "a paused rollout releases no more nodes");
+    assert!(held < 40);
+    let out = hub.nkctl(&["rollout", "resume", "component/kubelet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_phase(&hub, "kubelet", "Complete");
+    assert_eq!(on(&hub), 40);
+    let history = String::from_utf8_lossy(&hub.nkctl(&["rollout", "history", "component/kubelet"]).stdout).into_owned();
+    assert_eq!(
+        history.matches("2.5").count(),
+        1,
+        "pause and resume made no revision: {history}"
+    );
+
+    // maxPerHour: a budget that allows 3 permits an hour denies the fourth
+    // (two hours later, so the grants above are out of its hour).
+    std::fs::write(&clock, "2026-12-01T12:00:00Z").expect("clock");
+    apply(
+        &hub,
+        "apiVersion: nodekeeper.io/v1\nkind: DisruptionBudget\nmetadata: {name: hourly}\nspec: {maxUnavailable: 100%, maxPerHour: 3}\n",
+    );
+    apply(
+        &hub,
+        &component("2.6", "  updateStrategy:\n    rollingUpdate: {maxUnavailable: 100%}\n"),
+    );
+    wait_for("three changed, the rest denied", T, || {
+        let n = sample(
+            &hub.http,
+            &hub.creds.as_ref().expect("creds").ca,
+            &hub.creds.as_ref().expect("creds").admin_token,
+        )?;
+        let done = n.values().filter(|x| x.observed == "2.6").count();
+        (done == 3 && metric(&hub, "nodekeeper_hub_permits_total", "result=\"denied\"") > 0.0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(on_version(&hub, "2.6"), 3, "no more than maxPerHour");
+    let b = hub.get("/v1/disruptionbudgets/hourly").expect("budget");
+    assert_eq!(b["status"]["grantedLastHour"], 3, "{b}");
+    let out = hub.nkctl(&["delete", "disruptionbudget", "hourly"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_phase(&hub, "kubelet", "Complete");
 
     // AllAtOnce releases every node, and a budget of 4 still bounds them.
     apply(

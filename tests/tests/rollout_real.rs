@@ -37,8 +37,8 @@ fn rollout(hub: &Hub) -> Value {
 fn wait_phase(hub: &Hub, phase: &str) -> Value {
     let generation = hub
         .get("/v1/components/widget")
-        .and_then(|c| c["metadata"]["generation"].as_i64())
-        .expect("generation");
+        .and_then(|c| c["status"]["revisions"].as_array()?.last()?.as_i64())
+        .expect("the newest revision");
     wait_for(&format!("rollout revision {generation} {phase}"), T, || {
         Some(rollout(hub)).filter(|r| r["phase"] == phase && r["updateRevision"] == generation)
     })
@@ -271,17 +271,19 @@ fn real_agents_on_separate_hosts_roll_a_deb_canary_first_zone_by_zone_pause_on_f
         "the canary soaked 2 s first"
     );
 
-    // 3.0 fails its health gate: after two failures the rollout pauses and
-    // those nodes are back on 2.0 in dpkg.
+    // 3.0 fails its health gate: after two failures the rollout stops
+    // (Failed: no node took it) and those nodes are back on 2.0 in dpkg.
     apply(&hub, &component("3.0", &debs[2], rolling));
-    let paused = wait_phase(&hub, "Paused");
+    let stopped = wait_phase(&hub, "Failed");
     assert!(
-        paused["reason"]
+        stopped["reason"]
             .as_str()
             .unwrap_or_default()
             .contains("failureThreshold 2"),
-        "{paused}"
+        "{stopped}"
     );
+    let out = hub.nkctl(&["rollout", "status", "component/widget", "-w"]);
+    assert_eq!(out.status.code(), Some(1), "status -w ends with 1 on a failed rollout");
     std::thread::sleep(Duration::from_secs(3));
     let mut failed = 0;
     for a in &agents {
@@ -337,4 +339,96 @@ fn real_agents_on_separate_hosts_roll_a_deb_canary_first_zone_by_zone_pause_on_f
         "{node}"
     );
     drop(agents);
+}
+
+/// The defender's offline policy with real agents: a change waits for a
+/// permit (frozen fleet), then with the hub gone the agent with
+/// `defender.offline: deny` (the default) still makes no change while the
+/// one with `allow` goes ahead; back online and unfrozen, the first one
+/// changes too.
+#[test]
+fn without_the_hub_an_agent_makes_no_disruptive_change_unless_its_config_allows_it() {
+    let tmp = TempDir::new("defender-offline");
+    let d = tmp.path();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let artifact = www.join("tool-1.0");
+    std::fs::write(&artifact, "#!/bin/sh\necho tool 1.0\n").expect("artifact");
+    let server = FileServer::start(&www);
+    let mut hub = Hub::start(d, "");
+    let mut agents = Vec::new();
+    for policy in ["deny", "allow"] {
+        let extra = format!(
+            "labels: {{policy: {policy}}}\nconverge: {{intervalSeconds: 1}}\n{}",
+            if policy == "allow" {
+                "defender: {offline: allow}\n"
+            } else {
+                ""
+            }
+        );
+        agents.push(Agent::start(
+            d,
+            &format!("{policy}-node"),
+            Some(&hub.grpc_url()),
+            &extra,
+        ));
+    }
+    wait_for("both Ready", T, || {
+        Some(hub.summary()).filter(|s| s["nodes"]["ready"] == 2)
+    });
+    let out = hub.nkctl(&["freeze", "on", "--reason", "offline drill"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let target = |policy: &str| d.join(format!("{policy}-tool"));
+    for policy in ["deny", "allow"] {
+        apply(
+            &hub,
+            &format!(
+                "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {{name: tool-{policy}}}\nspec:\n  nodeSelector: {{matchLabels: {{policy: {policy}}}}}\n  version: '1.0'\n  artifact: {{file: {{url: '{}', sha256: '{}', path: '{}'}}}}\n",
+                server.url(&artifact),
+                sha256(&artifact),
+                target(policy).display()
+            ),
+        );
+    }
+    for (a, policy) in agents.iter().zip(["deny", "allow"]) {
+        let c = wait_for("waiting for a permit", T, || {
+            a.component(&format!("tool-{policy}")).filter(|c| {
+                c["lastError"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("waiting for a permit"))
+            })
+        });
+        assert!(c["lastError"].as_str().unwrap_or_default().contains("frozen"), "{c}");
+    }
+    assert!(
+        !target("deny").exists() && !target("allow").exists(),
+        "nothing installed while frozen"
+    );
+
+    hub.kill9();
+    wait_for("the allow node goes ahead without the hub", T, || {
+        target("allow").exists().then_some(())
+    });
+    let c = wait_for("the deny node says why it waits", T, || {
+        agents[0].component("tool-deny").filter(|c| {
+            c["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("defender.offline is deny"))
+        })
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!target("deny").exists(), "no permit, no change: {c}");
+    assert_eq!(agents[1].component("tool-allow").expect("component")["phase"], "Done");
+
+    hub.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!target("deny").exists(), "the freeze survived the hub restart");
+    let out = hub.nkctl(&["freeze", "off"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the deny node changed once permitted", T, || {
+        target("deny").exists().then_some(())
+    });
+    wait_for("done", T, || {
+        agents[0].component("tool-deny").filter(|c| c["phase"] == "Done")
+    });
 }

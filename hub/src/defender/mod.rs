@@ -83,9 +83,9 @@ impl Snapshot {
     /// Counts `budgets` over `nodes` — for each node whether it is
     /// unavailable and which budgets select it (`selects(budget, node)`) —
     /// and the grants of the last hour (`grants`: node indices).
-    pub fn new<N>(
+    pub fn new<N, I: IntoIterator<Item = N>>(
         budgets: &[&DisruptionBudget],
-        nodes: &[N],
+        nodes: impl Fn() -> I,
         view: impl Fn(&N) -> NodeView,
         selects: impl Fn(&DisruptionBudget, &N) -> bool,
         recent_grants: impl Fn(&DisruptionBudget) -> u64,
@@ -95,10 +95,10 @@ impl Snapshot {
             .iter()
             .map(|b| {
                 let (mut selected, mut unavailable) = (0u64, 0u64);
-                for n in nodes {
-                    if selects(b, n) {
+                for n in nodes() {
+                    if selects(b, &n) {
                         selected += 1;
-                        if view(n).unavailable {
+                        if view(&n).unavailable {
                             unavailable += 1;
                         }
                     }
@@ -225,8 +225,8 @@ mod tests {
         let b = budget("all", "20%", 0);
         let mut s = Snapshot::new(
             &[&b],
-            &nodes,
-            |u| NodeView { unavailable: *u },
+            || nodes.iter(),
+            |u| NodeView { unavailable: **u },
             |_, _| true,
             |_| 0,
             None,
@@ -255,8 +255,8 @@ mod tests {
         let nodes = [false; 5];
         let mut s = Snapshot::new(
             &[&b],
-            &nodes,
-            |u| NodeView { unavailable: *u },
+            || nodes.iter(),
+            |u| NodeView { unavailable: **u },
             |_, _| true,
             |_| 1,
             None,
@@ -271,8 +271,8 @@ mod tests {
         };
         let mut s = Snapshot::new(
             &[],
-            &nodes,
-            |u| NodeView { unavailable: *u },
+            || nodes.iter(),
+            |u| NodeView { unavailable: **u },
             |_, _| true,
             |_| 0,
             Some(frozen),

@@ -96,14 +96,13 @@ impl State {
             .map(|m| &m.labels)
     }
 
-    /// The budget counts now.
-    pub(super) fn snapshot(&self) -> Snapshot {
+    /// The budget counts at `now_ms`.
+    pub(super) fn snapshot(&self, now_ms: u64) -> Snapshot {
         let budgets = self.budgets();
-        let names: Vec<&String> = self.nodes.keys().collect();
         let empty = std::collections::BTreeMap::new();
         Snapshot::new(
             &budgets,
-            &names,
+            || self.nodes.keys(),
             |n| NodeView {
                 unavailable: self.unavailable(n),
             },
@@ -112,7 +111,9 @@ impl State {
                 self.grants
                     .0
                     .iter()
-                    .filter(|(_, n, _)| self.labels_of(n).is_some_and(|l| Self::selects_node(b, l)))
+                    .filter(|(ms, n, _)| {
+                        *ms + 3_600_000 > now_ms && self.labels_of(n).is_some_and(|l| Self::selects_node(b, l))
+                    })
                     .count() as u64
             },
             Some(self.freeze.clone()),
@@ -176,14 +177,16 @@ impl Fleet {
     }
 
     async fn decide_batch(&self, batch: Vec<Pending>) {
-        let started = std::time::Instant::now();
         let now = self.now();
         let now_ms = unix_ms(now);
         let mut answers = Vec::with_capacity(batch.len());
         let mut writes = Vec::new();
         let mut granted_new = Vec::new();
+        let started;
         {
             let mut st = self.lock();
+            // Deciding, not waiting for the lock, is what the metric counts.
+            started = std::time::Instant::now();
             let mut snap: Option<Snapshot> = None;
             for p in batch {
                 let ttl = defender::ttl(p.req.ttl_seconds);
@@ -220,7 +223,7 @@ impl Fleet {
                     }
                     continue;
                 }
-                let snap = snap.get_or_insert_with(|| st.snapshot());
+                let snap = snap.get_or_insert_with(|| st.snapshot(now_ms));
                 let in_budgets = st.node_budgets(&p.node);
                 let already = st.unavailable(&p.node);
                 match snap.decide(&in_budgets, already) {
@@ -447,7 +450,7 @@ impl Fleet {
 
     /// Per-budget status (selected, unavailable, allowed, grants in the hour).
     pub(super) fn budget_status(st: &State, name: &str) -> nodekeeper_proto::v1::DisruptionBudgetStatus {
-        let snap = st.snapshot();
+        let snap = st.snapshot(unix_ms(crate::failpoint::now()));
         snap.budgets
             .iter()
             .find(|b| b.name == name)

@@ -270,7 +270,14 @@ pub fn next(
             ),
         ));
     }
-    if st.failure_paused {
+    let updated_any = gs.iter().any(|g| g.updated > 0);
+    if st.failure_paused && !updated_any {
+        // Not one node took it: the version itself is bad, not a few nodes.
+        phase_now = rollout_phase::FAILED;
+        reason = format!(
+            "every node that tried revision {u} failed ({failed}; failureThreshold {threshold}); fix the version and apply, or undo"
+        );
+    } else if st.failure_paused {
         phase_now = rollout_phase::PAUSED;
         reason = format!(
             "{failed} nodes failed (failureThreshold {threshold}); undo, fix and apply, or resume to accept them"

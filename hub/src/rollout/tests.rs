@@ -153,7 +153,7 @@ fn canary_first_then_node_sets_in_order_with_soak_and_max_unavailable() {
 #[test]
 fn failures_pause_at_the_threshold_and_resume_accepts_them() {
     let mut sim = fleet(&[20]);
-    for s in sim.iter_mut().take(6) {
+    for s in sim.iter_mut().step_by(3) {
         s.bad = Some(2);
     }
     let spec = spec(RollingUpdate {
@@ -171,7 +171,11 @@ fn failures_pause_at_the_threshold_and_resume_accepts_them() {
             break;
         }
     }
-    assert_eq!(d.status.phase, rollout_phase::PAUSED);
+    assert_eq!(
+        d.status.phase,
+        rollout_phase::PAUSED,
+        "some nodes took it: paused, not failed"
+    );
     assert!(d.status.reason.contains("failureThreshold 3"), "{}", d.status.reason);
     assert!(d.events.iter().any(|(r, _)| r == "RolloutPaused"));
     let failed = sim.iter().filter(|s| s.phase == phase::FAILED).count();
@@ -287,4 +291,29 @@ fn a_new_revision_mid_rollout_starts_over_from_where_nodes_are() {
     }
     let d = pass(&mut sim, &spec, 3, 1, &mut st, 20);
     assert_eq!(d.state.current_revision, 2);
+}
+
+#[test]
+fn a_version_no_node_takes_fails_the_rollout() {
+    let mut sim = fleet(&[10]);
+    for s in sim.iter_mut() {
+        s.bad = Some(2);
+    }
+    let spec = spec(RollingUpdate {
+        max_unavailable: "2".into(),
+        failure_threshold: "2".into(),
+        ..Default::default()
+    });
+    let mut st = None;
+    let mut d = pass(&mut sim, &spec, 2, 1, &mut st, 0);
+    for t in 1..10 {
+        d = pass(&mut sim, &spec, 2, 1, &mut st, t);
+    }
+    assert_eq!(d.status.phase, rollout_phase::FAILED, "{:?}", d.status);
+    assert!(d.release.is_empty());
+    assert_eq!(
+        sim.iter().filter(|s| s.released == 2).count(),
+        2,
+        "two tried, the rest never did"
+    );
 }
