@@ -13,6 +13,7 @@ command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
 command -v rpmbuild >/dev/null || need_apt+=(rpm)
 command -v dpkg-scanpackages >/dev/null || need_apt+=(dpkg-dev)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v ip >/dev/null || need_apt+=(iproute2)
 [ -x /lib/systemd/systemd-journal-remote ] || need_apt+=(systemd-journal-remote)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
