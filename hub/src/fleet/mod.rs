@@ -10,7 +10,7 @@ mod resources;
 mod rollouts;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -134,6 +134,9 @@ pub(crate) struct NodeEntry {
     settings: Option<Arc<SharedSettings>>,
     /// Highest report sequence committed to the store; sessions subscribe.
     ack_tx: Arc<watch::Sender<u64>>,
+    /// The labels selectors see, as of the last recomputation (the rollout
+    /// controller reads them without rebuilding them every pass).
+    base: BTreeMap<String, String>,
 }
 
 #[derive(Default)]
@@ -185,6 +188,10 @@ pub struct Fleet {
     /// Woken when a node reports a component's progress, so the rollout
     /// controller's next pass comes at once rather than at its next tick.
     pub rollout_nudge: tokio::sync::Notify,
+    /// Something a rollout depends on changed (resources, nodes, readiness,
+    /// reports) since the last pass; with every rollout complete and nothing
+    /// changed, a pass is skipped.
+    rollout_dirty: AtomicBool,
 }
 
 pub(crate) const COUNTER_RESOURCE_VERSION: &str = "resource_version";
@@ -282,6 +289,7 @@ impl Fleet {
                     desired_tx: Arc::new(watch::channel(desired).0),
                     settings,
                     ack_tx: Arc::new(watch::channel(status.report_sequence).0),
+                    base: BTreeMap::new(),
                 },
             );
         }
@@ -331,6 +339,7 @@ impl Fleet {
             permit_queue: Mutex::new(Vec::new()),
             permit_leader: tokio::sync::Mutex::new(()),
             rollout_nudge: tokio::sync::Notify::new(),
+            rollout_dirty: AtomicBool::new(true),
         }))
     }
 
@@ -380,6 +389,11 @@ impl Fleet {
 }
 
 impl Fleet {
+    /// Marks the rollouts' inputs changed (see `rollout_dirty`).
+    pub(crate) fn rollouts_changed(&self) {
+        self.rollout_dirty.store(true, Ordering::Release);
+    }
+
     /// Stores the reservation bound `value`; once committed, revisions up to
     /// it count as durable. `done` learns whether the commit succeeded.
     fn store_reservation(&self, value: u64, done: impl FnOnce(bool) + Send + 'static) {

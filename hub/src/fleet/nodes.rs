@@ -318,6 +318,9 @@ impl State {
             }
         };
         let entry = self.nodes.get_mut(name)?;
+        if entry.base != base {
+            entry.base = base.clone();
+        }
         // The labels are derived on every call, also when the settings did
         // not change: the agent's own labels may have (a new Hello), and a
         // node loaded from the store carries the labels of its last full
@@ -408,6 +411,7 @@ impl Fleet {
             desired_tx: Arc::new(watch::channel(Desired::default()).0),
             settings: None,
             ack_tx: Arc::new(watch::channel(0).0),
+            base: BTreeMap::new(),
         });
         let (kill_tx, replaced) = oneshot::channel();
         entry.kill = Some(kill_tx); // drops (and so ends) any previous session
@@ -449,6 +453,7 @@ impl Fleet {
             super::push(&tx, d);
         }
         self.store.submit(vec![write], None);
+        self.rollouts_changed();
         self.metrics.sessions_opened.inc();
         self.metrics.sessions_active.inc();
         Ok(SessionHandles {
@@ -489,6 +494,7 @@ impl Fleet {
         let status = e.node.status.get_or_insert_with(Default::default);
         status.last_seen = rfc3339(e.last_seen);
         let changed = set_ready(status, "Unknown", "AgentDisconnected", "agent link closed");
+        self.rollouts_changed();
         let write = changed.then(|| node_write(&e.node, e.settings.as_ref()));
         st.recount(name);
         drop(st);
@@ -512,6 +518,9 @@ impl Fleet {
         e.last_seen = SystemTime::now();
         let status = e.node.status.get_or_insert_with(Default::default);
         let ready_changed = set_ready(status, "True", "AgentConnected", "agent link is up and heartbeating");
+        if ready_changed {
+            self.rollouts_changed();
+        }
         let applied_changed = status.applied_revision != applied_revision;
         status.applied_revision = applied_revision;
         if ready_changed || applied_changed {
@@ -600,6 +609,7 @@ impl Fleet {
         let (mut accepted, mut dups) = (0u64, 0u64);
         let mut capped = Vec::new();
         let mut component_news = false;
+        let mut component_reported = false;
         for r in reports {
             if r.sequence <= status.report_sequence {
                 dups += 1;
@@ -614,6 +624,7 @@ impl Fleet {
                 Some(report::Body::Event(ev)) => add_event(status, ev),
                 Some(report::Body::Component(c)) => {
                     component_news |= c.phase == phase::DONE || c.phase == phase::FAILED;
+                    component_reported = true;
                     upsert_component(status, c)
                 }
                 None => Ok(()),
@@ -637,6 +648,9 @@ impl Fleet {
         }
         self.metrics.reports_received.inc_by(accepted);
         self.metrics.reports_duplicate.inc_by(dups);
+        if component_reported {
+            self.rollouts_changed();
+        }
         if component_news {
             self.rollout_nudge.notify_one();
         }
@@ -682,6 +696,9 @@ impl Fleet {
         st.recount_all();
         let c = st.counts.clone();
         drop(st);
+        if !writes.is_empty() {
+            self.rollouts_changed();
+        }
         self.metrics.nodes.set(c.total as i64);
         self.metrics.nodes_ready.set(c.ready as i64);
         self.metrics.nodes_in_sync.set(c.in_sync as i64);
@@ -745,6 +762,7 @@ impl Fleet {
             return Err(FleetError::Store(e));
         }
         self.metrics.nodes_deleted.inc();
+        self.rollouts_changed();
         tracing::info!(node = name, force, "node deleted");
         Ok(removed)
     }

@@ -342,6 +342,7 @@ impl Fleet {
             self.ensure_reserved(nodes).await;
             // The fan-out takes CPU for the whole fleet: off the runtime's workers.
             nodekeeper_proto::daemon::off_runtime(|| self.fan_out());
+            self.rollouts_changed();
         }
         let st = self.lock();
         let results = planned
@@ -477,6 +478,7 @@ impl Fleet {
         self.ensure_reserved(nodes).await;
         // The fan-out takes CPU for the whole fleet: off the runtime's workers.
         nodekeeper_proto::daemon::off_runtime(|| self.fan_out());
+        self.rollouts_changed();
         Ok(existing)
     }
 }

@@ -10,7 +10,7 @@ use nodekeeper_proto::component::template;
 use nodekeeper_proto::v1::{Component, ComponentSpec, NodeSet, RolloutStatus};
 use nodekeeper_proto::{Kind, Resource, ResourceError};
 
-use super::nodes::{base_labels, ready_status};
+use super::nodes::ready_status;
 use super::{Fleet, FleetError, State, push};
 use crate::rollout::{self, NodeObs, OTHERS};
 use crate::store::Write;
@@ -101,7 +101,20 @@ impl Fleet {
         let now = self.now();
         let mut plans = Vec::new();
         {
+            let dirty = self.rollout_dirty.swap(false, std::sync::atomic::Ordering::AcqRel);
             let st = self.lock();
+            // Soaks and windows move with the clock; a finished rollout only
+            // with its inputs.
+            let moving = st.resources.iter().any(|((k, name), _)| {
+                *k == Kind::Component
+                    && st.rollouts.get(name).is_none_or(|s| {
+                        s.phase != rollout::rollout_phase::COMPLETE
+                            || Some(s.update_revision) != st.update_revision(name)
+                    })
+            });
+            if !dirty && !moving {
+                return;
+            }
             let node_sets: BTreeMap<&str, &NodeSet> = st
                 .resources
                 .iter()
@@ -110,11 +123,8 @@ impl Fleet {
                     _ => None,
                 })
                 .collect();
-            let labels: Vec<(&String, BTreeMap<String, String>)> = st
-                .nodes
-                .iter()
-                .map(|(n, e)| (n, base_labels(&e.node, &st.protected_label_keys)))
-                .collect();
+            let labels: Vec<(&String, &BTreeMap<String, String>)> =
+                st.nodes.iter().map(|(n, e)| (n, &e.base)).collect();
             for r in st.resources.values() {
                 let Resource::Component(c) = r else { continue };
                 let Some(spec) = c.spec.as_ref() else { continue };
