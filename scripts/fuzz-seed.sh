@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 c=fuzz/corpus
-mkdir -p $c/npd_rules $c/kmsg_record $c/resource_document $c/journald_line $c/filelog_translator $c/link_message
+mkdir -p $c/npd_rules $c/kmsg_record $c/resource_document $c/journald_line $c/filelog_translator $c/link_message $c/permit_request
 for f in tests/fixtures/npd/config/*.json agent/rules/*; do
   [ -f "$f" ] && cp -n "$f" "$c/npd_rules/$(basename "$f")"
 done
@@ -48,3 +48,8 @@ printf '\000Jan _2 15:04:05\000Nov  3 10:11:12' >"$c/filelog_translator/seed-tim
 # A Hello and a report batch, protobuf-encoded.
 printf '\x0a\x08\x0a\x02n1\x30\x01' >"$c/link_message/seed-hello"
 printf '\x1a\x10\x0a\x0e\x08\x01\x22\x0a\x1a\x03Oom\x12\x03Err' >"$c/link_message/seed-report"
+# PermitRequests: op (1), action (2), reason (3), permit id (4), ttl (5), node (6).
+printf '\x0a\x07acquire\x12\x11component/kubelet\x1a\x06update\x28\x1e' >"$c/permit_request/seed-acquire"
+printf '\x0a\x05renew\x22\x04p1-1\x28\x1e' >"$c/permit_request/seed-renew"
+printf '\x0a\x07release\x22\x04p1-1' >"$c/permit_request/seed-release"
+printf '\x0a\x07acquire\x12\x08remedy/x\x32\x05other' >"$c/permit_request/seed-other"
