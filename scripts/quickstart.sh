@@ -81,6 +81,6 @@ try:   $bin/nkctl get nodes -o wide
        $bin/nkctl describe node $(hostname | tr 'A-Z' 'a-z')
        printf 'apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: debug}\nspec: {logLevel: debug}\n' | $bin/nkctl apply -f -
        printf 'apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: demo}\nspec:\n  version: "1"\n  files: [{path: $dir/demo.conf, template: "node={{ node.name }}\\\\n"}]\n' | $bin/nkctl apply -f -
-       $bin/nkctl get components; cat $dir/demo.conf
+       $bin/nkctl get components; $bin/nkctl rollout status component/demo; cat $dir/demo.conf
 stop:  scripts/quickstart.sh stop
 TXT

@@ -414,6 +414,25 @@ pub fn describe_component(c: &Component, rows: &[(String, NodeComponent)]) {
     println!("  Phases:          {}", counts(&st.phases));
     let revs: Vec<String> = st.revisions.iter().map(|r| r.to_string()).collect();
     println!("Revisions:         {}", revs.join(", "));
+    if let Some(r) = &st.rollout {
+        println!(
+            "Rollout:           {} (revision {}, current {}){}",
+            r.phase,
+            r.update_revision,
+            r.current_revision,
+            if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.reason)
+            }
+        );
+        for g in &r.node_sets {
+            println!(
+                "  {:<16} {:<12} {}/{} updated, {} failed, {} in progress, {} skipped, {} kept",
+                g.name, g.phase, g.updated, g.selected, g.failed, g.in_progress, g.skipped, g.partitioned
+            );
+        }
+    }
     println!("Node components:");
     component_rows("NODE", rows.iter().map(|(n, c)| (n.clone(), c)), true);
 }
@@ -451,6 +470,12 @@ pub fn describe_node(n: &Node) {
     println!("Created:           {}", m.creation_timestamp);
     println!("Status:            {}", node_ready(n));
     println!("Connected:         {}", st.connected);
+    if let Some(p) = &st.permit {
+        println!(
+            "Permit:            {} ({}), until {}",
+            p.action, p.reason, p.expire_time
+        );
+    }
     println!("Last seen:         {} ({} ago)", st.last_seen, age(&st.last_seen));
     println!("Facts:");
     for (label, value) in [

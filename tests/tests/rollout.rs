@@ -260,6 +260,9 @@ fn a_thousand_nodes_roll_canary_first_zone_by_zone_within_budgets_pause_on_failu
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    let described = hub.nkctl(&["describe", "component", "kubelet"]);
+    let d = String::from_utf8_lossy(&described.stdout);
+    assert!(d.contains("Rollout:           Complete"), "{d}");
     let out = hub.nkctl(&["rollout", "status", "component/kubelet"]);
     let text = String::from_utf8_lossy(&out.stdout);
     for g in ["canary", "z0", "z1", "z2", "z3"] {
@@ -420,6 +423,14 @@ fn a_killed_hub_resumes_within_budget_not_ready_nodes_are_skipped_dead_permits_e
                 .is_some_and(|i| i.iter().any(|x| x["node"] == "stuck-00000"))
         })
     });
+    let held = hub.node("stuck-00000").expect("node");
+    assert_eq!(held["status"]["permit"]["action"], "component/kubelet", "{held}");
+    let described = hub.nkctl(&["describe", "node", "stuck-00000"]);
+    assert!(
+        String::from_utf8_lossy(&described.stdout).contains("Permit:            component/kubelet"),
+        "{}",
+        String::from_utf8_lossy(&described.stdout)
+    );
     stuck.kill9();
     wait_for("its permit expired", Duration::from_secs(40), || {
         hub.get("/v1/permits").filter(|p| {

@@ -811,8 +811,11 @@ impl Fleet {
         // has them.
         let page = page
             .into_iter()
-            .map(|(_, e)| {
+            .map(|(name, e)| {
                 let mut n = Self::view(e);
+                if let Some(s) = n.status.as_mut() {
+                    s.permit = st.permits.get(name.as_str()).map(super::permits::held_view);
+                }
                 if let Some(s) = n.status.as_mut().and_then(|s| s.settings.as_mut()) {
                     for c in &mut s.components {
                         c.spec = None;
@@ -826,13 +829,14 @@ impl Fleet {
 
     /// One node.
     pub fn get_node(&self, name: &str) -> Result<Node, FleetError> {
-        self.lock()
-            .nodes
-            .get(name)
-            .map(Self::view)
-            .ok_or_else(|| FleetError::NotFound {
-                kind: "Node".into(),
-                name: name.into(),
-            })
+        let st = self.lock();
+        let mut n = st.nodes.get(name).map(Self::view).ok_or_else(|| FleetError::NotFound {
+            kind: "Node".into(),
+            name: name.into(),
+        })?;
+        if let Some(s) = n.status.as_mut() {
+            s.permit = st.permits.get(name).map(super::permits::held_view);
+        }
+        Ok(n)
     }
 }

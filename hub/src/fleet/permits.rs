@@ -27,7 +27,7 @@ pub(crate) struct Pending {
     reply: oneshot::Sender<PermitDecision>,
 }
 
-fn held_view(h: &Held) -> Permit {
+pub(super) fn held_view(h: &Held) -> Permit {
     Permit {
         id: h.id.clone(),
         node: h.node.clone(),
