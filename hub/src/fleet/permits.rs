@@ -132,11 +132,21 @@ impl State {
     }
 
     /// Adds a defender event to a node; the write that stores it.
+    ///
+    /// A denial repeating the node's latest event (a waiting agent asks
+    /// every few seconds) only counts up in memory, stored with the node's
+    /// next write: ten thousand nodes waiting out a freeze do not rewrite
+    /// ten thousand rows every few seconds.
     fn node_event(&mut self, name: &str, ev: Event) -> Option<Write> {
         let e = self.nodes.get_mut(name)?;
         let status = e.node.status.get_or_insert_with(Default::default);
+        let repeat = ev.reason == "PermitDenied"
+            && status
+                .recent_events
+                .last()
+                .is_some_and(|l| l.reason == ev.reason && l.message == ev.message && l.source == ev.source);
         let _ = add_event(status, ev);
-        Some(node_write(&e.node, e.settings.as_ref()))
+        (!repeat).then(|| node_write(&e.node, e.settings.as_ref()))
     }
 }
 

@@ -237,3 +237,78 @@ fn desired_state_follows_profiles_and_labels_survive_a_restart() {
         Some("debug".into())
     );
 }
+
+fn permit(f: &Fleet, node: &str, op: &str, action: &str, id: &str) -> nodekeeper_proto::v1::PermitDecision {
+    rt().block_on(f.permit(
+        node,
+        nodekeeper_proto::v1::PermitRequest {
+            op: op.into(),
+            action: action.into(),
+            reason: "test".into(),
+            permit_id: id.into(),
+            ttl_seconds: 30,
+            node_name: node.into(),
+        },
+    ))
+    .expect("decision")
+}
+
+#[test]
+fn permits_are_budgeted_one_per_node_renewed_released_frozen_and_survive_a_restart() {
+    let mem = Memory::new();
+    let f = fleet_on(&mem);
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        f.open_session(hello(n, &format!("m{i}")), None).expect("session");
+    }
+    apply(
+        &f,
+        "apiVersion: nodekeeper.io/v1\nkind: DisruptionBudget\nmetadata: {name: one}\nspec: {maxUnavailable: 1}\n",
+    )
+    .expect("budget");
+    let a = permit(&f, "a", "acquire", "component/k", "");
+    assert!(a.granted, "{a:?}");
+    let again = permit(&f, "a", "acquire", "component/k", "");
+    assert_eq!(
+        (again.granted, &again.permit_id),
+        (true, &a.permit_id),
+        "the same ask gets the same permit"
+    );
+    let other = permit(&f, "a", "acquire", "remedy/r", "");
+    assert!(
+        !other.granted && other.reason.contains("one disruptive action at a time"),
+        "{other:?}"
+    );
+    let b = permit(&f, "b", "acquire", "component/k", "");
+    assert!(!b.granted && b.reason.contains("DisruptionBudget one: 1 of 3"), "{b:?}");
+    assert!(
+        !permit(&f, "b", "renew", "", &a.permit_id).granted,
+        "b cannot renew a's permit"
+    );
+    assert!(permit(&f, "a", "renew", "", &a.permit_id).granted);
+    assert_eq!(f.permits().len(), 1);
+
+    // The grant is in the store: a restarted hub still counts it.
+    let f2 = fleet_on(&mem);
+    assert_eq!(f2.permits().len(), 1, "stored permits are loaded");
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        f2.open_session(hello(n, &format!("m{i}")), None).expect("session");
+    }
+    assert!(
+        !permit(&f2, "b", "acquire", "component/k", "").granted,
+        "still within the budget after a restart"
+    );
+    permit(&f2, "a", "release", "", &a.permit_id);
+    assert!(
+        permit(&f2, "b", "acquire", "component/k", "").granted,
+        "released, so b may go"
+    );
+
+    rt().block_on(f2.set_freeze(true, "drill", "tester")).expect("freeze");
+    let c = permit(&f2, "c", "acquire", "component/k", "");
+    assert!(!c.granted && c.reason.contains("frozen (drill; by tester"), "{c:?}");
+    let node = f2.get_node("c").expect("node");
+    let events = node.status.expect("status").recent_events;
+    assert!(events.iter().any(|e| e.reason == "PermitDenied"), "{events:?}");
+    let f3 = fleet_on(&mem);
+    assert!(f3.freeze_state().frozen, "the freeze is stored");
+}
