@@ -63,8 +63,13 @@ def main():
     }
     urls = {"nodekeeper": f"http://127.0.0.1:{nk_port}/metrics", "npd": f"http://127.0.0.1:{npd_port}/metrics"}
     try:
+        def up(u):
+            try:
+                return http(u, timeout=2) is not None
+            except Exception:
+                return False
         for name, url in urls.items():
-            wait(f"{name} metrics", 60, 0.2, lambda u=url: http(u, timeout=2) is not None)
+            wait(f"{name} metrics", 60, 0.2, lambda u=url: up(u))
         time.sleep(10)  # both read the ring buffer's lookback
         pids = {n: tree(p.pid) for n, p in procs.items()}
         for n, ps in pids.items():

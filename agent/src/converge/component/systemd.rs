@@ -50,6 +50,11 @@ pub trait Units: Send + Sync {
 /// systemd over D-Bus.
 pub struct DBus {
     conn: zbus::Connection,
+    /// The connection's own runtime, one worker that sleeps until the bus
+    /// has something: callers are plain threads (the engine, `unit`), and
+    /// an idle agent must not wake for nothing (async-io's `blocking` pool
+    /// woke twice a second forever).
+    rt: tokio::runtime::Runtime,
 }
 
 const DEST: &str = "org.freedesktop.systemd1";
@@ -60,7 +65,13 @@ impl DBus {
     /// Connects to the system bus at `address` (default: the standard
     /// system bus) and checks that systemd answers there.
     pub fn connect(address: Option<&str>) -> Result<DBus, String> {
-        async_io::block_on(async {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dbus")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("starting the D-Bus runtime: {e}"))?;
+        let conn = rt.block_on(async {
             let b = match address {
                 Some(a) => zbus::connection::Builder::address(a).map_err(|e| e.to_string())?,
                 None => zbus::connection::Builder::system().map_err(|e| e.to_string())?,
@@ -70,7 +81,10 @@ impl DBus {
                 .build()
                 .await
                 .map_err(|e| format!("connecting to the system bus: {e}"))?;
-            let d = DBus { conn };
+            Ok::<_, String>(conn)
+        })?;
+        let d = DBus { conn, rt };
+        d.rt.block_on(async {
             let m = d.manager().await?;
             let _: String = m
                 .get_property("Version")
@@ -79,9 +93,9 @@ impl DBus {
             // JobRemoved signals are sent only to subscribed clients.
             m.call::<_, _, ()>("Subscribe", &())
                 .await
-                .map_err(|e| format!("Subscribe: {e}"))?;
-            Ok(d)
-        })
+                .map_err(|e| format!("Subscribe: {e}"))
+        })?;
+        Ok(d)
     }
 
     async fn proxy(&self, path: &str, iface: &'static str) -> Result<zbus::Proxy<'static>, String> {
@@ -105,7 +119,7 @@ impl DBus {
     fn job(&self, method: &'static str, unit: &str) -> Result<(), String> {
         let limit = exec::deadline(Kind::Systemctl);
         let what = format!("systemd {method} {unit}");
-        async_io::block_on(async {
+        self.rt.block_on(async {
             let m = self.manager().await?;
             // Listen before the call, so a fast job's signal is not missed.
             let mut removed = m
@@ -129,7 +143,7 @@ impl DBus {
                 None
             };
             let timer = async {
-                async_io::Timer::after(limit).await;
+                tokio::time::sleep(limit).await;
                 None
             };
             match futures::future::select(Box::pin(wait), Box::pin(timer))
@@ -159,7 +173,7 @@ impl Units for DBus {
     }
 
     fn daemon_reload(&self) -> Result<(), String> {
-        async_io::block_on(async {
+        self.rt.block_on(async {
             self.manager()
                 .await?
                 .call::<_, _, ()>("Reload", &())
@@ -181,7 +195,7 @@ impl Units for DBus {
     }
 
     fn enable(&self, unit: &str) -> Result<(), String> {
-        async_io::block_on(async {
+        self.rt.block_on(async {
             self.manager()
                 .await?
                 .call::<_, _, (bool, Vec<(String, String, String)>)>("EnableUnitFiles", &(vec![unit], false, true))
@@ -192,7 +206,7 @@ impl Units for DBus {
     }
 
     fn status(&self, unit: &str) -> Result<UnitStatus, String> {
-        async_io::block_on(async {
+        self.rt.block_on(async {
             let path: OwnedObjectPath = self
                 .manager()
                 .await?
