@@ -101,6 +101,46 @@ def io(pids):
     return w, sysc
 
 
+def kernel_lines(tmp, rate, seconds):
+    """RATE x SECONDS ordinary lines of a busy node with a fault line about
+    once per thousand (seed 7), as /dev/kmsg records at level info."""
+    corpus = os.path.join(tmp, "corpus.log")
+    gen_kernel_corpus.main_to(corpus, rate * seconds, 7)
+    with open(corpus) as f:
+        return [("<6>" + l.rstrip("\n") + "\n").encode() for l in f]
+
+
+class DevKmsgOn:
+    """Lifts the kernel's /dev/kmsg write rate limit (printk_devkmsg=on) and
+    puts the old setting back on exit."""
+
+    def __enter__(self):
+        with open("/proc/sys/kernel/printk_devkmsg") as f:
+            self.old = f.read().strip()
+        with open("/proc/sys/kernel/printk_devkmsg", "w") as f:
+            f.write("on\n")
+        return self
+
+    def __exit__(self, *exc):
+        with open("/proc/sys/kernel/printk_devkmsg", "w") as f:
+            f.write(self.old + "\n")
+
+
+def flood(lines, rate):
+    """Writes `lines` to /dev/kmsg at `rate` lines/s in 10 ms steps; returns the seconds it took."""
+    kmsg = os.open("/dev/kmsg", os.O_WRONLY)
+    per_tick = max(1, rate // 100)
+    start = time.monotonic()
+    for i in range(0, len(lines), per_tick):
+        for l in lines[i:i + per_tick]:
+            os.write(kmsg, l)
+        pause = start + (i + per_tick) / rate - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+    os.close(kmsg)
+    return time.monotonic() - start
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -115,8 +155,6 @@ def main():
     with open(cfg, "w") as f:
         f.write(f"nodeName: footprint\nstateDir: {tmp}/state\nsocket: {tmp}/agent.sock\n"
                 "detectors: {defaultRules: true}\n")
-    with open("/proc/sys/kernel/printk_devkmsg") as f:
-        devkmsg = f.read().strip()
     agent = subprocess.Popen([f"{args.bin}/nodekeeper-agent", "--config", cfg],
                              stdout=open(os.path.join(tmp, "agent.log"), "w"), stderr=subprocess.STDOUT)
     try:
@@ -140,25 +178,10 @@ def main():
 
         # Flood: ordinary lines of a busy node with a fault line about once
         # per thousand, written at RATE lines/s.
-        with open("/proc/sys/kernel/printk_devkmsg", "w") as f:
-            f.write("on\n")
-        corpus = os.path.join(tmp, "corpus.log")
-        gen_kernel_corpus.main_to(corpus, args.rate * flood_s, 7)
-        with open(corpus) as f:
-            lines = [("<6>" + l.rstrip("\n") + "\n").encode() for l in f]
+        lines = kernel_lines(tmp, args.rate, flood_s)
         c0, s0, w0, t0 = ticks(pids), switches(pids), io(pids), time.monotonic()
-        kmsg = os.open("/dev/kmsg", os.O_WRONLY)
-        per_tick = max(1, args.rate // 100)
-        start = time.monotonic()
-        for i in range(0, len(lines), per_tick):
-            for l in lines[i:i + per_tick]:
-                os.write(kmsg, l)
-            due = start + (i + per_tick) / args.rate
-            pause = due - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
-        os.close(kmsg)
-        written = time.monotonic() - start
+        with DevKmsgOn():
+            written = flood(lines, args.rate)
         time.sleep(2)  # the last batch is read and committed
         pids = tree(agent.pid)
         c1, s1, w1, t1 = ticks(pids), switches(pids), io(pids), time.monotonic()
@@ -169,8 +192,6 @@ def main():
             f"KiB ({(w1[0] - w0[0]) / 1024 / dt:.1f} KiB/s), {w1[1] - w0[1]} write calls")
         fig("flood: RSS, agent and helpers", f"{sum(rss_kib(p) for p in pids) / 1024:.1f}", "MiB")
     finally:
-        with open("/proc/sys/kernel/printk_devkmsg", "w") as f:
-            f.write(devkmsg + "\n")
         agent.terminate()
         agent.wait(timeout=30)
     if record:

@@ -4,6 +4,7 @@ import datetime
 import http.client as httpclient
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -63,6 +64,15 @@ def kill_all(procs):
             p.wait(timeout=10)
         except Exception:
             pass
+
+
+def keep_logs(procs, tmp):
+    """Ends the benchmark's processes and keeps their logs (not the stores) beside `tmp`."""
+    kill_all(procs)
+    logs = tmp + "-logs"
+    shutil.copytree(tmp, logs, ignore=shutil.ignore_patterns("*.db*"), dirs_exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"(logs kept in {logs})")
 
 
 class Figures:

@@ -2,12 +2,11 @@
 
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
 
-from benchlib import bench_args, CLK_TCK, BenchHub, Figures, kill_all, free_port, http, proc_cpu_ticks, proc_mem, wait
+from benchlib import bench_args, CLK_TCK, BenchHub, Figures, keep_logs, free_port, http, proc_cpu_ticks, proc_mem, wait
 
 HUB = None  # the BenchHub
 
@@ -194,11 +193,7 @@ def main():
         mem = proc_mem(hub.pid)
         fig("restart: hub RSS after reconnect", f"{mem['VmRSS'] / 2**20:.0f}", "MiB")
     finally:
-        kill_all(procs)
-        logs = tmp + "-logs"
-        shutil.copytree(tmp, logs, ignore=shutil.ignore_patterns("*.db*"), dirs_exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        print(f"(logs kept in {logs})")
+        keep_logs(procs, tmp)
 
     if record:
         fig.record(f"hub-scale, N = {n}, TLS {'on' if tls else 'off'}",

@@ -10,8 +10,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from benchlib import CLK_TCK, Figures, free_port, http, wait  # noqa: E402
-from agent_footprint import io, rss_kib, switches, ticks, tree  # noqa: E402
-import gen_kernel_corpus  # noqa: E402
+from agent_footprint import DevKmsgOn, flood, io, kernel_lines, rss_kib, switches, ticks, tree  # noqa: E402
 
 
 def counters(url):
@@ -50,8 +49,6 @@ def main():
         f.write(f"nodeName: side-by-side\nstateDir: {tmp}/state\nsocket: {tmp}/agent.sock\n"
                 f"metrics: {{listen: '127.0.0.1:{nk_port}'}}\n"
                 f"detectors: {{defaultRules: false, logMonitors: ['{os.path.abspath(args.rules)}']}}\n")
-    with open("/proc/sys/kernel/printk_devkmsg") as f:
-        devkmsg = f.read().strip()
     procs = {
         "nodekeeper": subprocess.Popen([f"{args.bin}/nodekeeper-agent", "--config", cfg],
                                        stdout=open(os.path.join(tmp, "agent.log"), "w"), stderr=subprocess.STDOUT),
@@ -84,27 +81,13 @@ def main():
             fig(f"{n}: idle CPU", f"{(c - before[n][0]) / CLK_TCK / dt * 100:.3f}",
                 f"% of one core; wake-ups {(s - before[n][1]) / dt:.2f}/s over {idle_s} s")
 
-        with open("/proc/sys/kernel/printk_devkmsg", "w") as f:
-            f.write("on\n")
-        corpus = os.path.join(tmp, "corpus.log")
-        gen_kernel_corpus.main_to(corpus, args.rate * flood_s, 7)
-        with open(corpus) as f:
-            lines = [("<6>" + l.rstrip("\n") + "\n").encode() for l in f]
+        lines = kernel_lines(tmp, args.rate, flood_s)
         seen0 = {n: counters(u) for n, u in urls.items()}
         pids = {n: tree(p.pid) for n, p in procs.items()}
         before = {n: (ticks(ps), switches(ps), io(ps)) for n, ps in pids.items()}
         t0 = time.monotonic()
-        kmsg = os.open("/dev/kmsg", os.O_WRONLY)
-        per_tick = max(1, args.rate // 100)
-        start = time.monotonic()
-        for i in range(0, len(lines), per_tick):
-            for l in lines[i:i + per_tick]:
-                os.write(kmsg, l)
-            pause = start + (i + per_tick) / args.rate - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
-        os.close(kmsg)
-        written = time.monotonic() - start
+        with DevKmsgOn():
+            written = flood(lines, args.rate)
         time.sleep(5)  # both finish reading
         dt = time.monotonic() - t0
         fig("flood: lines written", f"{len(lines)}", f"in {written:.1f} s ({len(lines) / written:.0f} lines/s), both reading")
@@ -122,8 +105,6 @@ def main():
                            for r in reasons if found["npd"].get(r, 0) or found["nodekeeper"].get(r, 0))
         fig("flood: problems counted (reason npd/nodekeeper)", detail or "none", "(same)" if same else "(DIFFERENT)")
     finally:
-        with open("/proc/sys/kernel/printk_devkmsg", "w") as f:
-            f.write(devkmsg + "\n")
         for p in procs.values():
             p.terminate()
         for p in procs.values():

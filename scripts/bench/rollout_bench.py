@@ -3,13 +3,12 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
 import time
 
-from benchlib import bench_args, CLK_TCK, BenchHub, Figures, kill_all, free_port, http, proc_cpu_ticks, wait
+from benchlib import bench_args, CLK_TCK, BenchHub, Figures, keep_logs, free_port, http, proc_cpu_ticks, wait
 
 SETS = 10
 
@@ -147,11 +146,7 @@ def main():
         fig("rolling update: fan-out of an AgentProfile mid-rollout",
             f"all {n} nodes in {fan:.2f} s; per node p50 {lat['p50Ms']:.0f} ms, p99 {lat['p99Ms']:.0f} ms", "")
     finally:
-        kill_all(procs)
-        logs = tmp + "-logs"
-        shutil.copytree(tmp, logs, ignore=shutil.ignore_patterns("*.db*"), dirs_exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        print(f"(logs kept in {logs})")
+        keep_logs(procs, tmp)
 
     if record:
         fig.record(f"rollout, N = {n}, {SETS} NodeSets, TLS {'on' if hub_b.tls else 'off'}",

@@ -145,12 +145,18 @@ impl Sampler {
     }
 }
 
-/// Waits until the rollout of the Component's newest revision is in `phase`.
-fn on_version(hub: &Hub, version: &str) -> usize {
-    let c = hub.creds.as_ref().expect("creds");
-    sample(&hub.http, &c.ca, &c.admin_token).map_or(0, |n| n.values().filter(|x| x.observed == version).count())
+/// Every node as the hub shows it now (None while the hub does not answer).
+fn nodes_of(hub: &Hub) -> Option<BTreeMap<String, Seen>> {
+    let c = hub.creds.as_ref().expect("a secure hub");
+    sample(&hub.http, &c.ca, &c.admin_token)
 }
 
+/// How many nodes report `version` as observed.
+fn on_version(hub: &Hub, version: &str) -> usize {
+    nodes_of(hub).map_or(0, |n| n.values().filter(|x| x.observed == version).count())
+}
+
+/// Waits until the rollout of the Component's newest revision is in `phase`.
 fn wait_phase(hub: &Hub, name: &str, phase: &str) -> Value {
     let generation = hub
         .get(&format!("/v1/components/{name}"))
@@ -282,12 +288,7 @@ fn a_thousand_nodes_roll_canary_first_zone_by_zone_within_budgets_pause_on_failu
         "{paused}"
     );
     std::thread::sleep(Duration::from_secs(3));
-    let nodes = sample(
-        &hub.http,
-        &hub.creds.as_ref().expect("creds").ca,
-        &hub.creds.as_ref().expect("creds").admin_token,
-    )
-    .expect("nodes");
+    let nodes = nodes_of(&hub).expect("nodes");
     let on3 = nodes.values().filter(|x| x.observed == "3.0").count();
     assert!(on3 < N / 4, "a paused rollout stops releasing: {on3} nodes on 3.0");
     for x in nodes
@@ -309,12 +310,7 @@ fn a_thousand_nodes_roll_canary_first_zone_by_zone_within_budgets_pause_on_failu
     let out = hub.nkctl(&["rollout", "undo", "component/kubelet", "--to-revision", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_phase(&hub, "kubelet", "Complete");
-    let nodes = sample(
-        &hub.http,
-        &hub.creds.as_ref().expect("creds").ca,
-        &hub.creds.as_ref().expect("creds").admin_token,
-    )
-    .expect("nodes");
+    let nodes = nodes_of(&hub).expect("nodes");
     assert_eq!(
         nodes.values().filter(|x| x.observed == "1.0").count(),
         N,
@@ -385,12 +381,7 @@ fn a_killed_hub_resumes_within_budget_not_ready_nodes_are_skipped_dead_permits_e
         .collect();
     assert_eq!(skipped.len(), 10, "{done}");
     assert!(skipped.iter().all(|n| n.starts_with("gone-")), "{skipped:?}");
-    let nodes = sample(
-        &hub.http,
-        &hub.creds.as_ref().expect("creds").ca,
-        &hub.creds.as_ref().expect("creds").admin_token,
-    )
-    .expect("nodes");
+    let nodes = nodes_of(&hub).expect("nodes");
     assert_eq!(
         nodes
             .iter()
@@ -456,12 +447,7 @@ fn a_killed_hub_resumes_within_budget_not_ready_nodes_are_skipped_dead_permits_e
         &component("3.0", "  updateStrategy:\n    rollingUpdate: {maxUnavailable: 50}\n"),
     );
     std::thread::sleep(Duration::from_secs(5));
-    let nodes = sample(
-        &hub.http,
-        &hub.creds.as_ref().expect("creds").ca,
-        &hub.creds.as_ref().expect("creds").admin_token,
-    )
-    .expect("nodes");
+    let nodes = nodes_of(&hub).expect("nodes");
     assert_eq!(
         nodes
             .iter()
@@ -538,12 +524,7 @@ fn windows_partition_excluded_nodes_and_all_at_once_within_a_budget() {
         Some(1),
         "others are excluded: {done}"
     );
-    let nodes = sample(
-        &hub.http,
-        &hub.creds.as_ref().expect("creds").ca,
-        &hub.creds.as_ref().expect("creds").admin_token,
-    )
-    .expect("nodes");
+    let nodes = nodes_of(&hub).expect("nodes");
     assert_eq!(nodes.values().filter(|x| x.observed == "2.0").count(), 15);
     assert!(
         nodes.values().filter(|x| x.zone == "z1").all(|x| x.observed == "1.0"),
@@ -569,24 +550,15 @@ fn windows_partition_excluded_nodes_and_all_at_once_within_a_budget() {
         paused["reason"].as_str().unwrap_or_default().contains("spec.paused"),
         "{paused}"
     );
-    let on = |hub: &Hub| {
-        sample(
-            &hub.http,
-            &hub.creds.as_ref().expect("creds").ca,
-            &hub.creds.as_ref().expect("creds").admin_token,
-        )
-        .map(|n| n.values().filter(|x| x.observed == "2.5").count())
-        .unwrap_or(0)
-    };
     std::thread::sleep(Duration::from_secs(2));
-    let held = on(&hub);
+    let held = on_version(&hub, "2.5");
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(on(&hub), held, "a paused rollout releases no more nodes");
+    assert_eq!(on_version(&hub, "2.5"), held, "a paused rollout releases no more nodes");
     assert!(held < 40);
     let out = hub.nkctl(&["rollout", "resume", "component/kubelet"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_phase(&hub, "kubelet", "Complete");
-    assert_eq!(on(&hub), 40);
+    assert_eq!(on_version(&hub, "2.5"), 40);
     let history = String::from_utf8_lossy(&hub.nkctl(&["rollout", "history", "component/kubelet"]).stdout).into_owned();
     assert_eq!(
         history.matches("2.5").count(),
@@ -606,11 +578,7 @@ fn windows_partition_excluded_nodes_and_all_at_once_within_a_budget() {
         &component("2.6", "  updateStrategy:\n    rollingUpdate: {maxUnavailable: 100%}\n"),
     );
     wait_for("three changed, the rest denied", T, || {
-        let n = sample(
-            &hub.http,
-            &hub.creds.as_ref().expect("creds").ca,
-            &hub.creds.as_ref().expect("creds").admin_token,
-        )?;
+        let n = nodes_of(&hub)?;
         let done = n.values().filter(|x| x.observed == "2.6").count();
         (done == 3 && metric(&hub, "nodekeeper_hub_permits_total", "result=\"denied\"") > 0.0).then_some(())
     });

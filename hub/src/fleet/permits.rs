@@ -300,7 +300,11 @@ impl Fleet {
         if let Err(e) = &committed {
             let mut st = self.lock();
             for n in &granted_new {
-                st.permits.remove(n);
+                if let Some(h) = st.permits.remove(n) {
+                    // Not granted after all: not in the hour's count either.
+                    st.grants.0.retain(|(_, _, id)| *id != h.id);
+                }
+                st.recount(n);
             }
             tracing::error!(error = %e, "cannot store permit decisions; the grants are withdrawn");
         }
