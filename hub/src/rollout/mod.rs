@@ -313,7 +313,10 @@ pub fn next(
                 st.completed_at.insert(g.name.clone(), t);
             }
             let is_last = gi + 1 == gs.len();
-            gphase = if is_last || t >= done_at + u64::from(soak) && healthy {
+            // The clock has whole seconds: a group done at 10.9 s has
+            // soaked 3 s only once the clock reads 14, not 13.
+            let soaked = soak == 0 || t > done_at + u64::from(soak);
+            gphase = if is_last || soaked && healthy {
                 set_phase::COMPLETE
             } else {
                 set_phase::SOAKING

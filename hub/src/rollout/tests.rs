@@ -67,20 +67,25 @@ fn groups(n: usize) -> Vec<String> {
 /// One pass: agents finish what was released in the previous pass, then
 /// the machine decides; returns the decisions.
 fn pass(sim: &mut [Sim], spec: &ComponentSpec, rev: i64, ngroups: usize, st: &mut Option<State>, t: u64) -> Decisions {
+    pass_at(sim, spec, rev, ngroups, st, Duration::from_secs(t))
+}
+
+/// [`pass`] at a time with a fraction of a second.
+fn pass_at(
+    sim: &mut [Sim],
+    spec: &ComponentSpec,
+    rev: i64,
+    ngroups: usize,
+    st: &mut Option<State>,
+    t: Duration,
+) -> Decisions {
     for s in sim.iter_mut() {
         if s.released == rev && s.generation != rev && s.ready {
             s.generation = rev;
             s.phase = if s.bad == Some(rev) { phase::FAILED } else { phase::DONE }.into();
         }
     }
-    let d = next(
-        spec,
-        rev,
-        &groups(ngroups),
-        &obs(sim),
-        st.as_ref(),
-        UNIX_EPOCH + Duration::from_secs(t),
-    );
+    let d = next(spec, rev, &groups(ngroups), &obs(sim), st.as_ref(), UNIX_EPOCH + t);
     for n in &d.release {
         if let Some(s) = sim.iter_mut().find(|s| &s.name == n) {
             s.released = rev;
@@ -148,6 +153,31 @@ fn canary_first_then_node_sets_in_order_with_soak_and_max_unavailable() {
         "{first_release:?} {completed:?}"
     );
     assert_eq!(st.as_ref().map(|s| s.current_revision), Some(2));
+}
+
+#[test]
+fn a_soak_lasts_its_full_seconds_whatever_the_fraction_the_group_completed_at() {
+    let mut sim = fleet(&[1, 1]);
+    let spec = spec(RollingUpdate {
+        node_set_order: vec!["set0".into()],
+        soak_seconds: 3,
+        ..Default::default()
+    });
+    let mut st = None;
+    let ms = Duration::from_millis;
+    let d = pass_at(&mut sim, &spec, 2, 2, &mut st, ms(10_000));
+    assert_eq!(d.release, vec!["g0-n000"]);
+    // The first set completes at 10.9 s; the next may start at 13.9 s at the
+    // earliest, and the passes at 13.0 and 13.8 s must not release it.
+    let d = pass_at(&mut sim, &spec, 2, 2, &mut st, ms(10_900));
+    assert!(d.release.is_empty(), "{:?}", d.release);
+    for at in [11_500, 13_000, 13_800] {
+        let d = pass_at(&mut sim, &spec, 2, 2, &mut st, ms(at));
+        assert!(d.release.is_empty(), "released at {at} ms, 3 s soak from 10.9 s");
+        assert_eq!(d.status.node_sets[0].phase, set_phase::SOAKING);
+    }
+    let d = pass_at(&mut sim, &spec, 2, 2, &mut st, ms(14_000));
+    assert_eq!(d.release, vec!["g1-n000"], "released once 3 s have passed");
 }
 
 #[test]
