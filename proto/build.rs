@@ -25,6 +25,28 @@ const RESOURCE_MESSAGES: &[&str] = &[
     "LogPluginConfig",
     "LogCondition",
     "LogRule",
+    "CustomPluginMonitor",
+    "Probe",
+    "HttpProbe",
+    "TcpProbe",
+    "ExecProbe",
+    "SystemdUnitProbe",
+    "ContainerdProbe",
+    "ResourceChecks",
+    "Threshold",
+    "SignalTiming",
+    "MemoryCheck",
+    "DiskCheck",
+    "PidCheck",
+    "PsiCheck",
+    "LoadCheck",
+    "HardwareChecks",
+    "EdacCheck",
+    "NicCheck",
+    "ClockCheck",
+    "ReadOnlyCheck",
+    "TaintCheck",
+    "StuckTaskCheck",
     "Component",
     "ComponentSpec",
     "NodeSetParams",
@@ -64,6 +86,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
              #[serde(rename_all = \"camelCase\", default, deny_unknown_fields)]",
         );
     }
+    // NPD writes these with snake_case keys.
+    for m in ["CustomPluginConfig", "CustomPluginRule"] {
+        builder = builder.message_attribute(
+            format!(".nodekeeper.v1.{m}"),
+            "#[derive(serde::Serialize, serde::Deserialize)]\n\
+             #[serde(rename_all = \"snake_case\", default, deny_unknown_fields)]",
+        );
+    }
     // Counts or percents accept YAML integers as well as strings.
     for f in [
         "RollingUpdate.max_unavailable",
@@ -77,6 +107,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "#[serde(deserialize_with = \"crate::count::deserialize\")]",
         );
     }
+    // Thresholds accept YAML numbers as well as strings.
+    for f in ["Threshold.enter", "Threshold.exit"] {
+        builder = builder.field_attribute(
+            format!(".nodekeeper.v1.{f}"),
+            "#[serde(deserialize_with = \"crate::quantity::deserialize\")]",
+        );
+    }
     builder.compile_fds(fds)?;
+    // containerd's API, client side only, for the containerd probe.
+    let containerd = ["proto/containerd/api.proto", "proto/containerd/containers.proto"];
+    for f in containerd {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(containerd, ["proto"])?;
+    tonic_prost_build::configure().build_server(false).compile_fds(fds)?;
     Ok(())
 }

@@ -110,8 +110,18 @@ pub struct OutboxConfig {
 pub struct Detectors {
     /// Log-monitor rule files (node-problem-detector's format, JSON or YAML).
     pub log_monitors: Vec<PathBuf>,
-    /// Also run the rules shipped with the agent (kernel, containerd, kubelet).
+    /// Also run the rules and checks shipped with the agent (kernel,
+    /// containerd, kubelet log rules; kubelet and containerd probes, unit
+    /// restarts, resource and hardware checks).
     pub default_rules: bool,
+    /// node-problem-detector custom-plugin files (JSON or YAML).
+    pub custom_plugin_monitors: Vec<PathBuf>,
+    /// Health probes (a probe named like a built-in one replaces it).
+    pub probes: Vec<nodekeeper_proto::v1::Probe>,
+    /// Resource pressure thresholds (replace the built-in ones).
+    pub resources: Option<nodekeeper_proto::v1::ResourceChecks>,
+    /// Hardware and system checks (replace the built-in ones).
+    pub hardware: Option<nodekeeper_proto::v1::HardwareChecks>,
 }
 
 /// What an agent with a hub does when it cannot ask the hub's defender.
@@ -197,6 +207,10 @@ impl Default for Detectors {
     fn default() -> Self {
         Detectors {
             log_monitors: Vec::new(),
+            custom_plugin_monitors: Vec::new(),
+            probes: Vec::new(),
+            resources: None,
+            hardware: None,
             default_rules: true,
         }
     }

@@ -43,6 +43,15 @@ enum Cmd {
         /// The unit, e.g. kubelet.service.
         unit: String,
     },
+    /// The shim that runs a check's program (used by the agent itself):
+    /// prints one JSON result.
+    #[command(hide = true)]
+    RunCheck {
+        #[arg(long)]
+        timeout_ms: u64,
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
 }
 
 /// What `nodekeeper-agent unit` does.
@@ -60,6 +69,11 @@ fn main() {
 
 fn main_inner() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Cmd::RunCheck { timeout_ms, argv }) = &args.cmd {
+        let r = nodekeeper_agent::detect::checks::run::shim(Duration::from_millis(*timeout_ms), argv);
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
     if let Some(Cmd::TestRules(t)) = args.cmd {
         return nodekeeper_agent::detect::test_rules::run(t);
     }
@@ -109,6 +123,7 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     // Loading checks every rule (regexes compiled, conditions declared), so an
     // unusable rule file stops the start here.
     let local = local_rules(&cfg)?;
+    let local_checks = nodekeeper_agent::detect::checks::local(&cfg.detectors, &cfg.path)?;
     // Standalone components are checked before anything starts, like rules.
     let local_components = if cfg.converge.components.is_empty() {
         None
@@ -205,6 +220,7 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     let engine_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let detectors =
         nodekeeper_agent::detect::manager::spawn(agent.clone(), local).context("starting the log monitors")?;
+    let checks = nodekeeper_agent::detect::checks::spawn(agent.clone(), local_checks, stop_rx.clone());
     let liveness = Arc::new(Liveness::default());
     nodekeeper_agent::exec::set_deadlines(cfg.deadlines);
     // Chosen once (D-Bus, or systemctl without a bus) and logged.
@@ -249,6 +265,7 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     }
     engine_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || detectors.stop_and_join()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), checks).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), socket_task).await;
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!("agent stopped");

@@ -40,6 +40,26 @@ pub struct Metrics {
     /// number is capped ([`MAX_PROBLEM_SERIES`]) rather than left to grow.
     problem_series: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>,
     pub series_dropped: Counter,
+    /// Check runs (probes, plugins, resource and hardware checks) by check
+    /// and result (healthy, unhealthy, unknown, error).
+    pub check_runs: Family<CheckLabel, Counter>,
+    /// Time the check runs took, by check.
+    pub check_seconds: Family<CheckNameLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Plugin outputs cut at max_output_length, by source.
+    pub plugin_output_truncated: Family<SourceLabel, Counter>,
+    /// Descendants a check program left running, killed by the shim.
+    pub check_leftovers_killed: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabel {
+    pub check: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckNameLabel {
+    pub check: String,
 }
 
 /// Distinct `problem_counter`/`problem_gauge` series kept; updates of new
@@ -163,6 +183,26 @@ impl Metrics {
             "Metric updates dropped because a family reached its series cap (distinct reasons)",
             m.series_dropped.clone(),
         );
+        r.register(
+            "nodekeeper_agent_check_runs",
+            "Check runs (probes, plugins, resource and hardware checks) by check and result",
+            m.check_runs.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_check_seconds",
+            "Time spent running checks, by check",
+            m.check_seconds.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_plugin_output_truncated",
+            "Custom-plugin outputs cut at max_output_length, by source",
+            m.plugin_output_truncated.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_check_leftovers_killed",
+            "Processes a check program left running, killed after it ended",
+            m.check_leftovers_killed.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             ..m
@@ -184,6 +224,22 @@ impl Metrics {
         }
         seen.insert(k);
         true
+    }
+
+    /// Counts a check run and its time.
+    pub fn check_run(&self, check: &str, result: &str, seconds: f64) {
+        if !self.admit("check", check) {
+            return;
+        }
+        self.check_runs
+            .get_or_create(&CheckLabel {
+                check: check.into(),
+                result: result.into(),
+            })
+            .inc();
+        self.check_seconds
+            .get_or_create(&CheckNameLabel { check: check.into() })
+            .inc_by(seconds);
     }
 
     /// Counts a finished component change.

@@ -51,6 +51,9 @@ pub struct Agent {
     outbox: Mutex<Outbox>,
     /// Woken when a report is added to the outbox.
     pub outbox_changed: Notify,
+    /// Woken when new settings are applied (the checks rebuild if theirs
+    /// changed).
+    pub checks_changed: Notify,
     events: Mutex<VecDeque<Event>>,
     /// Conditions set by detectors (stored, so they survive restarts).
     conditions: Mutex<Vec<Condition>>,
@@ -110,6 +113,7 @@ impl Agent {
             applied_at: Mutex::new(None),
             outbox: Mutex::new(p.outbox),
             outbox_changed: Notify::new(),
+            checks_changed: Notify::new(),
             events: Mutex::new(VecDeque::new()),
             conditions: Mutex::new(Vec::new()),
             detector_updates: Mutex::new(None),

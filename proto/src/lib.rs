@@ -3,12 +3,14 @@
 //! agent, hub, CLI and tests can never disagree about a field.
 
 pub mod api;
+pub mod checks;
 pub mod component;
 pub mod config;
 pub mod count;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod document;
+pub mod quantity;
 pub mod resource;
 pub mod rules;
 pub mod selector;
@@ -23,6 +25,17 @@ pub mod window;
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("nodekeeper.v1");
+}
+
+/// The calls of containerd's gRPC API the containerd probe makes.
+#[allow(clippy::all, missing_docs)]
+pub mod containerd {
+    pub mod version {
+        tonic::include_proto!("containerd.services.version.v1");
+    }
+    pub mod containers {
+        tonic::include_proto!("containerd.services.containers.v1");
+    }
 }
 
 pub use resource::{Kind, Resource, ResourceError};

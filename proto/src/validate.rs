@@ -39,7 +39,13 @@ pub fn resource(r: &Resource) -> Result<(), ResourceError> {
                     ResourceError::new(format!("spec.logMonitors[{i}]{at}"), e.message)
                 })?;
             }
-            Ok(())
+            crate::checks::check_detectors(
+                "spec",
+                &spec.custom_plugin_monitors,
+                &spec.probes,
+                spec.resources.as_ref(),
+                spec.hardware.as_ref(),
+            )
         }
         Resource::Component(c) => {
             let spec = c.spec.as_ref().ok_or_else(|| ResourceError::new("spec", "missing"))?;

@@ -35,6 +35,14 @@ pub fn check(s: &AgentSettings, applied: Option<&AgentSettings>) -> Result<(), S
         nodekeeper_proto::rules::check(m)
             .map_err(|e| format!("settings.logMonitors[{i}].{}: {}", e.field, e.message))?;
     }
+    nodekeeper_proto::checks::check_detectors(
+        "settings",
+        &s.custom_plugin_monitors,
+        &s.probes,
+        s.resources.as_ref(),
+        s.hardware.as_ref(),
+    )
+    .map_err(|e| e.to_string())?;
     for (i, c) in s.components.iter().enumerate() {
         if known_component(c) {
             continue;
@@ -76,6 +84,7 @@ pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
     if changed {
         tracing::info!(revision = d.revision, "applied new agent settings");
         agent.update_detectors(monitors);
+        agent.checks_changed.notify_one();
         agent.update_components(components);
     }
     Ok(())

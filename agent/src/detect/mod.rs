@@ -1,7 +1,9 @@
 //! Detection: what the agent learns about its node — its facts, and problems
-//! found in kernel and system logs by node-problem-detector-compatible rules.
+//! found in kernel and system logs by node-problem-detector-compatible rules,
+//! and by asking (custom plugins, probes, resource and hardware checks).
 
 pub mod aggregate;
+pub mod checks;
 pub mod defaults;
 pub mod facts;
 pub mod manager;

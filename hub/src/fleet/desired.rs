@@ -60,6 +60,21 @@ pub fn add_detectors<'a>(
         }
         settings.log_monitors.extend(spec.log_monitors.iter().cloned());
         settings
+            .custom_plugin_monitors
+            .extend(spec.custom_plugin_monitors.iter().cloned());
+        // Probe names are the conditions' sources: a later set's probe of
+        // the same name replaces an earlier one.
+        for p in &spec.probes {
+            settings.probes.retain(|q| q.name != p.name);
+            settings.probes.push(p.clone());
+        }
+        if spec.resources.is_some() {
+            settings.resources = spec.resources.clone();
+        }
+        if spec.hardware.is_some() {
+            settings.hardware = spec.hardware.clone();
+        }
+        settings
             .detector_sets
             .push(d.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default());
     }

@@ -20,6 +20,8 @@ use crate::exec::{self, Kind};
 #[serde(rename_all = "camelCase")]
 pub struct UnitStatus {
     pub name: String,
+    /// loaded, not-found, bad-setting, error, masked.
+    pub load_state: String,
     /// active, reloading, inactive, failed, activating, deactivating.
     pub active_state: String,
     pub sub_state: String,
@@ -224,6 +226,7 @@ impl Units for DBus {
             };
             let mut s = UnitStatus {
                 name: unit.to_string(),
+                load_state: get("LoadState").await?,
                 active_state: get("ActiveState").await?,
                 sub_state: get("SubState").await?,
                 active_enter_timestamp: u
@@ -282,7 +285,7 @@ impl Units for Systemctl {
         let out = systemctl(&[
             "show",
             unit,
-            "--property=ActiveState,SubState,NRestarts,ExecMainStatus,ActiveEnterTimestampMonotonic,ActiveEnterTimestamp",
+            "--property=LoadState,ActiveState,SubState,NRestarts,ExecMainStatus,ActiveEnterTimestampMonotonic,ActiveEnterTimestamp",
             "--timestamp=unix",
         ])?;
         let mut s = UnitStatus {
@@ -292,6 +295,7 @@ impl Units for Systemctl {
         for line in out.lines() {
             let Some((k, v)) = line.split_once('=') else { continue };
             match k {
+                "LoadState" => s.load_state = v.into(),
                 "ActiveState" => s.active_state = v.into(),
                 "SubState" => s.sub_state = v.into(),
                 "NRestarts" => s.n_restarts = v.parse().unwrap_or(0),
