@@ -15,6 +15,8 @@ command -v dpkg-scanpackages >/dev/null || need_apt+=(dpkg-dev)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v ip >/dev/null || need_apt+=(iproute2)
 [ -x /lib/systemd/systemd-journal-remote ] || need_apt+=(systemd-journal-remote)
+command -v containerd >/dev/null || need_apt+=(containerd runc)
+command -v stress-ng >/dev/null || need_apt+=(stress-ng)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

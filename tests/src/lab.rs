@@ -132,6 +132,11 @@ impl Machine {
         m
     }
 
+    /// The container's PID 1 (its system bus is under /proc/PID/root).
+    pub fn pid1(&self) -> u32 {
+        self.pid1
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
         c.args(["-t", &self.pid1.to_string(), "-a", "--"]).args(args);

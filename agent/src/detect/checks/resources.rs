@@ -79,16 +79,18 @@ struct Reading {
     /// (value, total) of the first threshold: below enter is bad.
     first: (f64, f64),
     second: Option<(f64, f64)>,
-    /// Bad when above (PSI, load) rather than below (free space).
+    /// Bad when above (PSI, load) rather than below (free space), for the
+    /// first and the second threshold.
     above: bool,
+    second_above: bool,
 }
 
 impl Signal {
     fn judge(&self, r: &Reading) -> Option<(String, String)> {
         let active = self.tracker.active();
-        let past = |(v, total): (f64, f64), (enter, exit): (Quantity, Quantity)| {
+        let past = |(v, total): (f64, f64), (enter, exit): (Quantity, Quantity), above: bool| {
             let limit = if active { exit } else { enter }.of(total);
-            if r.above { v > limit } else { v < limit }
+            if above { v > limit } else { v < limit }
         };
         let (r1, r2) = reasons(&self.measure);
         let fmt = |v: f64, total: f64| match self.measure {
@@ -98,14 +100,14 @@ impl Signal {
             Measure::Cpu | Measure::Io => format!("{v:.1}% stalled (avg10)"),
             Measure::Load => format!("{v:.2} per CPU"),
         };
-        if past(r.first, self.first) {
+        if past(r.first, self.first, r.above) {
             return Some((
                 r1.to_string(),
                 format!("{}: {}", what(&self.measure), fmt(r.first.0, r.first.1)),
             ));
         }
         if let (Some(v), Some(l)) = (r.second, self.second)
-            && past(v, l)
+            && past(v, l, r.second_above)
         {
             let m = match self.measure {
                 Measure::Memory => format!("memory: {:.1}% of time fully stalled (PSI avg10)", v.0),
@@ -182,6 +184,7 @@ fn read(m: &Measure) -> Result<Reading, String> {
                 first: (avail, total),
                 second: stall.map(|s| (s, 100.0)),
                 above: false,
+                second_above: true,
             })
         }
         Measure::Disk(d) => {
@@ -192,6 +195,7 @@ fn read(m: &Measure) -> Result<Reading, String> {
                 first: (s.blocks_available() as f64 * frag, s.blocks() as f64 * frag),
                 second: (inodes > 0.0).then(|| (s.files_available() as f64, inodes)),
                 above: false,
+                second_above: false,
             })
         }
         Measure::Pids => {
@@ -210,6 +214,7 @@ fn read(m: &Measure) -> Result<Reading, String> {
                 first: (max - threads, max),
                 second: None,
                 above: false,
+                second_above: false,
             })
         }
         Measure::Cpu | Measure::Io => {
@@ -224,6 +229,7 @@ fn read(m: &Measure) -> Result<Reading, String> {
                 first: (v, 100.0),
                 second: None,
                 above: true,
+                second_above: false,
             })
         }
         Measure::Load => {
@@ -238,6 +244,7 @@ fn read(m: &Measure) -> Result<Reading, String> {
                 first: (l / cpus, f64::MAX),
                 second: None,
                 above: true,
+                second_above: false,
             })
         }
     }
@@ -395,6 +402,7 @@ mod tests {
             first: (free, 100.0),
             second: Some((inodes, 100.0)),
             above: false,
+            second_above: false,
         };
         let now = SystemTime::now();
         assert_eq!(s.judge(&r(12.0, 50.0)), None);
@@ -405,5 +413,23 @@ mod tests {
         assert!(s.judge(&r(12.0, 50.0)).is_some(), "active until back above 15%");
         assert_eq!(s.judge(&r(16.0, 50.0)), None);
         assert_eq!(s.judge(&r(50.0, 4.0)).map(|b| b.0), Some("InsufficientInodes".into()));
+
+        // Memory: little available is bad, much stall is bad, not the reverse.
+        let m = Signal {
+            measure: Measure::Memory,
+            tracker: Tracker::new("MemoryPressure", "resources", "SufficientMemory", "ok", &[]),
+            first: limits(&None, "100Mi"),
+            second: Some(limits(&None, "10")),
+            missing: Once::default(),
+        };
+        let mem = |avail: f64, stall: f64| Reading {
+            first: (avail, 8e9),
+            second: Some((stall, 100.0)),
+            above: false,
+            second_above: true,
+        };
+        assert_eq!(m.judge(&mem(4e9, 0.0)), None);
+        assert_eq!(m.judge(&mem(50e6, 0.0)).map(|b| b.0), Some("InsufficientMemory".into()));
+        assert_eq!(m.judge(&mem(4e9, 25.0)).map(|b| b.0), Some("MemoryStalled".into()));
     }
 }

@@ -1,0 +1,430 @@
+//! Detection beyond logs with real parts: NPD custom-plugin files run with
+//! test scripts (the programs they name are the user's), a plugin that hangs
+//! and forks, HTTP/TCP/exec probes (an HTTP server stands in for kubelet,
+//! which cannot run here), real containerd, real systemd in a container, a
+//! real tmpfs filled and remounted, a real veth losing its carrier, real
+//! memory pressure from stress-ng, and a prepared sysfs/procfs tree where
+//! the device cannot exist here (no EDAC on these machines).
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use nodekeeper_e2e::lab::{repo, run};
+use nodekeeper_e2e::{Agent, Hub, TempDir, http_unix, nkctl, wait_for};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(40);
+
+fn conditions(a: &Agent) -> Vec<Value> {
+    http_unix(&a.socket, "GET", "/v1/conditions", "")
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+        .and_then(|v| v["items"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn events(a: &Agent) -> Vec<Value> {
+    http_unix(&a.socket, "GET", "/v1/events", "")
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+        .and_then(|v| v["items"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Waits until the condition `kind` from `source` has `status`.
+fn wait_cond(a: &Agent, kind: &str, source: &str, status: &str) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let all = conditions(a);
+        if let Some(c) = all
+            .iter()
+            .find(|c| c["type"] == kind && c["source"] == source && c["status"] == status)
+        {
+            return c.clone();
+        }
+        assert!(
+            start.elapsed() < T,
+            "timed out waiting for {kind} from {source} {status}; conditions: {all:#?}\nlog: {}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn script(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("script");
+    run(Command::new("chmod").arg("+x").arg(&p));
+    p.display().to_string()
+}
+
+/// Processes whose name is `comm`, zombies included.
+fn processes_named(comm: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(s) = std::fs::read_to_string(e.path().join("stat"))
+            && let (Some(o), Some(c)) = (s.find('('), s.rfind(')'))
+            && &s[o + 1..c] == comm
+        {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// An HTTP server answering every request with the status in `code`
+/// (kubelet's healthz stands in here: there is no kubelet binary).
+fn health_server() -> (String, Arc<AtomicU16>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    let code = Arc::new(AtomicU16::new(200));
+    let c = code.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let status = c.load(Ordering::Relaxed);
+            let body = if status == 200 { "ok" } else { "kubelet is broken" };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (addr, code)
+}
+
+#[test]
+fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leave_nothing() {
+    let tmp = TempDir::new("probes");
+    let d = tmp.path();
+    let flag = d.join("ntp-down");
+    let ntp = script(
+        d,
+        "check_ntp.sh",
+        &format!(
+            "if [ -e {} ]; then echo 'ntp service is down'; exit 1; fi\necho ok",
+            flag.display()
+        ),
+    );
+    let health = script(d, "health-checker", "echo 'kubelet:10248 refused'; exit 1");
+    std::fs::copy("/bin/sleep", d.join("nk-hang-sleep")).expect("sleep copy");
+    let s = d.join("nk-hang-sleep").display().to_string();
+    // Children in the group, one that leaves it (setsid), one orphaned.
+    let hang = script(
+        d,
+        "hang.sh",
+        &format!("{s} 1000 &\nsetsid {s} 1001 &\n( {s} 1002 & )\nexec {s} 1003"),
+    );
+    let long = script(d, "long.sh", &format!("echo {}; exit 1", "x".repeat(200)));
+
+    // NPD's own files, unchanged but for the programs' paths and, for test
+    // speed, the interval.
+    let npd = repo().join("tests/fixtures/npd/config");
+    let mut files = Vec::new();
+    for (f, prog) in [
+        ("custom-plugin-monitor.json", &ntp),
+        ("health-checker-kubelet.json", &health),
+    ] {
+        let mut v: Value =
+            serde_json::from_str(&std::fs::read_to_string(npd.join(f)).expect("npd file")).expect("json");
+        v["pluginConfig"]["invoke_interval"] = "1s".into();
+        for r in v["rules"].as_array_mut().expect("rules") {
+            r["path"] = prog.clone().into();
+        }
+        let p = d.join(f);
+        std::fs::write(&p, v.to_string()).expect("write");
+        files.push(p.display().to_string());
+    }
+    let own = d.join("own.yaml");
+    std::fs::write(
+        &own,
+        format!(
+            "plugin: custom\npluginConfig: {{invoke_interval: 1s, timeout: 2s, max_output_length: 80, concurrency: 2}}\nsource: own\nconditions:\n- {{type: Hung, reason: NotHung, message: fine}}\n- {{type: Long, reason: Short, message: fine}}\nrules:\n- {{type: permanent, condition: Hung, reason: IsHung, path: {hang}, timeout: 1s}}\n- {{type: permanent, condition: Long, reason: IsLong, path: {long}}}\n"
+        ),
+    )
+    .expect("own");
+    files.push(own.display().to_string());
+
+    let (addr, code) = health_server();
+    let hub = Hub::start(d, "");
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  customPluginMonitors: [{}]\n  probes:\n  - {{name: kubelet, periodSeconds: 1, timeoutSeconds: 1, failureThreshold: 2, http: {{url: 'http://{addr}/healthz'}}}}\n  - {{name: port, periodSeconds: 1, timeoutSeconds: 1, failureThreshold: 1, tcp: {{address: '127.0.0.1:1'}}}}\n  - {{name: missing, periodSeconds: 1, timeoutSeconds: 1, exec: {{command: [{}/no-such-program]}}}}\n",
+        files.join(", "),
+        d.display()
+    );
+    let agent = Agent::start(d, "node-probe", Some(&hub.grpc_url()), &cfg);
+
+    // NPD's custom plugin: False, True with the output, False again.
+    let c = wait_cond(&agent, "NTPProblem", "ntp-custom-plugin-monitor", "False");
+    assert_eq!(c["reason"], "NTPIsUp");
+    std::fs::write(&flag, "").expect("flag");
+    let c = wait_cond(&agent, "NTPProblem", "ntp-custom-plugin-monitor", "True");
+    assert_eq!(
+        (c["reason"].as_str(), c["message"].as_str()),
+        (Some("NTPIsDown"), Some("ntp service is down"))
+    );
+    std::fs::remove_file(&flag).expect("unflag");
+    let c = wait_cond(&agent, "NTPProblem", "ntp-custom-plugin-monitor", "False");
+    assert_eq!(
+        c["message"], "ntp service is up",
+        "the default message comes back, as in NPD"
+    );
+    assert!(
+        events(&agent)
+            .iter()
+            .any(|e| e["reason"] == "NTPIsDown" && e["source"] == "ntp-custom-plugin-monitor"),
+        "the temporary rule raised an event"
+    );
+    let c = wait_cond(&agent, "KubeletUnhealthy", "health-checker", "True");
+    assert_eq!(c["message"], "kubelet:10248 refused");
+
+    // A plugin that hangs is Unknown at its timeout, and nothing it started
+    // is left, not even a zombie.
+    let c = wait_cond(&agent, "Hung", "own", "Unknown");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("Timeout when running plugin"),
+        "{c}"
+    );
+    wait_for(
+        "every process the hung plugin started is gone",
+        Duration::from_secs(5),
+        || processes_named("nk-hang-sleep").is_empty().then_some(()),
+    );
+    // A long output is cut with a marker and counted.
+    let c = wait_cond(&agent, "Long", "own", "True");
+    let m = c["message"].as_str().unwrap_or_default();
+    assert!(
+        m.starts_with(&"x".repeat(80)) && m.contains("[cut at max_output_length 80: 120 bytes more]"),
+        "{m}"
+    );
+
+    // Probes: an HTTP endpoint turning 500 and back (two failures in a row).
+    let c = wait_cond(&agent, "KubeletUnhealthy", "probe/kubelet", "False");
+    assert_eq!(c["reason"], "KubeletIsHealthy");
+    code.store(500, Ordering::Relaxed);
+    let c = wait_cond(&agent, "KubeletUnhealthy", "probe/kubelet", "True");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("HTTP 500 kubelet is broken"),
+        "{c}"
+    );
+    code.store(200, Ordering::Relaxed);
+    wait_cond(&agent, "KubeletUnhealthy", "probe/kubelet", "False");
+    // A TCP port nobody listens on.
+    wait_cond(&agent, "PortUnhealthy", "probe/port", "True");
+    // A probe that cannot run says so once and reports nothing unhealthy.
+    let failed = wait_for("ProbeFailed", T, || {
+        events(&agent)
+            .into_iter()
+            .find(|e| e["reason"] == "ProbeFailed" && e["source"] == "probe/missing")
+    });
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no-such-program"),
+        "{failed}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        events(&agent)
+            .iter()
+            .filter(|e| e["reason"] == "ProbeFailed")
+            .map(|e| e["count"].as_u64().unwrap_or(1))
+            .sum::<u64>(),
+        1,
+        "said once"
+    );
+    assert!(
+        !conditions(&agent).iter().any(|c| c["source"] == "probe/missing"),
+        "no condition from a probe that cannot run"
+    );
+
+    // Metrics.
+    let (_, metrics) = http_unix(&agent.socket, "GET", "/metrics", "").expect("metrics");
+    assert!(
+        metrics.contains("nodekeeper_agent_plugin_output_truncated_total{source=\"own\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("problem_gauge{type=\"KubeletUnhealthy\",reason=\"KubeletIsHealthy\"} 1")
+            || metrics.contains("problem_gauge{type=\"NTPProblem\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nodekeeper_agent_check_runs_total{check=\"probe/kubelet\",result=\"unhealthy\"}"),
+        "{metrics}"
+    );
+
+    // At the hub, and a probe from a DetectorSet; a bad one is refused with
+    // its field.
+    wait_for("conditions at the hub", T, || {
+        hub.node("node-probe").filter(|n| {
+            n["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Hung" && c["status"] == "Unknown"))
+        })
+    });
+    let set = format!(
+        "apiVersion: nodekeeper.io/v1\nkind: DetectorSet\nmetadata: {{name: edge}}\nspec:\n  probes:\n  - {{name: edge, periodSeconds: 1, timeoutSeconds: 1, failureThreshold: 1, http: {{url: 'http://{addr}/'}}}}\n"
+    );
+    let bad = set.replace(
+        "periodSeconds: 1, timeoutSeconds: 1",
+        "periodSeconds: 1, timeoutSeconds: 5",
+    );
+    let out = nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(&bad));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.probes[0].timeoutSeconds"),
+        "{out:?}"
+    );
+    let out = nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(&set));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_cond(&agent, "EdgeUnhealthy", "probe/edge", "False");
+    code.store(503, Ordering::Relaxed);
+    wait_for("the hub's probe at the hub", T, || {
+        hub.node("node-probe").filter(|n| {
+            n["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "EdgeUnhealthy" && c["status"] == "True"))
+        })
+    });
+    let desc = String::from_utf8_lossy(&hub.nkctl(&["describe", "node", "node-probe"]).stdout).into_owned();
+    assert!(desc.contains("EdgeUnhealthy") && desc.contains("NTPProblem"), "{desc}");
+    code.store(200, Ordering::Relaxed);
+}
+
+fn meminfo_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next().and_then(|k| k.parse::<u64>().ok()))
+        .unwrap_or(0)
+        * 1024
+}
+
+/// adjtimex read another way (python's ctypes): (TIME_ERROR or STA_UNSYNC).
+fn unsynced_by_python() -> bool {
+    let out = run(Command::new("python3").args([
+        "-c",
+        // struct timex on LP64: modes, pad, offset, freq, maxerror, esterror, status.
+        "import ctypes, struct\nbuf = ctypes.create_string_buffer(512)\nr = ctypes.CDLL(None).adjtimex(buf)\nstatus, = struct.unpack_from('i', buf.raw, 40)\nprint(int(r == 5 or (status & 0x40) != 0))",
+    ]));
+    String::from_utf8_lossy(&out.stdout).trim() == "1"
+}
+
+#[test]
+fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
+    let tmp = TempDir::new("resources");
+    let d = tmp.path();
+    let fs = d.join("fs");
+    std::fs::create_dir_all(&fs).expect("mount point");
+    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "nk-test", &fs.display().to_string()]));
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = Command::new("ip").args(["link", "del", "nkp0"]).status();
+        }
+    }
+    let _c = Cleanup(fs.display().to_string());
+    let _ = Command::new("ip").args(["link", "del", "nkp0"]).status();
+    run(Command::new("ip").args(["link", "add", "nkp0", "type", "veth", "peer", "name", "nkp1"]));
+    run(Command::new("ip").args(["link", "set", "nkp0", "up"]));
+    // MemoryPressure when 1.5 GiB less than now is available (kubelet's
+    // threshold is 100Mi; this machine has far more).
+    let enter = meminfo_available().saturating_sub(1536 << 20);
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  resources:\n    periodSeconds: 1\n    memory: {{available: {{enter: '{enter}'}}, timing: {{clearSeconds: 0}}}}\n    disk: {{mounts: ['{fs}'], available: {{enter: 50%, exit: 60%}}, timing: {{clearSeconds: 0}}}}\n    pids: {{timing: {{disabled: true}}}}\n    cpu: {{timing: {{disabled: true}}}}\n    io: {{timing: {{disabled: true}}}}\n    load: {{timing: {{disabled: true}}}}\n  hardware:\n    periodSeconds: 1\n    nic: {{interfaces: [nkp0], maxFlaps: 3}}\n    taint: {{disabled: true}}\n    stuckTasks: {{disabled: true}}\n",
+        fs = fs.display()
+    );
+    let agent = Agent::start(d, "node-res", None, &cfg);
+    let disk = format!("resources/disk:{}", fs.display());
+    wait_cond(&agent, "DiskPressure", &disk, "False");
+    wait_cond(&agent, "MemoryPressure", "resources", "False");
+
+    // A small tmpfs filled (ENOSPC) and emptied.
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", &format!("of={}/fill", fs.display()), "bs=64k"])
+        .output();
+    let c = wait_cond(&agent, "DiskPressure", &disk, "True");
+    assert_eq!(c["reason"], "InsufficientDiskSpace");
+    std::fs::remove_file(fs.join("fill")).expect("empty");
+    wait_cond(&agent, "DiskPressure", &disk, "False");
+
+    // Remounted read-only and back.
+    run(Command::new("mount").args(["-o", "remount,ro", &fs.display().to_string()]));
+    let c = wait_cond(&agent, "ReadonlyFilesystem", "hardware/mounts", "True");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&fs.display().to_string()),
+        "{c}"
+    );
+    run(Command::new("mount").args(["-o", "remount,rw", &fs.display().to_string()]));
+    wait_cond(&agent, "ReadonlyFilesystem", "hardware/mounts", "False");
+
+    // A veth whose peer is down has no carrier; up again, then flapping.
+    let c = wait_cond(&agent, "NetworkInterfaceDown", "hardware/nic:nkp0", "True");
+    assert!(c["message"].as_str().unwrap_or_default().contains("no carrier"), "{c}");
+    run(Command::new("ip").args(["link", "set", "nkp1", "up"]));
+    wait_cond(&agent, "NetworkInterfaceDown", "hardware/nic:nkp0", "False");
+    for _ in 0..3 {
+        run(Command::new("ip").args(["link", "set", "nkp1", "down"]));
+        std::thread::sleep(Duration::from_millis(300));
+        run(Command::new("ip").args(["link", "set", "nkp1", "up"]));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_cond(&agent, "FrequentNetworkInterfaceFlap", "hardware/nic:nkp0", "True");
+
+    // The clock as adjtimex says, read another way.
+    let clock = wait_for("ClockUnsynchronized", T, || {
+        conditions(&agent)
+            .into_iter()
+            .find(|c| c["type"] == "ClockUnsynchronized")
+    });
+    assert_eq!(clock["status"] == "True", unsynced_by_python(), "{clock}");
+    // No EDAC here: said once, not a fault.
+    let e = wait_for("EDAC not applicable", T, || {
+        events(&agent)
+            .into_iter()
+            .find(|e| e["reason"] == "CheckNotApplicable" && e["source"] == "hardware/edac")
+    });
+    assert_eq!(e["severity"], "Info");
+    assert!(!conditions(&agent).iter().any(|c| c["source"] == "hardware/edac"));
+
+    // Real memory pressure: stress-ng holds 2 GiB.
+    let mut stress = Command::new("stress-ng")
+        .args([
+            "--vm",
+            "1",
+            "--vm-bytes",
+            "2g",
+            "--vm-keep",
+            "--timeout",
+            "60s",
+            "--quiet",
+        ])
+        .spawn()
+        .expect("stress-ng (apt-get install stress-ng)");
+    let c = wait_cond(&agent, "MemoryPressure", "resources", "True");
+    let _ = stress.kill();
+    let _ = Command::new("pkill").args(["-9", "stress-ng"]).status();
+    let _ = stress.wait();
+    assert_eq!(c["reason"], "InsufficientMemory");
+    wait_cond(&agent, "MemoryPressure", "resources", "False");
+}
