@@ -428,3 +428,208 @@ fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
     assert_eq!(c["reason"], "InsufficientMemory");
     wait_cond(&agent, "MemoryPressure", "resources", "False");
 }
+
+fn start_containerd(dir: &Path) -> std::process::Child {
+    let cfg = String::from_utf8_lossy(&run(Command::new("containerd").args(["config", "default"])).stdout)
+        .replace(
+            "root = \"/var/lib/containerd\"",
+            &format!("root = \"{}/root\"", dir.display()),
+        )
+        .replace(
+            "state = \"/run/containerd\"",
+            &format!("state = \"{}/state\"", dir.display()),
+        )
+        .replace(
+            "address = \"/run/containerd/containerd.sock\"",
+            &format!("address = \"{}/containerd.sock\"", dir.display()),
+        )
+        .replace(
+            "address = \"/run/containerd/debug.sock\"",
+            &format!("address = \"{}/debug.sock\"", dir.display()),
+        );
+    std::fs::write(dir.join("config.toml"), cfg).expect("containerd config");
+    let log = std::fs::File::create(dir.join("containerd.log")).expect("log");
+    let c = Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("containerd (apt-get install containerd)");
+    wait_for("containerd's socket", T, || {
+        dir.join("containerd.sock").exists().then_some(())
+    });
+    c
+}
+
+#[test]
+fn real_containerd_stopped_is_unhealthy_and_clears_when_it_is_back() {
+    let tmp = TempDir::new("containerd");
+    let d = tmp.path();
+    let cd = d.join("containerd");
+    std::fs::create_dir_all(&cd).expect("dir");
+    let mut containerd = start_containerd(&cd);
+    let sock = cd.join("containerd.sock");
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  probes:\n  - {{name: containerd, condition: ContainerRuntimeUnhealthy, periodSeconds: 1, timeoutSeconds: 1, failureThreshold: 2, containerd: {{address: '{}', namespace: k8s.io}}}}\n",
+        sock.display()
+    );
+    let agent = Agent::start(d, "node-cri", None, &cfg);
+    let c = wait_cond(&agent, "ContainerRuntimeUnhealthy", "probe/containerd", "False");
+    assert_eq!(c["reason"], "ContainerRuntimeIsHealthy");
+    let version = String::from_utf8_lossy(&run(Command::new("containerd").arg("--version")).stdout).into_owned();
+    let (_, metrics) = http_unix(&agent.socket, "GET", "/metrics", "").expect("metrics");
+    assert!(
+        metrics.contains("check_runs_total{check=\"probe/containerd\",result=\"healthy\"}"),
+        "{metrics}"
+    );
+    let _ = containerd.kill();
+    let _ = containerd.wait();
+    let c = wait_cond(&agent, "ContainerRuntimeUnhealthy", "probe/containerd", "True");
+    assert!(c["message"].as_str().unwrap_or_default().contains("containerd"), "{c}");
+    let mut containerd = start_containerd(&cd);
+    wait_cond(&agent, "ContainerRuntimeUnhealthy", "probe/containerd", "False");
+    // The healthy answer came from containerd's own API (its version).
+    let ev = events(&agent);
+    assert!(
+        ev.iter()
+            .any(|e| e["source"] == "probe/containerd" && e["severity"] == "Info"),
+        "a clearing event: {ev:?}"
+    );
+    assert!(!version.is_empty());
+    let _ = containerd.kill();
+    let _ = containerd.wait();
+}
+
+#[test]
+fn hardware_checks_read_edac_taint_and_stuck_tasks_from_a_prepared_tree() {
+    // There is no EDAC memory controller on these machines: the tree has the
+    // kernel's layout (drivers/edac/edac_mc_sysfs.c), /proc/sys/kernel/tainted
+    // and a /proc/PID/stat of a user task in D state.
+    let tmp = TempDir::new("hwtree");
+    let d = tmp.path();
+    let root = d.join("root");
+    let mc = root.join("sys/devices/system/edac/mc/mc0");
+    let dimm = mc.join("dimm0");
+    std::fs::create_dir_all(&dimm).expect("edac");
+    let put = |p: &Path, v: &str| std::fs::write(p, format!("{v}\n")).expect("write");
+    put(&mc.join("ce_count"), "0");
+    put(&mc.join("ue_count"), "0");
+    put(&dimm.join("dimm_ce_count"), "0");
+    put(&dimm.join("dimm_ue_count"), "0");
+    put(&dimm.join("dimm_label"), "CPU_SrcID#0_Ha#0_Chan#0_DIMM#0");
+    std::fs::create_dir_all(root.join("proc/sys/kernel")).expect("proc");
+    put(&root.join("proc/sys/kernel/tainted"), "0");
+    let task = root.join("proc/4242");
+    std::fs::create_dir_all(&task).expect("task");
+    // pid (comm) state ppid pgrp session tty tpgid flags ... starttime(22nd).
+    let mut fields = vec!["4242 (nk-stuck) D 1 4242 4242 0 -1 4194560".to_string()];
+    fields.extend((0..12).map(|_| "0".to_string()));
+    fields.push("987654".into());
+    fields.extend((0..30).map(|_| "0".to_string()));
+    put(&task.join("stat"), &fields.join(" "));
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  hardware:\n    root: {}\n    periodSeconds: 1\n    edac: {{maxCorrectedPerHour: 100}}\n    clock: {{disabled: true}}\n    stuckTasks: {{seconds: 2}}\n",
+        root.display()
+    );
+    let agent = Agent::start(d, "node-hw", None, &cfg);
+    wait_cond(&agent, "CorrectableMemoryErrors", "hardware/edac", "False");
+    wait_cond(&agent, "KernelTainted", "hardware/taint", "False");
+    // 150 corrected errors within the hour on one DIMM.
+    put(&mc.join("ce_count"), "150");
+    put(&dimm.join("dimm_ce_count"), "150");
+    let c = wait_cond(&agent, "CorrectableMemoryErrors", "hardware/edac", "True");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("mc0/dimm0 (CPU_SrcID#0_Ha#0_Chan#0_DIMM#0): 150 corrected"),
+        "{c}"
+    );
+    put(&mc.join("ue_count"), "1");
+    put(&dimm.join("dimm_ue_count"), "1");
+    let c = wait_cond(&agent, "UncorrectableMemoryErrors", "hardware/edac", "True");
+    assert!(c["message"].as_str().unwrap_or_default().contains("dimm0"), "{c}");
+    // Died (oops) and out-of-tree: D is watched, O is not.
+    put(
+        &root.join("proc/sys/kernel/tainted"),
+        &((1u64 << 7) | (1 << 12)).to_string(),
+    );
+    let c = wait_cond(&agent, "KernelTainted", "hardware/taint", "True");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tainted DO (watched: D"),
+        "{c}"
+    );
+    // The task has been in D state past 2 s; it leaves and the condition clears.
+    let c = wait_cond(&agent, "TasksStuckInDState", "hardware/tasks", "True");
+    assert!(
+        c["message"].as_str().unwrap_or_default().contains("nk-stuck[4242]"),
+        "{c}"
+    );
+    std::fs::remove_dir_all(&task).expect("task gone");
+    wait_cond(&agent, "TasksStuckInDState", "hardware/tasks", "False");
+    // NICs and mounts are not in the tree: said once, no fault.
+    wait_for("no NICs said once", T, || {
+        events(&agent)
+            .into_iter()
+            .find(|e| e["reason"] == "CheckNotApplicable" && e["source"] == "hardware/nic")
+    });
+}
+
+#[test]
+fn units_in_a_booted_systemd_flap_and_stop_and_come_back() {
+    let m = nodekeeper_e2e::lab::Machine::boot("probes-sd", &[]);
+    m.sh(
+        "cat > /etc/systemd/system/flappy.service <<'E'\n[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sh -c 'sleep 0.3; exit 1'\nRestart=always\nRestartSec=200ms\nE\n\
+         cat > /etc/systemd/system/kubelike.service <<'E'\n[Service]\nExecStart=/bin/sleep infinity\nE\n\
+         systemctl daemon-reload && systemctl start kubelike.service",
+    );
+    let tmp = TempDir::new("probes-sd");
+    let bus = format!("unix:path=/proc/{}/root/run/dbus/system_bus_socket", m.pid1());
+    let cfg = "detectors:\n  defaultRules: false\n  probes:\n  - {name: flappy, periodSeconds: 1, timeoutSeconds: 1, systemdUnit: {unit: flappy.service, maxRestarts: 3, restartWindowSeconds: 8}}\n  - {name: kubelet, condition: KubeletUnhealthy, periodSeconds: 1, timeoutSeconds: 1, failureThreshold: 1, systemdUnit: {unit: kubelike.service}}\n  - {name: absent, periodSeconds: 1, timeoutSeconds: 1, requiresUnit: nothere.service, tcp: {address: '127.0.0.1:1'}}\n";
+    let agent = Agent::start_env(tmp.path(), "node-sd", None, cfg, &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
+    wait_cond(&agent, "FrequentFlappyRestart", "probe/flappy", "False");
+    wait_cond(&agent, "KubeletUnhealthy", "probe/kubelet", "False");
+    // Flapping: restarted by systemd again and again.
+    m.exec(&["systemctl", "start", "flappy.service"]);
+    let c = wait_cond(&agent, "FrequentFlappyRestart", "probe/flappy", "True");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("flappy.service restarted"),
+        "{c}"
+    );
+    m.exec(&["systemctl", "stop", "flappy.service"]);
+    // Back once the restarts are out of the 8 s window.
+    wait_cond(&agent, "FrequentFlappyRestart", "probe/flappy", "False");
+    // A kubelet-like unit stopped and started.
+    m.exec(&["systemctl", "stop", "kubelike.service"]);
+    let c = wait_cond(&agent, "KubeletUnhealthy", "probe/kubelet", "True");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("kubelike.service is inactive"),
+        "{c}"
+    );
+    m.exec(&["systemctl", "start", "kubelike.service"]);
+    wait_cond(&agent, "KubeletUnhealthy", "probe/kubelet", "False");
+    // A probe of a unit the node does not have: said once, never a fault.
+    let e = wait_for("not applicable", T, || {
+        events(&agent)
+            .into_iter()
+            .find(|e| e["reason"] == "CheckNotApplicable" && e["source"] == "probe/absent")
+    });
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nothere.service is not installed"),
+        "{e}"
+    );
+    assert!(!conditions(&agent).iter().any(|c| c["source"] == "probe/absent"));
+}
