@@ -452,7 +452,7 @@ pub fn check_hardware(field: &str, h: &HardwareChecks) -> Result<(), ResourceErr
 
 /// A signal's timing with its defaults: (enabled, forSeconds, clearSeconds).
 pub fn timing(t: &Option<SignalTiming>) -> (bool, Duration, Duration) {
-    let t = t.clone().unwrap_or_default();
+    let t = t.unwrap_or_default();
     (
         !t.disabled,
         Duration::from_secs(u64::from(t.for_seconds)),

@@ -107,6 +107,9 @@ impl Kind {
 }
 
 /// A resource of any appliable kind.
+// A DetectorSet is large (its checks inline); resources are parsed one by
+// one at an apply, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
     NodeSet(NodeSet),
