@@ -147,7 +147,7 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     std::fs::write(
         &own,
         format!(
-            "plugin: custom\npluginConfig: {{invoke_interval: 1s, timeout: 2s, max_output_length: 80, concurrency: 2}}\nsource: own\nconditions:\n- {{type: Hung, reason: NotHung, message: fine}}\n- {{type: Long, reason: Short, message: fine}}\nrules:\n- {{type: permanent, condition: Hung, reason: IsHung, path: {hang}, timeout: 1s}}\n- {{type: permanent, condition: Long, reason: IsLong, path: {long}}}\n"
+            "plugin: custom\npluginConfig: {{invoke_interval: 1s, timeout: 2s, max_output_length: 80, concurrency: 2}}\nsource: own\nconditions:\n- {{type: Hung, reason: NotHung, message: fine}}\n- {{type: Long, reason: Short, message: fine}}\nrules:\n- {{type: permanent, condition: Hung, reason: IsHung, path: {hang}, timeout: 1s, invoke_interval: 1h}}\n- {{type: permanent, condition: Long, reason: IsLong, path: {long}}}\n"
         ),
     )
     .expect("own");
@@ -187,7 +187,7 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     assert_eq!(c["message"], "kubelet:10248 refused");
 
     // A plugin that hangs is Unknown at its timeout, and nothing it started
-    // is left, not even a zombie.
+    // is left, not even a zombie (it runs once: its interval is an hour).
     let c = wait_cond(&agent, "Hung", "own", "Unknown");
     assert!(
         c["message"]
