@@ -47,6 +47,8 @@ const RESOURCE_MESSAGES: &[&str] = &[
     "ReadOnlyCheck",
     "TaintCheck",
     "StuckTaskCheck",
+    "SmartCheck",
+    "GpuCheck",
     "Component",
     "ComponentSpec",
     "NodeSetParams",

@@ -49,6 +49,8 @@ enum Cmd {
     RunCheck {
         #[arg(long)]
         timeout_ms: u64,
+        #[arg(long, default_value_t = nodekeeper_agent::detect::checks::run::MAX_CAPTURE)]
+        max_output: usize,
         #[arg(last = true)]
         argv: Vec<String>,
     },
@@ -69,8 +71,13 @@ fn main() {
 
 fn main_inner() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Cmd::RunCheck { timeout_ms, argv }) = &args.cmd {
-        let r = nodekeeper_agent::detect::checks::run::shim(Duration::from_millis(*timeout_ms), argv);
+    if let Some(Cmd::RunCheck {
+        timeout_ms,
+        max_output,
+        argv,
+    }) = &args.cmd
+    {
+        let r = nodekeeper_agent::detect::checks::run::shim(Duration::from_millis(*timeout_ms), *max_output, argv);
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }

@@ -352,18 +352,26 @@ fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
         fs = fs.display()
     );
     let agent = Agent::start(d, "node-res", None, &cfg);
-    let disk = format!("resources/disk:{}", fs.display());
-    wait_cond(&agent, "DiskPressure", &disk, "False");
+    // One DiskPressure for every mount, as kubelet has one.
+    let disk = "resources";
+    wait_cond(&agent, "DiskPressure", disk, "False");
     wait_cond(&agent, "MemoryPressure", "resources", "False");
 
     // A small tmpfs filled (ENOSPC) and emptied.
     let _ = Command::new("dd")
         .args(["if=/dev/zero", &format!("of={}/fill", fs.display()), "bs=64k"])
         .output();
-    let c = wait_cond(&agent, "DiskPressure", &disk, "True");
+    let c = wait_cond(&agent, "DiskPressure", disk, "True");
     assert_eq!(c["reason"], "InsufficientDiskSpace");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&fs.display().to_string()),
+        "{c}"
+    );
     std::fs::remove_file(fs.join("fill")).expect("empty");
-    wait_cond(&agent, "DiskPressure", &disk, "False");
+    wait_cond(&agent, "DiskPressure", disk, "False");
 
     // Remounted read-only and back.
     run(Command::new("mount").args(["-o", "remount,ro", &fs.display().to_string()]));
@@ -379,17 +387,17 @@ fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
     wait_cond(&agent, "ReadonlyFilesystem", "hardware/mounts", "False");
 
     // A veth whose peer is down has no carrier; up again, then flapping.
-    let c = wait_cond(&agent, "NetworkInterfaceDown", "hardware/nic:nkp0", "True");
+    let c = wait_cond(&agent, "NetworkInterfaceDown", "hardware/nic", "True");
     assert!(c["message"].as_str().unwrap_or_default().contains("no carrier"), "{c}");
     run(Command::new("ip").args(["link", "set", "nkp1", "up"]));
-    wait_cond(&agent, "NetworkInterfaceDown", "hardware/nic:nkp0", "False");
+    wait_cond(&agent, "NetworkInterfaceDown", "hardware/nic", "False");
     for _ in 0..3 {
         run(Command::new("ip").args(["link", "set", "nkp1", "down"]));
         std::thread::sleep(Duration::from_millis(300));
         run(Command::new("ip").args(["link", "set", "nkp1", "up"]));
         std::thread::sleep(Duration::from_millis(300));
     }
-    wait_cond(&agent, "FrequentNetworkInterfaceFlap", "hardware/nic:nkp0", "True");
+    wait_cond(&agent, "FrequentNetworkInterfaceFlap", "hardware/nic", "True");
 
     // The clock as adjtimex says, read another way.
     let clock = wait_for("ClockUnsynchronized", T, || {
@@ -528,11 +536,45 @@ fn hardware_checks_read_edac_taint_and_stuck_tasks_from_a_prepared_tree() {
     fields.push("987654".into());
     fields.extend((0..30).map(|_| "0".to_string()));
     put(&task.join("stat"), &fields.join(" "));
+    // There are no disks smartctl can read and no GPUs here either: the
+    // tools are stand-ins printing smartctl's JSON and nvidia-smi's XML as
+    // smartmontools 7.3 and driver 535 print them.
+    let bad_disk = d.join("disk-failing");
+    let bad_gpu = d.join("gpu-pending");
+    let smartctl = script(
+        d,
+        "smartctl",
+        &format!(
+            "case \"$*\" in *--scan*) echo '{{\"json_format_version\":[1,0],\"smartctl\":{{\"version\":[7,3],\"exit_status\":0}},\"devices\":[{{\"name\":\"/dev/sda\",\"info_name\":\"/dev/sda [SAT]\",\"type\":\"sat\",\"protocol\":\"ATA\"}}]}}'; exit 0;; esac\n\
+             p=true; [ -e {} ] && p=false\n\
+             echo '{{\"smartctl\":{{\"version\":[7,3],\"exit_status\":0}},\"device\":{{\"name\":\"/dev/sda\",\"type\":\"sat\",\"protocol\":\"ATA\"}},\"model_name\":\"ST4000NM0035\",\"smart_status\":{{\"passed\":'$p'}},\"ata_smart_attributes\":{{\"revision\":10,\"table\":[]}}}}'",
+            bad_disk.display()
+        ),
+    );
+    let nvidia_smi = script(
+        d,
+        "nvidia-smi",
+        &format!(
+            "p=No; [ -e {} ] && p=Yes\n\
+             printf '<?xml version=\"1.0\" ?>\\n<nvidia_smi_log><driver_version>535.129.03</driver_version><attached_gpus>1</attached_gpus><gpu id=\"00000000:3B:00.0\"><product_name>NVIDIA A100-SXM4-80GB</product_name><ecc_errors><volatile><dram_uncorrectable>0</dram_uncorrectable></volatile></ecc_errors><remapped_rows><remapped_row_pending>%s</remapped_row_pending><remapped_row_failure>No</remapped_row_failure></remapped_rows></gpu></nvidia_smi_log>\\n' $p",
+            bad_gpu.display()
+        ),
+    );
     let cfg = format!(
-        "detectors:\n  defaultRules: false\n  hardware:\n    root: {}\n    periodSeconds: 1\n    edac: {{maxCorrectedPerHour: 100}}\n    clock: {{disabled: true}}\n    stuckTasks: {{seconds: 2}}\n",
+        "detectors:\n  defaultRules: false\n  hardware:\n    root: {}\n    periodSeconds: 1\n    edac: {{maxCorrectedPerHour: 100}}\n    clock: {{disabled: true}}\n    stuckTasks: {{seconds: 2}}\n    smart: {{command: '{smartctl}', periodSeconds: 1}}\n    gpu: {{command: '{nvidia_smi}', periodSeconds: 1}}\n",
         root.display()
     );
-    let agent = Agent::start(d, "node-hw", None, &cfg);
+    let mut agent = Agent::start(d, "node-hw", None, &cfg);
+    wait_cond(&agent, "DiskUnhealthy", "hardware/smart", "False");
+    std::fs::write(&bad_disk, "").expect("flag");
+    let c = wait_cond(&agent, "DiskUnhealthy", "hardware/smart", "True");
+    assert_eq!(c["reason"], "SmartFailing");
+    wait_cond(&agent, "GPUUnhealthy", "hardware/gpu", "False");
+    std::fs::write(&bad_gpu, "").expect("flag");
+    let c = wait_cond(&agent, "GPUUnhealthy", "hardware/gpu", "True");
+    assert_eq!(c["reason"], "RowRemapPending");
+    std::fs::remove_file(&bad_gpu).expect("unflag");
+    wait_cond(&agent, "GPUUnhealthy", "hardware/gpu", "False");
     wait_cond(&agent, "CorrectableMemoryErrors", "hardware/edac", "False");
     wait_cond(&agent, "KernelTainted", "hardware/taint", "False");
     // 150 corrected errors within the hour on one DIMM.
@@ -550,6 +592,24 @@ fn hardware_checks_read_edac_taint_and_stuck_tasks_from_a_prepared_tree() {
     put(&dimm.join("dimm_ue_count"), "1");
     let c = wait_cond(&agent, "UncorrectableMemoryErrors", "hardware/edac", "True");
     assert!(c["message"].as_str().unwrap_or_default().contains("dimm0"), "{c}");
+    // Stored: after a restart the condition is True from the start, with
+    // its first transition time, and no new transition is reported.
+    agent.terminate();
+    agent.restart();
+    let again = conditions(&agent)
+        .into_iter()
+        .find(|x| x["type"] == "UncorrectableMemoryErrors")
+        .expect("restored at once");
+    assert_eq!(
+        (&again["status"], &again["lastTransitionTime"]),
+        (&c["status"], &c["lastTransitionTime"])
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let c2 = wait_cond(&agent, "UncorrectableMemoryErrors", "hardware/edac", "True");
+    assert_eq!(
+        c2["lastTransitionTime"], c["lastTransitionTime"],
+        "not raised again after the restart"
+    );
     // Died (oops) and out-of-tree: D is watched, O is not.
     put(
         &root.join("proc/sys/kernel/tainted"),

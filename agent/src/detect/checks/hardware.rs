@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nodekeeper_proto::v1::{Condition, Event, HardwareChecks};
 
-use super::tracker::Tracker;
+use super::tracker::{Group, Tracker};
 use super::{Once, commit, under};
 use crate::runtime::Agent;
 
@@ -30,8 +30,9 @@ struct Cond {
 }
 
 impl Cond {
-    fn new(agent: &Agent, kind: &str, source: &str, healthy: &str, message: &str) -> Cond {
-        let mut tracker = Tracker::new(kind, source, healthy, message, &super::restored(agent, source));
+    fn new(agent: &Agent, kind: &str, source: &str, healthy: &str, message: &str, clear_after: Duration) -> Cond {
+        let mut tracker = Tracker::new(kind, source, healthy, message, &super::restored(agent, source))
+            .durations(Duration::ZERO, clear_after);
         let _ = tracker.initial();
         Cond { tracker }
     }
@@ -254,6 +255,7 @@ struct State {
     flaps: BTreeMap<String, Rate>,
     seen_rw: BTreeSet<String>,
     d_since: BTreeMap<(u32, u64), (Instant, String)>,
+    groups: BTreeMap<&'static str, Group>,
 }
 
 impl State {
@@ -267,15 +269,77 @@ impl State {
         bad: Option<(&str, String)>,
         out: &mut Vec<Condition>,
     ) {
+        self.observe_for(agent, kind, source, healthy, bad, Duration::ZERO, out)
+    }
+
+    /// [`State::observe`] for a rate: it clears only after `clear_after`
+    /// of good readings (a restart forgets the counts it had seen, and must
+    /// not clear the condition for that).
+    #[allow(clippy::too_many_arguments)]
+    fn observe_for(
+        &mut self,
+        agent: &Agent,
+        kind: &str,
+        source: &str,
+        healthy: &str,
+        bad: Option<(&str, String)>,
+        clear_after: Duration,
+        out: &mut Vec<Condition>,
+    ) {
         let key = format!("{kind}|{source}");
-        let c = self
-            .conds
-            .entry(key)
-            .or_insert_with(|| Cond::new(agent, kind, source, healthy, &format!("{kind}: no problem found")));
+        let c = self.conds.entry(key).or_insert_with(|| {
+            Cond::new(
+                agent,
+                kind,
+                source,
+                healthy,
+                &format!("{kind}: no problem found"),
+                clear_after,
+            )
+        });
         out.extend(
             c.tracker
                 .observe(bad.as_ref().map(|(r, m)| (*r, m.as_str())), SystemTime::now()),
         );
+    }
+
+    /// Observes one instance of a condition shared by many (NICs).
+    #[allow(clippy::too_many_arguments)]
+    fn member(
+        &mut self,
+        agent: &Agent,
+        kind: &'static str,
+        source: &str,
+        healthy: &str,
+        clear_after: Duration,
+        member: &str,
+        bad: Option<(&str, String)>,
+    ) {
+        let g = self.groups.entry(kind).or_insert_with(|| {
+            Group::new(
+                kind,
+                source,
+                healthy,
+                &format!("{kind}: no problem found"),
+                (Duration::ZERO, clear_after),
+                &super::restored(agent, source),
+            )
+        });
+        g.observe(member, bad.as_ref().map(|(r, m)| (*r, m.as_str())), SystemTime::now());
+    }
+
+    /// The shared conditions that changed, with an event when their status
+    /// did.
+    fn publish(&mut self, out: &mut Vec<Condition>, events: &mut Vec<Event>) {
+        for g in self.groups.values_mut() {
+            let before = g.published.status.clone();
+            if let Some(c) = g.publish(SystemTime::now()) {
+                if c.status != before {
+                    events.push(super::transition_event(&c));
+                }
+                out.push(c);
+            }
+        }
     }
 
     fn missing(&mut self, check: &'static str, message: String, events: &mut Vec<Event>) {
@@ -337,12 +401,13 @@ impl State {
                         out,
                     );
                     let ce_bad = (!ce.is_empty()).then(|| ("CorrectableMemoryErrorRate", ce.join("; ")));
-                    self.observe(
+                    self.observe_for(
                         agent,
                         "CorrectableMemoryErrors",
                         "hardware/edac",
                         "NoCorrectableMemoryErrors",
                         ce_bad,
+                        hour,
                         out,
                     );
                 }
@@ -384,13 +449,20 @@ impl State {
                     self.missing("nic", format!("interface {n} does not exist"), events);
                     continue;
                 }
-                let src = format!("hardware/nic:{n}");
                 let up = read(&d.join("flags"))
                     .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
                     .is_some_and(|f| f & 1 != 0);
                 let carrier = read(&d.join("carrier")).as_deref() == Some("1");
                 let down = (up && !carrier).then(|| ("NoCarrier", format!("{n} is up but has no carrier (link down)")));
-                self.observe(agent, "NetworkInterfaceDown", &src, "CarrierUp", down, out);
+                self.member(
+                    agent,
+                    "NetworkInterfaceDown",
+                    "hardware/nic",
+                    "CarrierUp",
+                    Duration::ZERO,
+                    &n,
+                    down,
+                );
                 if let Some(changes) = num(&d.join("carrier_changes")) {
                     let k = self.flaps.entry(n.clone()).or_default().add(changes, now, window);
                     let flap = (k >= max_flaps).then(|| {
@@ -399,7 +471,15 @@ impl State {
                             format!("{n} lost or regained carrier {k} times in {} s", window.as_secs()),
                         )
                     });
-                    self.observe(agent, "FrequentNetworkInterfaceFlap", &src, "LinkStable", flap, out);
+                    self.member(
+                        agent,
+                        "FrequentNetworkInterfaceFlap",
+                        "hardware/nic",
+                        "LinkStable",
+                        window,
+                        &n,
+                        flap,
+                    );
                 }
             }
         }
@@ -550,6 +630,7 @@ pub async fn run(agent: Arc<Agent>, cfg: HardwareChecks) {
         flaps: BTreeMap::new(),
         seen_rw: BTreeSet::new(),
         d_since: BTreeMap::new(),
+        groups: BTreeMap::new(),
     };
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -561,6 +642,7 @@ pub async fn run(agent: Arc<Agent>, cfg: HardwareChecks) {
         let mut events = Vec::new();
         st.pass(&agent, &mut conditions, &mut events);
         events.extend(conditions.iter().map(super::transition_event));
+        st.publish(&mut conditions, &mut events);
         if first {
             // Conditions new to this node are committed once, False.
             first = false;
@@ -571,6 +653,13 @@ pub async fn run(agent: Arc<Agent>, cfg: HardwareChecks) {
                     && !stored.iter().any(|x| x.r#type == c.r#type && x.source == c.source)
                 {
                     conditions.push(c.clone());
+                }
+            }
+            for g in st.groups.values_mut() {
+                if let Some(c) = g.initial()
+                    && !conditions.iter().any(|x| x.r#type == c.r#type && x.source == c.source)
+                {
+                    conditions.push(c);
                 }
             }
         }

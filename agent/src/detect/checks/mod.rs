@@ -13,6 +13,7 @@ pub mod plugin;
 pub mod probe;
 pub mod resources;
 pub mod run;
+pub mod tools;
 pub mod tracker;
 
 use std::path::{Path, PathBuf};
@@ -268,6 +269,14 @@ fn start(agent: &Arc<Agent>, set: &CheckSet, tasks: &mut JoinSet<()>) {
     }
     if let Some(h) = &set.hardware {
         tasks.spawn(hardware::run(agent.clone(), h.clone()));
+        let smart = h.smart.clone().unwrap_or_default();
+        if !smart.disabled {
+            tasks.spawn(tools::run_smart(agent.clone(), smart));
+        }
+        let gpu = h.gpu.clone().unwrap_or_default();
+        if !gpu.disabled {
+            tasks.spawn(tools::run_gpu(agent.clone(), gpu));
+        }
     }
 }
 

@@ -18,6 +18,9 @@ use super::{Once, commit};
 use crate::converge::component::systemd::{self, UnitStatus};
 use crate::runtime::Agent;
 
+/// How often a probe whose unit is not installed looks again.
+const ABSENT_RECHECK: Duration = Duration::from_secs(60);
+
 /// What one probe found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -181,6 +184,9 @@ pub async fn run(agent: Arc<Agent>, p: Probe) {
             ),
             &stored,
         )
+        // Clears only once a whole window passed quietly: a restarted agent
+        // has no history, which is not the same as no restarts.
+        .durations(Duration::ZERO, window)
     });
     let mut restarts = Restarts::default();
     let mut failed = Once::default();
@@ -189,8 +195,14 @@ pub async fn run(agent: Arc<Agent>, p: Probe) {
     let kind = p.kind();
     let mut tick = tokio::time::interval(p.period());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_absent_check = Instant::now();
     loop {
         tick.tick().await;
+        // What is not installed is looked for again once a minute, not
+        // every period.
+        if Instant::now() < next_absent_check {
+            continue;
+        }
         let t0 = Instant::now();
         let mut events = Vec::new();
         let mut conditions = Vec::new();
@@ -280,6 +292,7 @@ pub async fn run(agent: Arc<Agent>, p: Probe) {
         let now = SystemTime::now();
         match outcome {
             Outcome::Absent(msg) => {
+                next_absent_check = Instant::now() + ABSENT_RECHECK;
                 events.extend(absent.say(
                     &source,
                     "CheckNotApplicable",

@@ -14,7 +14,7 @@ use nodekeeper_proto::checks::timing;
 use nodekeeper_proto::quantity::Quantity;
 use nodekeeper_proto::v1::{ResourceChecks, SignalTiming, Threshold};
 
-use super::tracker::Tracker;
+use super::tracker::{Group, Tracker};
 use super::{Once, commit};
 use crate::runtime::Agent;
 
@@ -86,8 +86,9 @@ struct Reading {
 }
 
 impl Signal {
-    fn judge(&self, r: &Reading) -> Option<(String, String)> {
-        let active = self.tracker.active();
+    /// The trouble in a reading; `active` says which side of the
+    /// hysteresis applies.
+    fn judge(&self, r: &Reading, active: bool) -> Option<(String, String)> {
         let past = |(v, total): (f64, f64), (enter, exit): (Quantity, Quantity), above: bool| {
             let limit = if active { exit } else { enter }.of(total);
             if above { v > limit } else { v < limit }
@@ -163,11 +164,10 @@ fn reasons(m: &Measure) -> (&'static str, &'static str) {
     }
 }
 
-fn source(m: &Measure) -> String {
-    match m {
-        Measure::Disk(d) => format!("resources/disk:{d}"),
-        _ => "resources".into(),
-    }
+/// Every resource condition's source (one DiskPressure for all mounts, as
+/// kubelet has one).
+fn source(_: &Measure) -> String {
+    "resources".into()
 }
 
 fn read(m: &Measure) -> Result<Reading, String> {
@@ -334,7 +334,26 @@ fn signals(agent: &Agent, r: &ResourceChecks) -> Vec<Signal> {
 pub async fn run(agent: Arc<Agent>, r: ResourceChecks) {
     let period = Duration::from_secs(u64::from(if r.period_seconds == 0 { 10 } else { r.period_seconds }));
     let mut sigs = signals(&agent, &r);
-    let initial: Vec<_> = sigs.iter_mut().filter_map(|s| s.tracker.initial()).collect();
+    // The mounts share one DiskPressure; each has its own hysteresis.
+    let d = r.disk.clone().unwrap_or_default();
+    let (_, _, clear) = timing(&d.timing);
+    let enter = Duration::from_secs(u64::from(d.timing.map_or(0, |t| t.for_seconds)));
+    let mut disk = Group::new(
+        "DiskPressure",
+        "resources",
+        "SufficientDisk",
+        "every filesystem has room",
+        (enter, clear),
+        &super::restored(&agent, "resources"),
+    );
+    let mut initial: Vec<_> = sigs
+        .iter_mut()
+        .filter(|s| !matches!(s.measure, Measure::Disk(_)))
+        .filter_map(|s| s.tracker.initial())
+        .collect();
+    if sigs.iter().any(|s| matches!(s.measure, Measure::Disk(_))) {
+        initial.extend(disk.initial());
+    }
     commit(&agent, initial, Vec::new());
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -348,7 +367,12 @@ pub async fn run(agent: Arc<Agent>, r: ResourceChecks) {
             match read(&s.measure) {
                 Ok(reading) => {
                     s.missing.clear();
-                    let bad = s.judge(&reading);
+                    if let Measure::Disk(mount) = &s.measure {
+                        let bad = s.judge(&reading, disk.active(mount));
+                        disk.observe(mount, bad.as_ref().map(|(r, m)| (r.as_str(), m.as_str())), now);
+                        continue;
+                    }
+                    let bad = s.judge(&reading, s.tracker.active());
                     conditions.extend(
                         s.tracker
                             .observe(bad.as_ref().map(|(r, m)| (r.as_str(), m.as_str())), now),
@@ -364,6 +388,13 @@ pub async fn run(agent: Arc<Agent>, r: ResourceChecks) {
         }
         agent.metrics.check_run("resources", "done", t0.elapsed().as_secs_f64());
         events.extend(conditions.iter().map(super::transition_event));
+        let before = disk.published.status.clone();
+        if let Some(c) = disk.publish(now) {
+            if c.status != before {
+                events.push(super::transition_event(&c));
+            }
+            conditions.push(c);
+        }
         commit(&agent, conditions, events);
     }
 }
@@ -405,14 +436,20 @@ mod tests {
             second_above: false,
         };
         let now = SystemTime::now();
-        assert_eq!(s.judge(&r(12.0, 50.0)), None);
-        let bad = s.judge(&r(9.0, 50.0)).expect("below 10%");
+        assert_eq!(s.judge(&r(12.0, 50.0), s.tracker.active()), None);
+        let bad = s.judge(&r(9.0, 50.0), s.tracker.active()).expect("below 10%");
         assert_eq!(bad.0, "InsufficientDiskSpace");
         assert!(bad.1.contains("/data"), "{bad:?}");
         s.tracker.observe(Some((&bad.0, &bad.1)), now);
-        assert!(s.judge(&r(12.0, 50.0)).is_some(), "active until back above 15%");
-        assert_eq!(s.judge(&r(16.0, 50.0)), None);
-        assert_eq!(s.judge(&r(50.0, 4.0)).map(|b| b.0), Some("InsufficientInodes".into()));
+        assert!(
+            s.judge(&r(12.0, 50.0), s.tracker.active()).is_some(),
+            "active until back above 15%"
+        );
+        assert_eq!(s.judge(&r(16.0, 50.0), s.tracker.active()), None);
+        assert_eq!(
+            s.judge(&r(50.0, 4.0), s.tracker.active()).map(|b| b.0),
+            Some("InsufficientInodes".into())
+        );
 
         // Memory: little available is bad, much stall is bad, not the reverse.
         let m = Signal {
@@ -428,8 +465,14 @@ mod tests {
             above: false,
             second_above: true,
         };
-        assert_eq!(m.judge(&mem(4e9, 0.0)), None);
-        assert_eq!(m.judge(&mem(50e6, 0.0)).map(|b| b.0), Some("InsufficientMemory".into()));
-        assert_eq!(m.judge(&mem(4e9, 25.0)).map(|b| b.0), Some("MemoryStalled".into()));
+        assert_eq!(m.judge(&mem(4e9, 0.0), false), None);
+        assert_eq!(
+            m.judge(&mem(50e6, 0.0), false).map(|b| b.0),
+            Some("InsufficientMemory".into())
+        );
+        assert_eq!(
+            m.judge(&mem(4e9, 25.0), false).map(|b| b.0),
+            Some("MemoryStalled".into())
+        );
     }
 }

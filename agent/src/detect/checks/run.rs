@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 
 /// NPD reads at most this much of a plugin's stdout (and stderr).
 pub const MAX_CAPTURE: usize = 4096;
+/// What the agent keeps of a tool's output (smartctl, nvidia-smi).
+pub const MAX_TOOL_OUTPUT: usize = 4 << 20;
 
 /// How a run ended, as the shim reports it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -28,7 +30,7 @@ pub struct RunResult {
     pub timed_out: bool,
     /// Why the program could not start.
     pub start_error: Option<String>,
-    /// At most [`MAX_CAPTURE`] bytes of each.
+    /// At most the run's capture limit of stdout, [`MAX_CAPTURE`] of stderr.
     pub stdout: String,
     pub stderr: String,
     /// Bytes of stdout beyond what was kept.
@@ -38,7 +40,7 @@ pub struct RunResult {
     pub duration_ms: u64,
 }
 
-fn capture(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<(Vec<u8>, u64)> {
+fn capture(mut r: impl Read + Send + 'static, limit: usize) -> std::thread::JoinHandle<(Vec<u8>, u64)> {
     std::thread::spawn(move || {
         let mut kept = Vec::new();
         let mut dropped = 0u64;
@@ -47,7 +49,7 @@ fn capture(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<(Vec<u8
             match r.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    let room = MAX_CAPTURE.saturating_sub(kept.len()).min(n);
+                    let room = limit.saturating_sub(kept.len()).min(n);
                     kept.extend_from_slice(&buf[..room]);
                     dropped += (n - room) as u64;
                 }
@@ -73,7 +75,7 @@ fn children() -> Vec<Pid> {
 
 /// The shim: runs `argv` with `timeout` and returns the result (the caller
 /// prints it). Only ever called in a process of its own.
-pub fn shim(timeout: Duration, argv: &[String]) -> RunResult {
+pub fn shim(timeout: Duration, max_output: usize, argv: &[String]) -> RunResult {
     let started = Instant::now();
     let mut res = RunResult::default();
     // Orphans of the program become our children, so we can reap them.
@@ -97,8 +99,8 @@ pub fn shim(timeout: Duration, argv: &[String]) -> RunResult {
         }
     };
     let pgid = Pid::from_raw(child.id() as i32);
-    let out = child.stdout.take().map(capture);
-    let err = child.stderr.take().map(capture);
+    let out = child.stdout.take().map(|o| capture(o, max_output));
+    let err = child.stderr.take().map(|e| capture(e, MAX_CAPTURE));
     let deadline = started + timeout;
     let status = loop {
         match child.try_wait() {
@@ -153,9 +155,15 @@ pub fn shim(timeout: Duration, argv: &[String]) -> RunResult {
     res
 }
 
-/// Runs `argv` through the shim with `timeout`; never blocks past the
-/// timeout plus a few seconds, whatever the program does.
+/// Runs `argv` through the shim with `timeout`, keeping NPD's 4 KiB of its
+/// output; never blocks past the timeout plus a few seconds, whatever the
+/// program does.
 pub async fn run(argv: &[String], timeout: Duration) -> RunResult {
+    run_capturing(argv, timeout, MAX_CAPTURE).await
+}
+
+/// [`run`], keeping up to `max_output` bytes of stdout.
+pub async fn run_capturing(argv: &[String], timeout: Duration, max_output: usize) -> RunResult {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -169,6 +177,8 @@ pub async fn run(argv: &[String], timeout: Duration) -> RunResult {
     cmd.arg("run-check")
         .arg("--timeout-ms")
         .arg(timeout.as_millis().to_string())
+        .arg("--max-output")
+        .arg(max_output.to_string())
         .arg("--")
         .args(argv)
         .stdin(Stdio::null())

@@ -203,3 +203,183 @@ mod tests {
         assert_eq!(t.unknown("timed out", at(1)), None);
     }
 }
+
+/// One node condition for many instances (filesystems, NICs, disks,
+/// GPUs): each instance has its own hysteresis, and the node's condition —
+/// one per type, as the hub and Kubernetes key them — is True while any
+/// instance is, naming them. It changes only when its status or the set of
+/// instances in trouble (and their reasons) changes, not with every value.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub published: Condition,
+    healthy_reason: String,
+    healthy_message: String,
+    enter_after: Duration,
+    clear_after: Duration,
+    members: std::collections::BTreeMap<String, Tracker>,
+    key: String,
+    restored: bool,
+}
+
+impl Group {
+    /// `enter_after` / `clear_after`: how long an instance must be bad to
+    /// enter, good to leave.
+    pub fn new(
+        kind: &str,
+        source: &str,
+        healthy_reason: &str,
+        healthy_message: &str,
+        (enter_after, clear_after): (Duration, Duration),
+        stored: &[Condition],
+    ) -> Group {
+        let t = Tracker::new(kind, source, healthy_reason, healthy_message, stored);
+        Group {
+            restored: t.restored,
+            published: t.condition,
+            healthy_reason: healthy_reason.into(),
+            healthy_message: healthy_message.into(),
+            enter_after,
+            clear_after,
+            members: std::collections::BTreeMap::new(),
+            key: String::new(),
+        }
+    }
+
+    /// The condition to commit at start when it was not stored.
+    pub fn initial(&mut self) -> Option<Condition> {
+        (!std::mem::replace(&mut self.restored, true)).then(|| self.published.clone())
+    }
+
+    /// One observation of `member`. A member new since a restart starts in
+    /// trouble when the stored condition named it, so it must be seen good
+    /// for `clear_after` before it leaves.
+    pub fn observe(&mut self, member: &str, bad: Option<(&str, &str)>, now: SystemTime) {
+        let (kind, source) = (self.published.r#type.clone(), self.published.source.clone());
+        let was = (self.published.status == "True" && self.published.message.contains(member)).then(|| Condition {
+            r#type: kind.clone(),
+            source: source.clone(),
+            status: "True".into(),
+            reason: self.published.reason.clone(),
+            ..Default::default()
+        });
+        let t = self.members.entry(member.to_string()).or_insert_with(|| {
+            Tracker::new(&kind, &source, &self.healthy_reason, "", was.as_slice())
+                .durations(self.enter_after, self.clear_after)
+        });
+        t.observe(bad, now);
+        if let Some((_, m)) = bad
+            && t.active()
+        {
+            t.condition.message = m.to_string();
+        }
+    }
+
+    /// Whether `member` is in trouble.
+    pub fn active(&self, member: &str) -> bool {
+        self.members.get(member).is_some_and(Tracker::active)
+    }
+
+    /// Members no longer present are dropped.
+    pub fn retain(&mut self, present: &std::collections::BTreeSet<String>) {
+        self.members.retain(|m, _| present.contains(m));
+    }
+
+    /// The node's condition, when it changed.
+    pub fn publish(&mut self, now: SystemTime) -> Option<Condition> {
+        let active: Vec<&Tracker> = self.members.values().filter(|t| t.active()).collect();
+        let key: String = self
+            .members
+            .iter()
+            .filter(|(_, t)| t.active())
+            .map(|(m, t)| format!("{m}={};", t.condition.reason))
+            .collect();
+        let status = if active.is_empty() { "False" } else { "True" };
+        if key == self.key && status == self.published.status {
+            return None;
+        }
+        self.key = key;
+        let c = &mut self.published;
+        if c.status != status {
+            c.last_transition_time = rfc3339(now);
+        }
+        c.status = status.into();
+        if let Some(first) = active.first() {
+            c.reason = first.condition.reason.clone();
+            c.message = active
+                .iter()
+                .map(|t| t.condition.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+        } else {
+            c.reason = self.healthy_reason.clone();
+            c.message = self.healthy_message.clone();
+        }
+        c.count = u64::from(status == "True");
+        Some(c.clone())
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    #[test]
+    fn one_condition_for_many_instances_changes_with_the_set_in_trouble() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut g = Group::new(
+            "DiskPressure",
+            "resources",
+            "SufficientDisk",
+            "ok",
+            (Duration::ZERO, Duration::ZERO),
+            &[],
+        );
+        assert_eq!(g.initial().map(|c| c.status), Some("False".into()));
+        g.observe("/", None, now);
+        g.observe("/var", None, now);
+        assert_eq!(g.publish(now), None, "False already");
+        g.observe("/var", Some(("InsufficientDiskSpace", "/var: 1Gi of 100Gi")), now);
+        let c = g.publish(now).expect("True");
+        assert_eq!((c.status.as_str(), c.message.as_str()), ("True", "/var: 1Gi of 100Gi"));
+        g.observe("/var", Some(("InsufficientDiskSpace", "/var: 0.9Gi of 100Gi")), now);
+        assert_eq!(g.publish(now), None, "a new value alone is no change");
+        g.observe("/", Some(("InsufficientInodes", "/: 10 of 1000 inodes free")), now);
+        let c = g.publish(now).expect("another mount");
+        assert!(
+            c.message.contains("/: 10 of 1000") && c.message.contains("/var: 0.9Gi"),
+            "{c:?}"
+        );
+        g.observe("/", None, now);
+        g.observe("/var", None, now);
+        assert_eq!(g.publish(now).map(|c| c.status), Some("False".into()));
+
+        // Restored True naming /var: /var stays in trouble until seen good
+        // for the clear window.
+        let stored = vec![Condition {
+            r#type: "NetworkInterfaceDown".into(),
+            source: "hardware/nic".into(),
+            status: "True".into(),
+            reason: "NoCarrier".into(),
+            message: "eth1 is up but has no carrier".into(),
+            ..Default::default()
+        }];
+        let mut g = Group::new(
+            "NetworkInterfaceDown",
+            "hardware/nic",
+            "CarrierUp",
+            "ok",
+            (Duration::ZERO, Duration::from_secs(60)),
+            &stored,
+        );
+        assert_eq!(g.initial(), None);
+        g.observe("eth1", None, now);
+        g.observe("eth0", None, now);
+        assert_eq!(
+            g.publish(now).map(|c| c.status),
+            Some("True".into()),
+            "still in trouble after a restart"
+        );
+        g.observe("eth1", None, now + Duration::from_secs(61));
+        assert_eq!(g.publish(now).map(|c| c.status), Some("False".into()));
+    }
+}
