@@ -161,17 +161,34 @@ pub fn detector_sets(items: &[DetectorSet]) {
             let m = meta(&r.metadata);
             let spec = r.spec.clone().unwrap_or_default();
             let rules: usize = spec.log_monitors.iter().map(|m| m.rules.len()).sum();
+            let mut checks = Vec::new();
+            if spec.resources.is_some() {
+                checks.push("resources");
+            }
+            if spec.hardware.is_some() {
+                checks.push("hardware");
+            }
             vec![
                 m.name,
                 selector(&spec.node_selector),
                 spec.log_monitors.len().to_string(),
                 rules.to_string(),
+                spec.custom_plugin_monitors.len().to_string(),
+                spec.probes.len().to_string(),
+                if checks.is_empty() {
+                    "-".into()
+                } else {
+                    checks.join(",")
+                },
                 r.status.unwrap_or_default().selected_nodes.to_string(),
                 age(&m.creation_timestamp),
             ]
         })
         .collect();
-    Table::new(&["NAME", "SELECTOR", "MONITORS", "RULES", "NODES", "AGE"]).print(&rows);
+    Table::new(&[
+        "NAME", "SELECTOR", "MONITORS", "RULES", "PLUGINS", "PROBES", "CHECKS", "NODES", "AGE",
+    ])
+    .print(&rows);
 }
 
 /// Prints Components.
@@ -503,9 +520,17 @@ pub fn describe_node(n: &Node) {
         set.profiles.join(", ")
     );
     println!(
-        "  Detectors:       detectorSets=[{}] logMonitors={}",
+        "  Detectors:       detectorSets=[{}] logMonitors={} customPluginMonitors={} probes=[{}]{}{}",
         set.detector_sets.join(", "),
-        set.log_monitors.len()
+        set.log_monitors.len(),
+        set.custom_plugin_monitors.len(),
+        set.probes
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if set.resources.is_some() { " resources" } else { "" },
+        if set.hardware.is_some() { " hardware" } else { "" },
     );
     println!(
         "Reports:           sequence {}, received {}, dropped by agent {}",

@@ -129,15 +129,44 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     // speed, the interval.
     let npd = repo().join("tests/fixtures/npd/config");
     let mut files = Vec::new();
-    for (f, prog) in [
-        ("custom-plugin-monitor.json", &ntp),
-        ("health-checker-kubelet.json", &health),
+    // Every custom-plugin file NPD ships; those without a flag-driven script
+    // get one that finds their problem (exit 1, a message naming the reason).
+    let mut expect: Vec<(String, String, bool)> = Vec::new(); // (source, type or reason, permanent)
+    for f in [
+        "custom-plugin-monitor.json",
+        "health-checker-kubelet.json",
+        "health-checker-containerd.json",
+        "health-checker-docker.json",
+        "network-problem-monitor.json",
+        "iptables-mode-monitor.json",
     ] {
         let mut v: Value =
             serde_json::from_str(&std::fs::read_to_string(npd.join(f)).expect("npd file")).expect("json");
         v["pluginConfig"]["invoke_interval"] = "1s".into();
+        let source = v["source"].as_str().unwrap_or_default().to_string();
         for r in v["rules"].as_array_mut().expect("rules") {
-            r["path"] = prog.clone().into();
+            let reason = r["reason"].as_str().unwrap_or_default().to_string();
+            let prog = match f {
+                "custom-plugin-monitor.json" => ntp.clone(),
+                "health-checker-kubelet.json" => health.clone(),
+                _ => script(
+                    d,
+                    &format!("{reason}-{}.sh", files.len()),
+                    &format!("echo '{reason} found'; exit 1"),
+                ),
+            };
+            if f != "custom-plugin-monitor.json" {
+                if r["type"] == "permanent" {
+                    expect.push((
+                        source.clone(),
+                        r["condition"].as_str().unwrap_or_default().to_string(),
+                        true,
+                    ));
+                } else {
+                    expect.push((source.clone(), reason.clone(), false));
+                }
+            }
+            r["path"] = prog.into();
         }
         let p = d.join(f);
         std::fs::write(&p, v.to_string()).expect("write");
@@ -185,6 +214,17 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     );
     let c = wait_cond(&agent, "KubeletUnhealthy", "health-checker", "True");
     assert_eq!(c["message"], "kubelet:10248 refused");
+    for (source, what, permanent) in &expect {
+        if *permanent {
+            wait_cond(&agent, what, source, "True");
+        } else {
+            wait_for(&format!("{what} from {source}"), T, || {
+                events(&agent)
+                    .into_iter()
+                    .find(|e| e["reason"] == *what && e["source"] == *source)
+            });
+        }
+    }
 
     // A plugin that hangs is Unknown at its timeout, and nothing it started
     // is left, not even a zombie (it runs once: its interval is an hour).
@@ -692,4 +732,66 @@ fn units_in_a_booted_systemd_flap_and_stop_and_come_back() {
         "{e}"
     );
     assert!(!conditions(&agent).iter().any(|c| c["source"] == "probe/absent"));
+}
+
+fn pids_available() -> u64 {
+    let max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let threads: u64 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(3)
+                .and_then(|f| f.split('/').nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0);
+    max - threads
+}
+
+#[test]
+fn pid_and_cpu_pressure_and_load_from_real_processes() {
+    let tmp = TempDir::new("pids");
+    let d = tmp.path();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load: f64 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
+        .unwrap_or(0.0);
+    // PIDPressure when 400 fewer ids than now are free (the default is 5 %
+    // of pid_max, far from anything a test may take); HighLoad past the load
+    // now plus 0.5 per CPU; CPUPressure past 50 % stalled.
+    let enter_pids = pids_available().saturating_sub(400);
+    let enter_load = load / cpus as f64 + 0.5;
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  resources:\n    periodSeconds: 1\n    memory: {{timing: {{disabled: true}}}}\n    disk: {{timing: {{disabled: true}}}}\n    io: {{timing: {{disabled: true}}}}\n    pids: {{available: {{enter: '{enter_pids}'}}, timing: {{clearSeconds: 0}}}}\n    cpu: {{avg10: {{enter: 50}}, timing: {{forSeconds: 1, clearSeconds: 0}}}}\n    load: {{perCpu: {{enter: '{enter_load:.2}'}}, timing: {{forSeconds: 1}}}}\n"
+    );
+    let agent = Agent::start(d, "node-pids", None, &cfg);
+    wait_cond(&agent, "PIDPressure", "resources", "False");
+    let mut kids: Vec<std::process::Child> = (0..600)
+        .map(|_| Command::new("sleep").arg("60").spawn().expect("sleep"))
+        .collect();
+    let c = wait_cond(&agent, "PIDPressure", "resources", "True");
+    assert_eq!(c["reason"], "InsufficientPIDs");
+    for k in kids.iter_mut() {
+        let _ = k.kill();
+        let _ = k.wait();
+    }
+    wait_cond(&agent, "PIDPressure", "resources", "False");
+
+    // Eight CPU hogs per CPU: tasks wait for a CPU (PSI) and the load rises.
+    wait_cond(&agent, "CPUPressure", "resources", "False");
+    let mut stress = Command::new("stress-ng")
+        .args(["--cpu", &(8 * cpus).to_string(), "--timeout", "90s", "--quiet"])
+        .spawn()
+        .expect("stress-ng");
+    let c = wait_cond(&agent, "CPUPressure", "resources", "True");
+    assert_eq!(c["reason"], "CPUStalled");
+    let c = wait_cond(&agent, "HighLoad", "resources", "True");
+    assert!(c["message"].as_str().unwrap_or_default().contains("per CPU"), "{c}");
+    let _ = stress.kill();
+    let _ = Command::new("pkill").args(["-9", "stress-ng"]).status();
+    let _ = stress.wait();
 }
