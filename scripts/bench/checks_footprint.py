@@ -4,6 +4,7 @@ import argparse
 import http.server
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,22 @@ from benchlib import CLK_TCK, Figures, wait  # noqa: E402
 from agent_footprint import rss_kib, switches, ticks, tree  # noqa: E402
 
 RULES = ["agent/rules/kernel.yaml", "agent/rules/containerd.yaml", "agent/rules/kubelet.yaml"]
+
+
+def conditions(sock):
+    """The agent's conditions, from its socket."""
+    import http.client
+    import json
+    import socket as sk
+
+    class Unix(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = sk.socket(sk.AF_UNIX, sk.SOCK_STREAM)
+            self.sock.connect(sock)
+
+    c = Unix("localhost")
+    c.request("GET", "/v1/conditions")
+    return json.loads(c.getresponse().read())["items"]
 
 
 class Healthz(http.server.BaseHTTPRequestHandler):
@@ -88,15 +105,18 @@ class Machine:
 
 
 def measure(fig, label, binary, tmp, detectors, env, idle_s):
-    d = f"{tmp}/{label}"
+    slug = label.replace(" ", "-")
+    d = f"{tmp}/{slug}"
     os.makedirs(d)
     cfg = f"{d}/agent.yaml"
     with open(cfg, "w") as f:
-        f.write(f"nodeName: checks-{label}\nstateDir: {d}/state\nsocket: {d}/agent.sock\nlogLevel: warn\n{detectors}")
+        f.write(f"nodeName: checks-{slug}\nstateDir: {d}/state\nsocket: {d}/agent.sock\nlogLevel: warn\n{detectors}")
     agent = subprocess.Popen([f"{binary}/nodekeeper-agent", "--config", cfg], env={**os.environ, **env},
                              stdout=open(f"{d}/agent.log", "w"), stderr=subprocess.STDOUT)
     try:
-        wait("agent socket", 30, 0.1, lambda: os.path.exists(f"{d}/agent.sock"))
+        if wait("agent socket", 30, 0.1, lambda: os.path.exists(f"{d}/agent.sock"))[0] is None:
+            with open(f"{d}/agent.log") as f:
+                sys.exit(f"the agent did not start: {f.read()[-2000:]}")
         time.sleep(15)  # settle: the kernel log's lookback, the first checks
         pids = tree(agent.pid)
         rss = sum(rss_kib(p) for p in pids) / 1024
@@ -109,6 +129,10 @@ def measure(fig, label, binary, tmp, detectors, env, idle_s):
         fig(f"{label}: RSS, agent and helpers", f"{rss:.1f}", "MiB")
         fig(f"{label}: idle CPU", f"{cpu:.3f}", f"% of one core over {idle_s} s")
         fig(f"{label}: wake-ups", f"{wake:.2f}", "per second (context switches, all threads)")
+        # Which checks were at work: their conditions, by source.
+        seen = sorted({f"{c['type']}@{c['source']}={c['status']}" for c in conditions(f"{d}/agent.sock")
+                       if not c["source"].endswith("-monitor")})
+        fig(f"{label}: check conditions", f"{len(seen)}", f"({', '.join(seen) or 'none'})")
         return rss, cpu
     finally:
         agent.terminate()
@@ -122,6 +146,8 @@ def main():
     idle_s = int(os.environ.get("IDLE_SECONDS", "120"))
     record = os.environ.get("NO_RECORD") != "1"
     fig = Figures()
+    # An interrupted run still stops its container and containerd.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("interrupted"))
     tmp = tempfile.mkdtemp(prefix="nk-checks-")
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

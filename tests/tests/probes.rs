@@ -181,6 +181,51 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     )
     .expect("own");
     files.push(own.display().to_string());
+    // concurrency: one program at a time, or two; skip_initial_status: no
+    // condition before the first result.
+    let order = d.join("order.log");
+    let step = script(
+        d,
+        "step.sh",
+        &format!(
+            "echo \"start $1\" >> {o}; sleep 1; echo \"end $1\" >> {o}",
+            o = order.display()
+        ),
+    );
+    let order2 = d.join("order2.log");
+    let step2 = script(
+        d,
+        "step2.sh",
+        &format!(
+            "echo \"start $1\" >> {o}; sleep 1; echo \"end $1\" >> {o}",
+            o = order2.display()
+        ),
+    );
+    let slow = script(d, "slow.sh", "sleep 4; echo fine");
+    for (name, body) in [
+        (
+            "serial.yaml",
+            format!(
+                "plugin: custom\npluginConfig: {{invoke_interval: 1h, timeout: 10s, concurrency: 1}}\nsource: serial\nconditions: []\nrules:\n- {{type: temporary, reason: A, path: {step}, args: [a]}}\n- {{type: temporary, reason: B, path: {step}, args: [b]}}\n"
+            ),
+        ),
+        (
+            "parallel.yaml",
+            format!(
+                "plugin: custom\npluginConfig: {{invoke_interval: 1h, timeout: 10s, concurrency: 2}}\nsource: parallel\nconditions: []\nrules:\n- {{type: temporary, reason: A, path: {step2}, args: [a]}}\n- {{type: temporary, reason: B, path: {step2}, args: [b]}}\n"
+            ),
+        ),
+        (
+            "quiet.yaml",
+            format!(
+                "plugin: custom\npluginConfig: {{invoke_interval: 1h, timeout: 10s, skip_initial_status: true}}\nsource: quiet\nconditions: [{{type: Quiet, reason: QuietFine, message: fine}}]\nrules:\n- {{type: permanent, condition: Quiet, reason: Loud, path: {slow}}}\n"
+            ),
+        ),
+    ] {
+        let p = d.join(name);
+        std::fs::write(&p, body).expect("monitor");
+        files.push(p.display().to_string());
+    }
 
     let (addr, code) = health_server();
     let hub = Hub::start(d, "");
@@ -194,6 +239,30 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     // NPD's custom plugin: False, True with the output, False again.
     let c = wait_cond(&agent, "NTPProblem", "ntp-custom-plugin-monitor", "False");
     assert_eq!(c["reason"], "NTPIsUp");
+    // skip_initial_status: nothing until the slow program has answered.
+    assert!(
+        !conditions(&agent).iter().any(|c| c["source"] == "quiet"),
+        "no initial status with skip_initial_status"
+    );
+    let c = wait_cond(&agent, "Quiet", "quiet", "False");
+    assert_eq!(c["reason"], "QuietFine");
+    // concurrency 1: one program after the other; 2: both at once.
+    let lines = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    wait_for("both serial runs", T, || (lines(&order).len() == 4).then_some(()));
+    let l = lines(&order);
+    assert!(
+        l[0].starts_with("start") && l[1].starts_with("end") && l[2].starts_with("start"),
+        "{l:?}"
+    );
+    wait_for("both parallel runs", T, || (lines(&order2).len() == 4).then_some(()));
+    let l = lines(&order2);
+    assert!(l[0].starts_with("start") && l[1].starts_with("start"), "{l:?}");
     std::fs::write(&flag, "").expect("flag");
     let c = wait_cond(&agent, "NTPProblem", "ntp-custom-plugin-monitor", "True");
     assert_eq!(

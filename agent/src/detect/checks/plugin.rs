@@ -85,6 +85,10 @@ pub fn verdict(program: &str, r: &RunResult, max_output: usize) -> (Status, Stri
 pub struct State {
     pub config: CustomPluginMonitor,
     pub conditions: Vec<Condition>,
+    /// Whether the conditions were sent once (NPD sends them with every
+    /// status; with skip_initial_status the first goes with the first
+    /// result).
+    pub published: bool,
 }
 
 impl State {
@@ -110,7 +114,11 @@ impl State {
                     })
             })
             .collect();
-        State { config, conditions }
+        State {
+            config,
+            conditions,
+            published: false,
+        }
     }
 
     /// NPD's generateStatus for one result: the conditions that changed and
@@ -199,7 +207,8 @@ pub async fn run(agent: Arc<Agent>, label: String, config: CustomPluginMonitor) 
     )));
     if !config.skip_initial_status() {
         let initial: Vec<Condition> = {
-            let s = state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            s.published = true;
             let stored = super::restored(&agent, &source);
             s.conditions.iter().filter(|c| !stored.contains(c)).cloned().collect()
         };
@@ -274,11 +283,14 @@ fn record(agent: &Agent, state: &Mutex<State>, config: &CustomPluginMonitor, rul
     if !r.stderr.trim().is_empty() {
         tracing::debug!(plugin = %rule.path, stderr = %r.stderr.trim(), "plugin stderr");
     }
-    let (conditions, events) =
-        state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .result(rule, status, &message, SystemTime::now());
+    let (conditions, events) = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut changed, events) = s.result(rule, status, &message, SystemTime::now());
+        if !std::mem::replace(&mut s.published, true) {
+            changed = s.conditions.clone();
+        }
+        (changed, events)
+    };
     super::commit(agent, conditions, events);
 }
 

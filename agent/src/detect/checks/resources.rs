@@ -266,7 +266,7 @@ fn default_mounts() -> Vec<String> {
     out
 }
 
-fn signals(agent: &Agent, r: &ResourceChecks) -> Vec<Signal> {
+fn signals(stored: &[nodekeeper_proto::v1::Condition], r: &ResourceChecks) -> Vec<Signal> {
     let mut out = Vec::new();
     let mut add = |measure: Measure, t: &Option<SignalTiming>, default_for: u64, first, second| {
         let (on, for_, clear) = timing(t);
@@ -280,14 +280,8 @@ fn signals(agent: &Agent, r: &ResourceChecks) -> Vec<Signal> {
         };
         let (kind, healthy) = names(&measure);
         let src = source(&measure);
-        let tracker = Tracker::new(
-            kind,
-            &src,
-            healthy,
-            &format!("{} is fine", what(&measure)),
-            &super::restored(agent, &src),
-        )
-        .durations(for_, clear);
+        let tracker =
+            Tracker::new(kind, &src, healthy, &format!("{} is fine", what(&measure)), stored).durations(for_, clear);
         out.push(Signal {
             measure,
             tracker,
@@ -333,7 +327,7 @@ fn signals(agent: &Agent, r: &ResourceChecks) -> Vec<Signal> {
 /// Watches every resource signal until aborted.
 pub async fn run(agent: Arc<Agent>, r: ResourceChecks) {
     let period = Duration::from_secs(u64::from(if r.period_seconds == 0 { 10 } else { r.period_seconds }));
-    let mut sigs = signals(&agent, &r);
+    let mut sigs = signals(&super::restored(&agent, "resources"), &r);
     // The mounts share one DiskPressure; each has its own hysteresis.
     let d = r.disk.clone().unwrap_or_default();
     let (_, _, clear) = timing(&d.timing);
@@ -412,6 +406,44 @@ mod tests {
         let p = "some avg10=12.50 avg60=3.00 avg300=1.00 total=123\nfull avg10=4.25 avg60=1.00 avg300=0.50 total=99\n";
         assert_eq!(psi(p, "some"), Some(12.5));
         assert_eq!(psi(p, "full"), Some(4.25));
+    }
+
+    #[test]
+    fn the_defaults_are_kubelets_eviction_thresholds() {
+        let sigs = signals(&[], &ResourceChecks::default());
+        let find = |m: fn(&Measure) -> bool| sigs.iter().find(|s| m(&s.measure)).expect("signal");
+        let below = |v: f64, total: f64| Reading {
+            first: (v, total),
+            second: None,
+            above: false,
+            second_above: false,
+        };
+        const MI: f64 = 1024.0 * 1024.0;
+        // memory.available < 100Mi
+        let mem = find(|m| *m == Measure::Memory);
+        assert!(mem.judge(&below(99.0 * MI, 8e9), false).is_some());
+        assert!(mem.judge(&below(101.0 * MI, 8e9), false).is_none());
+        // nodefs.available < 10%, nodefs.inodesFree < 5% (the root filesystem
+        // is always among the default mounts).
+        let disk = sigs
+            .iter()
+            .find(|s| s.measure == Measure::Disk("/".into()))
+            .expect("/ is watched by default");
+        assert!(disk.judge(&below(9.9, 100.0), false).is_some());
+        assert!(disk.judge(&below(10.1, 100.0), false).is_none());
+        let inodes = |free: f64| Reading {
+            first: (50.0, 100.0),
+            second: Some((free, 100.0)),
+            above: false,
+            second_above: false,
+        };
+        assert_eq!(
+            disk.judge(&inodes(4.9), false).map(|b| b.0),
+            Some("InsufficientInodes".into())
+        );
+        assert!(disk.judge(&inodes(5.1), false).is_none());
+        // kubelet's pressure transition period: 5 minutes before clearing.
+        assert_eq!(timing(&None).2, Duration::from_secs(300));
     }
 
     #[test]
