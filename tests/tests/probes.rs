@@ -415,6 +415,33 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     code.store(200, Ordering::Relaxed);
 }
 
+/// stress-ng in its own process group, killed with its workers (and only
+/// them: other tests run their own) when dropped.
+struct Stress(std::process::Child);
+
+impl Stress {
+    fn start(args: &[&str]) -> Stress {
+        use std::os::unix::process::CommandExt;
+        let mut a: Vec<&str> = args.to_vec();
+        a.push("--quiet");
+        Stress(
+            Command::new("stress-ng")
+                .args(a)
+                .process_group(0)
+                .spawn()
+                .expect("stress-ng (apt-get install stress-ng)"),
+        )
+    }
+}
+
+impl Drop for Stress {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
 fn meminfo_available() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
@@ -525,23 +552,9 @@ fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
     assert!(!conditions(&agent).iter().any(|c| c["source"] == "hardware/edac"));
 
     // Real memory pressure: stress-ng holds 2 GiB.
-    let mut stress = Command::new("stress-ng")
-        .args([
-            "--vm",
-            "1",
-            "--vm-bytes",
-            "2g",
-            "--vm-keep",
-            "--timeout",
-            "60s",
-            "--quiet",
-        ])
-        .spawn()
-        .expect("stress-ng (apt-get install stress-ng)");
+    let stress = Stress::start(&["--vm", "1", "--vm-bytes", "2g", "--vm-keep", "--timeout", "60s"]);
     let c = wait_cond(&agent, "MemoryPressure", "resources", "True");
-    let _ = stress.kill();
-    let _ = Command::new("pkill").args(["-9", "stress-ng"]).status();
-    let _ = stress.wait();
+    drop(stress);
     assert_eq!(c["reason"], "InsufficientMemory");
     wait_cond(&agent, "MemoryPressure", "resources", "False");
 }
@@ -821,7 +834,7 @@ fn pids_available() -> u64 {
 }
 
 #[test]
-fn pid_and_cpu_pressure_and_load_from_real_processes() {
+fn pid_cpu_and_io_pressure_and_load_from_real_processes() {
     let tmp = TempDir::new("pids");
     let d = tmp.path();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -835,7 +848,7 @@ fn pid_and_cpu_pressure_and_load_from_real_processes() {
     let enter_pids = pids_available().saturating_sub(400);
     let enter_load = load / cpus as f64 + 0.5;
     let cfg = format!(
-        "detectors:\n  defaultRules: false\n  resources:\n    periodSeconds: 1\n    memory: {{timing: {{disabled: true}}}}\n    disk: {{timing: {{disabled: true}}}}\n    io: {{timing: {{disabled: true}}}}\n    pids: {{available: {{enter: '{enter_pids}'}}, timing: {{clearSeconds: 0}}}}\n    cpu: {{avg10: {{enter: 50}}, timing: {{forSeconds: 1, clearSeconds: 0}}}}\n    load: {{perCpu: {{enter: '{enter_load:.2}'}}, timing: {{forSeconds: 1}}}}\n"
+        "detectors:\n  defaultRules: false\n  resources:\n    periodSeconds: 1\n    memory: {{timing: {{disabled: true}}}}\n    disk: {{timing: {{disabled: true}}}}\n    io: {{avg10: {{enter: 5}}, timing: {{forSeconds: 1, clearSeconds: 0}}}}\n    pids: {{available: {{enter: '{enter_pids}'}}, timing: {{clearSeconds: 0}}}}\n    cpu: {{avg10: {{enter: 50}}, timing: {{forSeconds: 1, clearSeconds: 0}}}}\n    load: {{perCpu: {{enter: '{enter_load:.2}'}}, timing: {{forSeconds: 1}}}}\n"
     );
     let agent = Agent::start(d, "node-pids", None, &cfg);
     wait_cond(&agent, "PIDPressure", "resources", "False");
@@ -852,15 +865,27 @@ fn pid_and_cpu_pressure_and_load_from_real_processes() {
 
     // Eight CPU hogs per CPU: tasks wait for a CPU (PSI) and the load rises.
     wait_cond(&agent, "CPUPressure", "resources", "False");
-    let mut stress = Command::new("stress-ng")
-        .args(["--cpu", &(8 * cpus).to_string(), "--timeout", "90s", "--quiet"])
-        .spawn()
-        .expect("stress-ng");
+    let hogs = (8 * cpus).to_string();
+    let stress = Stress::start(&["--cpu", &hogs, "--timeout", "90s"]);
     let c = wait_cond(&agent, "CPUPressure", "resources", "True");
     assert_eq!(c["reason"], "CPUStalled");
     let c = wait_cond(&agent, "HighLoad", "resources", "True");
     assert!(c["message"].as_str().unwrap_or_default().contains("per CPU"), "{c}");
-    let _ = stress.kill();
-    let _ = Command::new("pkill").args(["-9", "stress-ng"]).status();
-    let _ = stress.wait();
+    drop(stress);
+
+    // Writers syncing to disk: tasks stall on I/O (PSI io full).
+    let tmpdir = d.display().to_string();
+    let stress = Stress::start(&[
+        "--hdd",
+        "4",
+        "--hdd-bytes",
+        "256m",
+        "--temp-path",
+        &tmpdir,
+        "--timeout",
+        "90s",
+    ]);
+    let c = wait_cond(&agent, "IOPressure", "resources", "True");
+    drop(stress);
+    assert_eq!(c["reason"], "IOStalled");
 }
