@@ -38,6 +38,12 @@ fn events(a: &Agent) -> Vec<Value> {
 
 /// Waits until the condition `kind` from `source` has `status`.
 fn wait_cond(a: &Agent, kind: &str, source: &str, status: &str) -> Value {
+    wait_cond_for(a, kind, source, status, T)
+}
+
+/// [`wait_cond`] with its own patience (signals that build up slowly on a
+/// busy machine).
+fn wait_cond_for(a: &Agent, kind: &str, source: &str, status: &str, patience: Duration) -> Value {
     let start = std::time::Instant::now();
     loop {
         let all = conditions(a);
@@ -48,7 +54,7 @@ fn wait_cond(a: &Agent, kind: &str, source: &str, status: &str) -> Value {
             return c.clone();
         }
         assert!(
-            start.elapsed() < T,
+            start.elapsed() < patience,
             "timed out waiting for {kind} from {source} {status}; conditions: {all:#?}\nlog: {}",
             a.log()
         );
@@ -875,17 +881,20 @@ fn pid_cpu_and_io_pressure_and_load_from_real_processes() {
 
     // Writers syncing to disk: tasks stall on I/O (PSI io full).
     let tmpdir = d.display().to_string();
+    // Synchronous writes: each waits for the disk.
     let stress = Stress::start(&[
         "--hdd",
-        "4",
+        "2",
+        "--hdd-opts",
+        "sync,wr-seq",
         "--hdd-bytes",
-        "256m",
+        "64m",
         "--temp-path",
         &tmpdir,
         "--timeout",
-        "90s",
+        "120s",
     ]);
-    let c = wait_cond(&agent, "IOPressure", "resources", "True");
+    let c = wait_cond_for(&agent, "IOPressure", "resources", "True", Duration::from_secs(100));
     drop(stress);
     assert_eq!(c["reason"], "IOStalled");
 }
