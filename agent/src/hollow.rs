@@ -160,7 +160,10 @@ fn flip(agent: &Agent, n: u64, reason: &str) {
         source: "hollow".into(),
         ..Default::default()
     };
-    if let Err(e) = agent.report(report::Body::Condition(ConditionChange { condition: Some(c) })) {
+    if let Err(e) = agent.report(report::Body::Condition(ConditionChange {
+        condition: Some(c),
+        removed: false,
+    })) {
         tracing::warn!(node = %agent.name, error = %e, "hollow report failed");
     }
 }

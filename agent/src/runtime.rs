@@ -242,6 +242,38 @@ impl Agent {
     pub fn record_findings(
         &self,
         conditions: Vec<Condition>,
+        events: Vec<Event>,
+        position: Option<(&str, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        self.record(conditions, false, events, position)
+    }
+
+    /// Drops the conditions of `sources` (their checks were removed from
+    /// the configuration), here and at the hub, so none stays True forever.
+    pub fn retire_conditions(&self, sources: &std::collections::BTreeSet<String>) -> Result<(), StoreError> {
+        let gone: Vec<Condition> = lock(&self.conditions)
+            .iter()
+            .filter(|c| sources.contains(&c.source))
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for c in &gone {
+            tracing::info!(condition = %c.r#type, source = %c.source, "retiring a condition: its check was removed");
+            self.metrics.set_problem_gauge(&Condition {
+                status: "False".into(),
+                ..c.clone()
+            });
+        }
+        self.record(gone, true, Vec::new(), None)
+    }
+
+    /// Stores and reports condition changes (or removals) and events.
+    fn record(
+        &self,
+        conditions: Vec<Condition>,
+        removed: bool,
         mut events: Vec<Event>,
         position: Option<(&str, Vec<u8>)>,
     ) -> Result<(), StoreError> {
@@ -249,8 +281,13 @@ impl Agent {
         if !conditions.is_empty() {
             let mut all = lock(&self.conditions);
             for c in &conditions {
-                match all.iter_mut().find(|x| x.r#type == c.r#type && x.source == c.source) {
-                    Some(x) => *x = c.clone(),
+                let at = all.iter().position(|x| x.r#type == c.r#type && x.source == c.source);
+                match at {
+                    Some(i) if removed => {
+                        all.remove(i);
+                    }
+                    Some(i) => all[i] = c.clone(),
+                    None if removed => {}
                     None => all.push(c.clone()),
                 }
             }
@@ -274,6 +311,7 @@ impl Agent {
                 .map(|c| {
                     report::Body::Condition(ConditionChange {
                         condition: Some(c.clone()),
+                        removed,
                     })
                 })
                 .chain(events.iter().map(|e| report::Body::Event(e.clone())))
@@ -292,8 +330,10 @@ impl Agent {
         {
             store.put_all(&kv)?;
         }
-        for c in &conditions {
-            self.metrics.set_problem_gauge(c);
+        if !removed {
+            for c in &conditions {
+                self.metrics.set_problem_gauge(c);
+            }
         }
         for e in events {
             self.remember_event(e);

@@ -193,6 +193,7 @@ fn one_node_cannot_grow_the_hub_without_bound() {
                     reason: "Flood".into(),
                     ..Default::default()
                 }),
+                removed: false,
             })),
             ..Default::default()
         });

@@ -419,6 +419,25 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     let desc = String::from_utf8_lossy(&hub.nkctl(&["describe", "node", "node-probe"]).stdout).into_owned();
     assert!(desc.contains("EdgeUnhealthy") && desc.contains("NTPProblem"), "{desc}");
     code.store(200, Ordering::Relaxed);
+
+    // The DetectorSet deleted: its probe stops and its condition is retired,
+    // on the node and at the hub, instead of staying True forever.
+    let out = nkctl(&hub.http_url(), None, &["delete", "detectorset", "edge"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the probe's condition retired on the node", T, || {
+        (!conditions(&agent).iter().any(|c| c["source"] == "probe/edge")).then_some(())
+    });
+    wait_for("and at the hub", T, || {
+        hub.node("node-probe").filter(|n| {
+            n["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| !cs.iter().any(|c| c["type"] == "EdgeUnhealthy"))
+        })
+    });
+    assert!(
+        conditions(&agent).iter().any(|c| c["type"] == "NTPProblem"),
+        "the local checks' conditions stay"
+    );
 }
 
 /// stress-ng in its own process group, killed with its workers (and only

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nodekeeper_proto::component::phase;
 use nodekeeper_proto::time::{now_rfc3339, rfc3339};
 use nodekeeper_proto::v1::{
-    Condition, Event, Hello, Node, NodeComponent, NodeStatus, ObjectMeta, Report, Welcome, report,
+    Condition, ConditionChange, Event, Hello, Node, NodeComponent, NodeStatus, ObjectMeta, Report, Welcome, report,
 };
 use nodekeeper_proto::{API_VERSION, validate};
 use tokio::sync::{oneshot, watch};
@@ -620,6 +620,15 @@ impl Fleet {
             status.reports_dropped += r.dropped_before;
             accepted += 1;
             let applied = match r.body {
+                Some(report::Body::Condition(ConditionChange {
+                    condition: Some(c),
+                    removed: true,
+                })) => {
+                    status
+                        .conditions
+                        .retain(|x| !(x.r#type == c.r#type && x.source == c.source));
+                    Ok(())
+                }
                 Some(report::Body::Condition(c)) => c.condition.map_or(Ok(()), |c| upsert_condition(status, c)),
                 Some(report::Body::Event(ev)) => add_event(status, ev),
                 Some(report::Body::Component(c)) => {

@@ -16,6 +16,7 @@ pub mod run;
 pub mod tools;
 pub mod tracker;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -58,6 +59,33 @@ impl CheckSet {
         if other.hardware.is_some() {
             self.hardware = other.hardware;
         }
+    }
+
+    /// The condition sources this set's checks own.
+    pub fn sources(&self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self.plugins.iter().map(|(_, m)| m.source.clone()).collect();
+        out.extend(self.probes.iter().map(|p| format!("probe/{}", p.name)));
+        if self.resources.is_some() {
+            out.insert("resources".into());
+        }
+        if let Some(h) = &self.hardware {
+            let off = |d: Option<bool>| d.unwrap_or(false);
+            for (name, disabled) in [
+                ("edac", off(h.edac.as_ref().map(|x| x.disabled))),
+                ("nic", off(h.nic.as_ref().map(|x| x.disabled))),
+                ("clock", off(h.clock.as_ref().map(|x| x.disabled))),
+                ("mounts", off(h.read_only.as_ref().map(|x| x.disabled))),
+                ("taint", off(h.taint.as_ref().map(|x| x.disabled))),
+                ("tasks", off(h.stuck_tasks.as_ref().map(|x| x.disabled))),
+                ("smart", off(h.smart.as_ref().map(|x| x.disabled))),
+                ("gpu", off(h.gpu.as_ref().map(|x| x.disabled))),
+            ] {
+                if !disabled {
+                    out.insert(format!("hardware/{name}"));
+                }
+            }
+        }
+        out
     }
 
     pub fn is_empty(&self) -> bool {
@@ -219,6 +247,32 @@ pub fn restored(agent: &Agent, source: &str) -> Vec<Condition> {
     agent.conditions().into_iter().filter(|c| c.source == source).collect()
 }
 
+/// Where the sources of the running check set are kept.
+const OWNED_SOURCES: &str = "checks:sources";
+
+/// Retires the conditions of checks that the new set no longer has (kept
+/// across restarts, so a check removed while the agent was down goes too).
+fn retire_removed(agent: &Agent, set: &CheckSet) {
+    let Some(store) = &agent.store else { return };
+    let now = set.sources();
+    let before: BTreeSet<String> = store
+        .get(OWNED_SOURCES)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let gone: BTreeSet<String> = before.difference(&now).cloned().collect();
+    if let Err(e) = agent.retire_conditions(&gone) {
+        tracing::error!(error = %e, "cannot retire the conditions of removed checks");
+        return;
+    }
+    if before != now
+        && let Err(e) = store.put_all(&[(OWNED_SOURCES, serde_json::to_vec(&now).unwrap_or_default())])
+    {
+        tracing::error!(error = %e, "cannot store which checks run");
+    }
+}
+
 /// Starts the checks and rebuilds them when the hub's part changes.
 pub fn spawn(
     agent: Arc<Agent>,
@@ -244,6 +298,7 @@ pub fn spawn(
                     hardware = set.hardware.is_some(),
                     "starting checks"
                 );
+                retire_removed(&agent, &set);
                 start(&agent, &set, &mut tasks);
                 current = Some(set);
             }
