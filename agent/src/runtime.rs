@@ -248,12 +248,13 @@ impl Agent {
         self.record(conditions, false, events, position)
     }
 
-    /// Drops the conditions of `sources` (their checks were removed from
-    /// the configuration), here and at the hub, so none stays True forever.
-    pub fn retire_conditions(&self, sources: &std::collections::BTreeSet<String>) -> Result<(), StoreError> {
+    /// Drops the conditions given as (type, source) (their checks were
+    /// removed from the configuration), here and at the hub, so none stays
+    /// True forever.
+    pub fn retire_conditions(&self, which: &std::collections::BTreeSet<(String, String)>) -> Result<(), StoreError> {
         let gone: Vec<Condition> = lock(&self.conditions)
             .iter()
-            .filter(|c| sources.contains(&c.source))
+            .filter(|c| which.contains(&(c.r#type.clone(), c.source.clone())))
             .cloned()
             .collect();
         if gone.is_empty() {

@@ -512,7 +512,7 @@ fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
         "detectors:\n  defaultRules: false\n  resources:\n    periodSeconds: 1\n    memory: {{available: {{enter: '{enter}'}}, timing: {{clearSeconds: 0}}}}\n    disk: {{mounts: ['{fs}'], available: {{enter: 50%, exit: 60%}}, timing: {{clearSeconds: 0}}}}\n    pids: {{timing: {{disabled: true}}}}\n    cpu: {{timing: {{disabled: true}}}}\n    io: {{timing: {{disabled: true}}}}\n    load: {{timing: {{disabled: true}}}}\n  hardware:\n    periodSeconds: 1\n    nic: {{interfaces: [nkp0], maxFlaps: 3}}\n    taint: {{disabled: true}}\n    stuckTasks: {{disabled: true}}\n",
         fs = fs.display()
     );
-    let agent = Agent::start(d, "node-res", None, &cfg);
+    let mut agent = Agent::start(d, "node-res", None, &cfg);
     // One DiskPressure for every mount, as kubelet has one.
     let disk = "resources";
     wait_cond(&agent, "DiskPressure", disk, "False");
@@ -582,6 +582,29 @@ fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
     drop(stress);
     assert_eq!(c["reason"], "InsufficientMemory");
     wait_cond(&agent, "MemoryPressure", "resources", "False");
+
+    // The memory signal switched off (the rest of the section kept): its
+    // condition is retired at the next start, DiskPressure stays.
+    agent.terminate();
+    let text = std::fs::read_to_string(&agent.config).expect("config");
+    let memory = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("memory:"))
+        .expect("memory line")
+        .to_string();
+    std::fs::write(
+        &agent.config,
+        text.replace(&memory, "    memory: {timing: {disabled: true}}"),
+    )
+    .expect("config");
+    agent.restart();
+    wait_for("MemoryPressure retired", T, || {
+        (!conditions(&agent).iter().any(|c| c["type"] == "MemoryPressure")).then_some(())
+    });
+    assert!(
+        conditions(&agent).iter().any(|c| c["type"] == "DiskPressure"),
+        "DiskPressure kept"
+    );
 }
 
 fn start_containerd(dir: &Path) -> std::process::Child {

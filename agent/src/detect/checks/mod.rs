@@ -61,27 +61,82 @@ impl CheckSet {
         }
     }
 
-    /// The condition sources this set's checks own.
-    pub fn sources(&self) -> BTreeSet<String> {
-        let mut out: BTreeSet<String> = self.plugins.iter().map(|(_, m)| m.source.clone()).collect();
-        out.extend(self.probes.iter().map(|p| format!("probe/{}", p.name)));
-        if self.resources.is_some() {
-            out.insert("resources".into());
+    /// The conditions, as (type, source), this set's checks may set.
+    pub fn conditions(&self) -> BTreeSet<(String, String)> {
+        let mut out = BTreeSet::new();
+        let mut add = |t: &str, s: &str| {
+            out.insert((t.to_string(), s.to_string()));
+        };
+        for (_, m) in &self.plugins {
+            for c in &m.conditions {
+                add(&c.r#type, &m.source);
+            }
+        }
+        for p in &self.probes {
+            let s = format!("probe/{}", p.name);
+            for t in p.condition_type().into_iter().chain(p.restart_condition()) {
+                add(&t, &s);
+            }
+        }
+        if let Some(r) = &self.resources {
+            let on = |t: &Option<nodekeeper_proto::v1::SignalTiming>| !t.is_some_and(|t| t.disabled);
+            for (t, enabled) in [
+                ("MemoryPressure", on(&r.memory.as_ref().and_then(|m| m.timing))),
+                ("DiskPressure", on(&r.disk.as_ref().and_then(|m| m.timing))),
+                ("PIDPressure", on(&r.pids.as_ref().and_then(|m| m.timing))),
+                ("CPUPressure", on(&r.cpu.as_ref().and_then(|m| m.timing))),
+                ("IOPressure", on(&r.io.as_ref().and_then(|m| m.timing))),
+                ("HighLoad", on(&r.load.as_ref().and_then(|m| m.timing))),
+            ] {
+                if enabled {
+                    add(t, "resources");
+                }
+            }
         }
         if let Some(h) = &self.hardware {
             let off = |d: Option<bool>| d.unwrap_or(false);
-            for (name, disabled) in [
-                ("edac", off(h.edac.as_ref().map(|x| x.disabled))),
-                ("nic", off(h.nic.as_ref().map(|x| x.disabled))),
-                ("clock", off(h.clock.as_ref().map(|x| x.disabled))),
-                ("mounts", off(h.read_only.as_ref().map(|x| x.disabled))),
-                ("taint", off(h.taint.as_ref().map(|x| x.disabled))),
-                ("tasks", off(h.stuck_tasks.as_ref().map(|x| x.disabled))),
-                ("smart", off(h.smart.as_ref().map(|x| x.disabled))),
-                ("gpu", off(h.gpu.as_ref().map(|x| x.disabled))),
+            for (name, disabled, types) in [
+                (
+                    "edac",
+                    off(h.edac.as_ref().map(|x| x.disabled)),
+                    &["CorrectableMemoryErrors", "UncorrectableMemoryErrors"][..],
+                ),
+                (
+                    "nic",
+                    off(h.nic.as_ref().map(|x| x.disabled)),
+                    &["NetworkInterfaceDown", "FrequentNetworkInterfaceFlap"][..],
+                ),
+                (
+                    "clock",
+                    off(h.clock.as_ref().map(|x| x.disabled)),
+                    &["ClockUnsynchronized"][..],
+                ),
+                (
+                    "mounts",
+                    off(h.read_only.as_ref().map(|x| x.disabled)),
+                    &["ReadonlyFilesystem"][..],
+                ),
+                (
+                    "taint",
+                    off(h.taint.as_ref().map(|x| x.disabled)),
+                    &["KernelTainted"][..],
+                ),
+                (
+                    "tasks",
+                    off(h.stuck_tasks.as_ref().map(|x| x.disabled)),
+                    &["TasksStuckInDState"][..],
+                ),
+                (
+                    "smart",
+                    off(h.smart.as_ref().map(|x| x.disabled)),
+                    &["DiskUnhealthy"][..],
+                ),
+                ("gpu", off(h.gpu.as_ref().map(|x| x.disabled)), &["GPUUnhealthy"][..]),
             ] {
                 if !disabled {
-                    out.insert(format!("hardware/{name}"));
+                    for t in types {
+                        add(t, &format!("hardware/{name}"));
+                    }
                 }
             }
         }
@@ -247,27 +302,27 @@ pub fn restored(agent: &Agent, source: &str) -> Vec<Condition> {
     agent.conditions().into_iter().filter(|c| c.source == source).collect()
 }
 
-/// Where the sources of the running check set are kept.
-const OWNED_SOURCES: &str = "checks:sources";
+/// Where the conditions of the running check set are kept.
+const OWNED: &str = "checks:conditions";
 
 /// Retires the conditions of checks that the new set no longer has (kept
 /// across restarts, so a check removed while the agent was down goes too).
 fn retire_removed(agent: &Agent, set: &CheckSet) {
     let Some(store) = &agent.store else { return };
-    let now = set.sources();
-    let before: BTreeSet<String> = store
-        .get(OWNED_SOURCES)
+    let now = set.conditions();
+    let before: BTreeSet<(String, String)> = store
+        .get(OWNED)
         .ok()
         .flatten()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let gone: BTreeSet<String> = before.difference(&now).cloned().collect();
+    let gone: BTreeSet<(String, String)> = before.difference(&now).cloned().collect();
     if let Err(e) = agent.retire_conditions(&gone) {
         tracing::error!(error = %e, "cannot retire the conditions of removed checks");
         return;
     }
     if before != now
-        && let Err(e) = store.put_all(&[(OWNED_SOURCES, serde_json::to_vec(&now).unwrap_or_default())])
+        && let Err(e) = store.put_all(&[(OWNED, serde_json::to_vec(&now).unwrap_or_default())])
     {
         tracing::error!(error = %e, "cannot store which checks run");
     }
