@@ -638,9 +638,21 @@ pub async fn run(agent: Arc<Agent>, cfg: HardwareChecks) {
     loop {
         tick.tick().await;
         let t0 = Instant::now();
-        let mut conditions = Vec::new();
-        let mut events = Vec::new();
-        st.pass(&agent, &mut conditions, &mut events);
+        // A pass reads sysfs and every /proc/PID/stat: off the async
+        // workers, so a node with many processes does not stall them.
+        let a = agent.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut conditions = Vec::new();
+            let mut events = Vec::new();
+            st.pass(&a, &mut conditions, &mut events);
+            (st, conditions, events)
+        })
+        .await;
+        let Ok((back, mut conditions, mut events)) = done else {
+            tracing::error!("the hardware checks' pass panicked; they stop");
+            return;
+        };
+        st = back;
         events.extend(conditions.iter().map(super::transition_event));
         st.publish(&mut conditions, &mut events);
         if first {
