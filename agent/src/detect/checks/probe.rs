@@ -247,6 +247,11 @@ pub async fn run(agent: Arc<Agent>, p: Probe) {
                     }
                 }
                 Some(ProbeKind::SystemdUnit) => match unit_status(&unit.unit).await {
+                    // A node not run by systemd has no units to watch (sd_booted:
+                    // /run/systemd/system exists only under systemd).
+                    Err(e) if !std::path::Path::new("/run/systemd/system").exists() => {
+                        Outcome::Absent(format!("this node is not run by systemd ({e})"))
+                    }
                     Err(e) => Outcome::CannotRun(format!("cannot ask systemd about {}: {e}", unit.unit)),
                     Ok(s) if !installed(&s) => Outcome::Absent(format!("{} is not installed on this node", unit.unit)),
                     Ok(s) => {
