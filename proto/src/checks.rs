@@ -98,18 +98,7 @@ impl CustomPluginRule {
 /// reported when it should run (Unknown, with the reason), so a file can be
 /// installed before its plugins.
 pub fn parse_custom_plugin(text: &str) -> Result<CustomPluginMonitor, ResourceError> {
-    let value: serde_json::Value =
-        serde_norway::from_str(text).map_err(|e| ResourceError::new("", format!("not valid JSON or YAML: {e}")))?;
-    let plugin = value.get("plugin").and_then(|p| p.as_str());
-    if plugin != Some("custom") {
-        return Err(ResourceError::new(
-            "plugin",
-            format!(
-                "{} is not \"custom\"; this is not a custom-plugin monitor file",
-                plugin.map_or("missing".to_string(), |p| format!("{p:?}"))
-            ),
-        ));
-    }
+    let value = crate::rules::npd_file(text, &["custom"], "\"custom\"", "a custom-plugin monitor file")?;
     let m: CustomPluginMonitor = typed(value)?;
     check_custom_plugin(&m)?;
     Ok(m)

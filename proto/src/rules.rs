@@ -70,22 +70,39 @@ impl LogRule {
     }
 }
 
-/// Parses rule-file text (JSON as NPD writes it, or YAML) and checks it.
-/// Errors name the field (`rules[3].condition`).
-pub fn parse(text: &str) -> Result<LogMonitor, ResourceError> {
+/// An NPD config file (JSON as NPD writes it, or YAML) as a JSON value,
+/// when its `plugin` is one of `plugins`: a plugin NPD has but that is not
+/// the kind the caller reads deserves a clear word (`expected`, `what`).
+pub(crate) fn npd_file(
+    text: &str,
+    plugins: &[&str],
+    expected: &str,
+    what: &str,
+) -> Result<serde_json::Value, ResourceError> {
     let value: serde_json::Value =
         serde_norway::from_str(text).map_err(|e| ResourceError::new("", format!("not valid JSON or YAML: {e}")))?;
-    // A plugin NPD has but that is not a log monitor deserves a clear word.
     let plugin = value.get("plugin").and_then(|p| p.as_str());
-    if !plugin.is_some_and(|p| matches!(p, "kmsg" | "journald" | "filelog")) {
+    if !plugin.is_some_and(|p| plugins.contains(&p)) {
         return Err(ResourceError::new(
             "plugin",
             format!(
-                "{} is not a log monitor plugin (kmsg, journald or filelog); this is not a log-monitor rule file",
+                "{} is not {expected}; this is not {what}",
                 plugin.map_or("missing".to_string(), |p| format!("{p:?}"))
             ),
         ));
     }
+    Ok(value)
+}
+
+/// Parses rule-file text (JSON as NPD writes it, or YAML) and checks it.
+/// Errors name the field (`rules[3].condition`).
+pub fn parse(text: &str) -> Result<LogMonitor, ResourceError> {
+    let value = npd_file(
+        text,
+        &["kmsg", "journald", "filelog"],
+        "a log monitor plugin (kmsg, journald or filelog)",
+        "a log-monitor rule file",
+    )?;
     let m: LogMonitor = typed(value)?;
     check(&m)?;
     Ok(m)

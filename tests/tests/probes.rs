@@ -28,6 +28,11 @@ fn conditions(a: &Agent) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// A condition's or event's message.
+fn message(v: &Value) -> &str {
+    v["message"].as_str().unwrap_or_default()
+}
+
 fn events(a: &Agent) -> Vec<Value> {
     http_unix(&a.socket, "GET", "/v1/events", "")
         .ok()
@@ -304,13 +309,7 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     // A plugin that hangs is Unknown at its timeout, and nothing it started
     // is left, not even a zombie (it runs once: its interval is an hour).
     let c = wait_cond(&agent, "Hung", "own", "Unknown");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("Timeout when running plugin"),
-        "{c}"
-    );
+    assert!(message(&c).starts_with("Timeout when running plugin"), "{c}");
     wait_for(
         "every process the hung plugin started is gone",
         Duration::from_secs(5),
@@ -318,7 +317,7 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     );
     // A long output is cut with a marker and counted.
     let c = wait_cond(&agent, "Long", "own", "True");
-    let m = c["message"].as_str().unwrap_or_default();
+    let m = message(&c);
     assert!(
         m.starts_with(&"x".repeat(80)) && m.contains("[cut at max_output_length 80: 120 bytes more]"),
         "{m}"
@@ -329,13 +328,7 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
     assert_eq!(c["reason"], "KubeletIsHealthy");
     code.store(500, Ordering::Relaxed);
     let c = wait_cond(&agent, "KubeletUnhealthy", "probe/kubelet", "True");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("HTTP 500 kubelet is broken"),
-        "{c}"
-    );
+    assert!(message(&c).contains("HTTP 500 kubelet is broken"), "{c}");
     code.store(200, Ordering::Relaxed);
     wait_cond(&agent, "KubeletUnhealthy", "probe/kubelet", "False");
     // A TCP port nobody listens on.
@@ -346,13 +339,7 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
             .into_iter()
             .find(|e| e["reason"] == "ProbeFailed" && e["source"] == "probe/missing")
     });
-    assert!(
-        failed["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("no-such-program"),
-        "{failed}"
-    );
+    assert!(message(&failed).contains("no-such-program"), "{failed}");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         events(&agent)
@@ -374,9 +361,9 @@ fn npd_plugins_and_probes_report_to_socket_hub_and_metrics_and_hung_plugins_leav
         metrics.contains("nodekeeper_agent_plugin_output_truncated_total{source=\"own\"}"),
         "{metrics}"
     );
+    // The health-checker plugin's condition is True: its gauge reads 1.
     assert!(
-        metrics.contains("problem_gauge{type=\"KubeletUnhealthy\",reason=\"KubeletIsHealthy\"} 1")
-            || metrics.contains("problem_gauge{type=\"NTPProblem\""),
+        metrics.contains("problem_gauge{type=\"KubeletUnhealthy\",reason=\"KubeletUnhealthy\"} 1"),
         "{metrics}"
     );
     assert!(
@@ -505,9 +492,9 @@ fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
     let _ = Command::new("ip").args(["link", "del", "nkp0"]).status();
     run(Command::new("ip").args(["link", "add", "nkp0", "type", "veth", "peer", "name", "nkp1"]));
     run(Command::new("ip").args(["link", "set", "nkp0", "up"]));
-    // MemoryPressure when 1.5 GiB less than now is available (kubelet's
+    // MemoryPressure when 1 GiB less than now is available (kubelet's
     // threshold is 100Mi; this machine has far more).
-    let enter = meminfo_available().saturating_sub(1536 << 20);
+    let enter = meminfo_available().saturating_sub(1 << 30);
     let cfg = format!(
         "detectors:\n  defaultRules: false\n  resources:\n    periodSeconds: 1\n    memory: {{available: {{enter: '{enter}'}}, timing: {{clearSeconds: 0}}}}\n    disk: {{mounts: ['{fs}'], available: {{enter: 50%, exit: 60%}}, timing: {{clearSeconds: 0}}}}\n    pids: {{timing: {{disabled: true}}}}\n    cpu: {{timing: {{disabled: true}}}}\n    io: {{timing: {{disabled: true}}}}\n    load: {{timing: {{disabled: true}}}}\n  hardware:\n    periodSeconds: 1\n    nic: {{interfaces: [nkp0], maxFlaps: 3}}\n    taint: {{disabled: true}}\n    stuckTasks: {{disabled: true}}\n",
         fs = fs.display()
@@ -524,32 +511,20 @@ fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
         .output();
     let c = wait_cond(&agent, "DiskPressure", disk, "True");
     assert_eq!(c["reason"], "InsufficientDiskSpace");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains(&fs.display().to_string()),
-        "{c}"
-    );
+    assert!(message(&c).contains(&fs.display().to_string()), "{c}");
     std::fs::remove_file(fs.join("fill")).expect("empty");
     wait_cond(&agent, "DiskPressure", disk, "False");
 
     // Remounted read-only and back.
     run(Command::new("mount").args(["-o", "remount,ro", &fs.display().to_string()]));
     let c = wait_cond(&agent, "ReadonlyFilesystem", "hardware/mounts", "True");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains(&fs.display().to_string()),
-        "{c}"
-    );
+    assert!(message(&c).contains(&fs.display().to_string()), "{c}");
     run(Command::new("mount").args(["-o", "remount,rw", &fs.display().to_string()]));
     wait_cond(&agent, "ReadonlyFilesystem", "hardware/mounts", "False");
 
     // A veth whose peer is down has no carrier; up again, then flapping.
     let c = wait_cond(&agent, "NetworkInterfaceDown", "hardware/nic", "True");
-    assert!(c["message"].as_str().unwrap_or_default().contains("no carrier"), "{c}");
+    assert!(message(&c).contains("no carrier"), "{c}");
     run(Command::new("ip").args(["link", "set", "nkp1", "up"]));
     wait_cond(&agent, "NetworkInterfaceDown", "hardware/nic", "False");
     for _ in 0..3 {
@@ -576,8 +551,9 @@ fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
     assert_eq!(e["severity"], "Info");
     assert!(!conditions(&agent).iter().any(|c| c["source"] == "hardware/edac"));
 
-    // Real memory pressure: stress-ng holds 2 GiB.
-    let stress = Stress::start(&["--vm", "1", "--vm-bytes", "2g", "--vm-keep", "--timeout", "60s"]);
+    // Real memory pressure: stress-ng holds 4 GiB, far past the threshold
+    // whatever the tests beside this one free meanwhile.
+    let stress = Stress::start(&["--vm", "1", "--vm-bytes", "4g", "--vm-keep", "--timeout", "60s"]);
     let c = wait_cond(&agent, "MemoryPressure", "resources", "True");
     drop(stress);
     assert_eq!(c["reason"], "InsufficientMemory");
@@ -655,7 +631,6 @@ fn real_containerd_stopped_is_unhealthy_and_clears_when_it_is_back() {
     let agent = Agent::start(d, "node-cri", None, &cfg);
     let c = wait_cond(&agent, "ContainerRuntimeUnhealthy", "probe/containerd", "False");
     assert_eq!(c["reason"], "ContainerRuntimeIsHealthy");
-    let version = String::from_utf8_lossy(&run(Command::new("containerd").arg("--version")).stdout).into_owned();
     let (_, metrics) = http_unix(&agent.socket, "GET", "/metrics", "").expect("metrics");
     assert!(
         metrics.contains("check_runs_total{check=\"probe/containerd\",result=\"healthy\"}"),
@@ -664,17 +639,16 @@ fn real_containerd_stopped_is_unhealthy_and_clears_when_it_is_back() {
     let _ = containerd.kill();
     let _ = containerd.wait();
     let c = wait_cond(&agent, "ContainerRuntimeUnhealthy", "probe/containerd", "True");
-    assert!(c["message"].as_str().unwrap_or_default().contains("containerd"), "{c}");
+    assert!(message(&c).contains("containerd"), "{c}");
     let mut containerd = start_containerd(&cd);
     wait_cond(&agent, "ContainerRuntimeUnhealthy", "probe/containerd", "False");
-    // The healthy answer came from containerd's own API (its version).
+    // Back: an event says the condition cleared.
     let ev = events(&agent);
     assert!(
         ev.iter()
             .any(|e| e["source"] == "probe/containerd" && e["severity"] == "Info"),
         "a clearing event: {ev:?}"
     );
-    assert!(!version.is_empty());
     let _ = containerd.kill();
     let _ = containerd.wait();
 }
@@ -752,16 +726,13 @@ fn hardware_checks_read_edac_taint_and_stuck_tasks_from_a_prepared_tree() {
     put(&dimm.join("dimm_ce_count"), "150");
     let c = wait_cond(&agent, "CorrectableMemoryErrors", "hardware/edac", "True");
     assert!(
-        c["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("mc0/dimm0 (CPU_SrcID#0_Ha#0_Chan#0_DIMM#0): 150 corrected"),
+        message(&c).contains("mc0/dimm0 (CPU_SrcID#0_Ha#0_Chan#0_DIMM#0): 150 corrected"),
         "{c}"
     );
     put(&mc.join("ue_count"), "1");
     put(&dimm.join("dimm_ue_count"), "1");
     let c = wait_cond(&agent, "UncorrectableMemoryErrors", "hardware/edac", "True");
-    assert!(c["message"].as_str().unwrap_or_default().contains("dimm0"), "{c}");
+    assert!(message(&c).contains("dimm0"), "{c}");
     // Stored: after a restart the condition is True from the start, with
     // its first transition time, and no new transition is reported.
     agent.terminate();
@@ -786,19 +757,10 @@ fn hardware_checks_read_edac_taint_and_stuck_tasks_from_a_prepared_tree() {
         &((1u64 << 7) | (1 << 12)).to_string(),
     );
     let c = wait_cond(&agent, "KernelTainted", "hardware/taint", "True");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("tainted DO (watched: D"),
-        "{c}"
-    );
+    assert!(message(&c).contains("tainted DO (watched: D"), "{c}");
     // The task has been in D state past 2 s; it leaves and the condition clears.
     let c = wait_cond(&agent, "TasksStuckInDState", "hardware/tasks", "True");
-    assert!(
-        c["message"].as_str().unwrap_or_default().contains("nk-stuck[4242]"),
-        "{c}"
-    );
+    assert!(message(&c).contains("nk-stuck[4242]"), "{c}");
     std::fs::remove_dir_all(&task).expect("task gone");
     wait_cond(&agent, "TasksStuckInDState", "hardware/tasks", "False");
     // NICs and mounts are not in the tree: said once, no fault.
@@ -826,26 +788,14 @@ fn units_in_a_booted_systemd_flap_and_stop_and_come_back() {
     // Flapping: restarted by systemd again and again.
     m.exec(&["systemctl", "start", "flappy.service"]);
     let c = wait_cond(&agent, "FrequentFlappyRestart", "probe/flappy", "True");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("flappy.service restarted"),
-        "{c}"
-    );
+    assert!(message(&c).contains("flappy.service restarted"), "{c}");
     m.exec(&["systemctl", "stop", "flappy.service"]);
     // Back once the restarts are out of the 8 s window.
     wait_cond(&agent, "FrequentFlappyRestart", "probe/flappy", "False");
     // A kubelet-like unit stopped and started.
     m.exec(&["systemctl", "stop", "kubelike.service"]);
     let c = wait_cond(&agent, "KubeletUnhealthy", "probe/kubelet", "True");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("kubelike.service is inactive"),
-        "{c}"
-    );
+    assert!(message(&c).contains("kubelike.service is inactive"), "{c}");
     m.exec(&["systemctl", "start", "kubelike.service"]);
     wait_cond(&agent, "KubeletUnhealthy", "probe/kubelet", "False");
     // A probe of a unit the node does not have: said once, never a fault.
@@ -854,13 +804,7 @@ fn units_in_a_booted_systemd_flap_and_stop_and_come_back() {
             .into_iter()
             .find(|e| e["reason"] == "CheckNotApplicable" && e["source"] == "probe/absent")
     });
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("nothere.service is not installed"),
-        "{e}"
-    );
+    assert!(message(&e).contains("nothere.service is not installed"), "{e}");
     assert!(!conditions(&agent).iter().any(|c| c["source"] == "probe/absent"));
 }
 
@@ -918,7 +862,7 @@ fn pid_cpu_and_io_pressure_and_load_from_real_processes() {
     let c = wait_cond(&agent, "CPUPressure", "resources", "True");
     assert_eq!(c["reason"], "CPUStalled");
     let c = wait_cond(&agent, "HighLoad", "resources", "True");
-    assert!(c["message"].as_str().unwrap_or_default().contains("per CPU"), "{c}");
+    assert!(message(&c).contains("per CPU"), "{c}");
     drop(stress);
 
     // Writers syncing to disk: tasks stall on I/O (PSI io full).

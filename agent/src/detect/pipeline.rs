@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nodekeeper_proto::time::rfc3339;
 use nodekeeper_proto::v1::Event;
 
 use super::aggregate::Aggregator;
@@ -38,18 +37,6 @@ pub struct Pipeline {
     /// For each monitor, the source streams it reads (a line goes to the
     /// monitors whose mask shares a bit with the line's streams).
     pub streams: Vec<u64>,
-}
-
-fn source_event(source: &str, reason: &str, message: String, severity: &str) -> Event {
-    Event {
-        time: rfc3339(SystemTime::now()),
-        severity: severity.into(),
-        reason: reason.into(),
-        message,
-        source: source.into(),
-        count: 1,
-        first_time: String::new(),
-    }
 }
 
 impl Pipeline {
@@ -129,7 +116,7 @@ impl Pipeline {
                 if !failed {
                     tracing::error!(source = %name, error = %e, "cannot open the log source; retrying");
                     let msg = format!("cannot open {name}: {e}; retrying");
-                    let _ = agent.record_event(source_event(&name, "LogSourceFailed", msg, "Warning"));
+                    let _ = agent.record_event(super::event(&name, "LogSourceFailed", "Warning", msg));
                     failed = true;
                 }
                 stop.sleep(backoff.next_delay());
@@ -137,7 +124,7 @@ impl Pipeline {
             }
             if failed {
                 let msg = format!("reading {name} again");
-                let _ = agent.record_event(source_event(&name, "LogSourceRecovered", msg, "Info"));
+                let _ = agent.record_event(super::event(&name, "LogSourceRecovered", "Info", msg));
                 failed = false;
             }
             backoff.reset();
@@ -158,7 +145,7 @@ impl Pipeline {
                     Err(e) => {
                         tracing::error!(source = %name, error = %e, "reading the log source failed; reopening");
                         let msg = format!("reading {name}: {e}; reopening");
-                        let _ = agent.record_event(source_event(&name, "LogSourceFailed", msg, "Warning"));
+                        let _ = agent.record_event(super::event(&name, "LogSourceFailed", "Warning", msg));
                         failed = true;
                         break;
                     }
@@ -167,7 +154,7 @@ impl Pipeline {
                     agent.metrics.log_lost.get_or_create(&label).inc_by(lost);
                     let msg = format!("{lost} log lines were overwritten before they could be read");
                     agg.add(
-                        source_event(&name, "LogOverrun", msg, "Warning"),
+                        super::event(&name, "LogOverrun", "Warning", msg),
                         SystemTime::now(),
                         &mut out.events,
                     );

@@ -24,20 +24,6 @@ fn num(p: &Path) -> Option<u64> {
     read(p)?.parse().ok()
 }
 
-/// One condition of a check, with its healthy reason.
-struct Cond {
-    tracker: Tracker,
-}
-
-impl Cond {
-    fn new(agent: &Agent, kind: &str, source: &str, healthy: &str, message: &str, clear_after: Duration) -> Cond {
-        let mut tracker = Tracker::new(kind, source, healthy, message, &super::restored(agent, source))
-            .durations(Duration::ZERO, clear_after);
-        let _ = tracker.initial();
-        Cond { tracker }
-    }
-}
-
 /// EDAC counters of one memory controller or DIMM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EdacCount {
@@ -47,45 +33,34 @@ pub struct EdacCount {
     pub ue: u64,
 }
 
+/// The subdirectories of `dir` whose names start with one of `prefixes`,
+/// sorted, with their names.
+fn subdirs(dir: &Path, prefixes: &[&str]) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .filter(|(n, _)| prefixes.iter().any(|p| n.starts_with(p)))
+        .collect();
+    out.sort();
+    out
+}
+
 /// Reads every controller and DIMM (or csrow rank) under `edac/mc`.
 pub fn edac(root: &Path) -> Option<Vec<EdacCount>> {
     let dir = under(root, "/sys/devices/system/edac/mc");
+    if !dir.is_dir() {
+        return None;
+    }
     let mut out = Vec::new();
-    let mut mcs: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("mc")))
-        .collect();
-    mcs.sort();
-    for mc in mcs {
-        let mcname = mc
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    for (mcname, mc) in subdirs(&dir, &["mc"]) {
         out.push(EdacCount {
             name: mcname.clone(),
             ce: num(&mc.join("ce_count")).unwrap_or(0),
             ue: num(&mc.join("ue_count")).unwrap_or(0),
         });
-        let mut dimms: Vec<PathBuf> = std::fs::read_dir(&mc)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name().is_some_and(|n| {
-                    let n = n.to_string_lossy();
-                    n.starts_with("dimm") || n.starts_with("rank")
-                })
-            })
-            .collect();
-        dimms.sort();
-        for d in dimms {
-            let dn = d
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        for (dn, d) in subdirs(&mc, &["dimm", "rank"]) {
             let label = read(&d.join("dimm_label")).filter(|l| !l.is_empty());
             out.push(EdacCount {
                 name: match label {
@@ -249,7 +224,9 @@ impl Rate {
 struct State {
     root: PathBuf,
     cfg: HardwareChecks,
-    conds: BTreeMap<String, Cond>,
+    conds: BTreeMap<String, Tracker>,
+    /// Conditions new to this node, committed once (False) without an event.
+    fresh: Vec<Condition>,
     absent: BTreeMap<&'static str, Once>,
     ce_rate: BTreeMap<String, Rate>,
     flaps: BTreeMap<String, Rate>,
@@ -287,20 +264,16 @@ impl State {
         out: &mut Vec<Condition>,
     ) {
         let key = format!("{kind}|{source}");
-        let c = self.conds.entry(key).or_insert_with(|| {
-            Cond::new(
-                agent,
-                kind,
-                source,
-                healthy,
-                &format!("{kind}: no problem found"),
-                clear_after,
-            )
+        let t = self.conds.entry(key).or_insert_with(|| {
+            let message = format!("{kind}: no problem found");
+            Tracker::new(kind, source, healthy, &message, &super::restored(agent, source))
+                .durations(Duration::ZERO, clear_after)
         });
-        out.extend(
-            c.tracker
-                .observe(bad.as_ref().map(|(r, m)| (*r, m.as_str())), SystemTime::now()),
-        );
+        let initial = t.initial();
+        match t.observe(bad.as_ref().map(|(r, m)| (*r, m.as_str())), SystemTime::now()) {
+            Some(c) => out.push(c),
+            None => self.fresh.extend(initial),
+        }
     }
 
     /// Observes one instance of a condition shared by many (NICs).
@@ -333,11 +306,15 @@ impl State {
     fn publish(&mut self, out: &mut Vec<Condition>, events: &mut Vec<Event>) {
         for g in self.groups.values_mut() {
             let before = g.published.status.clone();
-            if let Some(c) = g.publish(SystemTime::now()) {
-                if c.status != before {
-                    events.push(super::transition_event(&c));
+            let initial = g.initial();
+            match g.publish(SystemTime::now()) {
+                Some(c) => {
+                    if c.status != before {
+                        events.push(super::transition_event(&c));
+                    }
+                    out.push(c);
                 }
-                out.push(c);
+                None => self.fresh.extend(initial),
             }
         }
     }
@@ -625,6 +602,7 @@ pub async fn run(agent: Arc<Agent>, cfg: HardwareChecks) {
         root,
         cfg,
         conds: BTreeMap::new(),
+        fresh: Vec::new(),
         absent: BTreeMap::new(),
         ce_rate: BTreeMap::new(),
         flaps: BTreeMap::new(),
@@ -634,7 +612,6 @@ pub async fn run(agent: Arc<Agent>, cfg: HardwareChecks) {
     };
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut first = true;
     loop {
         tick.tick().await;
         let t0 = Instant::now();
@@ -655,26 +632,7 @@ pub async fn run(agent: Arc<Agent>, cfg: HardwareChecks) {
         st = back;
         events.extend(conditions.iter().map(super::transition_event));
         st.publish(&mut conditions, &mut events);
-        if first {
-            // Conditions new to this node are committed once, False.
-            first = false;
-            let stored = agent.conditions();
-            for c in st.conds.values() {
-                let c = &c.tracker.condition;
-                if !conditions.iter().any(|x| x.r#type == c.r#type && x.source == c.source)
-                    && !stored.iter().any(|x| x.r#type == c.r#type && x.source == c.source)
-                {
-                    conditions.push(c.clone());
-                }
-            }
-            for g in st.groups.values_mut() {
-                if let Some(c) = g.initial()
-                    && !conditions.iter().any(|x| x.r#type == c.r#type && x.source == c.source)
-                {
-                    conditions.push(c);
-                }
-            }
-        }
+        conditions.append(&mut st.fresh);
         agent.metrics.check_run("hardware", "done", t0.elapsed().as_secs_f64());
         commit(&agent, conditions, events);
     }

@@ -19,10 +19,8 @@ pub mod tracker;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use anyhow::Context;
-use nodekeeper_proto::time::rfc3339;
 use nodekeeper_proto::v1::{
     Condition, CustomPluginMonitor, DetectorSetSpec, Event, HardwareChecks, Probe, ResourceChecks,
 };
@@ -246,18 +244,7 @@ pub fn transition_event(c: &Condition) -> Event {
     }
 }
 
-/// A plain event from a check.
-pub fn event(source: &str, reason: &str, severity: &str, message: String) -> Event {
-    Event {
-        time: rfc3339(SystemTime::now()),
-        severity: severity.into(),
-        reason: reason.into(),
-        message,
-        source: source.into(),
-        count: 1,
-        first_time: String::new(),
-    }
-}
+pub use super::event;
 
 /// Stores and reports what a check found.
 pub fn commit(agent: &Agent, conditions: Vec<Condition>, events: Vec<Event>) {

@@ -306,13 +306,16 @@ pub async fn run(agent: Arc<Agent>, p: Probe) {
                 ));
             }
             Outcome::CannotRun(msg) => {
-                tracing::warn!(probe = %p.name, error = %msg, "probe cannot run");
-                events.extend(failed.say(
+                // Logged with the event, once per reason, not every period.
+                if let Some(e) = failed.say(
                     &source,
                     "ProbeFailed",
                     "Warning",
                     format!("probe {} cannot run: {msg}", p.name),
-                ));
+                ) {
+                    tracing::warn!(probe = %p.name, error = %msg, "probe cannot run");
+                    events.push(e);
+                }
             }
             o => {
                 absent.clear();

@@ -3,10 +3,11 @@
 //! GPUs through `nvidia-smi -q -x`. Both run through the check shim (a
 //! deadline, nothing left behind); a node without the tool says so once.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use nodekeeper_proto::v1::{Condition, Event, GpuCheck, SmartCheck};
+use nodekeeper_proto::v1::{Event, GpuCheck, SmartCheck};
 use serde_json::Value;
 
 use super::run::{MAX_TOOL_OUTPUT, RunResult, run_capturing};
@@ -155,15 +156,30 @@ pub fn gpu_verdicts(xml: &str) -> Result<Vec<(String, Verdict)>, String> {
     Ok(out)
 }
 
-/// One tool check's condition, shared by its disks or GPUs.
-struct Conds {
+/// What both tool checks share: the command and its period, one
+/// condition for all disks or GPUs, and saying each trouble once per disk.
+struct Tool {
+    cmd: String,
+    period: Duration,
+    source: &'static str,
     group: Group,
     started: bool,
+    said: BTreeMap<String, Once>,
 }
 
-impl Conds {
-    fn new(agent: &Agent, kind: &str, source: &str, healthy: &str) -> Conds {
-        Conds {
+impl Tool {
+    fn new(
+        agent: &Agent,
+        (command, default_command): (&str, &str),
+        (period, default_period): (u32, u32),
+        kind: &str,
+        source: &'static str,
+        healthy: &str,
+    ) -> Tool {
+        Tool {
+            cmd: if command.is_empty() { default_command } else { command }.to_string(),
+            period: Duration::from_secs(u64::from(if period == 0 { default_period } else { period })),
+            source,
             group: Group::new(
                 kind,
                 source,
@@ -173,16 +189,38 @@ impl Conds {
                 &super::restored(agent, source),
             ),
             started: false,
+            said: BTreeMap::new(),
         }
+    }
+
+    /// An event about `key` (a disk, or "" for the tool), once per message.
+    fn say(&mut self, key: &str, reason: &str, severity: &str, message: String, events: &mut Vec<Event>) {
+        events.extend(
+            self.said
+                .entry(key.to_string())
+                .or_default()
+                .say(self.source, reason, severity, message),
+        );
+    }
+
+    /// Says once that the tool is not installed, and whether it is not.
+    fn missing(&mut self, what: &str, events: &mut Vec<Event>) -> bool {
+        if installed(&self.cmd) {
+            return false;
+        }
+        let m = format!("{} is not installed; {what} is not checked", self.cmd);
+        self.say("", "CheckNotApplicable", "Info", m, events);
+        true
     }
 
     fn observe(&mut self, member: &str, bad: Option<(&str, &str)>) {
         self.group.observe(member, bad, SystemTime::now());
     }
 
-    /// The condition to commit after a pass (once at the start, and when it
-    /// changed), with an event when its status changed.
-    fn publish(&mut self, out: &mut Vec<Condition>, events: &mut Vec<Event>) {
+    /// Commits a pass: the condition (once at the start, and when it
+    /// changed, with an event when its status changed) and the events.
+    fn finish(&mut self, agent: &Agent, t0: Instant, mut events: Vec<Event>) {
+        let mut out = Vec::new();
         if !std::mem::replace(&mut self.started, true) {
             out.extend(self.group.initial());
         }
@@ -194,6 +232,8 @@ impl Conds {
             out.retain(|x| x.r#type != c.r#type);
             out.push(c);
         }
+        agent.metrics.check_run(self.source, "done", t0.elapsed().as_secs_f64());
+        commit(agent, out, events);
     }
 }
 
@@ -217,45 +257,30 @@ fn ticker(period: Duration) -> tokio::time::Interval {
 
 /// Disk health from smartctl, until aborted.
 pub async fn run_smart(agent: Arc<Agent>, cfg: SmartCheck) {
-    let cmd = if cfg.command.is_empty() {
-        "smartctl".to_string()
-    } else {
-        cfg.command.clone()
-    };
-    let period = Duration::from_secs(u64::from(if cfg.period_seconds == 0 {
-        3600
-    } else {
-        cfg.period_seconds
-    }));
-    let mut conds = Conds::new(&agent, "DiskUnhealthy", "hardware/smart", "DiskHealthy");
-    let mut said = Once::default();
-    let mut tick = ticker(period);
+    let mut t = Tool::new(
+        &agent,
+        (&cfg.command, "smartctl"),
+        (cfg.period_seconds, 3600),
+        "DiskUnhealthy",
+        "hardware/smart",
+        "DiskHealthy",
+    );
+    let mut tick = ticker(t.period);
     loop {
         tick.tick().await;
         let t0 = Instant::now();
-        let mut out = Vec::new();
         let mut events: Vec<Event> = Vec::new();
-        if !installed(&cmd) {
-            events.extend(said.say(
-                "hardware/smart",
-                "CheckNotApplicable",
-                "Info",
-                format!("{cmd} is not installed; disk health is not checked"),
-            ));
-            commit(&agent, out, events);
+        if t.missing("disk health", &mut events) {
+            commit(&agent, Vec::new(), events);
             continue;
         }
         let devices: Vec<(String, String)> = if cfg.devices.is_empty() {
-            let r = run_capturing(
-                &[cmd.clone(), "--scan".into(), "--json".into()],
-                TOOL_TIMEOUT,
-                MAX_TOOL_OUTPUT,
-            )
-            .await;
+            let argv = [t.cmd.clone(), "--scan".into(), "--json".into()];
+            let r = run_capturing(&argv, TOOL_TIMEOUT, MAX_TOOL_OUTPUT).await;
             match output_or_error("smartctl --scan", &r) {
                 Ok(o) => smart_scan(&o),
                 Err(e) => {
-                    events.extend(said.say("hardware/smart", "ProbeFailed", "Warning", e));
+                    t.say("", "ProbeFailed", "Warning", e, &mut events);
                     Vec::new()
                 }
             }
@@ -263,64 +288,51 @@ pub async fn run_smart(agent: Arc<Agent>, cfg: SmartCheck) {
             cfg.devices.iter().map(|d| (d.clone(), String::new())).collect()
         };
         if devices.is_empty() {
-            events.extend(said.say(
-                "hardware/smart",
+            t.say(
+                "",
                 "CheckNotApplicable",
                 "Info",
                 "smartctl finds no disks on this node".into(),
-            ));
+                &mut events,
+            );
         }
         for (dev, ty) in devices {
-            let mut argv = vec![cmd.clone(), "--json".into(), "-H".into(), "-A".into(), "-i".into()];
+            let mut argv = vec![t.cmd.clone(), "--json".into(), "-H".into(), "-A".into(), "-i".into()];
             if !ty.is_empty() {
                 argv.extend(["-d".into(), ty.clone()]);
             }
             argv.push(dev.clone());
             let r = run_capturing(&argv, TOOL_TIMEOUT, MAX_TOOL_OUTPUT).await;
             match output_or_error("smartctl", &r).and_then(|o| smart_verdict(&dev, &o)) {
-                Ok(v) => conds.observe(&dev, v.as_ref().map(|(r, m)| (*r, m.as_str()))),
-                Err(e) => events.extend(said.say("hardware/smart", "ProbeFailed", "Warning", e)),
+                Ok(v) => t.observe(&dev, v.as_ref().map(|(r, m)| (*r, m.as_str()))),
+                Err(e) => t.say(&dev, "ProbeFailed", "Warning", e, &mut events),
             }
         }
-        conds.publish(&mut out, &mut events);
-        agent
-            .metrics
-            .check_run("hardware/smart", "done", t0.elapsed().as_secs_f64());
-        commit(&agent, out, events);
+        t.finish(&agent, t0, events);
     }
 }
 
 /// GPU health from nvidia-smi, until aborted.
 pub async fn run_gpu(agent: Arc<Agent>, cfg: GpuCheck) {
-    let cmd = if cfg.command.is_empty() {
-        "nvidia-smi".to_string()
-    } else {
-        cfg.command.clone()
-    };
-    let period = Duration::from_secs(u64::from(if cfg.period_seconds == 0 {
-        300
-    } else {
-        cfg.period_seconds
-    }));
-    let mut conds = Conds::new(&agent, "GPUUnhealthy", "hardware/gpu", "GPUHealthy");
-    let mut said = Once::default();
-    let mut tick = ticker(period);
+    let mut t = Tool::new(
+        &agent,
+        (&cfg.command, "nvidia-smi"),
+        (cfg.period_seconds, 300),
+        "GPUUnhealthy",
+        "hardware/gpu",
+        "GPUHealthy",
+    );
+    let mut tick = ticker(t.period);
     loop {
         tick.tick().await;
         let t0 = Instant::now();
-        let mut out = Vec::new();
         let mut events: Vec<Event> = Vec::new();
-        if !installed(&cmd) {
-            events.extend(said.say(
-                "hardware/gpu",
-                "CheckNotApplicable",
-                "Info",
-                format!("{cmd} is not installed; GPU health is not checked"),
-            ));
-            commit(&agent, out, events);
+        if t.missing("GPU health", &mut events) {
+            commit(&agent, Vec::new(), events);
             continue;
         }
-        let r = run_capturing(&[cmd.clone(), "-q".into(), "-x".into()], TOOL_TIMEOUT, MAX_TOOL_OUTPUT).await;
+        let argv = [t.cmd.clone(), "-q".into(), "-x".into()];
+        let r = run_capturing(&argv, TOOL_TIMEOUT, MAX_TOOL_OUTPUT).await;
         // nvidia-smi failing on a node that has it: the driver or a GPU is gone.
         let failed = match (r.exit_code, r.timed_out) {
             (Some(0), false) => None,
@@ -334,22 +346,18 @@ pub async fn run_gpu(agent: Arc<Agent>, cfg: GpuCheck) {
                 super::plugin::cut(r.stdout.trim(), 300).0
             )),
         };
-        conds.observe("nvidia-smi", failed.as_deref().map(|m| ("NvidiaSmiFailed", m)));
+        t.observe("nvidia-smi", failed.as_deref().map(|m| ("NvidiaSmiFailed", m)));
         if failed.is_none() {
             match gpu_verdicts(&r.stdout) {
                 Ok(gpus) => {
                     for (id, v) in gpus {
-                        conds.observe(&id, v.as_ref().map(|(r, m)| (*r, m.as_str())));
+                        t.observe(&id, v.as_ref().map(|(r, m)| (*r, m.as_str())));
                     }
                 }
-                Err(e) => events.extend(said.say("hardware/gpu", "ProbeFailed", "Warning", e)),
+                Err(e) => t.say("", "ProbeFailed", "Warning", e, &mut events),
             }
         }
-        conds.publish(&mut out, &mut events);
-        agent
-            .metrics
-            .check_run("hardware/gpu", "done", t0.elapsed().as_secs_f64());
-        commit(&agent, out, events);
+        t.finish(&agent, t0, events);
     }
 }
 
