@@ -24,7 +24,8 @@ pub struct Deadlines {
     pub package_seconds: u64,
     /// Quick package queries (dpkg-query, dpkg-deb -f, rpm -q).
     pub query_seconds: u64,
-    /// journalctl's start (the check that the journal can be read).
+    /// No longer used: the journal is read in-process, not by a
+    /// `journalctl` child. Accepted so that existing configurations load.
     pub journalctl_start_seconds: u64,
     /// Scripts (remedies, plugins) without a timeout of their own.
     pub script_seconds: u64,
@@ -49,7 +50,6 @@ impl Deadlines {
             ("deadlines.systemctlSeconds", self.systemctl_seconds),
             ("deadlines.packageSeconds", self.package_seconds),
             ("deadlines.querySeconds", self.query_seconds),
-            ("deadlines.journalctlStartSeconds", self.journalctl_start_seconds),
             ("deadlines.scriptSeconds", self.script_seconds),
         ]
         .into_iter()
@@ -64,7 +64,6 @@ pub enum Kind {
     Systemctl,
     Package,
     Query,
-    JournalctlStart,
     Script,
 }
 
@@ -82,7 +81,6 @@ pub fn deadline(kind: Kind) -> Duration {
         Kind::Systemctl => d.systemctl_seconds,
         Kind::Package => d.package_seconds,
         Kind::Query => d.query_seconds,
-        Kind::JournalctlStart => d.journalctl_start_seconds,
         Kind::Script => d.script_seconds,
     })
 }

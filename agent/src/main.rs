@@ -66,6 +66,15 @@ enum UnitAction {
 }
 
 fn main() {
+    // One malloc arena for the whole process: the agent's threads rarely
+    // allocate at the same time, and every extra arena keeps its own touched
+    // pages (about 0.8 MiB of resident memory idle). Set before any thread
+    // exists; an operator's MALLOC_ARENA_MAX is left to glibc.
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt has no memory-safety preconditions; called before
+        // the process starts any thread.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    }
     daemon::exit_on_error(main_inner().map_err(|e| format!("{e:#}")), "nodekeeper-agent");
 }
 

@@ -42,11 +42,11 @@ def comm(pid):
         return "?"
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS:"):
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -165,7 +165,8 @@ def main():
         helpers = sorted(comm(p) for p in pids if p != agent.pid)
         total = sum(rss_kib(p) for p in pids)
         fig("idle: RSS, agent and helpers", f"{total / 1024:.1f}",
-            f"MiB (agent {rss_kib(agent.pid) / 1024:.1f} MiB; helpers: {', '.join(helpers) or 'none'})")
+            f"MiB (agent {rss_kib(agent.pid) / 1024:.1f} MiB, of it {rss_kib(agent.pid, 'RssFile:') / 1024:.1f} "
+            f"file-backed; helpers: {', '.join(helpers) or 'none'})")
 
         c0, s0, w0, t0 = ticks(pids), switches(pids), io(pids), time.monotonic()
         time.sleep(idle_s)
@@ -197,7 +198,7 @@ def main():
     if record:
         fig.record("Agent footprint", f"scripts/bench/agent-footprint.sh {args.rate}",
                    f"idle {idle_s} s, flood {flood_s} s at {args.rate} lines/s",
-                   "release build; default configuration (built-in kernel, kubelet and containerd rules), "
+                   f"{os.path.basename(args.bin.rstrip('/'))} build; default configuration (built-in kernel, kubelet and containerd rules), "
                    "standalone; real /dev/kmsg; the system journal is empty on this machine")
 
 

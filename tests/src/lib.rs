@@ -646,7 +646,6 @@ impl Agent {
         c.wait().expect("wait agent")
     }
 
-    /// Replaces the environment used at the next (re)start.
     /// The running agent's process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -5,6 +5,7 @@
 pub mod file;
 pub mod journald;
 pub mod kmsg;
+pub mod sd_journal;
 
 use std::time::{Duration, SystemTime};
 
