@@ -66,20 +66,23 @@ enum UnitAction {
 }
 
 fn main() {
-    // One malloc arena for the whole process: the agent's threads rarely
-    // allocate at the same time, and every extra arena keeps its own touched
-    // pages (about 0.8 MiB of resident memory idle). Set before any thread
-    // exists; an operator's MALLOC_ARENA_MAX is left to glibc.
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt has no memory-safety preconditions; called before
-        // the process starts any thread.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    }
     daemon::exit_on_error(main_inner().map_err(|e| format!("{e:#}")), "nodekeeper-agent");
 }
 
 fn main_inner() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.cmd.is_none() {
+        // The daemon keeps one malloc arena: its threads rarely allocate at
+        // the same time, and every extra arena keeps its own touched pages
+        // (about 0.8 MiB of resident memory idle). Set before any thread
+        // exists; an operator's MALLOC_ARENA_MAX is left to glibc. (Hollow
+        // agents, thousands in one busy process, keep glibc's default.)
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            // SAFETY: mallopt has no memory-safety preconditions; called
+            // before the process starts any thread.
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+        }
+    }
     if let Some(Cmd::RunCheck {
         timeout_ms,
         max_output,

@@ -143,7 +143,7 @@ class BenchHub:
                              stdout=open(os.path.join(self.tmp, "hub.log"), "a"), stderr=subprocess.STDOUT)
         if self.tls:
             token = os.path.join(self.tmp, "state", "admin.token")
-            wait("hub PKI and admin token", 30, 0.05, lambda: os.path.exists(self.ca) and os.path.getsize(token) > 0)
+            wait("hub PKI and admin token", 30, 0.05, lambda: os.path.exists(self.ca) and os.path.exists(token) and os.path.getsize(token) > 0)
             self.ctx = ssl.create_default_context(cafile=self.ca)
             with open(token) as f:
                 self.token = f.read().strip()
