@@ -8,6 +8,7 @@ pub mod exec;
 pub mod hollow;
 pub mod link;
 pub mod metrics;
+pub mod remedy;
 pub mod report;
 pub mod retry;
 pub mod runtime;
