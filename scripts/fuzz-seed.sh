@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 c=fuzz/corpus
-mkdir -p $c/npd_rules $c/kmsg_record $c/resource_document $c/journald_line $c/filelog_translator $c/link_message $c/permit_request
+mkdir -p $c/npd_rules $c/kmsg_record $c/resource_document $c/journal_entry $c/filelog_translator $c/link_message $c/permit_request
 for f in tests/fixtures/npd/config/*.json agent/rules/*; do
   [ -f "$f" ] && cp -n "$f" "$c/npd_rules/$(basename "$f")"
 done
@@ -39,8 +39,8 @@ spec:
   service: {unit: kubelet.service}
   health: {http: "http://127.0.0.1:10248/healthz", timeoutSeconds: 5}
 Y
-printf '%s\n' '{"__CURSOR":"s=1;i=2","__REALTIME_TIMESTAMP":"1700000000000000","MESSAGE":"containerd: failed","SYSLOG_IDENTIFIER":"containerd"}' >"$c/journald_line/seed-text"
-printf '%s\n' '{"__CURSOR":"s=1;i=3","MESSAGE":[104,105]}' >"$c/journald_line/seed-binary"
+printf 'MESSAGE= containerd: failed \nSYSLOG_IDENTIFIER=kubelet\n_PID=42' >"$c/journal_entry/seed-text"
+printf 'UNIT=containerd.service\n_PID=1\nMESSAGE=\000\377=x\nNOFIELD' >"$c/journal_entry/seed-binary"
 printf '\000Nov  3 10:11:12 host kernel: [ 1.2] task blocked for more than 120 seconds.' >"$c/filelog_translator/seed-kernel"
 printf '\001time="2024-01-02T03:04:05.123Z" level=error msg="container died"' >"$c/filelog_translator/seed-docker"
 printf '\002Nov  3 10:11:12 host smartd: Currently unreadable (pending) sectors' >"$c/filelog_translator/seed-disk"

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-10}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(link_message permit_request resource_document npd_rules kmsg_record journald_line filelog_translator)
+[ ${#targets[@]} -gt 0 ] || targets=(link_message permit_request resource_document npd_rules kmsg_record journal_entry filelog_translator)
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
 export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$PWD/target/fuzz}
 # An explicit --target keeps RUSTFLAGS off build scripts and proc macros.

@@ -53,9 +53,10 @@ impl Filter {
 }
 
 /// What one entry's fields say, gathered while they are enumerated (their
-/// bytes are valid only during that).
+/// bytes are valid only during that). Public for the fuzz target: the fields
+/// are outside input.
 #[derive(Default)]
-struct Fields {
+pub struct Fields {
     message: Vec<u8>,
     /// Filters the entry's `SYSLOG_IDENTIFIER` or `_SYSTEMD_UNIT` passes.
     own: u64,
@@ -65,8 +66,8 @@ struct Fields {
 }
 
 impl Fields {
-    /// Takes one `FIELD=value` of the entry.
-    fn add(&mut self, field: &[u8], filters: &[Filter]) {
+    /// Takes one `FIELD=value` of the entry (anything else is ignored).
+    pub fn add(&mut self, field: &[u8], filters: &[Filter]) {
         let Some(eq) = memchr::memchr(b'=', field) else { return };
         let value = &field[eq + 1..];
         let bits = |pick: &dyn Fn(&Filter) -> bool| {
@@ -89,13 +90,18 @@ impl Fields {
     }
 
     /// The streams (indexes into `filters`) whose filter the entry passes.
-    fn streams(&self, filters: &[Filter]) -> u64 {
+    pub fn streams(&self, filters: &[Filter]) -> u64 {
         let all = filters
             .iter()
             .enumerate()
             .filter(|(_, f)| **f == Filter::All)
             .fold(0u64, |acc, (i, _)| acc | (1 << i));
         self.own | all | if self.from_pid1 { self.about_unit } else { 0 }
+    }
+
+    /// MESSAGE as NPD's journald watcher hands it on: trimmed.
+    pub fn message(&self) -> &[u8] {
+        super::journal_message(&self.message)
     }
 }
 
@@ -146,7 +152,7 @@ impl JournalSource {
             .unwrap_or_else(SystemTime::now);
         let line = Line {
             time,
-            message: super::journal_message(&fields.message).to_vec(),
+            message: fields.message().to_vec(),
             streams: fields.streams(filters),
         };
         Ok((line, journal.cursor()?))
