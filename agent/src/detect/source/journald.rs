@@ -117,6 +117,8 @@ pub struct JournalSource {
     /// (a stored cursor's entry was gone and the seek landed on a later one).
     unread: bool,
     cursor: Option<String>,
+    /// Entries skipped because their fields could not be read.
+    unreadable: u64,
 }
 
 impl JournalSource {
@@ -139,6 +141,7 @@ impl JournalSource {
             journal: None,
             unread: false,
             cursor: None,
+            unreadable: 0,
         }
     }
 
@@ -221,9 +224,25 @@ impl LogSource for JournalSource {
                 journal.wait(wait, stop)?;
                 continue;
             }
-            let (line, cursor) = Self::entry(journal, &self.filters)?;
-            out.push(line);
-            self.cursor = Some(cursor);
+            match Self::entry(journal, &self.filters) {
+                Ok((line, cursor)) => {
+                    out.push(line);
+                    self.cursor = Some(cursor);
+                }
+                Err(e) => {
+                    // A damaged entry is skipped, not retried forever: the
+                    // source would reopen at it again and again.
+                    self.unreadable += 1;
+                    if self.unreadable == 1 {
+                        tracing::warn!(source = %self.name, error = %e, "skipping a journal entry that cannot be read");
+                    } else {
+                        tracing::debug!(source = %self.name, error = %e, skipped = self.unreadable, "skipping a journal entry that cannot be read");
+                    }
+                    if let Ok(c) = journal.cursor() {
+                        self.cursor = Some(c);
+                    }
+                }
+            }
         }
         Ok(0)
     }

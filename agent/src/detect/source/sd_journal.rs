@@ -76,7 +76,13 @@ impl Lib {
                 get_realtime_usec: sym!("sd_journal_get_realtime_usec"),
                 get_cursor: sym!("sd_journal_get_cursor"),
                 restart_data: sym!("sd_journal_restart_data"),
-                enumerate_data: sym!("sd_journal_enumerate_data"),
+                // systemd ≥ 246 skips fields it cannot read (damaged, or
+                // compressed in a way this build does not support) instead of
+                // failing the entry; older ones have only the strict call.
+                enumerate_data: match lib.get(b"sd_journal_enumerate_available_data\0") {
+                    Ok(f) => *f,
+                    Err(_) => sym!("sd_journal_enumerate_data"),
+                },
                 get_fd: sym!("sd_journal_get_fd"),
                 get_timeout: sym!("sd_journal_get_timeout"),
                 process: sym!("sd_journal_process"),
