@@ -808,6 +808,95 @@ fn units_in_a_booted_systemd_flap_and_stop_and_come_back() {
     assert!(!conditions(&agent).iter().any(|c| c["source"] == "probe/absent"));
 }
 
+/// The journald monitors against a live journald: a booted systemd's own
+/// journal, written while the agent (on the host, through the container's
+/// root) follows it in-process with libsystemd's reader.
+#[test]
+fn journald_monitors_follow_a_live_journald_by_identifier_and_by_unit() {
+    let m = nodekeeper_e2e::lab::Machine::boot("journal-live", &[]);
+    m.sh(
+        "cat > /etc/systemd/system/kubelike.service <<'E'\n[Service]\nExecStart=/bin/sleep infinity\nE\n\
+         cat > /etc/systemd/system/other.service <<'E'\n[Service]\nExecStart=/bin/sleep infinity\nE\n\
+         systemctl daemon-reload && systemctl start kubelike.service other.service",
+    );
+    // Persistent or volatile, wherever this journald writes.
+    let dir = m.sh(
+        "journalctl --flush >/dev/null 2>&1; for d in /var/log/journal /run/log/journal; do \
+         ls $d/*/*.journal >/dev/null 2>&1 && echo $d && break; done",
+    );
+    let dir = format!("/proc/{}/root{}", m.pid1(), dir.trim());
+    assert!(dir.ends_with("journal"), "the container's journal: {dir}");
+    let tmp = TempDir::new("journal-live");
+    let by_id = tmp.path().join("kubelet.yaml");
+    std::fs::write(
+        &by_id,
+        format!(
+            "plugin: journald\npluginConfig: {{source: kubelet}}\nlogPath: {dir}\nsource: kubelet-monitor\nconditions: [{{type: KubeletStuck, reason: KubeletIsFine, message: ok}}]\nrules:\n- {{type: permanent, condition: KubeletStuck, reason: PLEGUnhealthy, pattern: 'PLEG is not healthy: .*'}}\n"
+        ),
+    )
+    .expect("rules");
+    let by_unit = tmp.path().join("kubelike.yaml");
+    std::fs::write(
+        &by_unit,
+        format!(
+            "plugin: journald\npluginConfig: {{unit: kubelike}}\nlogPath: {dir}\nsource: kubelike-monitor\nconditions: []\nrules:\n- {{type: temporary, reason: UnitStopped, pattern: 'Stopped .*'}}\n"
+        ),
+    )
+    .expect("rules");
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  logMonitors: [{}, {}]\n",
+        by_id.display(),
+        by_unit.display()
+    );
+    let agent = Agent::start(tmp.path(), "node-journal-live", None, &cfg);
+    let pid = agent.pid().expect("agent pid");
+    wait_for("libsystemd loaded by the agent", T, || {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        maps.contains("libsystemd.so.0").then_some(())
+    });
+    // The reader seeks to the journal's end right after loading the library.
+    std::thread::sleep(Duration::from_secs(1));
+    // A line logged under the identifier; another identifier's is not read.
+    m.exec(&[
+        "systemd-cat",
+        "-t",
+        "kubelet",
+        "echo",
+        "PLEG is not healthy: pleg was last seen active 3m0s ago",
+    ]);
+    m.exec(&[
+        "systemd-cat",
+        "-t",
+        "notkubelet",
+        "echo",
+        "Stopped kubelike.service by hand",
+    ]);
+    let c = wait_cond(&agent, "KubeletStuck", "kubelet-monitor", "True");
+    assert!(message(&c).contains("pleg was last seen active"), "{c}");
+    // systemd's own messages about the unit (PID 1, UNIT=) reach the unit's
+    // monitor; those about another unit do not.
+    m.exec(&["systemctl", "stop", "other.service"]);
+    m.exec(&["systemctl", "stop", "kubelike.service"]);
+    let stopped = wait_for("the unit's stop seen by its monitor", T, || {
+        events(&agent)
+            .into_iter()
+            .find(|e| e["reason"] == "UnitStopped" && message(e).contains("kubelike"))
+    });
+    assert_eq!(stopped["source"], "kubelike-monitor", "{stopped}");
+    std::thread::sleep(Duration::from_secs(1));
+    let unit_events: Vec<Value> = events(&agent)
+        .into_iter()
+        .filter(|e| e["reason"] == "UnitStopped")
+        .collect();
+    assert!(
+        unit_events
+            .iter()
+            .all(|e| !message(e).contains("other") && !message(e).contains("by hand")),
+        "only kubelike.service's own entries reach its monitor: {unit_events:?}"
+    );
+    assert!(agent.children().is_empty(), "no journal helper: {:?}", agent.children());
+}
+
 fn pids_available() -> u64 {
     let max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
         .ok()
