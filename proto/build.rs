@@ -72,6 +72,14 @@ const RESOURCE_MESSAGES: &[&str] = &[
     "ComponentStatus",
     "DesiredComponent",
     "NodeComponent",
+    "RemedyRule",
+    "RemedyRuleSpec",
+    "RemedyTrigger",
+    "RemedyStep",
+    "RemedyBreaker",
+    "RemedyRuleStatus",
+    "RemedyJob",
+    "RemedyStepRecord",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -103,6 +111,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "RollingUpdate.failure_threshold",
         "Canary.nodes",
         "DisruptionBudgetSpec.max_unavailable",
+        "RemedyRuleSpec.max_concurrent",
+        "RemedyBreaker.threshold",
     ] {
         builder = builder.field_attribute(
             format!(".nodekeeper.v1.{f}"),

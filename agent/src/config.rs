@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub converge: ConvergeConfig,
     /// Permits from the hub's defender for disruptive actions.
     pub defender: DefenderConfig,
+    /// Self-healing: local RemedyRules and how the actions act.
+    pub remedy: RemedyConfig,
     /// Deadlines of the subprocesses the agent starts.
     pub deadlines: crate::exec::Deadlines,
     pub log_level: String,
@@ -137,6 +139,27 @@ pub enum Offline {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct RemedyConfig {
+    /// RemedyRules of this node's own (the hub's rules of the same name win).
+    pub rules: Vec<nodekeeper_proto::v1::RemedyRule>,
+    /// What a `reboot` step runs.
+    pub reboot_command: Vec<String>,
+    /// Where the boot id is read (a reboot step is confirmed by a new one).
+    pub boot_id_file: PathBuf,
+}
+
+impl Default for RemedyConfig {
+    fn default() -> Self {
+        RemedyConfig {
+            rules: Vec::new(),
+            reboot_command: vec!["systemctl".into(), "reboot".into()],
+            boot_id_file: "/proc/sys/kernel/random/boot_id".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct DefenderConfig {
     /// With the hub unreachable: `deny` (default) or `allow`.
     pub offline: Offline,
@@ -236,6 +259,7 @@ impl Default for AgentConfig {
             detectors: Detectors::default(),
             converge: ConvergeConfig::default(),
             defender: DefenderConfig::default(),
+            remedy: RemedyConfig::default(),
             deadlines: crate::exec::Deadlines::default(),
             log_level: "info".into(),
             log_format: "text".into(),
@@ -259,6 +283,21 @@ impl AgentConfig {
             validate::dns_subdomain("nodeName", n).map_err(|e| ConfigError::invalid(path, "nodeName", e.message))?;
         }
         validate::labels("labels", &self.labels).map_err(|e| ConfigError::invalid(path, &e.field, e.message))?;
+        for (i, r) in self.remedy.rules.iter().enumerate() {
+            let name = r.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
+            validate::dns_subdomain(&format!("remedy.rules[{i}].metadata.name"), name)
+                .map_err(|e| ConfigError::invalid(path, &e.field, e.message))?;
+            let spec = r.spec.clone().unwrap_or_default();
+            nodekeeper_proto::remedy::check(&format!("remedy.rules[{i}].spec"), &spec)
+                .map_err(|e| ConfigError::invalid(path, &e.field, e.message))?;
+        }
+        if self.remedy.reboot_command.is_empty() {
+            return Err(ConfigError::invalid(
+                path,
+                "remedy.rebootCommand",
+                "empty: the command a reboot step runs (systemctl reboot)".to_string(),
+            ));
+        }
         if let Some(h) = &self.hub {
             if h.address.starts_with("http://") && !h.insecure {
                 return Err(ConfigError::invalid(

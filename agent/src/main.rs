@@ -259,6 +259,22 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     )
     .context("starting the converge engine")?;
     tokio::spawn(watch_converge(agent.clone(), liveness.clone()));
+    let boot_id = std::fs::read_to_string(&cfg.remedy.boot_id_file)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| agent.facts.boot_id.clone());
+    let remedies = nodekeeper_agent::remedy::Engine::new(
+        agent.clone(),
+        nodekeeper_agent::remedy::Config {
+            local_rules: cfg.remedy.rules.clone(),
+            env: nodekeeper_agent::remedy::action::Env {
+                reboot_command: cfg.remedy.reboot_command.clone(),
+                ..Default::default()
+            },
+            boot_id,
+        },
+        agent.remedies.clone(),
+    );
+    tokio::spawn(remedies.run(stop_rx.clone()));
     agent
         .record_event(Event {
             severity: "Info".into(),

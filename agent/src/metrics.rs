@@ -49,6 +49,36 @@ pub struct Metrics {
     pub plugin_output_truncated: Family<SourceLabel, Counter>,
     /// Descendants a check program left running, killed by the shim.
     pub check_leftovers_killed: Counter,
+    /// Remedy jobs ended, by rule and result.
+    pub remedy_jobs: Family<RuleResultLabel, Counter>,
+    /// Remedy steps run, by action and result (ok, failed).
+    pub remedy_steps: Family<ActionResultLabel, Counter>,
+    /// Seconds from a condition turning True to its remedy succeeding.
+    pub remedy_time_to_heal: HealHistogram,
+}
+
+/// Seconds to heal, buckets 1 s to about 4.5 h.
+#[derive(Clone)]
+pub struct HealHistogram(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for HealHistogram {
+    fn default() -> Self {
+        HealHistogram(prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 14),
+        ))
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleResultLabel {
+    pub rule: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionResultLabel {
+    pub action: String,
+    pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -89,6 +119,24 @@ pub struct SourceLabel {
 }
 
 impl Metrics {
+    pub fn remedy_job(&self, rule: &str, result: &str) {
+        self.remedy_jobs
+            .get_or_create(&RuleResultLabel {
+                rule: rule.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn remedy_step(&self, action: &str, result: &str) {
+        self.remedy_steps
+            .get_or_create(&ActionResultLabel {
+                action: action.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
     /// Metrics registered for exposition.
     pub fn new() -> Metrics {
         let m = Metrics::default();
@@ -132,6 +180,21 @@ impl Metrics {
             "nodekeeper_agent_events_recorded",
             "Events recorded on this node",
             m.events_recorded.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_remedy_jobs",
+            "Remedy jobs ended, by rule and result (Succeeded, Failed, Denied, DryRun)",
+            m.remedy_jobs.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_remedy_steps",
+            "Remedy steps run, by action and result",
+            m.remedy_steps.clone(),
+        );
+        r.register(
+            "nodekeeper_agent_remedy_time_to_heal_seconds",
+            "Time from a condition turning True to its remedy job succeeding",
+            m.remedy_time_to_heal.0.clone(),
         );
         r.register(
             "problem_counter",

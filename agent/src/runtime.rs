@@ -66,6 +66,8 @@ pub struct Agent {
     link: Mutex<LinkStatus>,
     /// Permits from the hub's defender (converge and remedies ask).
     pub permits: Arc<crate::link::permit::Permits>,
+    /// Remedy jobs, for `/v1/remedies`.
+    pub remedies: Arc<crate::remedy::Jobs>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,6 +100,7 @@ impl Agent {
         let permits = Arc::new(crate::link::permit::Permits::new(&p.name, p.hub.is_none()));
         Agent {
             permits,
+            remedies: Arc::default(),
             name: p.name,
             labels: p.labels,
             facts: p.facts,

@@ -3,6 +3,7 @@
 
 mod client;
 mod output;
+mod remedy;
 mod rollout;
 mod settings;
 mod table;
@@ -70,6 +71,14 @@ enum Cmd {
         /// Audit entries of one actor (a token's name, node:NAME, join-token:ID).
         #[arg(long)]
         actor: Option<String>,
+        /// Remedies: keep printing jobs as they change.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// Remedies of one node, or of one rule.
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        rule: Option<String>,
     },
     /// Show one resource in detail.
     Describe { kind: String, name: String },
@@ -110,6 +119,30 @@ enum Cmd {
         #[command(subcommand)]
         cmd: FreezeCmd,
     },
+    /// Remedy jobs waiting for approval, and the rules' breakers.
+    Remedy {
+        #[command(subcommand)]
+        cmd: RemedyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RemedyCmd {
+    /// Let a job of a manual rule go on (to the defender's other checks).
+    Approve { job: String },
+    /// Refuse a job of a manual rule; it ends Denied.
+    Deny { job: String },
+    /// A rule's circuit breaker.
+    Breaker {
+        #[command(subcommand)]
+        cmd: BreakerCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BreakerCmd {
+    /// Close it (the correlated fault is fixed): the rule grants again.
+    Reset { rule: String },
 }
 
 #[derive(Subcommand)]
@@ -220,6 +253,8 @@ enum What {
     Nodes,
     Audit,
     Permits,
+    Remedies,
+    Incidents,
     Kind(Kind),
 }
 
@@ -228,12 +263,13 @@ fn what(s: &str) -> anyhow::Result<What> {
         "node" | "nodes" | "no" => Ok(What::Nodes),
         "audit" => Ok(What::Audit),
         "permits" | "permit" => Ok(What::Permits),
+        "remedies" | "remedy" => Ok(What::Remedies),
+        "incidents" | "incident" => Ok(What::Incidents),
         other => match Kind::parse(other) {
             Some(k) => Ok(What::Kind(k)),
-            None if Kind::planned(other) => bail!("{other} are not available in this version yet"),
             None => {
                 bail!(
-                    "unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds), components (comp), disruptionbudgets (db), permits, audit"
+                    "unknown resource type {s:?}; one of nodes, nodesets (ns), agentprofiles (ap), detectorsets (ds), components (comp), disruptionbudgets (db), remedyrules (rr), remedies, incidents, permits, audit"
                 )
             }
         },
@@ -292,6 +328,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Freeze { cmd } => match cmd {
             FreezeCmd::On { reason } => rollout::freeze(hub, true, &reason).await,
             FreezeCmd::Off => rollout::freeze(hub, false, "").await,
+        },
+        Cmd::Remedy { cmd } => match cmd {
+            RemedyCmd::Approve { job } => remedy::decide(hub, &job, "approve").await,
+            RemedyCmd::Deny { job } => remedy::decide(hub, &job, "deny").await,
+            RemedyCmd::Breaker {
+                cmd: BreakerCmd::Reset { rule },
+            } => remedy::reset(hub, &rule).await,
+        },
+        Cmd::Get {
+            kind,
+            name,
+            watch,
+            node,
+            rule,
+            ..
+        } if matches!(what(&kind)?, What::Remedies) => match name {
+            Some(id) => remedy::describe(hub, &id, if out == Format::Table { Format::Yaml } else { out }).await,
+            None => {
+                let mut q = Vec::new();
+                if let Some(n) = node {
+                    q.push(format!("node={}", percent(&n)));
+                }
+                if let Some(r) = rule {
+                    q.push(format!("rule={}", percent(&r)));
+                }
+                let query = if q.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{}", q.join("&"))
+                };
+                remedy::get(hub, &query, watch, std::time::Duration::from_secs(1), out).await
+            }
         },
         cmd => hub_command(hub, cmd, out, cli.chunk_size).await,
     }
@@ -404,6 +472,7 @@ fn print_resources(k: Kind, path: &str, items: Vec<Value>, wide: bool) -> anyhow
         Kind::DetectorSet => output::detector_sets(&items_of(path, items)?),
         Kind::Component => output::components(&items_of(path, items)?),
         Kind::DisruptionBudget => output::disruption_budgets(&items_of(path, items)?),
+        Kind::RemedyRule => remedy::rules(&items_of(path, items)?),
     }
     Ok(())
 }
@@ -419,6 +488,7 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
             since,
             until,
             actor,
+            ..
         } => {
             let w = what(&kind)?;
             let query = match &selector {
@@ -429,6 +499,14 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
                 None => String::new(),
             };
             match (w, name) {
+                (What::Remedies, _) => bail!("remedies are listed before hub_command"),
+                (What::Incidents, _) => {
+                    let v: List<Event> = client.get("/v1/incidents").await?;
+                    match out {
+                        Format::Json | Format::Yaml => output::structured(&v, out)?,
+                        _ => output::events(&v.items, false),
+                    }
+                }
                 (What::Permits, _) => {
                     let v: List<nodekeeper_proto::v1::Permit> = client.get("/v1/permits").await?;
                     match out {
@@ -498,13 +576,25 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
             }
         }
         Cmd::Describe { kind, name } => match what(&kind)? {
+            What::Remedies => remedy::describe(hub, &name, out).await?,
+            What::Incidents => bail!("incidents are listed with `nkctl get incidents`"),
             What::Audit => bail!("the audit log is listed with `nkctl get audit`"),
             What::Permits => bail!("permits are listed with `nkctl get permits`"),
             What::Nodes => {
                 let node: Node = client.get(&format!("/v1/nodes/{name}")).await?;
                 match out {
                     Format::Json => output::structured(&node, out)?,
-                    _ => output::describe_node(&node),
+                    _ => {
+                        output::describe_node(&node);
+                        let jobs: List<nodekeeper_proto::v1::RemedyJob> =
+                            client.get(&format!("/v1/remedies?node={}", percent(&name))).await?;
+                        println!("Remedies:");
+                        if jobs.items.is_empty() {
+                            println!("  <none>");
+                        } else {
+                            remedy::table(&jobs.items);
+                        }
+                    }
                 }
             }
             What::Kind(Kind::Component) if out != Format::Json => {
@@ -536,6 +626,7 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
             }
         },
         Cmd::Delete { kind, name, force } => match what(&kind)? {
+            What::Remedies | What::Incidents => bail!("remedy jobs and incidents are records; they are not deleted"),
             What::Audit => bail!("the audit log is append-only; retention (audit.retention) prunes it"),
             What::Permits => bail!("permits are released by their agents, or expire at their TTL"),
             What::Nodes => {
@@ -552,7 +643,9 @@ async fn hub_command(hub: Target, cmd: Cmd, out: Format, chunk: u64) -> anyhow::
                 println!("{}/{name} deleted", k.name().to_ascii_lowercase());
             }
         },
-        Cmd::Rollout { .. } | Cmd::Freeze { .. } => bail!("rollout and freeze are run before hub_command"),
+        Cmd::Rollout { .. } | Cmd::Freeze { .. } | Cmd::Remedy { .. } => {
+            bail!("rollout, freeze and remedy are run before hub_command")
+        }
         Cmd::Summary => {
             let v: Summary = client.get("/v1/fleet/summary").await?;
             let f = if out == Format::Yaml {

@@ -142,6 +142,7 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
                 t.tick().await;
                 fleet.tick();
                 fleet.expire_permits();
+                fleet.tick_remedies();
                 if n.is_multiple_of(60) {
                     auth.prune_audit();
                 }

@@ -52,6 +52,26 @@ pub struct Metrics {
     pub rollout_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Nodes released to a new revision by rollouts.
     pub rollout_released: Counter,
+    /// Remedy jobs agents reported ended, by rule and result.
+    pub remedy_jobs: Family<RemedyLabels, Counter>,
+    /// Seconds from a condition turning True to its remedy job succeeding:
+    /// the fleet's time to heal.
+    pub time_to_heal: Histogram,
+    /// FleetIncidents (a remedy breaker opening), by rule.
+    pub fleet_incidents: Family<RuleLabel, Counter>,
+    /// 1 while a rule's breaker is open.
+    pub breakers_open: Family<RuleLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RemedyLabels {
+    pub rule: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    pub rule: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,7 +138,31 @@ impl Metrics {
             permit_decide_seconds: Counter::default(),
             rollout_seconds: Counter::default(),
             rollout_released: Counter::default(),
+            remedy_jobs: Family::default(),
+            time_to_heal: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            fleet_incidents: Family::default(),
+            breakers_open: Family::default(),
         };
+        r.register(
+            "nodekeeper_hub_remedy_jobs",
+            "Remedy jobs ended, by rule and result (Succeeded, Failed, Denied, DryRun)",
+            m.remedy_jobs.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_remedy_time_to_heal_seconds",
+            "Time from a condition turning True to its remedy job succeeding",
+            m.time_to_heal.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_fleet_incidents",
+            "Remedy breakers opened (correlated faults), by rule",
+            m.fleet_incidents.clone(),
+        );
+        r.register(
+            "nodekeeper_hub_remedy_breaker_open",
+            "1 while a RemedyRule's breaker is open",
+            m.breakers_open.clone(),
+        );
         r.register(
             "nodekeeper_hub_reports_received",
             "Reports accepted from agents (each sequence number once)",
@@ -263,6 +307,27 @@ impl Metrics {
     }
 
     /// Counts a defender decision.
+    pub fn remedy_job(&self, rule: &str, result: &str) {
+        self.remedy_jobs
+            .get_or_create(&RemedyLabels {
+                rule: rule.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn fleet_incident(&self, rule: &str) {
+        self.fleet_incidents
+            .get_or_create(&RuleLabel { rule: rule.to_string() })
+            .inc();
+    }
+
+    pub fn breaker_open(&self, rule: &str, open: bool) {
+        self.breakers_open
+            .get_or_create(&RuleLabel { rule: rule.to_string() })
+            .set(i64::from(open));
+    }
+
     pub fn permit(&self, action: &str, result: &'static str) {
         self.permits
             .get_or_create(&PermitLabels {

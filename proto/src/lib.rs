@@ -11,6 +11,7 @@ pub mod count;
 pub mod daemon;
 pub mod document;
 pub mod quantity;
+pub mod remedy;
 pub mod resource;
 pub mod rules;
 pub mod selector;

@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use crate::API_VERSION;
-use crate::v1::{AgentProfile, Component, DetectorSet, DisruptionBudget, NodeSet, ObjectMeta};
+use crate::v1::{AgentProfile, Component, DetectorSet, DisruptionBudget, NodeSet, ObjectMeta, RemedyRule};
 
 /// An error in a resource document, naming the field it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +45,7 @@ pub enum Kind {
     DetectorSet,
     Component,
     DisruptionBudget,
+    RemedyRule,
 }
 
 impl Kind {
@@ -55,6 +56,7 @@ impl Kind {
         Kind::DetectorSet,
         Kind::Component,
         Kind::DisruptionBudget,
+        Kind::RemedyRule,
     ];
 
     /// The `kind` field value.
@@ -65,6 +67,7 @@ impl Kind {
             Kind::DetectorSet => "DetectorSet",
             Kind::Component => "Component",
             Kind::DisruptionBudget => "DisruptionBudget",
+            Kind::RemedyRule => "RemedyRule",
         }
     }
 
@@ -76,6 +79,7 @@ impl Kind {
             Kind::DetectorSet => "detectorsets",
             Kind::Component => "components",
             Kind::DisruptionBudget => "disruptionbudgets",
+            Kind::RemedyRule => "remedyrules",
         }
     }
 
@@ -97,12 +101,8 @@ impl Kind {
             Kind::DetectorSet => "ds",
             Kind::Component => "comp",
             Kind::DisruptionBudget => "db",
+            Kind::RemedyRule => "rr",
         }
-    }
-
-    /// Kinds DESIGN.md plans but this build does not serve yet.
-    pub fn planned(plural: &str) -> bool {
-        plural == "remedyrules"
     }
 }
 
@@ -118,6 +118,7 @@ pub enum Resource {
     /// Boxed: a Component is much larger than the other kinds.
     Component(Box<Component>),
     DisruptionBudget(DisruptionBudget),
+    RemedyRule(RemedyRule),
 }
 
 impl Resource {
@@ -129,6 +130,7 @@ impl Resource {
             Resource::DetectorSet(_) => Kind::DetectorSet,
             Resource::Component(_) => Kind::Component,
             Resource::DisruptionBudget(_) => Kind::DisruptionBudget,
+            Resource::RemedyRule(_) => Kind::RemedyRule,
         }
     }
 
@@ -147,6 +149,7 @@ impl Resource {
             Resource::DetectorSet(r) => r.metadata.as_ref(),
             Resource::Component(r) => r.metadata.as_ref(),
             Resource::DisruptionBudget(r) => r.metadata.as_ref(),
+            Resource::RemedyRule(r) => r.metadata.as_ref(),
         };
         m.unwrap_or(&EMPTY)
     }
@@ -159,6 +162,7 @@ impl Resource {
             Resource::DetectorSet(r) => r.metadata.get_or_insert_with(Default::default),
             Resource::Component(r) => r.metadata.get_or_insert_with(Default::default),
             Resource::DisruptionBudget(r) => r.metadata.get_or_insert_with(Default::default),
+            Resource::RemedyRule(r) => r.metadata.get_or_insert_with(Default::default),
         }
     }
 
@@ -175,6 +179,7 @@ impl Resource {
             Resource::DetectorSet(r) => serde_json::to_value(&r.spec),
             Resource::Component(r) => serde_json::to_value(&r.spec),
             Resource::DisruptionBudget(r) => serde_json::to_value(&r.spec),
+            Resource::RemedyRule(r) => serde_json::to_value(&r.spec),
         };
         spec.unwrap_or(Value::Null)
     }
@@ -187,6 +192,7 @@ impl Resource {
             Resource::DetectorSet(r) => r.status = None,
             Resource::Component(r) => r.status = None,
             Resource::DisruptionBudget(r) => r.status = None,
+            Resource::RemedyRule(r) => r.status = None,
         }
     }
 
@@ -199,6 +205,7 @@ impl Resource {
             Resource::DetectorSet(r) => (&mut r.api_version, &mut r.kind),
             Resource::Component(r) => (&mut r.api_version, &mut r.kind),
             Resource::DisruptionBudget(r) => (&mut r.api_version, &mut r.kind),
+            Resource::RemedyRule(r) => (&mut r.api_version, &mut r.kind),
         };
         *api = API_VERSION.to_string();
         *k = kind;
@@ -212,6 +219,7 @@ impl Resource {
             Resource::DetectorSet(r) => serde_json::to_value(r),
             Resource::Component(r) => serde_json::to_value(r),
             Resource::DisruptionBudget(r) => serde_json::to_value(r),
+            Resource::RemedyRule(r) => serde_json::to_value(r),
         };
         v.unwrap_or(Value::Null)
     }
@@ -235,7 +243,7 @@ impl Resource {
         let kind_str = obj.get("kind").and_then(Value::as_str).ok_or_else(|| {
             ResourceError::new(
                 "kind",
-                "missing; one of NodeSet, AgentProfile, DetectorSet, Component, DisruptionBudget",
+                "missing; one of NodeSet, AgentProfile, DetectorSet, Component, DisruptionBudget, RemedyRule",
             )
         })?;
         let kind = Kind::ALL
@@ -245,7 +253,7 @@ impl Resource {
             .ok_or_else(|| {
                 ResourceError::new(
                     "kind",
-                    format!("unknown kind {kind_str:?}; one of NodeSet, AgentProfile, DetectorSet, Component, DisruptionBudget"),
+                    format!("unknown kind {kind_str:?}; one of NodeSet, AgentProfile, DetectorSet, Component, DisruptionBudget, RemedyRule"),
                 )
             })?;
         let mut r = match kind {
@@ -254,6 +262,7 @@ impl Resource {
             Kind::DetectorSet => Resource::DetectorSet(typed(value)?),
             Kind::Component => Resource::Component(Box::new(typed(value)?)),
             Kind::DisruptionBudget => Resource::DisruptionBudget(typed(value)?),
+            Kind::RemedyRule => Resource::RemedyRule(typed(value)?),
         };
         crate::validate::resource(&r)?;
         r.clear_status();

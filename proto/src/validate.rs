@@ -68,6 +68,10 @@ pub fn resource(r: &Resource) -> Result<(), ResourceError> {
             }
             crate::count::check("spec.maxUnavailable", &spec.max_unavailable)
         }
+        Resource::RemedyRule(r) => {
+            let spec = r.spec.as_ref().ok_or_else(|| ResourceError::new("spec", "missing"))?;
+            crate::remedy::check("spec", spec)
+        }
     }
 }
 

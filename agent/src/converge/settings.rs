@@ -43,6 +43,13 @@ pub fn check(s: &AgentSettings, applied: Option<&AgentSettings>) -> Result<(), S
         s.hardware.as_ref(),
     )
     .map_err(|e| e.to_string())?;
+    for (i, r) in s.remedy_rules.iter().enumerate() {
+        let spec = r
+            .spec
+            .as_ref()
+            .ok_or_else(|| format!("settings.remedyRules[{i}].spec: missing"))?;
+        nodekeeper_proto::remedy::check(&format!("settings.remedyRules[{i}].spec"), spec).map_err(|e| e.to_string())?;
+    }
     for (i, c) in s.components.iter().enumerate() {
         if known_component(c) {
             continue;

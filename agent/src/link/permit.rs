@@ -1,6 +1,7 @@
 //! Permits from the hub's defender: asked for before a disruptive action,
 //! renewed at a third of their TTL while the work goes on, given back when
-//! it ends. Without a hub session the agent follows `defender.offline`; a
+//! it ends. Without a hub session the agent follows `defender.offline` (or a
+//! remedy rule's own offline policy); a
 //! standalone agent (no hub at all) is its own authority.
 
 use std::sync::{Arc, Mutex};
@@ -16,32 +17,47 @@ use crate::config::Offline;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The agent's permit client; the link hands it a channel while a session
-/// is up.
+/// is up. It also keeps the node to one disruptive action at a time on its
+/// own (a component change and a remedy never overlap, also standalone or
+/// with the hub unreachable).
 pub struct Permits {
     node: String,
     standalone: bool,
     offline: Mutex<Offline>,
     ttl_seconds: Mutex<u32>,
     client: Mutex<Option<AgentLinkClient<Channel>>>,
+    /// The action holding the node now, if any.
+    busy: Mutex<Option<String>>,
 }
 
 /// Why a permit was not had.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoPermit {
-    /// The defender said no (the reason names the budget or the freeze).
-    Denied(String),
-    /// The hub cannot be asked and `defender.offline` is `deny`.
+    /// The defender said no (the reason names the budget or the freeze);
+    /// `terminal`: asking again will not help.
+    Denied { reason: String, terminal: bool },
+    /// The hub cannot be asked and the offline policy is deny.
     Offline(String),
+    /// Another disruptive action holds the node.
+    Busy(String),
+}
+
+impl NoPermit {
+    /// Whether asking again cannot help.
+    pub fn terminal(&self) -> bool {
+        matches!(self, NoPermit::Denied { terminal: true, .. })
+    }
 }
 
 impl std::fmt::Display for NoPermit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NoPermit::Denied(w) => write!(f, "the hub's defender denied the permit: {w}"),
+            NoPermit::Denied { reason, .. } => write!(f, "the hub's defender denied the permit: {reason}"),
             NoPermit::Offline(w) => write!(
                 f,
-                "no permit: the hub cannot be asked ({w}) and defender.offline is deny"
+                "no permit: the hub cannot be asked ({w}) and the offline policy is deny"
             ),
+            NoPermit::Busy(a) => write!(f, "the node is busy with {a}; one disruptive action at a time"),
         }
     }
 }
@@ -52,7 +68,7 @@ pub struct Permit {
     pub id: String,
     pub action: String,
     renewer: Option<tokio::task::JoinHandle<()>>,
-    permits: Option<Arc<Permits>>,
+    owner: Arc<Permits>,
 }
 
 impl Permit {
@@ -61,16 +77,15 @@ impl Permit {
         if let Some(r) = self.renewer.take() {
             r.abort();
         }
-        if let Some(p) = self.permits.take()
-            && !self.id.is_empty()
-        {
+        self.owner.unbusy(&self.action);
+        if !self.id.is_empty() {
             let req = PermitRequest {
                 op: "release".into(),
                 permit_id: self.id.clone(),
-                node_name: p.node.clone(),
+                node_name: self.owner.node.clone(),
                 ..Default::default()
             };
-            if let Err(e) = p.call(req).await {
+            if let Err(e) = self.owner.call(req).await {
                 // It runs out at its TTL anyway.
                 tracing::warn!(permit = %self.id, error = %e, "cannot release the permit; it expires at its TTL");
             }
@@ -83,7 +98,24 @@ impl Drop for Permit {
         if let Some(r) = self.renewer.take() {
             r.abort();
         }
+        self.owner.unbusy(&self.action);
     }
+}
+
+/// What an acquire asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Ask<'a> {
+    /// `component/<name>`, `remedy/<rule>`.
+    pub action: &'a str,
+    pub reason: &'a str,
+    /// The remedy job asking (for the hub's approval queue).
+    pub job: &'a str,
+    /// The node is already half changed (a change interrupted by a
+    /// restart): with the hub unreachable the work goes on regardless.
+    pub must_finish: bool,
+    /// With the hub unreachable: allow (`Some(true)`), deny, or the agent's
+    /// `defender.offline` (`None`).
+    pub offline: Option<bool>,
 }
 
 impl Permits {
@@ -94,6 +126,7 @@ impl Permits {
             offline: Mutex::new(Offline::Deny),
             ttl_seconds: Mutex::new(60),
             client: Mutex::new(None),
+            busy: Mutex::new(None),
         }
     }
 
@@ -112,6 +145,18 @@ impl Permits {
         self.client.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The action holding the node, if any.
+    pub fn busy(&self) -> Option<String> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn unbusy(&self, action: &str) {
+        let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if b.as_deref() == Some(action) {
+            *b = None;
+        }
+    }
+
     async fn call(&self, req: PermitRequest) -> Result<nodekeeper_proto::v1::PermitDecision, String> {
         let mut c = self.client().ok_or_else(|| "no hub session".to_string())?;
         match tokio::time::timeout(CALL_TIMEOUT, c.permit(req)).await {
@@ -121,38 +166,51 @@ impl Permits {
         }
     }
 
-    /// Asks for a permit for `action` (`component/kubelet`). `must_finish`:
-    /// the node is already half changed (a change interrupted by a
-    /// restart), so with the hub unreachable the work goes on regardless —
-    /// a half-applied node is worse than an unbudgeted one.
+    /// Asks for a permit for `action` (`component/kubelet`); see [`Ask`].
     pub async fn acquire(self: &Arc<Self>, action: &str, reason: &str, must_finish: bool) -> Result<Permit, NoPermit> {
+        self.ask(Ask {
+            action,
+            reason,
+            must_finish,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Asks for a permit.
+    pub async fn ask(self: &Arc<Self>, a: Ask<'_>) -> Result<Permit, NoPermit> {
+        {
+            let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+            match b.as_deref() {
+                Some(other) if other != a.action => return Err(NoPermit::Busy(other.to_string())),
+                _ => *b = Some(a.action.to_string()),
+            }
+        }
         let local = |why: &str| {
-            tracing::warn!(action, why, "going ahead without the hub's permit");
+            if !why.is_empty() {
+                tracing::warn!(action = a.action, why, "going ahead without the hub's permit");
+            }
             Permit {
                 id: String::new(),
-                action: action.to_string(),
+                action: a.action.to_string(),
                 renewer: None,
-                permits: None,
+                owner: self.clone(),
             }
         };
         if self.standalone {
-            return Ok(Permit {
-                id: String::new(),
-                action: action.to_string(),
-                renewer: None,
-                permits: None,
-            });
+            return Ok(local(""));
         }
         let ttl = *self.ttl_seconds.lock().unwrap_or_else(|p| p.into_inner());
         let req = PermitRequest {
             op: "acquire".into(),
-            action: action.into(),
-            reason: reason.into(),
+            action: a.action.into(),
+            reason: a.reason.into(),
             ttl_seconds: ttl,
             node_name: self.node.clone(),
+            job: a.job.into(),
             ..Default::default()
         };
-        match self.call(req).await {
+        let out = match self.call(req).await {
             Ok(d) if d.granted => {
                 let every = Duration::from_secs(u64::from(d.ttl_seconds.max(3)) / 3);
                 let me = self.clone();
@@ -160,23 +218,32 @@ impl Permits {
                 let renewer = tokio::spawn(async move { me.renew_loop(id, every, ttl).await });
                 Ok(Permit {
                     id: d.permit_id,
-                    action: action.to_string(),
+                    action: a.action.to_string(),
                     renewer: Some(renewer),
-                    permits: Some(self.clone()),
+                    owner: self.clone(),
                 })
             }
-            Ok(d) => Err(NoPermit::Denied(d.reason)),
+            Ok(d) => Err(NoPermit::Denied {
+                reason: d.reason,
+                terminal: d.terminal,
+            }),
             Err(e) => {
-                let offline = *self.offline.lock().unwrap_or_else(|p| p.into_inner());
-                if offline == Offline::Allow {
-                    Ok(local("defender.offline is allow"))
-                } else if must_finish {
+                let allow = a
+                    .offline
+                    .unwrap_or(*self.offline.lock().unwrap_or_else(|p| p.into_inner()) == Offline::Allow);
+                if allow {
+                    Ok(local("the offline policy is allow"))
+                } else if a.must_finish {
                     Ok(local("finishing a change a restart interrupted"))
                 } else {
                     Err(NoPermit::Offline(e))
                 }
             }
+        };
+        if out.is_err() {
+            self.unbusy(a.action);
         }
+        out
     }
 
     async fn renew_loop(self: Arc<Self>, id: String, every: Duration, ttl: u32) {

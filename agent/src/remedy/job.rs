@@ -7,8 +7,8 @@
 //!
 //! The ladder: for each step, ask the defender for a permit (disruptive
 //! actions), run the action, then watch the condition for `verifySeconds`;
-//! cleared: Succeeded; still there: the next step; after the last step:
-//! Failed (the executor raises `RemedyFailed`).
+//! cleared: Succeeded; still there (or the action failed): the next step;
+//! after the last step: Failed (the executor raises `RemedyFailed`).
 
 use serde::{Deserialize, Serialize};
 
@@ -62,8 +62,9 @@ pub enum Input {
     Tick,
     PermitGranted,
     /// The defender said no: for good (`final_`: the breaker is open, a
-    /// manual approval was denied, the offline policy denies), or for now
-    /// (budget full, outside the window: the job keeps waiting).
+    /// manual approval was denied, the rule is gone), or for now (budget
+    /// full, outside the window, the hub unreachable with the offline policy
+    /// deny: the job keeps waiting).
     PermitRefused {
         reason: String,
         final_: bool,
@@ -153,13 +154,23 @@ pub fn next(phase: &Phase, input: &Input, steps: &[StepShape], now: u64, boot_id
             vec![Effect::Ended],
         ),
         (Acting { step, .. }, ActionDone { ok: true, .. }) => verify(steps, *step, now),
-        (Acting { step, .. }, ActionDone { ok: false, message }) => (
-            Failed {
-                step: *step,
-                reason: message.clone(),
-            },
-            vec![Effect::ReleasePermit, Effect::Ended],
-        ),
+        // An action that failed did not help either: the next step, or
+        // the job fails with the action's error.
+        (Acting { step, .. } | Rebooting { step, .. }, ActionDone { ok: false, message }) => {
+            if step + 1 < steps.len() {
+                let (p, mut e) = enter(steps, step + 1, now);
+                e.insert(0, Effect::ReleasePermit);
+                (p, e)
+            } else {
+                (
+                    Failed {
+                        step: *step,
+                        reason: message.clone(),
+                    },
+                    vec![Effect::ReleasePermit, Effect::Ended],
+                )
+            }
+        }
         // Killed mid-action: the action is run again (every action is
         // safe to repeat: restart, kill, clean, drop caches).
         (Acting { step, .. }, Started { .. }) => (
@@ -269,6 +280,30 @@ mod tests {
         assert_eq!(p, Phase::Verifying { step: 1, until: 160 });
         let (p, e) = next(&p, &Input::Tick, &s, 160, "b2");
         assert!(matches!(p, Phase::Failed { step: 1, .. }));
+        assert_eq!(e, [Effect::ReleasePermit, Effect::Ended]);
+    }
+
+    #[test]
+    fn a_failed_action_escalates_and_on_the_last_step_fails_the_job() {
+        let s = steps();
+        let (p, _) = start(&s, false, 0);
+        let (p, _) = next(&p, &Input::PermitGranted, &s, 1, "b");
+        let failed = Input::ActionDone {
+            ok: false,
+            message: "timed out".into(),
+        };
+        let (p, e) = next(&p, &failed, &s, 2, "b");
+        assert_eq!(p, Phase::AwaitingPermit { step: 1, since: 2 });
+        assert_eq!(e, [Effect::ReleasePermit, Effect::RequestPermit { step: 1 }]);
+        let (p, _) = next(&p, &Input::PermitGranted, &s, 3, "b");
+        let (p, e) = next(&p, &failed, &s, 4, "b");
+        assert_eq!(
+            p,
+            Phase::Failed {
+                step: 1,
+                reason: "timed out".into()
+            }
+        );
         assert_eq!(e, [Effect::ReleasePermit, Effect::Ended]);
     }
 

@@ -36,6 +36,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/events", get(events).post(post_event))
         .route("/v1/conditions", get(conditions))
         .route("/v1/components", get(components))
+        .route("/v1/remedies", get(remedies))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(agent)
@@ -57,6 +58,10 @@ async fn components(State(a): State<Arc<Agent>>) -> impl IntoResponse {
         items: a.components(),
         metadata: Default::default(),
     })
+}
+
+async fn remedies(State(a): State<Arc<Agent>>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "items": a.remedies.list() }))
 }
 
 async fn events(State(a): State<Arc<Agent>>) -> impl IntoResponse {

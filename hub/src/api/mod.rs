@@ -211,6 +211,11 @@ pub fn router(fleet: Arc<Fleet>, auth: Arc<Auth>) -> Router {
         .route("/v1/{kind}/{name}/revisions", get(revisions))
         .route("/v1/components/{name}/rollout/{verb}", post(rollout_verb))
         .route("/v1/permits", get(permits))
+        .route("/v1/remedies", get(remedies))
+        .route("/v1/remedies/{id}", get(remedy))
+        .route("/v1/remedies/{id}/{verb}", post(remedy_verb))
+        .route("/v1/remedyrules/{name}/breaker/reset", post(breaker_reset))
+        .route("/v1/incidents", get(incidents))
         .route("/v1/freeze", get(freeze_state).post(set_freeze))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -220,11 +225,7 @@ pub fn router(fleet: Arc<Fleet>, auth: Arc<Auth>) -> Router {
 fn kind_of(plural: &str) -> Result<Kind, ApiError> {
     Kind::ALL.iter().copied().find(|k| k.plural() == plural).ok_or_else(|| {
         let known: Vec<&str> = Kind::ALL.iter().map(|k| k.plural()).collect();
-        let msg = if Kind::planned(plural) {
-            format!("{plural} are not served by this hub version yet")
-        } else {
-            format!("unknown kind {plural:?}; one of nodes, {}", known.join(", "))
-        };
+        let msg = format!("unknown kind {plural:?}; one of nodes, {}", known.join(", "));
         ApiError(StatusCode::NOT_FOUND, msg, Some("kind".into()))
     })
 }
@@ -492,6 +493,62 @@ async fn rollout_verb(State(f): State<Api>, Path((name, verb)): Path<(String, St
     };
     let note = note_of(&format!("rollout {verb}"), &v);
     Ok(noted(v, vec![note]))
+}
+
+async fn remedies(
+    State(f): State<Api>,
+    axum::extract::Query(q): axum::extract::Query<crate::fleet::JobFilter>,
+) -> JsonResult {
+    Ok(axum::Json(json!({ "items": f.remedy_jobs(&q) })))
+}
+
+async fn remedy(State(f): State<Api>, Path(id): Path<String>) -> JsonResult {
+    Ok(axum::Json(serde_json::to_value(f.remedy_job(&id)?).unwrap_or_default()))
+}
+
+async fn remedy_verb(
+    State(f): State<Api>,
+    principal: Option<axum::Extension<Principal>>,
+    Path((id, verb)): Path<(String, String)>,
+) -> ApiResult {
+    let approve = match verb.as_str() {
+        "approve" => true,
+        "deny" => false,
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no remedy verb {other:?}; approve or deny"),
+                None,
+            ));
+        }
+    };
+    let actor = principal
+        .map(|p| p.0.name.clone())
+        .unwrap_or_else(|| "anonymous".into());
+    let a = f.decide_approval(&id, approve, &actor).await?;
+    let note = Record::new(
+        "",
+        format!("remedy {verb} (node {}, rule {})", a.node, a.rule),
+        format!("remedies/{id}"),
+    );
+    Ok(noted(serde_json::to_value(a).unwrap_or_default(), vec![note]))
+}
+
+async fn breaker_reset(
+    State(f): State<Api>,
+    principal: Option<axum::Extension<Principal>>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let actor = principal
+        .map(|p| p.0.name.clone())
+        .unwrap_or_else(|| "anonymous".into());
+    let b = f.reset_breaker(&name, &actor).await?;
+    let note = Record::new("", "remedy breaker reset", format!("remedyrules/{name}"));
+    Ok(noted(serde_json::to_value(b).unwrap_or_default(), vec![note]))
+}
+
+async fn incidents(State(f): State<Api>) -> JsonResult {
+    Ok(axum::Json(json!({ "items": f.incidents() })))
 }
 
 async fn permits(State(f): State<Api>) -> JsonResult {

@@ -11,6 +11,8 @@
 //! (`fleet/permits.rs`) builds the snapshot under the fleet lock, stores the
 //! decisions and answers the agents.
 
+pub mod remedy;
+
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 

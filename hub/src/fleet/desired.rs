@@ -80,6 +80,25 @@ pub fn add_detectors<'a>(
     }
 }
 
+/// Adds every RemedyRule whose selector matches `labels`, in name order,
+/// without its status (the agent runs the rule; the hub keeps the counts).
+pub fn add_remedies<'a>(
+    settings: &mut AgentSettings,
+    labels: &BTreeMap<String, String>,
+    rules: impl Iterator<Item = &'a nodekeeper_proto::v1::RemedyRule>,
+) {
+    for r in rules {
+        let Some(spec) = r.spec.as_ref() else { continue };
+        if !selects(spec.node_selector.as_ref(), labels) {
+            continue;
+        }
+        settings.remedy_rules.push(nodekeeper_proto::v1::RemedyRule {
+            status: None,
+            ..r.clone()
+        });
+    }
+}
+
 /// Adds every Component whose selector matches `labels` (see
 /// [`nodekeeper_proto::component::for_node`]).
 pub fn add_components<'a>(

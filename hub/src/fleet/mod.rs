@@ -6,6 +6,7 @@
 pub mod desired;
 mod nodes;
 mod permits;
+mod remedies;
 mod resources;
 mod rollouts;
 
@@ -22,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::store::{Loaded, SharedSettings, Store, StoreError, Write};
 
 pub use nodes::SessionHandles;
+pub use remedies::JobFilter;
 pub use resources::{ApplyAction, ApplyResult};
 
 /// Errors of fleet operations, mapped to status codes by each front end.
@@ -169,6 +171,8 @@ pub(crate) struct State {
     grants: crate::defender::Grants,
     freeze: crate::defender::Freeze,
     next_permit: u64,
+    /// Jobs, approvals, breakers and rule grants (stored).
+    remedies: remedies::Remedies,
 }
 
 /// The fleet; shared by every front end behind an `Arc`.
@@ -295,6 +299,7 @@ impl Fleet {
         }
         rollouts::load(&mut state, &loaded.records);
         permits::load(&mut state, &loaded.records);
+        remedies::load(&mut state, &loaded.records);
         // Every node's desired settings from the resources as stored: a
         // fan-out the previous run streamed but had not committed when it
         // died is computed again here, so every derived field (labels,

@@ -302,6 +302,11 @@ impl State {
                     _ => None,
                 });
                 desired::add_detectors(&mut s, &base, sets);
+                let rules = self.resources.values().filter_map(|r| match r {
+                    nodekeeper_proto::Resource::RemedyRule(r) => Some(r),
+                    _ => None,
+                });
+                desired::add_remedies(&mut s, &base, rules);
                 let node_sets: BTreeMap<&str, &nodekeeper_proto::v1::NodeSet> = self
                     .resources
                     .iter()
@@ -571,13 +576,13 @@ impl Fleet {
         // Room in the queue first, then the snapshot: what is written is
         // never older than what another writer queued meanwhile.
         let room = self.store.reserve().await;
-        let Some((write, ack, seq)) = self.ingest_now(name, id, reports) else {
+        let Some((writes, ack, seq)) = self.ingest_now(name, id, reports) else {
             return;
         };
         crate::failpoint::kill_if("ingest-before-commit");
         self.store.submit_reserved(
             room,
-            vec![write],
+            writes,
             Some(Box::new(move |r| {
                 if r.is_ok() {
                     ack.send_if_modified(|cur| {
@@ -599,8 +604,9 @@ impl Fleet {
         name: &str,
         id: u64,
         reports: Vec<Report>,
-    ) -> Option<(crate::store::Write, Arc<watch::Sender<u64>>, u64)> {
+    ) -> Option<(Vec<crate::store::Write>, Arc<watch::Sender<u64>>, u64)> {
         let mut st = self.lock();
+        let mut jobs = Vec::new();
         let e = st.nodes.get_mut(name)?;
         if e.session != Some(id) {
             return None;
@@ -636,6 +642,10 @@ impl Fleet {
                     component_reported = true;
                     upsert_component(status, c)
                 }
+                Some(report::Body::Remedy(j)) => {
+                    jobs.push(j);
+                    Ok(())
+                }
                 None => Ok(()),
             };
             // Still acknowledged (it is the agent's, resending cannot help);
@@ -667,8 +677,12 @@ impl Fleet {
             return None;
         }
         let seq = status.report_sequence;
-        let write = node_write(&e.node, e.settings.as_ref());
-        Some((write, e.ack_tx.clone(), seq))
+        let mut writes = vec![node_write(&e.node, e.settings.as_ref())];
+        let ack = e.ack_tx.clone();
+        for j in jobs {
+            writes.extend(st.remedy_reported(name, j, &self.metrics));
+        }
+        Some((writes, ack, seq))
     }
 
     /// Turns Ready to Unknown for nodes whose heartbeats stopped for longer

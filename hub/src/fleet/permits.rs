@@ -46,6 +46,14 @@ fn denied(reason: String) -> PermitDecision {
     }
 }
 
+/// A refusal asking again will not change.
+fn denied_for_good(reason: String) -> PermitDecision {
+    PermitDecision {
+        terminal: true,
+        ..denied(reason)
+    }
+}
+
 fn event(reason: &str, severity: &str, message: String) -> Event {
     Event {
         time: nodekeeper_proto::time::now_rfc3339(),
@@ -89,7 +97,7 @@ impl State {
         nodekeeper_proto::selector::selects(b.spec.as_ref().and_then(|s| s.node_selector.as_ref()), labels)
     }
 
-    fn labels_of(&self, name: &str) -> Option<&std::collections::BTreeMap<String, String>> {
+    pub(super) fn labels_of(&self, name: &str) -> Option<&std::collections::BTreeMap<String, String>> {
         self.nodes
             .get(name)
             .and_then(|e| e.node.metadata.as_ref())
@@ -137,7 +145,7 @@ impl State {
     /// every few seconds) only counts up in memory, stored with the node's
     /// next write: ten thousand nodes waiting out a freeze do not rewrite
     /// ten thousand rows every few seconds.
-    fn node_event(&mut self, name: &str, ev: Event) -> Option<Write> {
+    pub(super) fn node_event(&mut self, name: &str, ev: Event) -> Option<Write> {
         let e = self.nodes.get_mut(name)?;
         let status = e.node.status.get_or_insert_with(Default::default);
         let repeat = ev.reason == "PermitDenied"
@@ -198,6 +206,7 @@ impl Fleet {
             // Deciding, not waiting for the lock, is what the metric counts.
             started = std::time::Instant::now();
             let mut snap: Option<Snapshot> = None;
+            let mut breakers_seen = std::collections::BTreeSet::new();
             for p in batch {
                 let ttl = defender::ttl(p.req.ttl_seconds);
                 if !st.nodes.contains_key(&p.node) {
@@ -216,6 +225,7 @@ impl Fleet {
                             permit_id: h.id.clone(),
                             ttl_seconds: ttl.as_secs() as u32,
                             reason: "the node already holds this permit".into(),
+                            terminal: false,
                         };
                         answers.push((p.reply, d, None));
                     } else {
@@ -231,6 +241,20 @@ impl Fleet {
                         writes.extend(w);
                         answers.push((p.reply, denied(why), None));
                     }
+                    continue;
+                }
+                if p.req.action.starts_with("remedy/")
+                    && let Err((why, terminal)) =
+                        st.remedy_check(&p.node, &p.req, now_ms, &mut breakers_seen, &mut writes, &self.metrics)
+                {
+                    self.metrics.permit(&p.req.action, "denied");
+                    let w = st.node_event(
+                        &p.node,
+                        event("PermitDenied", "Warning", format!("{}: {why}", p.req.action)),
+                    );
+                    writes.extend(w);
+                    let d = if terminal { denied_for_good(why) } else { denied(why) };
+                    answers.push((p.reply, d, None));
                     continue;
                 }
                 let snap = snap.get_or_insert_with(|| st.snapshot(now_ms));
@@ -249,11 +273,12 @@ impl Fleet {
                         };
                         st.permits.insert(p.node.clone(), h.clone());
                         st.grants.0.push_back((now_ms, p.node.clone(), h.id.clone()));
+                        st.remedy_granted(&h.action, now_ms);
                         writes.push(permit_write(&h));
                         writes.push(Write::PutRecord {
                             kind: RECORD_GRANT,
                             key: h.id.clone(),
-                            body: serde_json::json!({"node": h.node, "ms": now_ms}).to_string(),
+                            body: serde_json::json!({"node": h.node, "ms": now_ms, "action": h.action}).to_string(),
                         });
                         let w = st.node_event(
                             &p.node,
@@ -269,6 +294,7 @@ impl Fleet {
                             permit_id: h.id.clone(),
                             ttl_seconds: ttl.as_secs() as u32,
                             reason: String::new(),
+                            terminal: false,
                         };
                         granted_new.push(p.node.clone());
                         answers.push((p.reply, d, Some(h)));
@@ -303,6 +329,7 @@ impl Fleet {
                 if let Some(h) = st.permits.remove(n) {
                     // Not granted after all: not in the hour's count either.
                     st.grants.0.retain(|(_, _, id)| *id != h.id);
+                    st.remedy_withdrawn(&h.action, h.granted_ms);
                 }
                 st.recount(n);
             }
@@ -352,6 +379,7 @@ impl Fleet {
             permit_id: h.id,
             ttl_seconds: ttl.as_secs() as u32,
             reason: String::new(),
+            terminal: false,
         })
     }
 
@@ -381,6 +409,7 @@ impl Fleet {
             permit_id: id.to_string(),
             ttl_seconds: 0,
             reason: "released".into(),
+            terminal: false,
         })
     }
 

@@ -68,6 +68,10 @@ impl State {
                 let name = b.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
                 b.status = Some(Fleet::budget_status(self, &name));
             }
+            Resource::RemedyRule(r) => {
+                let name = r.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+                r.status = Some(self.remedy_status(&name, crate::defender::unix_ms(crate::failpoint::now())));
+            }
             Resource::Component(c) => {
                 let meta = c.metadata.clone().unwrap_or_default();
                 let version = c.spec.as_ref().map(|s| s.version.as_str()).unwrap_or_default();

@@ -248,6 +248,7 @@ fn permit(f: &Fleet, node: &str, op: &str, action: &str, id: &str) -> nodekeeper
             permit_id: id.into(),
             ttl_seconds: 30,
             node_name: node.into(),
+            job: String::new(),
         },
     ))
     .expect("decision")
@@ -311,4 +312,158 @@ fn permits_are_budgeted_one_per_node_renewed_released_frozen_and_survive_a_resta
     assert!(events.iter().any(|e| e.reason == "PermitDenied"), "{events:?}");
     let f3 = fleet_on(&mem);
     assert!(f3.freeze_state().frozen, "the freeze is stored");
+}
+
+fn ask_job(f: &Fleet, node: &str, action: &str, job: &str) -> nodekeeper_proto::v1::PermitDecision {
+    rt().block_on(f.permit(
+        node,
+        nodekeeper_proto::v1::PermitRequest {
+            op: "acquire".into(),
+            action: action.into(),
+            reason: "test".into(),
+            ttl_seconds: 30,
+            node_name: node.into(),
+            job: job.into(),
+            ..Default::default()
+        },
+    ))
+    .expect("decision")
+}
+
+fn raised(seq: u64, ty: &str) -> Report {
+    Report {
+        sequence: seq,
+        body: Some(report::Body::Condition(nodekeeper_proto::v1::ConditionChange {
+            condition: Some(nodekeeper_proto::v1::Condition {
+                r#type: ty.into(),
+                status: "True".into(),
+                reason: "R".into(),
+                last_transition_time: nodekeeper_proto::time::now_rfc3339(),
+                ..Default::default()
+            }),
+            removed: false,
+        })),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn remedy_permits_follow_max_concurrent_the_breaker_and_the_approval_queue() {
+    let mem = Memory::new();
+    let f = fleet_on(&mem);
+    let rt = rt();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let h = f
+            .open_session(hello(&format!("n{i}"), &format!("m{i}")), None)
+            .expect("session");
+        ids.push(h.id);
+    }
+    apply(
+        &f,
+        "apiVersion: nodekeeper.io/v1\nkind: RemedyRule\nmetadata: {name: kubelet}\nspec:\n  conditions: [{type: KubeletUnhealthy, forSeconds: 0}]\n  steps: [{action: restartUnit, params: {unit: kubelet.service}, verifySeconds: 30}]\n  maxConcurrent: 2\n  breaker: {threshold: 30%, windowSeconds: 60}\n---\napiVersion: nodekeeper.io/v1\nkind: RemedyRule\nmetadata: {name: disk}\nspec:\n  approval: manual\n  conditions: [{type: DiskPressure}]\n  steps: [{action: reboot}]\n",
+    )
+    .expect("rules");
+    // The rule reaches the nodes' desired settings.
+    let n0 = f.get_node("n0").expect("node");
+    let rules = n0.status.expect("status").settings.expect("settings").remedy_rules;
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    // Three raise the condition: maxConcurrent lets two through, not a third.
+    for (i, id) in ids.iter().enumerate().take(3) {
+        rt.block_on(f.ingest(&format!("n{i}"), *id, vec![raised(1, "KubeletUnhealthy")]));
+    }
+    assert!(ask_job(&f, "n0", "remedy/kubelet", "j0").granted);
+    assert!(ask_job(&f, "n1", "remedy/kubelet", "j1").granted);
+    let third = ask_job(&f, "n2", "remedy/kubelet", "j2");
+    assert!(!third.granted && !third.terminal, "{third:?}");
+    assert!(third.reason.contains("maxConcurrent allows 2"), "{third:?}");
+    // Four raising within the window is more than 30 % of 10: the breaker
+    // opens at the next decision, refuses for good, and fires once.
+    rt.block_on(f.ingest("n3", ids[3], vec![raised(1, "KubeletUnhealthy")]));
+    let fourth = ask_job(&f, "n3", "remedy/kubelet", "j3");
+    assert!(!fourth.granted && fourth.terminal, "{fourth:?}");
+    assert!(fourth.reason.contains("breaker is open"), "{fourth:?}");
+    f.tick_remedies();
+    rt.block_on(f.ingest("n4", ids[4], vec![raised(1, "KubeletUnhealthy")]));
+    f.tick_remedies();
+    assert_eq!(f.incidents().len(), 1, "one FleetIncident: {:?}", f.incidents());
+    let rr = f.get(nodekeeper_proto::Kind::RemedyRule, "kubelet").expect("rule");
+    let st = rr["status"].clone();
+    assert_eq!(
+        (st["breakerOpen"].as_bool(), st["raisedInWindow"].as_u64()),
+        (Some(true), Some(5)),
+        "{st}"
+    );
+    // A restarted hub still has it open.
+    let f2 = fleet_on(&mem);
+    assert!(f2.breakers()["kubelet"].open, "the breaker is stored");
+    // The operator resets it: raises before the reset are not counted again.
+    rt.block_on(f.reset_breaker("kubelet", "alice")).expect("reset");
+    let again = ask_job(&f, "n2", "remedy/kubelet", "j2");
+    assert!(!again.granted && !again.terminal, "still maxConcurrent: {again:?}");
+    permit(
+        &f,
+        "n0",
+        "release",
+        "",
+        &f.permits().iter().find(|p| p.node == "n0").expect("n0's permit").id,
+    );
+    assert!(
+        ask_job(&f, "n2", "remedy/kubelet", "j2").granted,
+        "after reset and a release the rule works again"
+    );
+
+    // Manual approval: queued, waits, approved → granted; denied → for good.
+    rt.block_on(f.ingest("n5", ids[5], vec![raised(1, "DiskPressure")]));
+    let q = ask_job(&f, "n5", "remedy/disk", "d5");
+    assert!(
+        !q.granted && !q.terminal && q.reason.contains("nkctl remedy approve d5"),
+        "{q:?}"
+    );
+    assert!(!ask_job(&f, "n5", "remedy/disk", "d5").granted, "still waiting");
+    rt.block_on(f.decide_approval("d5", true, "bob")).expect("approve");
+    assert!(matches!(
+        rt.block_on(f.decide_approval("d5", false, "eve")),
+        Err(FleetError::Conflict { .. })
+    ));
+    assert!(ask_job(&f, "n5", "remedy/disk", "d5").granted, "approved");
+    ask_job(&f, "n6", "remedy/disk", "d6");
+    rt.block_on(f.decide_approval("d6", false, "bob")).expect("deny");
+    let d = ask_job(&f, "n6", "remedy/disk", "d6");
+    assert!(!d.granted && d.terminal && d.reason.contains("denied by bob"), "{d:?}");
+    // An unknown rule is refused for good.
+    assert!(ask_job(&f, "n7", "remedy/nope", "x").terminal);
+
+    // Jobs the agents report are kept and carry who approved them.
+    let job = nodekeeper_proto::v1::RemedyJob {
+        id: "d5".into(),
+        node: "someone-else".into(),
+        rule: "disk".into(),
+        phase: "Acting".into(),
+        start_time: nodekeeper_proto::time::now_rfc3339(),
+        ..Default::default()
+    };
+    rt.block_on(f.ingest(
+        "n5",
+        ids[5],
+        vec![Report {
+            sequence: 2,
+            body: Some(report::Body::Remedy(job)),
+            ..Default::default()
+        }],
+    ));
+    let j = f.remedy_job("d5").expect("job");
+    assert_eq!(
+        (j.node.as_str(), j.approved_by.as_str()),
+        ("n5", "bob"),
+        "the reporting node, the approver"
+    );
+    assert_eq!(
+        f.remedy_jobs(&super::JobFilter {
+            node: Some("n5".into()),
+            ..Default::default()
+        })
+        .len(),
+        1
+    );
 }
