@@ -275,3 +275,53 @@ fn a_job_killed_mid_action_resumes_a_reboot_completes_in_a_new_boot_dry_run_chan
             .filter(|v| v["items"].as_array().is_some_and(|a| a.is_empty()))
     });
 }
+
+/// The issue's first case with real systemd (booted in a container, asked
+/// over its D-Bus): a unit probe raises KubeletUnhealthy (a kubelet-like
+/// unit: there is no kubelet binary here), a standalone agent's own rule
+/// restarts the wrong unit first (it does not help), then the right one,
+/// and the condition clears.
+#[test]
+fn a_stopped_unit_in_booted_systemd_is_restarted_by_a_standalone_rule_after_a_step_that_did_not_help() {
+    let m = nodekeeper_e2e::lab::Machine::boot("remedy-sd", &[]);
+    m.sh(
+        "cat > /etc/systemd/system/kubelike.service <<'E'\n[Service]\nExecStart=/bin/sleep infinity\nE\n\
+         cat > /etc/systemd/system/bystander.service <<'E'\n[Service]\nExecStart=/bin/sleep infinity\nE\n\
+         systemctl daemon-reload && systemctl start kubelike.service bystander.service",
+    );
+    let tmp = TempDir::new("remedy-sd");
+    let bus = format!("unix:path=/proc/{}/root/run/dbus/system_bus_socket", m.pid1());
+    let cfg = "detectors:\n  defaultRules: false\n  probes:\n  - {name: kubelet, condition: KubeletUnhealthy, periodSeconds: 1, timeoutSeconds: 1, failureThreshold: 1, systemdUnit: {unit: kubelike.service}}\n\
+        remedy:\n  rules:\n  - metadata: {name: kubelet}\n    spec:\n      conditions: [{type: KubeletUnhealthy, forSeconds: 1}]\n      steps:\n      - {action: restartUnit, params: {unit: bystander.service}, verifySeconds: 3}\n      - {action: restartUnit, params: {unit: kubelike.service}, verifySeconds: 20}\n";
+    let agent = Agent::start_env(tmp.path(), "node-sd", None, cfg, &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)]);
+    let before = m.prop("bystander.service", "ExecMainPID");
+    m.exec(&["systemctl", "stop", "kubelike.service"]);
+    let done = job_of(&agent, "kubelet", "Succeeded");
+    let steps: Vec<(String, String)> = done["steps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            (
+                s["message"].as_str().unwrap_or("").to_string(),
+                s["result"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("restarted bystander.service".to_string(), "notHelped".to_string()),
+            ("restarted kubelike.service".to_string(), "ok".to_string())
+        ],
+        "{done:#}"
+    );
+    assert_eq!(m.prop("kubelike.service", "ActiveState"), "active");
+    assert_ne!(
+        m.prop("bystander.service", "ExecMainPID"),
+        before,
+        "the first step really restarted its unit"
+    );
+    assert_eq!(done["permitId"], "", "standalone: the agent is its own authority");
+}
