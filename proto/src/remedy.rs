@@ -265,22 +265,20 @@ fn step(at: &str, s: &RemedyStep) -> Result<(), ResourceError> {
             }
         }
         "cleanDisk" => {
-            known_params(at, s, &["paths", "images"])?;
+            if s.params.contains_key("images") {
+                return Err(ResourceError::new(
+                    format!("{at}.params.images"),
+                    "cleaning container images is not supported by this version yet; clean paths (DIR:AGE,...)",
+                ));
+            }
+            known_params(at, s, &["paths"])?;
             if let Some(p) = s.params.get("paths") {
                 clean_paths(p).map_err(|e| ResourceError::new(format!("{at}.params.paths"), e))?;
             }
-            if let Some(i) = s.params.get("images")
-                && i != "unused"
-            {
+            if !s.params.contains_key("paths") {
                 return Err(ResourceError::new(
-                    format!("{at}.params.images"),
-                    format!("{i:?}: only `unused` (images no container uses, through containerd)"),
-                ));
-            }
-            if !s.params.contains_key("paths") && !s.params.contains_key("images") {
-                return Err(ResourceError::new(
-                    format!("{at}.params"),
-                    "cleanDisk needs paths (DIR:AGE,...) or images: unused",
+                    format!("{at}.params.paths"),
+                    "missing: the directories to clean and the age of files to delete (DIR:AGE,...)",
                 ));
             }
         }

@@ -36,8 +36,9 @@ pub enum NoPermit {
     /// The defender said no (the reason names the budget or the freeze);
     /// `terminal`: asking again will not help.
     Denied { reason: String, terminal: bool },
-    /// The hub cannot be asked and the offline policy is deny.
-    Offline(String),
+    /// The hub cannot be asked and the offline policy is deny (`by_rule`:
+    /// a remedy rule's own `offline`, otherwise `defender.offline`).
+    Offline { why: String, by_rule: bool },
     /// Another disruptive action holds the node.
     Busy(String),
 }
@@ -53,9 +54,13 @@ impl std::fmt::Display for NoPermit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             NoPermit::Denied { reason, .. } => write!(f, "the hub's defender denied the permit: {reason}"),
-            NoPermit::Offline(w) => write!(
+            NoPermit::Offline { why, by_rule: false } => write!(
                 f,
-                "no permit: the hub cannot be asked ({w}) and the offline policy is deny"
+                "no permit: the hub cannot be asked ({why}) and defender.offline is deny"
+            ),
+            NoPermit::Offline { why, by_rule: true } => write!(
+                f,
+                "no permit: the hub cannot be asked ({why}) and the rule's offline policy for this action is deny"
             ),
             NoPermit::Busy(a) => write!(f, "the node is busy with {a}; one disruptive action at a time"),
         }
@@ -236,7 +241,10 @@ impl Permits {
                 } else if a.must_finish {
                     Ok(local("finishing a change a restart interrupted"))
                 } else {
-                    Err(NoPermit::Offline(e))
+                    Err(NoPermit::Offline {
+                        why: e,
+                        by_rule: a.offline.is_some(),
+                    })
                 }
             }
         };

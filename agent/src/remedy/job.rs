@@ -157,19 +157,7 @@ pub fn next(phase: &Phase, input: &Input, steps: &[StepShape], now: u64, boot_id
         // An action that failed did not help either: the next step, or
         // the job fails with the action's error.
         (Acting { step, .. } | Rebooting { step, .. }, ActionDone { ok: false, message }) => {
-            if step + 1 < steps.len() {
-                let (p, mut e) = enter(steps, step + 1, now);
-                e.insert(0, Effect::ReleasePermit);
-                (p, e)
-            } else {
-                (
-                    Failed {
-                        step: *step,
-                        reason: message.clone(),
-                    },
-                    vec![Effect::ReleasePermit, Effect::Ended],
-                )
-            }
+            escalate(steps, *step, now, message.clone())
         }
         // Killed mid-action: the action is run again (every action is
         // safe to repeat: restart, kill, clean, drop caches).
@@ -196,25 +184,31 @@ pub fn next(phase: &Phase, input: &Input, steps: &[StepShape], now: u64, boot_id
         // Same boot after a restart: the reboot has not happened yet.
         (Rebooting { step, .. }, Started { .. }) => (phase.clone(), vec![Effect::Run { step: *step }]),
         (Verifying { step, .. }, Cleared) => (Succeeded { step: *step }, vec![Effect::ReleasePermit, Effect::Ended]),
-        (Verifying { step, until }, Tick) if now >= *until => {
-            if step + 1 < steps.len() {
-                let (p, mut e) = enter(steps, step + 1, now);
-                e.insert(0, Effect::ReleasePermit);
-                (p, e)
-            } else {
-                (
-                    Failed {
-                        step: *step,
-                        reason: format!(
-                            "the condition is still there after the last step ({} steps)",
-                            steps.len()
-                        ),
-                    },
-                    vec![Effect::ReleasePermit, Effect::Ended],
-                )
-            }
-        }
+        (Verifying { step, until }, Tick) if now >= *until => escalate(
+            steps,
+            *step,
+            now,
+            format!(
+                "the condition is still there after the last step ({} steps)",
+                steps.len()
+            ),
+        ),
         _ => unchanged,
+    }
+}
+
+/// The next step after `step` (its permit given back first), or the job
+/// fails with `reason` after the last one.
+fn escalate(steps: &[StepShape], step: usize, now: u64, reason: String) -> (Phase, Vec<Effect>) {
+    if step + 1 < steps.len() {
+        let (p, mut e) = enter(steps, step + 1, now);
+        e.insert(0, Effect::ReleasePermit);
+        (p, e)
+    } else {
+        (
+            Phase::Failed { step, reason },
+            vec![Effect::ReleasePermit, Effect::Ended],
+        )
     }
 }
 

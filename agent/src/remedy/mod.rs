@@ -453,7 +453,6 @@ impl Engine {
         let Some(s) = r.spec.steps.get(step).cloned() else {
             return;
         };
-        let action = rules::permit_action(&r.job.rule);
         let reason = format!(
             "remedy job {id}: step {} {} for {}",
             step + 1,
@@ -461,21 +460,37 @@ impl Engine {
             r.job.condition
         );
         let offline = rules::offline_allows(&r.spec, &s.action);
+        let rule = r.job.rule.clone();
+        self.asking.insert(id.to_string());
+        self.spawn_ask(id, &rule, reason, false, offline, Msg::Permit);
+    }
+
+    /// Asks for the job's permit in the background; the answer comes back
+    /// as `msg`.
+    fn spawn_ask(
+        &self,
+        id: &str,
+        rule: &str,
+        reason: String,
+        must_finish: bool,
+        offline: Option<bool>,
+        msg: fn(String, Result<Permit, NoPermit>) -> Msg,
+    ) {
+        let action = rules::permit_action(rule);
         let permits = self.agent.permits.clone();
         let tx = self.tx.clone();
         let job = id.to_string();
-        self.asking.insert(job.clone());
         tokio::spawn(async move {
             let res = permits
                 .ask(Ask {
                     action: &action,
                     reason: &reason,
                     job: &job,
-                    must_finish: false,
+                    must_finish,
                     offline,
                 })
                 .await;
-            let _ = tx.send(Msg::Permit(job, res));
+            let _ = tx.send(msg(job, res));
         });
     }
 
@@ -491,23 +506,9 @@ impl Engine {
         if !past || !r.spec.steps.get(step).is_some_and(|s| rules::disruptive(&s.action)) {
             return;
         }
-        let action = rules::permit_action(&r.job.rule);
+        let rule = r.job.rule.clone();
         let reason = format!("remedy job {id}: resumed after a restart");
-        let permits = self.agent.permits.clone();
-        let tx = self.tx.clone();
-        let job = id.to_string();
-        tokio::spawn(async move {
-            let res = permits
-                .ask(Ask {
-                    action: &action,
-                    reason: &reason,
-                    job: &job,
-                    must_finish: true,
-                    offline: None,
-                })
-                .await;
-            let _ = tx.send(Msg::Regained(job, res));
-        });
+        self.spawn_ask(id, &rule, reason, true, None, Msg::Regained);
     }
 
     fn run_step(&mut self, id: &str, step: usize) {

@@ -54,7 +54,7 @@ fn denied_for_good(reason: String) -> PermitDecision {
     }
 }
 
-fn event(reason: &str, severity: &str, message: String) -> Event {
+pub(super) fn event(reason: &str, severity: &str, message: String) -> Event {
     Event {
         time: nodekeeper_proto::time::now_rfc3339(),
         severity: severity.into(),

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use nodekeeper_proto::Resource;
 use nodekeeper_proto::count::Count;
-use nodekeeper_proto::time::{now_rfc3339, parse_rfc3339};
+use nodekeeper_proto::time::parse_rfc3339;
 use nodekeeper_proto::v1::{Event, PermitRequest, RemedyJob, RemedyRule, RemedyRuleSpec, RemedyRuleStatus};
 
 use super::{Fleet, FleetError, State};
@@ -55,18 +55,6 @@ fn json_write<T: serde::Serialize>(kind: &'static str, key: &str, v: &T) -> Writ
 
 fn job_write(j: &RemedyJob) -> Write {
     json_write(RECORD_JOB, &j.id, j)
-}
-
-fn fleet_event(reason: &str, severity: &str, message: String) -> Event {
-    Event {
-        time: now_rfc3339(),
-        severity: severity.into(),
-        reason: reason.into(),
-        message,
-        source: "defender".into(),
-        count: 1,
-        ..Default::default()
-    }
 }
 
 impl State {
@@ -145,7 +133,7 @@ impl State {
                 );
                 writes.extend(self.incident(
                     rule,
-                    fleet_event(
+                    super::permits::event(
                         "FleetIncident",
                         "Error",
                         format!("RemedyRule {rule}: breaker open: {}", next.reason),
