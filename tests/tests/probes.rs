@@ -946,7 +946,9 @@ fn pid_cpu_and_io_pressure_and_load_from_real_processes() {
     wait_cond(&agent, "PIDPressure", "resources", "False");
 
     // Eight CPU hogs per CPU: tasks wait for a CPU (PSI) and the load rises.
-    wait_cond(&agent, "CPUPressure", "resources", "False");
+    // First the machine must be calm, which under the whole suite's load
+    // (containers booting next to this test) can take longer than usual.
+    wait_cond_for(&agent, "CPUPressure", "resources", "False", Duration::from_secs(180));
     let hogs = (8 * cpus).to_string();
     let stress = Stress::start(&["--cpu", &hogs, "--timeout", "90s"]);
     let c = wait_cond(&agent, "CPUPressure", "resources", "True");
