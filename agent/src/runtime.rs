@@ -131,6 +131,16 @@ impl Agent {
         lock(&self.desired).clone()
     }
 
+    /// The RemedyRules of the applied settings (without copying the rest:
+    /// the remedy executor reads them every second).
+    pub fn remedy_rules(&self) -> Vec<nodekeeper_proto::v1::RemedyRule> {
+        lock(&self.desired)
+            .settings
+            .as_ref()
+            .map(|s| s.remedy_rules.clone())
+            .unwrap_or_default()
+    }
+
     /// The applied revision.
     pub fn applied_revision(&self) -> u64 {
         lock(&self.desired).revision

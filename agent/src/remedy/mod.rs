@@ -214,7 +214,7 @@ impl Engine {
 
     fn rules(&self) -> Vec<RemedyRule> {
         let mut out = self.cfg.local_rules.clone();
-        let from_hub = self.agent.settings().remedy_rules;
+        let from_hub = self.agent.remedy_rules();
         for r in from_hub {
             let name = r.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
             out.retain(|x| x.metadata.as_ref().is_none_or(|m| m.name != name));

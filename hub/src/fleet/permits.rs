@@ -206,7 +206,7 @@ impl Fleet {
             // Deciding, not waiting for the lock, is what the metric counts.
             started = std::time::Instant::now();
             let mut snap: Option<Snapshot> = None;
-            let mut breakers_seen = std::collections::BTreeSet::new();
+            let mut remedy_batch = std::collections::BTreeMap::new();
             for p in batch {
                 let ttl = defender::ttl(p.req.ttl_seconds);
                 if !st.nodes.contains_key(&p.node) {
@@ -245,7 +245,7 @@ impl Fleet {
                 }
                 if p.req.action.starts_with("remedy/")
                     && let Err((why, terminal)) =
-                        st.remedy_check(&p.node, &p.req, now_ms, &mut breakers_seen, &mut writes, &self.metrics)
+                        st.remedy_check(&p.node, &p.req, now_ms, &mut remedy_batch, &mut writes, &self.metrics)
                 {
                     self.metrics.permit(&p.req.action, "denied");
                     let w = st.node_event(

@@ -99,14 +99,20 @@ impl State {
         (selected, raised)
     }
 
-    /// Evaluates the breaker of `rule` at `now_ms`; the writes and events
-    /// of a change.
-    fn evaluate_breaker(&mut self, rule: &str, now_ms: u64, metrics: &crate::metrics::Metrics) -> Vec<Write> {
+    /// Evaluates the breaker of `rule` at `now_ms`: the writes and events
+    /// of a change, and the nodes the rule selects (counted on the way; None
+    /// when the rule has no breaker).
+    fn evaluate_breaker(
+        &mut self,
+        rule: &str,
+        now_ms: u64,
+        metrics: &crate::metrics::Metrics,
+    ) -> (Vec<Write>, Option<u64>) {
         let Some(spec) = self.remedy_rule(rule).and_then(|r| r.spec.clone()) else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
         let Some(cfg) = spec.breaker.as_ref() else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
         let cur = self.remedies.breakers.get(rule).cloned().unwrap_or_default();
         let since = now_ms
@@ -116,7 +122,7 @@ impl State {
         let allowed = Count::resolve(&cfg.threshold, selected, 0);
         let (next, change) = breaker_next(&cur, raised, allowed, now_ms, cfg.cooldown_seconds);
         if next == cur {
-            return Vec::new();
+            return (Vec::new(), Some(selected));
         }
         self.remedies.breakers.insert(rule.to_string(), next.clone());
         let mut writes = vec![json_write(RECORD_BREAKER, rule, &next)];
@@ -133,6 +139,7 @@ impl State {
                 );
                 writes.extend(self.incident(
                     rule,
+                    now_ms,
                     super::permits::event(
                         "FleetIncident",
                         "Error",
@@ -146,13 +153,13 @@ impl State {
             }
             None => {}
         }
-        writes
+        (writes, Some(selected))
     }
 
     /// Records a fleet-level event (kept with the last [`MAX_INCIDENTS`]).
-    fn incident(&mut self, rule: &str, mut ev: Event) -> Vec<Write> {
+    fn incident(&mut self, rule: &str, now_ms: u64, mut ev: Event) -> Vec<Write> {
         ev.source = format!("remedyrule/{rule}");
-        let key = format!("{}-{rule}", unix_ms(std::time::SystemTime::now()));
+        let key = format!("{now_ms}-{rule}");
         let mut writes = vec![json_write(RECORD_INCIDENT, &key, &ev)];
         self.remedies.incidents.push_back((key, ev));
         while self.remedies.incidents.len() > MAX_INCIDENTS {
@@ -167,14 +174,15 @@ impl State {
     }
 
     /// The rule-level verdict for a remedy permit request, queuing a manual
-    /// job for approval. `breakers_seen`: rules whose breaker this batch
-    /// already evaluated.
+    /// job for approval. `batch`: per rule seen in this batch of decisions,
+    /// the nodes it selects (its breaker evaluated once per batch, its nodes
+    /// counted once).
     pub(super) fn remedy_check(
         &mut self,
         node: &str,
         req: &PermitRequest,
         now_ms: u64,
-        breakers_seen: &mut std::collections::BTreeSet<String>,
+        batch: &mut BTreeMap<String, u64>,
         writes: &mut Vec<Write>,
         metrics: &crate::metrics::Metrics,
     ) -> Result<(), (String, bool)> {
@@ -189,17 +197,18 @@ impl State {
         if !nodekeeper_proto::selector::selects(spec.node_selector.as_ref(), &labels) {
             return Err((format!("RemedyRule {rule} does not select node {node}"), true));
         }
-        if breakers_seen.insert(rule.clone()) {
-            let w = self.evaluate_breaker(&rule, now_ms, metrics);
-            writes.extend(w);
-        }
+        let selected = match batch.get(&rule) {
+            Some(n) => *n,
+            None => {
+                let (w, counted) = self.evaluate_breaker(&rule, now_ms, metrics);
+                writes.extend(w);
+                let n = counted.unwrap_or_else(|| self.rule_counts(&spec, u64::MAX).0);
+                batch.insert(rule.clone(), n);
+                n
+            }
+        };
         let breaker = self.remedies.breakers.get(&rule).cloned().unwrap_or_default();
         let approval = self.remedies.approvals.get(&req.job);
-        let selected = if spec.max_concurrent.trim().is_empty() {
-            0
-        } else {
-            self.rule_counts(&spec, u64::MAX).0
-        };
         let action = req.action.as_str();
         let view = RuleView {
             rule: rule.clone(),
@@ -212,15 +221,10 @@ impl State {
                 &spec.windows,
                 std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(now_ms),
             ),
-            remediating: self.permits.values().filter(|h| h.action == action).count() as u64,
+            remediating: self.remediating(action),
             max_concurrent: (!spec.max_concurrent.trim().is_empty())
                 .then(|| Count::resolve(&spec.max_concurrent, selected, 0)),
-            granted_last_hour: self
-                .remedies
-                .grants
-                .get(&rule)
-                .map(|g| g.iter().filter(|ms| **ms + 3_600_000 > now_ms).count() as u64)
-                .unwrap_or(0),
+            granted_last_hour: self.granted_last_hour(&rule, now_ms),
             max_per_hour: spec.max_per_hour,
         };
         match rule_verdict(&view) {
@@ -266,6 +270,20 @@ impl State {
         }
     }
 
+    /// Nodes holding a permit for `action` now.
+    fn remediating(&self, action: &str) -> u64 {
+        self.permits.values().filter(|h| h.action == action).count() as u64
+    }
+
+    /// Permits granted for `rule` in the hour before `now_ms`.
+    fn granted_last_hour(&self, rule: &str, now_ms: u64) -> u64 {
+        self.remedies
+            .grants
+            .get(rule)
+            .map(|g| g.iter().filter(|ms| **ms + 3_600_000 > now_ms).count() as u64)
+            .unwrap_or(0)
+    }
+
     /// Takes back a grant the store did not take.
     pub(super) fn remedy_withdrawn(&mut self, action: &str, ms: u64) {
         if let Some(g) = action
@@ -289,13 +307,8 @@ impl State {
         let action = nodekeeper_proto::remedy::permit_action(name);
         RemedyRuleStatus {
             selected_nodes: selected,
-            remediating_nodes: self.permits.values().filter(|h| h.action == action).count() as u64,
-            granted_last_hour: self
-                .remedies
-                .grants
-                .get(name)
-                .map(|g| g.iter().filter(|ms| **ms + 3_600_000 > now_ms).count() as u64)
-                .unwrap_or(0),
+            remediating_nodes: self.remediating(&action),
+            granted_last_hour: self.granted_last_hour(name, now_ms),
             raised_in_window: if spec.breaker.is_some() { raised } else { 0 },
             breaker_open: b.open,
             breaker_reason: b.reason.clone(),
@@ -461,7 +474,7 @@ impl Fleet {
             .collect();
         let mut writes = Vec::new();
         for r in rules {
-            writes.extend(st.evaluate_breaker(&r, now_ms, &self.metrics));
+            writes.extend(st.evaluate_breaker(&r, now_ms, &self.metrics).0);
         }
         for g in st.remedies.grants.values_mut() {
             while g.front().is_some_and(|ms| *ms + 3_600_000 <= now_ms) {
