@@ -127,8 +127,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     builder.compile_fds(fds)?;
-    // containerd's API, client side only, for the containerd probe.
-    let containerd = ["proto/containerd/api.proto", "proto/containerd/containers.proto"];
+    // containerd's API, client side only, for the containerd probe and the
+    // cleanDisk remedy.
+    let containerd = [
+        "proto/containerd/api.proto",
+        "proto/containerd/containers.proto",
+        "proto/containerd/images.proto",
+    ];
     for f in containerd {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -4,9 +4,17 @@
 //! connection; only the detectors are fake (a condition that flips at a given
 //! rate) and the outbox lives in memory.
 //!
+//! Remedies run the real executor ([`crate::remedy::Engine`]: the job
+//! machine, permits, reports) with simulated steps that heal the condition
+//! after `--remedy-seconds`.
+//!
 //! An optional control listener lets a benchmark trigger report bursts and
-//! read per-agent figures: `POST /burst?perAgent=K`, `GET /stats`,
-//! `GET /latency?sinceMs=T&revision=R`.
+//! faults and read per-agent figures: `POST /burst?perAgent=K`,
+//! `POST /raise?condition=T&count=N&spreadSeconds=S&salt=K&skip=M&correlated=B`
+//! (N nodes, chosen by seed and salt after skipping M, raise T at random
+//! moments within S seconds; a correlated fault is one no simulated remedy
+//! step heals, as a bad push or an outage), `POST /clear?condition=T` (the
+//! fault is gone everywhere), `GET /stats`, `GET /latency?sinceMs=T&revision=R`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -82,6 +90,10 @@ pub struct HollowArgs {
     /// The TTL hollow agents ask for their permits (renewed at a third).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub permit_ttl: Duration,
+    /// How long a simulated remedy step takes before it heals the job's
+    /// condition (0: no remedy executor). Reboot steps are not simulated.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub remedy_seconds: Duration,
 }
 
 /// Deterministic 128-bit hex id from (seed, index, salt) — splitmix64.
@@ -273,6 +285,40 @@ async fn simulate_components(agent: Arc<Agent>, index: u64, seed: u64, took: Dur
 
 type Fleet = Arc<Vec<Arc<Agent>>>;
 
+/// The control listener's state.
+#[derive(Clone)]
+struct Control {
+    fleet: Fleet,
+    seed: u64,
+    /// Condition types of correlated faults (simulated remedies do not heal them).
+    unhealed: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// A fault condition set by the control listener (source `hollow`).
+fn fault(agent: &Agent, condition: &str, raised: bool) {
+    let c = Condition {
+        r#type: condition.into(),
+        status: if raised { "True" } else { "False" }.into(),
+        reason: if raised { "Raised" } else { "Cleared" }.into(),
+        message: format!("hollow fault {}", if raised { "raised" } else { "cleared" }),
+        last_transition_time: now_rfc3339(),
+        source: "hollow".into(),
+        ..Default::default()
+    };
+    if let Err(e) = agent.record_findings(vec![c], Vec::new(), None) {
+        tracing::warn!(node = %agent.name, error = %e, "hollow fault not recorded");
+    }
+}
+
+/// The `count` nodes a raise picks: a shuffle by (seed, salt).
+fn pick(seed: u64, salt: u64, n: usize, skip: usize, count: usize) -> Vec<usize> {
+    let mut order: Vec<(String, usize)> = (0..n)
+        .map(|i| (hex_id(seed, i as u64, 0x5eed ^ salt.wrapping_mul(31)), i))
+        .collect();
+    order.sort();
+    order.into_iter().skip(skip).take(count).map(|(_, i)| i).collect()
+}
+
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct BurstQuery {
@@ -286,7 +332,8 @@ struct LatencyQuery {
     revision: u64,
 }
 
-async fn burst(State(f): State<Fleet>, Query(q): Query<BurstQuery>) -> axum::Json<serde_json::Value> {
+async fn burst(State(c): State<Control>, Query(q): Query<BurstQuery>) -> axum::Json<serde_json::Value> {
+    let f = &c.fleet;
     let per_agent = q.per_agent.min(10_000);
     for a in f.iter() {
         for n in 0..per_agent {
@@ -296,10 +343,77 @@ async fn burst(State(f): State<Fleet>, Query(q): Query<BurstQuery>) -> axum::Jso
     axum::Json(json!({ "queued": per_agent * f.len() as u64 }))
 }
 
-async fn stats(State(f): State<Fleet>) -> axum::Json<serde_json::Value> {
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RaiseQuery {
+    condition: String,
+    count: usize,
+    #[serde(default)]
+    spread_seconds: f64,
+    #[serde(default)]
+    salt: u64,
+    #[serde(default)]
+    skip: usize,
+    #[serde(default)]
+    correlated: bool,
+}
+
+async fn raise(State(c): State<Control>, Query(q): Query<RaiseQuery>) -> axum::Json<serde_json::Value> {
+    let chosen = pick(c.seed, q.salt, c.fleet.len(), q.skip, q.count);
+    {
+        let mut u = c.unhealed.lock().unwrap_or_else(|p| p.into_inner());
+        if q.correlated {
+            u.insert(q.condition.clone());
+        } else {
+            u.remove(&q.condition);
+        }
+    }
+    let spread = Duration::from_secs_f64(q.spread_seconds.clamp(0.0, 3600.0));
+    let names: Vec<String> = chosen.iter().map(|i| c.fleet[*i].name.clone()).collect();
+    for i in chosen {
+        let a = c.fleet[i].clone();
+        let cond = q.condition.clone();
+        let after = spread.mul_f64(rand::random::<f64>());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            fault(&a, &cond, true);
+        });
+    }
+    axum::Json(json!({ "raised": names.len(), "nodes": names }))
+}
+
+#[derive(serde::Deserialize)]
+struct ClearQuery {
+    condition: String,
+}
+
+async fn clear(State(c): State<Control>, Query(q): Query<ClearQuery>) -> axum::Json<serde_json::Value> {
+    c.unhealed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&q.condition);
+    let mut cleared = 0u64;
+    for a in c.fleet.iter() {
+        if a.conditions()
+            .iter()
+            .any(|x| x.r#type == q.condition && x.status == "True")
+        {
+            fault(a, &q.condition, false);
+            cleared += 1;
+        }
+    }
+    axum::Json(json!({ "cleared": cleared }))
+}
+
+async fn stats(State(c): State<Control>) -> axum::Json<serde_json::Value> {
+    let f = &c.fleet;
     let (mut rev_min, mut rev_max) = (u64::MAX, 0u64);
     let (mut connected, mut sessions, mut pending, mut sent, mut last_seq) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut jobs: BTreeMap<String, u64> = BTreeMap::new();
     for a in f.iter() {
+        for j in a.remedies.list() {
+            *jobs.entry(j.phase).or_default() += 1;
+        }
         let l = a.link();
         connected += u64::from(l.connected);
         sessions += l.sessions;
@@ -315,11 +429,12 @@ async fn stats(State(f): State<Fleet>) -> axum::Json<serde_json::Value> {
         "agents": f.len(), "connected": connected, "sessions": sessions,
         "appliedRevisionMin": if f.is_empty() { 0 } else { rev_min },
         "appliedRevisionMax": rev_max, "outboxPending": pending,
-        "reportsAssigned": last_seq, "reportsSent": sent,
+        "reportsAssigned": last_seq, "reportsSent": sent, "remedyJobs": jobs,
     }))
 }
 
-async fn latency(State(f): State<Fleet>, Query(q): Query<LatencyQuery>) -> axum::Json<serde_json::Value> {
+async fn latency(State(c): State<Control>, Query(q): Query<LatencyQuery>) -> axum::Json<serde_json::Value> {
+    let f = &c.fleet;
     let since = UNIX_EPOCH + Duration::from_millis(q.since_ms);
     let mut ms: Vec<f64> = f
         .iter()
@@ -345,6 +460,7 @@ pub async fn run(args: HollowArgs) -> anyhow::Result<()> {
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let fleet: Fleet = Arc::new((0..args.count).map(|i| Arc::new(hollow_agent(&args, i))).collect());
+    let unhealed: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
     for a in fleet.iter() {
         a.permits
             .configure(crate::config::Offline::Deny, args.permit_ttl.as_secs() as u32);
@@ -384,6 +500,21 @@ pub async fn run(args: HollowArgs) -> anyhow::Result<()> {
         if args.report_rate > 0.0 {
             tokio::spawn(fake_detector(a.clone(), args.report_rate));
         }
+        if !args.remedy_seconds.is_zero() {
+            let engine = crate::remedy::Engine::new(
+                a.clone(),
+                crate::remedy::Config {
+                    local_rules: Vec::new(),
+                    actions: crate::remedy::Actions::Simulated {
+                        took: args.remedy_seconds,
+                        unhealed: unhealed.clone(),
+                    },
+                    boot_id: a.facts.boot_id.clone(),
+                },
+                a.remedies.clone(),
+            );
+            tokio::spawn(engine.run(stop_rx.clone()));
+        }
     }
     tracing::info!(count = args.count, hub = %args.hub, started = ?SystemTime::now(), "hollow agents started");
     if let Some(addr) = args.control {
@@ -391,7 +522,13 @@ pub async fn run(args: HollowArgs) -> anyhow::Result<()> {
             .route("/burst", post(burst))
             .route("/stats", get(stats))
             .route("/latency", get(latency))
-            .with_state(fleet.clone());
+            .route("/raise", post(raise))
+            .route("/clear", post(clear))
+            .with_state(Control {
+                fleet: fleet.clone(),
+                seed: args.seed,
+                unhealed,
+            });
         let l = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(%addr, "hollow control listening");
         tokio::spawn(async move { axum::serve(l, app).await });
@@ -419,6 +556,22 @@ mod tests {
             (0..1000).filter(|i| fails(1, *i, "3.0", 5.0)).collect::<Vec<_>>()
         );
         assert!(!(0..1000).any(|i| fails(1, i, "2.0", 0.0)));
+    }
+
+    #[test]
+    fn a_raise_picks_distinct_nodes_reproducibly() {
+        let a = pick(1, 0, 1000, 0, 300);
+        assert_eq!(a.len(), 300);
+        assert_eq!(a, pick(1, 0, 1000, 0, 300));
+        assert_ne!(a, pick(1, 1, 1000, 0, 300));
+        let next = pick(1, 0, 1000, 300, 10);
+        assert!(next.iter().all(|i| !a.contains(i)), "skipped ones are not picked again");
+        assert_eq!(pick(1, 0, 1000, 0, 310)[300..], next[..]);
+        let mut d = a.clone();
+        d.sort();
+        d.dedup();
+        assert_eq!(d.len(), 300);
+        assert_eq!(pick(1, 0, 10, 0, 50).len(), 10);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! to their declared state, reports to the hub, and serves a local socket.
 
 pub mod config;
+pub mod containerd;
 pub mod converge;
 pub mod detect;
 pub mod exec;

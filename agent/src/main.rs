@@ -266,10 +266,10 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
         agent.clone(),
         nodekeeper_agent::remedy::Config {
             local_rules: cfg.remedy.rules.clone(),
-            env: nodekeeper_agent::remedy::action::Env {
+            actions: nodekeeper_agent::remedy::Actions::Real(nodekeeper_agent::remedy::action::Env {
                 reboot_command: cfg.remedy.reboot_command.clone(),
                 ..Default::default()
-            },
+            }),
             boot_id,
         },
         agent.remedies.clone(),

@@ -28,7 +28,8 @@ pub mod v1 {
     tonic::include_proto!("nodekeeper.v1");
 }
 
-/// The calls of containerd's gRPC API the containerd probe makes.
+/// The calls of containerd's gRPC API the containerd probe and the
+/// cleanDisk remedy make.
 #[allow(clippy::all, missing_docs)]
 pub mod containerd {
     pub mod version {
@@ -36,6 +37,9 @@ pub mod containerd {
     }
     pub mod containers {
         tonic::include_proto!("containerd.services.containers.v1");
+    }
+    pub mod images {
+        tonic::include_proto!("containerd.services.images.v1");
     }
 }
 

@@ -33,6 +33,18 @@ pub fn disruptive(action: &str) -> bool {
 pub const DEFAULT_REBOOT_WINDOW: Duration = Duration::from_secs(3600);
 /// Longest `runScript` timeout.
 pub const MAX_SCRIPT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// `cleanDisk`'s `imageMinAge` when none is given (kubelet's image GC
+/// minimum age): an image pulled for a pod that has not started is kept.
+pub const DEFAULT_IMAGE_MIN_AGE: Duration = Duration::from_secs(120);
+
+/// `cleanDisk`'s `imageMinAge`.
+pub fn image_min_age(s: &RemedyStep) -> Duration {
+    s.params
+        .get("imageMinAge")
+        .and_then(|a| duration(a))
+        .unwrap_or(DEFAULT_IMAGE_MIN_AGE)
+}
+
 /// `runScript` timeout when none is given.
 pub const DEFAULT_SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -265,20 +277,50 @@ fn step(at: &str, s: &RemedyStep) -> Result<(), ResourceError> {
             }
         }
         "cleanDisk" => {
-            if s.params.contains_key("images") {
-                return Err(ResourceError::new(
-                    format!("{at}.params.images"),
-                    "cleaning container images is not supported by this version yet; clean paths (DIR:AGE,...)",
-                ));
-            }
-            known_params(at, s, &["paths"])?;
+            known_params(at, s, &["paths", "images", "imageMinAge", "namespace", "address"])?;
             if let Some(p) = s.params.get("paths") {
                 clean_paths(p).map_err(|e| ResourceError::new(format!("{at}.params.paths"), e))?;
             }
-            if !s.params.contains_key("paths") {
+            match s.params.get("images").map(|v| v.trim()) {
+                None => {
+                    if let Some(k) = ["imageMinAge", "namespace", "address"]
+                        .into_iter()
+                        .find(|k| s.params.contains_key(*k))
+                    {
+                        return Err(ResourceError::new(
+                            format!("{at}.params.{k}"),
+                            "only with images: unused",
+                        ));
+                    }
+                }
+                Some("unused") => {}
+                Some(v) => {
+                    return Err(ResourceError::new(
+                        format!("{at}.params.images"),
+                        format!("{v:?}: unused (the images no container uses) is the one choice"),
+                    ));
+                }
+            }
+            if let Some(a) = s.params.get("imageMinAge")
+                && duration(a).is_none()
+            {
                 return Err(ResourceError::new(
-                    format!("{at}.params.paths"),
-                    "missing: the directories to clean and the age of files to delete (DIR:AGE,...)",
+                    format!("{at}.params.imageMinAge"),
+                    format!("{a:?} is not an age like 2m or 1h"),
+                ));
+            }
+            if let Some(a) = s.params.get("address")
+                && !a.starts_with('/')
+            {
+                return Err(ResourceError::new(
+                    format!("{at}.params.address"),
+                    format!("{a:?}: containerd's socket, an absolute path"),
+                ));
+            }
+            if !s.params.contains_key("paths") && !s.params.contains_key("images") {
+                return Err(ResourceError::new(
+                    format!("{at}.params"),
+                    "cleanDisk needs paths (DIR:AGE,..., files older than AGE) or images: unused (container images no container uses), or both",
                 ));
             }
         }
@@ -394,6 +436,40 @@ mod tests {
             }),
             "spec.steps[0].params.paths"
         );
+        let clean = |kv: &[(&str, &str)]| {
+            let mut sp = spec();
+            sp.steps[0] = RemedyStep {
+                action: "cleanDisk".into(),
+                params: kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                verify_seconds: 0,
+            };
+            check("spec", &sp).map_err(|e| e.field)
+        };
+        assert_eq!(clean(&[("images", "unused")]), Ok(()));
+        assert_eq!(
+            clean(&[
+                ("images", "unused"),
+                ("imageMinAge", "10m"),
+                ("namespace", "k8s.io"),
+                ("address", "/run/c.sock"),
+                ("paths", "/var/log/app:7d")
+            ]),
+            Ok(())
+        );
+        assert_eq!(clean(&[("images", "all")]), Err("spec.steps[0].params.images".into()));
+        assert_eq!(
+            clean(&[("images", "unused"), ("imageMinAge", "soon")]),
+            Err("spec.steps[0].params.imageMinAge".into())
+        );
+        assert_eq!(
+            clean(&[("images", "unused"), ("address", "run/c.sock")]),
+            Err("spec.steps[0].params.address".into())
+        );
+        assert_eq!(
+            clean(&[("paths", "/var/log/app:7d"), ("namespace", "k8s.io")]),
+            Err("spec.steps[0].params.namespace".into())
+        );
+        assert_eq!(clean(&[]), Err("spec.steps[0].params".into()));
     }
 
     #[test]

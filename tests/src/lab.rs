@@ -288,3 +288,82 @@ impl Drop for Hosts {
         }
     }
 }
+
+/// A real containerd with its root, state and sockets in `dir`
+/// (`dir/containerd.sock`), started and answering; the caller kills it.
+pub fn containerd(dir: &Path) -> Child {
+    let cfg = String::from_utf8_lossy(&run(Command::new("containerd").args(["config", "default"])).stdout)
+        .replace(
+            "root = \"/var/lib/containerd\"",
+            &format!("root = \"{}/root\"", dir.display()),
+        )
+        .replace(
+            "state = \"/run/containerd\"",
+            &format!("state = \"{}/state\"", dir.display()),
+        )
+        .replace(
+            "address = \"/run/containerd/containerd.sock\"",
+            &format!("address = \"{}/containerd.sock\"", dir.display()),
+        )
+        .replace(
+            "address = \"/run/containerd/debug.sock\"",
+            &format!("address = \"{}/debug.sock\"", dir.display()),
+        );
+    std::fs::write(dir.join("config.toml"), cfg).expect("containerd config");
+    let log = std::fs::File::create(dir.join("containerd.log")).expect("log");
+    let c = Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("containerd (apt-get install containerd)");
+    wait_for("containerd's socket", Duration::from_secs(60), || {
+        dir.join("containerd.sock").exists().then_some(())
+    });
+    c
+}
+
+/// An OCI image archive for `ctr image import`, built here (no registry
+/// can be reached): one layer holding `hello.txt` with `content`, named
+/// `name` (`registry/repo:tag`). Different contents give different images.
+pub fn oci_image(dir: &Path, name: &str, content: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let tag = name.rsplit_once(':').map_or("latest", |(_, t)| t);
+    let root = dir.join(format!("oci-{}", name.replace(['/', ':'], "_")));
+    let blobs = root.join("layout/blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("blobs");
+    std::fs::create_dir_all(root.join("layer")).expect("layer");
+    let blob = |bytes: &[u8]| -> (String, usize) {
+        let h = format!("{:x}", Sha256::digest(bytes));
+        std::fs::write(blobs.join(&h), bytes).expect("blob");
+        (format!("sha256:{h}"), bytes.len())
+    };
+    std::fs::write(root.join("layer/hello.txt"), content).expect("file");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(root.join("layer"))
+        .arg("-cf")
+        .arg(root.join("layer.tar"))
+        .arg("hello.txt"));
+    let (layer, layer_size) = blob(&std::fs::read(root.join("layer.tar")).expect("layer.tar"));
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer]}, "config": {}});
+    let (config, config_size) = blob(config.to_string().as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": layer_size}]});
+    let (manifest, manifest_size) = blob(manifest.to_string().as_bytes());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": manifest, "size": manifest_size,
+        "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": tag}}]});
+    std::fs::write(root.join("layout/index.json"), index.to_string()).expect("index");
+    std::fs::write(root.join("layout/oci-layout"), r#"{"imageLayoutVersion": "1.0.0"}"#).expect("oci-layout");
+    let out = root.join("image.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(root.join("layout"))
+        .arg("-cf")
+        .arg(&out)
+        .args(["oci-layout", "index.json", "blobs"]));
+    out
+}

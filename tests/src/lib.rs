@@ -815,6 +815,30 @@ impl Hollow {
         let (code, body) = http(&self.control, "POST", &format!("/burst?perAgent={per_agent}"), "").expect("burst");
         assert_eq!(code, 200, "{body}");
     }
+
+    /// `query` (see `nodekeeper-agent hollow`'s control listener) raises a
+    /// fault condition on some nodes; their names.
+    pub fn raise(&self, query: &str) -> Vec<String> {
+        let (code, body) = http(&self.control, "POST", &format!("/raise?{query}"), "").expect("raise");
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("raise answer");
+        v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str().map(String::from))
+            .collect()
+    }
+
+    /// The fault is gone from every node; how many had it.
+    pub fn clear(&self, condition: &str) -> u64 {
+        let (code, body) = http(&self.control, "POST", &format!("/clear?condition={condition}"), "").expect("clear");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["cleared"].as_u64())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Hollow {

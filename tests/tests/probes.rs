@@ -583,46 +583,13 @@ fn resources_and_system_checks_follow_a_real_tmpfs_veth_and_memory_pressure() {
     );
 }
 
-fn start_containerd(dir: &Path) -> std::process::Child {
-    let cfg = String::from_utf8_lossy(&run(Command::new("containerd").args(["config", "default"])).stdout)
-        .replace(
-            "root = \"/var/lib/containerd\"",
-            &format!("root = \"{}/root\"", dir.display()),
-        )
-        .replace(
-            "state = \"/run/containerd\"",
-            &format!("state = \"{}/state\"", dir.display()),
-        )
-        .replace(
-            "address = \"/run/containerd/containerd.sock\"",
-            &format!("address = \"{}/containerd.sock\"", dir.display()),
-        )
-        .replace(
-            "address = \"/run/containerd/debug.sock\"",
-            &format!("address = \"{}/debug.sock\"", dir.display()),
-        );
-    std::fs::write(dir.join("config.toml"), cfg).expect("containerd config");
-    let log = std::fs::File::create(dir.join("containerd.log")).expect("log");
-    let c = Command::new("containerd")
-        .arg("--config")
-        .arg(dir.join("config.toml"))
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("containerd (apt-get install containerd)");
-    wait_for("containerd's socket", T, || {
-        dir.join("containerd.sock").exists().then_some(())
-    });
-    c
-}
-
 #[test]
 fn real_containerd_stopped_is_unhealthy_and_clears_when_it_is_back() {
     let tmp = TempDir::new("containerd");
     let d = tmp.path();
     let cd = d.join("containerd");
     std::fs::create_dir_all(&cd).expect("dir");
-    let mut containerd = start_containerd(&cd);
+    let mut containerd = nodekeeper_e2e::lab::containerd(&cd);
     let sock = cd.join("containerd.sock");
     let cfg = format!(
         "detectors:\n  defaultRules: false\n  probes:\n  - {{name: containerd, condition: ContainerRuntimeUnhealthy, periodSeconds: 1, timeoutSeconds: 1, failureThreshold: 2, containerd: {{address: '{}', namespace: k8s.io}}}}\n",
@@ -640,7 +607,7 @@ fn real_containerd_stopped_is_unhealthy_and_clears_when_it_is_back() {
     let _ = containerd.wait();
     let c = wait_cond(&agent, "ContainerRuntimeUnhealthy", "probe/containerd", "True");
     assert!(message(&c).contains("containerd"), "{c}");
-    let mut containerd = start_containerd(&cd);
+    let mut containerd = nodekeeper_e2e::lab::containerd(&cd);
     wait_cond(&agent, "ContainerRuntimeUnhealthy", "probe/containerd", "False");
     // Back: an event says the condition cleared.
     let ev = events(&agent);

@@ -325,3 +325,271 @@ fn a_stopped_unit_in_booted_systemd_is_restarted_by_a_standalone_rule_after_a_st
     );
     assert_eq!(done["permitId"], "", "standalone: the agent is its own authority");
 }
+
+/// Hub permits of `action` held now (`creds`: the hub's CA and admin token).
+fn held(addr: &str, creds: &nodekeeper_e2e::HubCreds, action: &str) -> Option<usize> {
+    let (code, body) =
+        nodekeeper_e2e::https(addr, &creds.ca, Some(&creds.admin_token), "GET", "/v1/permits", "").ok()?;
+    let v: Value = serde_json::from_str(&body).ok().filter(|_| code == 200)?;
+    Some(v["items"].as_array()?.iter().filter(|p| p["action"] == action).count())
+}
+
+fn ended(job: &Value) -> bool {
+    matches!(
+        job["phase"].as_str(),
+        Some("Succeeded" | "Failed" | "Denied" | "DryRun")
+    )
+}
+
+/// Most step intervals (permit held from a step's start to its end, as
+/// the jobs recorded them) overlapping at one moment.
+fn most_overlapping(jobs: &[Value]) -> usize {
+    let mut edges: Vec<(std::time::SystemTime, i32)> = Vec::new();
+    for j in jobs {
+        for s in j["steps"].as_array().into_iter().flatten() {
+            let t = |k: &str| s[k].as_str().and_then(nodekeeper_proto::time::parse_rfc3339);
+            if let (Some(a), Some(b)) = (t("startTime"), t("endTime")) {
+                edges.push((a, 1));
+                edges.push((b, -1));
+            }
+        }
+    }
+    // Ends before starts at the same instant: a permit released and
+    // granted in one decision batch is not an overlap.
+    edges.sort();
+    let (mut cur, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        cur += d;
+        most = most.max(cur);
+    }
+    most as usize
+}
+
+/// The storm drill, scaled for CI (`scripts/bench/remedy-storm.sh` runs it
+/// with 10,000 hollow agents and records its figures): hollow agents run the
+/// real remedy executor and permit client over TLS, with simulated steps
+/// (2 s; nothing on this machine is touched). A correlated fault — one no
+/// local step heals, as a bad push — raised by 30 % of the nodes within
+/// 20 s: the rule never has more nodes remediating than its budget, the
+/// breaker opens, exactly one FleetIncident; the fault fixed and the
+/// breaker reset, the rule heals nodes again.
+#[test]
+fn storm_drill_30_percent_raise_a_correlated_fault_the_breaker_opens_within_budget_once_and_after_reset_the_rule_heals_again()
+ {
+    use nodekeeper_e2e::Hollow;
+    const N: usize = 1000;
+    const BUDGET: usize = 30; // maxConcurrent 3 %
+    let tmp = TempDir::new("storm");
+    let hub = Hub::start(tmp.path(), "");
+    let hollow = Hollow::start_with(
+        tmp.path(),
+        &hub.grpc_url(),
+        N,
+        &["--remedy-seconds", "2s", "--component-seconds", "0s"],
+    );
+    wait_for("every hollow node Ready", Duration::from_secs(300), || {
+        (hub.summary()["nodes"]["ready"] == N as u64).then_some(())
+    });
+    let yaml = "apiVersion: nodekeeper.io/v1\nkind: DisruptionBudget\nmetadata: {name: fleet}\nspec: {nodeSelector: {matchLabels: {hollow: 'true'}}, maxUnavailable: 100}\n---\napiVersion: nodekeeper.io/v1\nkind: RemedyRule\nmetadata: {name: storm}\nspec:\n  nodeSelector: {matchLabels: {hollow: 'true'}}\n  conditions: [{type: HollowFault, status: 'True', forSeconds: 2}]\n  steps: [{action: restartUnit, params: {unit: hollow-runtime.service}, verifySeconds: 3}]\n  cooldownSeconds: 600\n  maxConcurrent: 3%\n  breaker: {threshold: 10%, windowSeconds: 120, cooldownSeconds: 3600}\n";
+    let rev0 = hub.summary()["revision"].as_u64().expect("revision");
+    let out = nodekeeper_e2e::nkctl(&hub.http_url(), None, &["apply", "-f", "-"], Some(yaml));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Each node's desired state gets a new revision with the rule in it.
+    wait_for("every node has the rule", T, || {
+        Some(hub.summary())
+            .filter(|s| s["nodes"]["inSync"] == N as u64 && s["revision"].as_u64() >= Some(rev0 + N as u64))
+    });
+
+    // Sample the rule's permits while the storm runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, addr, creds) = (stop.clone(), hub.http.clone(), hub.creds.clone().expect("a TLS hub"));
+        std::thread::spawn(move || {
+            let (mut most, mut samples) = (0usize, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(n) = held(&addr, &creds, "remedy/storm") {
+                    most = most.max(n);
+                    samples += 1;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (most, samples)
+        })
+    };
+    let raised = hollow.raise("condition=HollowFault&count=300&spreadSeconds=20&correlated=true");
+    assert_eq!(raised.len(), 300);
+    let rule = wait_for("the breaker open", Duration::from_secs(120), || {
+        hub.get("/v1/remedyrules/storm")
+            .filter(|r| r["status"]["breakerOpen"] == true)
+    });
+    assert!(
+        rule["status"]["breakerReason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{rule}"
+    );
+    // Every raised node's job ends: the ones granted before the breaker
+    // opened fail (their step does not help a fault that is not theirs),
+    // the rest are refused for good.
+    wait_for("every storm job ended", Duration::from_secs(120), || {
+        let all = hub.get("/v1/remedies?rule=storm")?;
+        let items = all["items"].as_array()?;
+        let nodes: std::collections::BTreeSet<&str> = items.iter().filter_map(|j| j["node"].as_str()).collect();
+        (nodes.len() == 300 && items.iter().all(ended)).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (most, samples) = sampler.join().expect("sampler");
+    let jobs = hub.get("/v1/remedies?rule=storm").expect("jobs")["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let granted = jobs
+        .iter()
+        .filter(|j| !j["steps"].as_array().is_none_or(|s| s.is_empty()))
+        .count();
+    let denied = jobs.iter().filter(|j| j["phase"] == "Denied").count();
+    let overlap = most_overlapping(&jobs);
+    eprintln!(
+        "storm: {granted} jobs granted a step before the breaker opened, {denied} denied; at most {most} permits held in {samples} samples, {overlap} steps at once"
+    );
+    assert!(samples > 50, "the sampler ran: {samples}");
+    assert!(most <= BUDGET && overlap <= BUDGET, "{most} / {overlap} > {BUDGET}");
+    assert!(
+        most > 0 && granted > 0,
+        "some nodes were remediated before the breaker opened"
+    );
+    assert!(
+        granted < 300 && denied > 0,
+        "the breaker stopped the rest: {granted} granted"
+    );
+    assert!(
+        jobs.iter()
+            .filter(|j| j["phase"] == "Denied")
+            .all(|j| j["reason"].as_str().is_some_and(|r| r.contains("breaker"))),
+        "denials name the breaker"
+    );
+    let incidents = |hub: &Hub| -> usize {
+        hub.get("/v1/incidents")
+            .and_then(|v| v["items"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["source"] == "remedyrule/storm")
+            .count()
+    };
+    assert_eq!(incidents(&hub), 1, "one FleetIncident");
+    let metrics = hub.request("GET", "/metrics", "").expect("metrics").1;
+    assert!(
+        metrics.contains("nodekeeper_hub_fleet_incidents_total{rule=\"storm\"} 1"),
+        "{metrics}"
+    );
+
+    // The cause is fixed; the operator closes the breaker.
+    assert_eq!(hollow.clear("HollowFault"), 300);
+    let out = hub.nkctl(&["remedy", "breaker", "reset", "storm"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the breaker closed", T, || {
+        hub.get("/v1/remedyrules/storm")
+            .filter(|r| r["status"]["breakerOpen"] == false)
+    });
+
+    // A node's own fault now: healed by the rule again.
+    let healthy = hollow.raise("condition=HollowFault&count=10&skip=300&spreadSeconds=2");
+    wait_for("the new faults healed", T, || {
+        let jobs = hub.get("/v1/remedies?rule=storm&phase=Succeeded")?;
+        let done: Vec<&str> = jobs["items"]
+            .as_array()?
+            .iter()
+            .filter_map(|j| j["node"].as_str())
+            .collect();
+        healthy.iter().all(|n| done.contains(&n.as_str())).then_some(())
+    });
+    let r = hub.get("/v1/remedyrules/storm").expect("rule");
+    assert_eq!(r["status"]["breakerOpen"], false, "{r}");
+    assert_eq!(incidents(&hub), 1, "still one FleetIncident");
+    drop(hollow);
+}
+
+/// cleanDisk against a real containerd (its gRPC API, no ctr in the
+/// agent): the images no container uses are deleted, every name of a used
+/// image's content and a pinned image are kept; old files of a path go too.
+/// The trigger is an exec probe that sees the unused image.
+#[test]
+fn clean_disk_deletes_unused_container_images_through_containerds_api_and_keeps_used_and_pinned_ones() {
+    let tmp = TempDir::new("remedy-images");
+    let d = tmp.path();
+    let cd = d.join("containerd");
+    std::fs::create_dir_all(&cd).expect("dir");
+    let mut containerd = nodekeeper_e2e::lab::containerd(&cd);
+    let sock = cd.join("containerd.sock");
+    let ctr = |args: &[&str]| {
+        let mut c = Command::new("ctr");
+        c.arg("-a").arg(&sock).args(["-n", "k8s.io"]).args(args);
+        nodekeeper_e2e::lab::stdout(&run(&mut c))
+    };
+    for (name, content) in [
+        ("nk.test/used:1", "used"),
+        ("nk.test/unused:1", "unused"),
+        ("nk.test/pause:1", "pause"),
+    ] {
+        let tar = nodekeeper_e2e::lab::oci_image(d, name, content);
+        ctr(&["image", "import", &tar.display().to_string()]);
+    }
+    ctr(&["image", "label", "nk.test/pause:1", "io.cri-containerd.pinned=pinned"]);
+    ctr(&["container", "create", "nk.test/used:1", "workload"]);
+    let names = || -> Vec<String> { ctr(&["image", "ls", "-q"]).lines().map(String::from).collect() };
+    let before = names();
+    assert!(before.len() >= 3, "{before:?}");
+    // An old file in a log directory, and a new one.
+    let logs = d.join("logs");
+    std::fs::create_dir_all(&logs).expect("logs");
+    std::fs::write(logs.join("old.log"), "x").expect("old");
+    std::fs::write(logs.join("new.log"), "y").expect("new");
+    run(Command::new("touch")
+        .args(["-d", "2 days ago"])
+        .arg(logs.join("old.log")));
+    let check = script(
+        d,
+        "check-images.sh",
+        &format!(
+            "ctr -a {} -n k8s.io image ls -q | grep -qx 'nk.test/unused:1' && exit 1; exit 0",
+            sock.display()
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(1)); // older than imageMinAge
+    let cfg = format!(
+        "detectors:\n  defaultRules: false\n  probes:\n  - {{name: images, condition: ImageGarbage, periodSeconds: 1, timeoutSeconds: 1, failureThreshold: 1, exec: {{command: [{check}]}}}}\n\
+         remedy:\n  rules:\n  - metadata: {{name: images}}\n    spec:\n      conditions: [{{type: ImageGarbage, forSeconds: 1}}]\n      steps:\n      - {{action: cleanDisk, params: {{images: unused, imageMinAge: 1s, namespace: k8s.io, address: '{}', paths: '{}:1d'}}, verifySeconds: 10}}\n",
+        sock.display(),
+        logs.display()
+    );
+    let agent = Agent::start(d, "node-images", None, &cfg);
+    let done = job_of(&agent, "images", "Succeeded");
+    let msg = done["steps"][0]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("deleted 1 old file(s)"), "{msg}");
+    assert!(msg.contains("nk.test/unused:1"), "{msg}");
+    assert_eq!(done["permitId"], "", "cleanDisk is not disruptive: no permit");
+    let after = names();
+    assert!(after.contains(&"nk.test/used:1".to_string()), "{after:?}");
+    assert!(
+        after.contains(&"nk.test/pause:1".to_string()),
+        "pinned stays: {after:?}"
+    );
+    assert!(!after.contains(&"nk.test/unused:1".to_string()), "{after:?}");
+    // Every other name of the used and pinned images' content stays too:
+    // only the unused image's names went.
+    let gone: Vec<&String> = before.iter().filter(|n| !after.contains(n)).collect();
+    let said: usize = msg
+        .split("deleted ")
+        .nth(2)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a count of deleted images");
+    assert_eq!(gone.len(), said, "{gone:?} / {msg}");
+    assert!(
+        gone.iter()
+            .all(|n| *n == "nk.test/unused:1" || n.starts_with("sha256:")),
+        "{gone:?}"
+    );
+    assert!(logs.join("new.log").exists() && !logs.join("old.log").exists());
+    drop(agent);
+    let _ = containerd.kill();
+    let _ = containerd.wait();
+}

@@ -31,9 +31,60 @@ impl Default for Env {
     }
 }
 
-/// Runs `step`'s action; blocking (call it off the async threads), except
-/// `runScript`, which is run by [`run_script`].
-pub fn run_blocking(env: &Env, step: &RemedyStep) -> Result<String, String> {
+/// Runs `step`'s action: the blocking ones off the async threads.
+pub async fn run(env: Env, step: RemedyStep) -> Result<String, String> {
+    let blocking = |env: Env, step: RemedyStep| async move {
+        tokio::task::spawn_blocking(move || run_blocking(&env, &step))
+            .await
+            .map_err(|e| format!("the action's thread failed: {e}"))?
+    };
+    match step.action.as_str() {
+        "runScript" => run_script(&step).await,
+        "cleanDisk" => {
+            let mut done = Vec::new();
+            if step.params.contains_key("paths") {
+                done.push(blocking(env, step.clone()).await?);
+            }
+            if step.params.contains_key("images") {
+                done.push(clean_images(&step).await?);
+            }
+            Ok(done.join("; "))
+        }
+        _ => blocking(env, step).await,
+    }
+}
+
+/// `cleanDisk`'s `images: unused`, through containerd's API.
+async fn clean_images(step: &RemedyStep) -> Result<String, String> {
+    let p = |k: &str| step.params.get(k).map(|v| v.trim().to_string()).unwrap_or_default();
+    let ns = p("namespace");
+    let c = crate::containerd::remove_unused_images(
+        &p("address"),
+        &ns,
+        nodekeeper_proto::remedy::image_min_age(step),
+        Duration::from_secs(60),
+    )
+    .await?;
+    Ok(format!(
+        "deleted {} unused container image(s) in {}{}; kept {}",
+        c.deleted.len(),
+        if ns.is_empty() {
+            crate::containerd::NAMESPACE
+        } else {
+            &ns
+        },
+        if c.deleted.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", c.deleted.join(", "))
+        },
+        c.kept
+    ))
+}
+
+/// Runs `step`'s action, blocking; `runScript` and cleanDisk's images
+/// are async ([`run`]).
+fn run_blocking(env: &Env, step: &RemedyStep) -> Result<String, String> {
     let p = |k: &str| step.params.get(k).map(|v| v.trim().to_string()).unwrap_or_default();
     match step.action.as_str() {
         "restartUnit" => {
@@ -65,7 +116,7 @@ pub fn run_blocking(env: &Env, step: &RemedyStep) -> Result<String, String> {
 
 /// `runScript`: the program through the check shim, so a hung script and
 /// everything it started is killed at `timeoutSeconds`.
-pub async fn run_script(step: &RemedyStep) -> Result<String, String> {
+async fn run_script(step: &RemedyStep) -> Result<String, String> {
     let path = step.params.get("path").cloned().unwrap_or_default();
     let mut argv = vec![path.clone()];
     if let Some(a) = step.params.get("args") {

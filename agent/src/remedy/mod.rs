@@ -57,12 +57,34 @@ struct Saved {
     last_reboot_ms: u64,
 }
 
+/// How the executor carries out a step.
+#[derive(Debug, Clone)]
+pub enum Actions {
+    /// On this node: systemd, /proc, the reboot command.
+    Real(action::Env),
+    /// Hollow agents (scale drills): a step takes `took`, touches nothing,
+    /// and then heals the job's condition, as a step that helped would —
+    /// unless the condition's type is in `unhealed` (a fault that is not the
+    /// node's own, which no local step clears). Everything else — the job
+    /// machine, permits, reports — is the real code.
+    Simulated {
+        took: Duration,
+        unhealed: Arc<Mutex<HashSet<String>>>,
+    },
+}
+
+impl Default for Actions {
+    fn default() -> Self {
+        Actions::Real(action::Env::default())
+    }
+}
+
 /// Configuration of the executor.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     /// Rules of the agent's own configuration (standalone healing).
     pub local_rules: Vec<RemedyRule>,
-    pub env: action::Env,
+    pub actions: Actions,
     /// The boot id (from /proc unless a test gives another).
     pub boot_id: String,
 }
@@ -133,6 +155,26 @@ fn step_of(p: &Phase) -> usize {
         | Phase::Failed { step, .. }
         | Phase::Denied { step, .. } => *step,
         Phase::DryRun => 0,
+    }
+}
+
+/// A simulated step that helped: the job's condition leaves the status
+/// that triggered it.
+fn heal(agent: &Agent, condition: &str, trigger_status: &str) {
+    let healed: Vec<Condition> = agent
+        .conditions()
+        .into_iter()
+        .filter(|c| c.r#type == condition && c.status == trigger_status)
+        .map(|c| Condition {
+            status: if trigger_status == "True" { "False" } else { "True" }.into(),
+            reason: "SimulatedRemedy".into(),
+            message: "healed by a simulated remedy step".into(),
+            last_transition_time: nodekeeper_proto::time::now_rfc3339(),
+            ..c
+        })
+        .collect();
+    if let Err(e) = agent.record_findings(healed, Vec::new(), None) {
+        tracing::warn!(node = %agent.name, error = %e, "cannot record the simulated heal");
     }
 }
 
@@ -516,11 +558,34 @@ impl Engine {
         let window = self.rec(id).map(|r| rules::reboot_window(&r.spec)).unwrap_or_default();
         let last_reboot = self.saved.last_reboot_ms;
         let tx = self.tx.clone();
+        let simulated = match &self.cfg.actions {
+            Actions::Simulated { took, unhealed } => Some((*took, unhealed.clone())),
+            Actions::Real(_) => None,
+        };
+        let agent = self.agent.clone();
         let Some(r) = self.rec(id) else { return };
         let Some(s) = r.spec.steps.get(step).cloned() else {
             return;
         };
         let job = id.to_string();
+        if let Some((took, unhealed)) = simulated {
+            let condition = r.job.condition.clone();
+            let status = r
+                .spec
+                .conditions
+                .iter()
+                .find(|t| t.r#type == condition)
+                .map(|t| rules::trigger_status(t).to_string())
+                .unwrap_or_default();
+            tokio::spawn(async move {
+                tokio::time::sleep(took).await;
+                if !unhealed.lock().unwrap_or_else(|p| p.into_inner()).contains(&condition) {
+                    heal(&agent, &condition, &status);
+                }
+                let _ = tx.send(Msg::Done(job, Ok(format!("simulated {} (hollow agent)", s.action))));
+            });
+            return;
+        }
         if s.action == "reboot" {
             // Asked in this job before (the same boot after a restart): ask again.
             let ours = r.job.steps.iter().filter(|x| x.action == "reboot").count() > 1
@@ -537,16 +602,12 @@ impl Engine {
             self.saved.last_reboot_ms = now;
             self.save();
         }
-        if s.action == "runScript" {
-            tokio::spawn(async move {
-                let res = action::run_script(&s).await;
-                let _ = tx.send(Msg::Done(job, res));
-            });
-            return;
-        }
-        let env = self.cfg.env.clone();
-        tokio::task::spawn_blocking(move || {
-            let res = action::run_blocking(&env, &s);
+        let env = match &self.cfg.actions {
+            Actions::Real(env) => env.clone(),
+            Actions::Simulated { .. } => return,
+        };
+        tokio::spawn(async move {
+            let res = action::run(env, s).await;
             let _ = tx.send(Msg::Done(job, res));
         });
     }

@@ -7,7 +7,6 @@
 //! local `detectors:` and the hub's DetectorSets; it is rebuilt when the
 //! hub's part changes, and conditions carry over.
 
-pub mod containerd;
 pub mod hardware;
 pub mod plugin;
 pub mod probe;

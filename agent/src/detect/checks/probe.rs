@@ -236,7 +236,7 @@ pub async fn run(agent: Arc<Agent>, p: Probe) {
                 Some(ProbeKind::Exec) => exec(&p.exec.clone().unwrap_or_default().command, p.timeout()).await,
                 Some(ProbeKind::Containerd) => {
                     let c = p.containerd.clone().unwrap_or_default();
-                    match super::containerd::ask(&c.address, &c.namespace, p.timeout()).await {
+                    match crate::containerd::ask(&c.address, &c.namespace, p.timeout()).await {
                         Ok(a) => Outcome::Healthy(format!(
                             "containerd {} lists {} containers in {}",
                             a.version,
