@@ -173,6 +173,37 @@ impl State {
         writes
     }
 
+    /// What the rule's limits see for `req`, its maxConcurrent resolved
+    /// against `selected` nodes.
+    fn rule_view(
+        &self,
+        rule: &str,
+        spec: &RemedyRuleSpec,
+        req: &PermitRequest,
+        now_ms: u64,
+        selected: u64,
+    ) -> RuleView {
+        let breaker = self.remedies.breakers.get(rule).cloned().unwrap_or_default();
+        let approval = self.remedies.approvals.get(&req.job);
+        RuleView {
+            rule: rule.to_string(),
+            breaker_open: breaker.open,
+            breaker_reason: breaker.reason,
+            manual: nodekeeper_proto::remedy::manual(spec),
+            approval: approval.map(|a| a.state.clone()),
+            approval_actor: approval.map(|a| a.actor.clone()).unwrap_or_default(),
+            in_window: nodekeeper_proto::window::open(
+                &spec.windows,
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(now_ms),
+            ),
+            remediating: self.remediating(&req.action),
+            max_concurrent: (!spec.max_concurrent.trim().is_empty())
+                .then(|| Count::resolve(&spec.max_concurrent, selected, 0)),
+            granted_last_hour: self.granted_last_hour(rule, now_ms),
+            max_per_hour: spec.max_per_hour,
+        }
+    }
+
     /// The rule-level verdict for a remedy permit request, queuing a manual
     /// job for approval. `batch`: per rule seen in this batch of decisions,
     /// the nodes it selects (its breaker evaluated once per batch, its nodes
@@ -197,37 +228,30 @@ impl State {
         if !nodekeeper_proto::selector::selects(spec.node_selector.as_ref(), &labels) {
             return Err((format!("RemedyRule {rule} does not select node {node}"), true));
         }
-        let selected = match batch.get(&rule) {
-            Some(n) => *n,
-            None => {
-                let (w, counted) = self.evaluate_breaker(&rule, now_ms, metrics);
-                writes.extend(w);
-                let n = counted.unwrap_or_else(|| self.rule_counts(&spec, u64::MAX).0);
-                batch.insert(rule.clone(), n);
-                n
+        // Refusals that hold whatever the exact counts are need no scan of
+        // the fleet: the breaker already open (it closes only by a reset or
+        // at the every-second tick), and limits that refuse even counted
+        // against every node (maxConcurrent only grows with the count). So a
+        // storm's refusals are cheap; a request that may be granted has its
+        // breaker evaluated first, once per batch.
+        let bound = self.rule_view(&rule, &spec, req, now_ms, self.nodes.len() as u64);
+        let verdict = match rule_verdict(&bound) {
+            no @ RuleVerdict::No { .. } => no,
+            _ => {
+                let selected = match batch.get(&rule) {
+                    Some(n) => *n,
+                    None => {
+                        let (w, counted) = self.evaluate_breaker(&rule, now_ms, metrics);
+                        writes.extend(w);
+                        let n = counted.unwrap_or_else(|| self.rule_counts(&spec, u64::MAX).0);
+                        batch.insert(rule.clone(), n);
+                        n
+                    }
+                };
+                rule_verdict(&self.rule_view(&rule, &spec, req, now_ms, selected))
             }
         };
-        let breaker = self.remedies.breakers.get(&rule).cloned().unwrap_or_default();
-        let approval = self.remedies.approvals.get(&req.job);
-        let action = req.action.as_str();
-        let view = RuleView {
-            rule: rule.clone(),
-            breaker_open: breaker.open,
-            breaker_reason: breaker.reason.clone(),
-            manual: nodekeeper_proto::remedy::manual(&spec),
-            approval: approval.map(|a| a.state.clone()),
-            approval_actor: approval.map(|a| a.actor.clone()).unwrap_or_default(),
-            in_window: nodekeeper_proto::window::open(
-                &spec.windows,
-                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(now_ms),
-            ),
-            remediating: self.remediating(action),
-            max_concurrent: (!spec.max_concurrent.trim().is_empty())
-                .then(|| Count::resolve(&spec.max_concurrent, selected, 0)),
-            granted_last_hour: self.granted_last_hour(&rule, now_ms),
-            max_per_hour: spec.max_per_hour,
-        };
-        match rule_verdict(&view) {
+        match verdict {
             RuleVerdict::Go => Ok(()),
             RuleVerdict::Queue => {
                 if req.job.is_empty() {

@@ -377,13 +377,20 @@ fn remedy_permits_follow_max_concurrent_the_breaker_and_the_approval_queue() {
     let third = ask_job(&f, "n2", "remedy/kubelet", "j2");
     assert!(!third.granted && !third.terminal, "{third:?}");
     assert!(third.reason.contains("maxConcurrent allows 2"), "{third:?}");
-    // Four raising within the window is more than 30 % of 10: the breaker
-    // opens at the next decision, refuses for good, and fires once.
+    // Four raising within the window is more than 30 % of 10. The rule is
+    // at maxConcurrent, so the request is refused for now without counting
+    // the fleet; the every-second evaluation opens the breaker, which then
+    // refuses for good, and fires once.
     rt.block_on(f.ingest("n3", ids[3], vec![raised(1, "KubeletUnhealthy")]));
+    let fourth = ask_job(&f, "n3", "remedy/kubelet", "j3");
+    assert!(
+        !fourth.granted && !fourth.terminal && fourth.reason.contains("maxConcurrent"),
+        "{fourth:?}"
+    );
+    f.tick_remedies();
     let fourth = ask_job(&f, "n3", "remedy/kubelet", "j3");
     assert!(!fourth.granted && fourth.terminal, "{fourth:?}");
     assert!(fourth.reason.contains("breaker is open"), "{fourth:?}");
-    f.tick_remedies();
     rt.block_on(f.ingest("n4", ids[4], vec![raised(1, "KubeletUnhealthy")]));
     f.tick_remedies();
     assert_eq!(f.incidents().len(), 1, "one FleetIncident: {:?}", f.incidents());
@@ -412,6 +419,27 @@ fn remedy_permits_follow_max_concurrent_the_breaker_and_the_approval_queue() {
         ask_job(&f, "n2", "remedy/kubelet", "j2").granted,
         "after reset and a release the rule works again"
     );
+    // A request that could be granted has the breaker evaluated at its
+    // decision: four new raises since the reset open it there.
+    let n1 = f
+        .permits()
+        .iter()
+        .find(|p| p.node == "n1")
+        .expect("n1's permit")
+        .id
+        .clone();
+    permit(&f, "n1", "release", "", &n1);
+    rt.block_on(f.ingest("n0", ids[0], vec![raised(2, "KubeletUnhealthy")]));
+    for i in 7..10 {
+        rt.block_on(f.ingest(&format!("n{i}"), ids[i], vec![raised(1, "KubeletUnhealthy")]));
+    }
+    let d = ask_job(&f, "n7", "remedy/kubelet", "j7");
+    assert!(
+        !d.granted && d.terminal && d.reason.contains("breaker is open"),
+        "opened at this decision: {d:?}"
+    );
+    assert_eq!(f.incidents().len(), 2, "a second storm, a second FleetIncident");
+    rt.block_on(f.reset_breaker("kubelet", "alice")).expect("reset");
 
     // Manual approval: queued, waits, approved → granted; denied → for good.
     rt.block_on(f.ingest("n5", ids[5], vec![raised(1, "DiskPressure")]));
