@@ -430,8 +430,8 @@ fn remedy_permits_follow_max_concurrent_the_breaker_and_the_approval_queue() {
         .clone();
     permit(&f, "n1", "release", "", &n1);
     rt.block_on(f.ingest("n0", ids[0], vec![raised(2, "KubeletUnhealthy")]));
-    for i in 7..10 {
-        rt.block_on(f.ingest(&format!("n{i}"), ids[i], vec![raised(1, "KubeletUnhealthy")]));
+    for (i, id) in ids.iter().enumerate().skip(7) {
+        rt.block_on(f.ingest(&format!("n{i}"), *id, vec![raised(1, "KubeletUnhealthy")]));
     }
     let d = ask_job(&f, "n7", "remedy/kubelet", "j7");
     assert!(
