@@ -213,6 +213,11 @@ fn kill(child: &mut Child, signal: nix::sys::signal::Signal) {
 }
 
 /// A running hub.
+/// How long a hub may take to answer /healthz: generous, because a debug
+/// hub started while the suite loads every core can be slow, and the wait
+/// ends as soon as it answers.
+const HUB_START: Duration = Duration::from_secs(90);
+
 pub struct Hub {
     pub dir: PathBuf,
     pub grpc: String,
@@ -395,7 +400,7 @@ impl Hub {
         self.spawn();
         let (addr, secure) = (self.http.clone(), self.secure);
         let ca = self.dir.join("state").join("ca.crt");
-        wait_for("hub /healthz", Duration::from_secs(30), || {
+        wait_for("hub /healthz", HUB_START, || {
             let r = if secure {
                 https(&addr, &ca, None, "GET", "/healthz", "")
             } else {
