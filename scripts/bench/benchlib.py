@@ -160,6 +160,18 @@ class BenchHub:
         with urllib.request.urlopen(req, timeout=timeout, context=self.ctx) as r:
             return r.read().decode()
 
+    def get(self, path):
+        """An operator API GET, parsed."""
+        return json.loads(self.request(path))
+
+    def metric(self, name, label=""):
+        """The sum of the hub's samples of metric `name` whose labels contain `label`."""
+        total = 0.0
+        for line in self.request("/metrics").splitlines():
+            if line.startswith(name) and label in line and not line.startswith("#"):
+                total += float(line.split()[-1])
+        return total
+
     def ok(self, path):
         try:
             self.request(path, timeout=2)

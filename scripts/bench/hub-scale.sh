@@ -8,10 +8,5 @@
 #   PROFILE=release|debug        build profile (default release)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-profile=${PROFILE:-release}
-if [ "$profile" = release ]; then
-  cargo build --release --quiet -p nodekeeper-hub -p nodekeeper-agent
-else
-  cargo build --quiet -p nodekeeper-hub -p nodekeeper-agent
-fi
+. scripts/bench/build-bins.sh
 exec python3 scripts/bench/hub_scale.py --bin "target/$profile" --count "${1:-10000}"

@@ -15,10 +15,5 @@
 #   TLS=0                        an insecure hub (plaintext, no identities)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-profile=${PROFILE:-release}
-if [ "$profile" = release ]; then
-  cargo build --release --quiet -p nodekeeper-hub -p nodekeeper-agent
-else
-  cargo build --quiet -p nodekeeper-hub -p nodekeeper-agent
-fi
+. scripts/bench/build-bins.sh
 exec python3 scripts/bench/remedy_storm.py --bin "target/$profile" --count "${1:-10000}"

@@ -62,15 +62,7 @@ def main():
         if not ok:
             failed.append(what)
 
-    def get(path):
-        return json.loads(hub_b.request(path))
-
-    def metric(name, label=""):
-        total = 0.0
-        for line in hub_b.request("/metrics").splitlines():
-            if line.startswith(name) and label in line and not line.startswith("#"):
-                total += float(line.split()[-1])
-        return total
+    get, metric = hub_b.get, hub_b.metric
 
     def jobs():
         return get(f"/v1/remedies?rule={RULE}")["items"]

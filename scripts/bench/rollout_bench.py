@@ -25,15 +25,7 @@ def main():
     fig = Figures()
     procs = []
 
-    def get(path):
-        return json.loads(hub_b.request(path))
-
-    def metric(name, label=""):
-        total = 0.0
-        for line in hub_b.request("/metrics").splitlines():
-            if line.startswith(name) and label in line and not line.startswith("#"):
-                total += float(line.split()[-1])
-        return total
+    get, metric = hub_b.get, hub_b.metric
 
     def rollout():
         return get("/v1/components/bench-kubelet")["status"].get("rollout") or {}

@@ -289,9 +289,29 @@ impl Drop for Hosts {
     }
 }
 
+/// A real containerd, killed (and reaped) when dropped, also when a test
+/// fails half-way.
+pub struct Containerd(Option<Child>);
+
+impl Containerd {
+    /// Stops it now (as a crash would: SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A real containerd with its root, state and sockets in `dir`
-/// (`dir/containerd.sock`), started and answering; the caller kills it.
-pub fn containerd(dir: &Path) -> Child {
+/// (`dir/containerd.sock`), started and answering.
+pub fn containerd(dir: &Path) -> Containerd {
     let cfg = String::from_utf8_lossy(&run(Command::new("containerd").args(["config", "default"])).stdout)
         .replace(
             "root = \"/var/lib/containerd\"",
@@ -318,6 +338,7 @@ pub fn containerd(dir: &Path) -> Child {
         .stderr(log)
         .spawn()
         .expect("containerd (apt-get install containerd)");
+    let c = Containerd(Some(c));
     wait_for("containerd's socket", Duration::from_secs(60), || {
         dir.join("containerd.sock").exists().then_some(())
     });

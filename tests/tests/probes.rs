@@ -603,8 +603,7 @@ fn real_containerd_stopped_is_unhealthy_and_clears_when_it_is_back() {
         metrics.contains("check_runs_total{check=\"probe/containerd\",result=\"healthy\"}"),
         "{metrics}"
     );
-    let _ = containerd.kill();
-    let _ = containerd.wait();
+    containerd.kill();
     let c = wait_cond(&agent, "ContainerRuntimeUnhealthy", "probe/containerd", "True");
     assert!(message(&c).contains("containerd"), "{c}");
     let mut containerd = nodekeeper_e2e::lab::containerd(&cd);
@@ -616,8 +615,7 @@ fn real_containerd_stopped_is_unhealthy_and_clears_when_it_is_back() {
             .any(|e| e["source"] == "probe/containerd" && e["severity"] == "Info"),
         "a clearing event: {ev:?}"
     );
-    let _ = containerd.kill();
-    let _ = containerd.wait();
+    containerd.kill();
 }
 
 #[test]
