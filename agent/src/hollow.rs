@@ -91,8 +91,9 @@ pub struct HollowArgs {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub permit_ttl: Duration,
     /// How long a simulated remedy step takes before it heals the job's
-    /// condition (0: no remedy executor). Reboot steps are not simulated.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    /// condition; 0 (the default): no remedy executor, so benchmarks that do
+    /// not heal pay nothing for it. Reboot steps are not simulated.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub remedy_seconds: Duration,
 }
 
