@@ -48,9 +48,14 @@ async fn connect(socket: &str, timeout: Duration) -> Result<(Channel, String), S
     Ok((channel, shown))
 }
 
+/// The namespace `ns` names (empty: [`NAMESPACE`]).
+pub fn namespace(ns: &str) -> &str {
+    if ns.is_empty() { NAMESPACE } else { ns }
+}
+
 /// `msg` addressed to namespace `ns` (empty: [`NAMESPACE`]).
 fn in_namespace<T>(ns: &str, msg: T) -> Result<tonic::Request<T>, String> {
-    let ns = if ns.is_empty() { NAMESPACE } else { ns };
+    let ns = namespace(ns);
     let mut req = tonic::Request::new(msg);
     req.metadata_mut().insert(
         "containerd-namespace",
@@ -73,7 +78,7 @@ pub async fn ask(socket: &str, namespace: &str, timeout: Duration) -> Result<Ans
         .map_err(|e| format!("containerd Version: {}", e.message()))?
         .into_inner()
         .version;
-    let ns = if namespace.is_empty() { NAMESPACE } else { namespace };
+    let ns = self::namespace(namespace);
     let req = in_namespace(ns, ListContainersRequest::default())?;
     let list = tokio::time::timeout(timeout, ContainersClient::new(channel).list(req))
         .await
@@ -112,7 +117,7 @@ pub fn unused_images(
         .collect();
     images
         .iter()
-        .filter(|i| !kept.contains(&digest(i)) && !used_names.contains(&i.name))
+        .filter(|i| !kept.contains(&digest(i)))
         .filter(|i| {
             let changed = i
                 .updated_at

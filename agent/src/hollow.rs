@@ -292,7 +292,7 @@ struct Control {
     fleet: Fleet,
     seed: u64,
     /// Condition types of correlated faults (simulated remedies do not heal them).
-    unhealed: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    unhealed: crate::remedy::Unhealed,
 }
 
 /// A fault condition set by the control listener (source `hollow`).
@@ -461,7 +461,7 @@ pub async fn run(args: HollowArgs) -> anyhow::Result<()> {
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let fleet: Fleet = Arc::new((0..args.count).map(|i| Arc::new(hollow_agent(&args, i))).collect());
-    let unhealed: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let unhealed = crate::remedy::Unhealed::default();
     for a in fleet.iter() {
         a.permits
             .configure(crate::config::Offline::Deny, args.permit_ttl.as_secs() as u32);

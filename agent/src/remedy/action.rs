@@ -68,11 +68,7 @@ async fn clean_images(step: &RemedyStep) -> Result<String, String> {
     Ok(format!(
         "deleted {} unused container image(s) in {}{}; kept {}",
         c.deleted.len(),
-        if ns.is_empty() {
-            crate::containerd::NAMESPACE
-        } else {
-            &ns
-        },
+        crate::containerd::namespace(&ns),
         if c.deleted.is_empty() {
             String::new()
         } else {

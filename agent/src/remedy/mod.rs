@@ -67,11 +67,11 @@ pub enum Actions {
     /// unless the condition's type is in `unhealed` (a fault that is not the
     /// node's own, which no local step clears). Everything else — the job
     /// machine, permits, reports — is the real code.
-    Simulated {
-        took: Duration,
-        unhealed: Arc<Mutex<HashSet<String>>>,
-    },
+    Simulated { took: Duration, unhealed: Unhealed },
 }
+
+/// Condition types of faults no simulated step heals (shared by a hollow fleet).
+pub type Unhealed = Arc<Mutex<HashSet<String>>>;
 
 impl Default for Actions {
     fn default() -> Self {
@@ -558,34 +558,34 @@ impl Engine {
         let window = self.rec(id).map(|r| rules::reboot_window(&r.spec)).unwrap_or_default();
         let last_reboot = self.saved.last_reboot_ms;
         let tx = self.tx.clone();
-        let simulated = match &self.cfg.actions {
-            Actions::Simulated { took, unhealed } => Some((*took, unhealed.clone())),
-            Actions::Real(_) => None,
-        };
+        let actions = self.cfg.actions.clone();
         let agent = self.agent.clone();
         let Some(r) = self.rec(id) else { return };
         let Some(s) = r.spec.steps.get(step).cloned() else {
             return;
         };
         let job = id.to_string();
-        if let Some((took, unhealed)) = simulated {
-            let condition = r.job.condition.clone();
-            let status = r
-                .spec
-                .conditions
-                .iter()
-                .find(|t| t.r#type == condition)
-                .map(|t| rules::trigger_status(t).to_string())
-                .unwrap_or_default();
-            tokio::spawn(async move {
-                tokio::time::sleep(took).await;
-                if !unhealed.lock().unwrap_or_else(|p| p.into_inner()).contains(&condition) {
-                    heal(&agent, &condition, &status);
-                }
-                let _ = tx.send(Msg::Done(job, Ok(format!("simulated {} (hollow agent)", s.action))));
-            });
-            return;
-        }
+        let env = match actions {
+            Actions::Real(env) => env,
+            Actions::Simulated { took, unhealed } => {
+                let condition = r.job.condition.clone();
+                let status = r
+                    .spec
+                    .conditions
+                    .iter()
+                    .find(|t| t.r#type == condition)
+                    .map(|t| rules::trigger_status(t).to_string())
+                    .unwrap_or_default();
+                tokio::spawn(async move {
+                    tokio::time::sleep(took).await;
+                    if !unhealed.lock().unwrap_or_else(|p| p.into_inner()).contains(&condition) {
+                        heal(&agent, &condition, &status);
+                    }
+                    let _ = tx.send(Msg::Done(job, Ok(format!("simulated {} (hollow agent)", s.action))));
+                });
+                return;
+            }
+        };
         if s.action == "reboot" {
             // Asked in this job before (the same boot after a restart): ask again.
             let ours = r.job.steps.iter().filter(|x| x.action == "reboot").count() > 1
@@ -602,10 +602,6 @@ impl Engine {
             self.saved.last_reboot_ms = now;
             self.save();
         }
-        let env = match &self.cfg.actions {
-            Actions::Real(env) => env.clone(),
-            Actions::Simulated { .. } => return,
-        };
         tokio::spawn(async move {
             let res = action::run(env, s).await;
             let _ = tx.send(Msg::Done(job, res));
