@@ -88,7 +88,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    let mut builder = tonic_prost_build::configure().btree_map(".");
+    let mut builder = tonic_prost_build::configure()
+        .btree_map(".")
+        .codec_path("crate::codec::LinkCodec");
     for m in RESOURCE_MESSAGES {
         builder = builder.message_attribute(
             format!(".nodekeeper.v1.{m}"),

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod checks;
+pub mod codec;
 pub mod component;
 pub mod config;
 pub mod count;
