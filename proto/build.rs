@@ -90,7 +90,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     let mut builder = tonic_prost_build::configure()
         .btree_map(".")
-        .codec_path("crate::codec::LinkCodec");
+        .codec_path("crate::codec::LinkCodec")
+        // The large variants of the link's messages are boxed, so the small
+        // ones (heartbeats, acknowledgements) that every session queues are
+        // not the size of a Hello or a whole desired state.
+        .boxed(".nodekeeper.v1.AgentMessage.body.hello")
+        .boxed(".nodekeeper.v1.HubMessage.body.desired");
     for m in RESOURCE_MESSAGES {
         builder = builder.message_attribute(
             format!(".nodekeeper.v1.{m}"),

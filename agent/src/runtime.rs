@@ -166,6 +166,15 @@ impl Agent {
         lock(&self.desired).settings.clone().unwrap_or_else(default_settings)
     }
 
+    /// Reads the settings in force without copying them (the link reads
+    /// the heartbeat interval after every desired state).
+    pub fn with_settings<R>(&self, f: impl FnOnce(&AgentSettings) -> R) -> R {
+        match &lock(&self.desired).settings {
+            Some(s) => f(s),
+            None => f(&default_settings()),
+        }
+    }
+
     /// The Hello that opens a session.
     pub fn hello(&self) -> Hello {
         Hello {

@@ -19,11 +19,11 @@ const T: Duration = Duration::from_secs(30);
 
 fn hello(name: &str, protocol: u32) -> AgentMessage {
     AgentMessage {
-        body: Some(agent_message::Body::Hello(Hello {
+        body: Some(agent_message::Body::Hello(Box::new(Hello {
             node_name: name.into(),
             protocol,
             ..Default::default()
-        })),
+        }))),
     }
 }
 

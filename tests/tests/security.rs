@@ -154,13 +154,13 @@ fn a_node_speaks_only_for_itself_and_a_revoked_node_must_join_with_a_new_token()
         let (channel, _) = creds.channel(&ep, true).await.expect("TLS with node-a's certificate");
         let mut client = nodekeeper_proto::v1::agent_link_client::AgentLinkClient::new(channel);
         let hello = nodekeeper_proto::v1::AgentMessage {
-            body: Some(nodekeeper_proto::v1::agent_message::Body::Hello(
+            body: Some(nodekeeper_proto::v1::agent_message::Body::Hello(Box::new(
                 nodekeeper_proto::v1::Hello {
                     node_name: "node-b".into(),
                     protocol: nodekeeper_proto::LINK_PROTOCOL,
                     ..Default::default()
                 },
-            )),
+            ))),
         };
         let r = client
             .session(futures::stream::iter([hello]).chain(futures::stream::pending()))

@@ -67,29 +67,32 @@ pub fn check(s: &AgentSettings, applied: Option<&AgentSettings>) -> Result<(), S
 
 /// Applies a desired state: checks it, persists it (with a store), then
 /// switches the running settings. Nothing changes when it fails.
-pub fn apply(agent: &Agent, d: &DesiredState) -> Result<(), String> {
-    let settings = d.settings.clone().unwrap_or_else(default_settings);
-    check(&settings, agent.desired().settings.as_ref())?;
-    if let Some(store) = &agent.store {
+pub fn apply(agent: &Agent, d: DesiredState) -> Result<(), String> {
+    let revision = d.revision;
+    let encoded = agent.store.as_ref().map(|_| d.encode_to_vec());
+    let settings = d.settings.unwrap_or_else(default_settings);
+    agent.with_settings(|current| check(&settings, Some(current)))?;
+    if let (Some(store), Some(encoded)) = (&agent.store, encoded) {
         store
             .put_all(&[
-                (keys::DESIRED, d.encode_to_vec()),
-                (keys::APPLIED_REVISION, d.revision.to_be_bytes().to_vec()),
+                (keys::DESIRED, encoded),
+                (keys::APPLIED_REVISION, revision.to_be_bytes().to_vec()),
             ])
             .map_err(|e| e.to_string())?;
     }
     if let Some(log) = &agent.log {
         log.set(&settings.log_level)?;
     }
-    let monitors = settings.log_monitors.clone();
-    let components = settings.components.clone();
     let changed = agent.set_applied(DesiredState {
-        revision: d.revision,
+        revision,
         settings: Some(settings),
     });
-    agent.metrics.applied_revision.set(d.revision as i64);
+    agent.metrics.applied_revision.set(revision as i64);
     if changed {
-        tracing::info!(revision = d.revision, "applied new agent settings");
+        tracing::info!(revision, "applied new agent settings");
+        // Copied only when they changed: a hub restart resends every node's
+        // whole desired state, mostly unchanged.
+        let (monitors, components) = agent.with_settings(|s| (s.log_monitors.clone(), s.components.clone()));
         agent.update_detectors(monitors);
         agent.checks_changed.notify_one();
         agent.update_components(components);
@@ -106,7 +109,8 @@ pub fn restore(agent: &Agent) -> Result<(), String> {
         return Ok(());
     };
     let d = DesiredState::decode(bytes.as_slice()).map_err(|e| format!("cached desired state is unreadable: {e}"))?;
-    apply(agent, &d)?;
-    tracing::info!(revision = d.revision, "applied cached desired state");
+    let revision = d.revision;
+    apply(agent, d)?;
+    tracing::info!(revision, "applied cached desired state");
     Ok(())
 }

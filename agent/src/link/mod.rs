@@ -218,7 +218,7 @@ async fn session(agent: &Agent, target: &Target, backoff: &mut Backoff) -> Resul
     };
     let mut client = AgentLinkClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
-    tx.send(msg(agent_message::Body::Hello(agent.hello())))
+    tx.send(msg(agent_message::Body::Hello(Box::new(agent.hello()))))
         .await
         .map_err(|_| "session closed before hello".to_string())?;
     let mut inbound = client
@@ -293,11 +293,12 @@ async fn session(agent: &Agent, target: &Target, backoff: &mut Backoff) -> Resul
             m = inbound.message() => match m {
                 Ok(Some(HubMessage { body: Some(body) })) => match body {
                     hub_message::Body::Desired(d) => {
-                        let error = converge::settings::apply(agent, &d).err().unwrap_or_default();
+                        let revision = d.revision;
+                        let error = converge::settings::apply(agent, *d).err().unwrap_or_default();
                         if !error.is_empty() {
-                            tracing::error!(revision = d.revision, %error, "refused desired state from hub");
+                            tracing::error!(revision, %error, "refused desired state from hub");
                         }
-                        let applied = Applied { revision: d.revision, error };
+                        let applied = Applied { revision, error };
                         if tx.send(msg(agent_message::Body::Applied(applied))).await.is_err() {
                             return Ok(End::Closed("hub stream closed".into()));
                         }
@@ -324,7 +325,7 @@ async fn session(agent: &Agent, target: &Target, backoff: &mut Backoff) -> Resul
 }
 
 fn heartbeat_interval(agent: &Agent) -> Duration {
-    Duration::from_secs(u64::from(agent.settings().heartbeat_seconds.max(1)))
+    Duration::from_secs(u64::from(agent.with_settings(|s| s.heartbeat_seconds).max(1)))
 }
 
 #[cfg(test)]

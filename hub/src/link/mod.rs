@@ -226,7 +226,7 @@ impl AgentLink for LinkService {
         // under the fleet lock.
         self.fleet.ensure_reserved(1).await;
         let join_labels = identity.map(|i| i.labels);
-        let handles = self.fleet.open_session(hello, join_labels).map_err(|e| {
+        let handles = self.fleet.open_session(*hello, join_labels).map_err(|e| {
             tracing::warn!(?peer, error = %e, "refused agent session");
             status_of(e)
         })?;
@@ -367,7 +367,7 @@ fn outbound(h: SessionHandles, end: impl std::future::Future<Output = ()> + Send
     // The current desired state first (if any), then every change.
     let desired = WatchStream::new(h.desired)
         .filter(|d| std::future::ready(d.revision > 0))
-        .map(move |d| msg(hub_message::Body::Desired(d.message())));
+        .map(move |d| msg(hub_message::Body::Desired(Box::new(d.message()))));
     let acks =
         WatchStream::from_changes(h.acks).map(move |s| msg(hub_message::Body::ReportAck(ReportAck { sequence: s })));
     let replaced = stream::once(async move {
