@@ -207,9 +207,50 @@ const REVISION_BLOCK: u64 = 1_000_000;
 
 /// What a node's desired settings depend on: its labels and the Component
 /// revisions released to it.
-pub(crate) type CacheKey = (BTreeMap<String, String>, BTreeMap<String, i64>);
-/// Desired settings per distinct key, within one recomputation.
-pub(crate) type SettingsCache = std::collections::HashMap<CacheKey, Arc<SharedSettings>>;
+type CacheKey = (BTreeMap<String, String>, BTreeMap<String, i64>);
+
+/// Desired settings per distinct key, within one recomputation. Looked up
+/// by reference (a fan-out looks up every node's key; only the first node
+/// of a label set pays for copying it).
+#[derive(Default)]
+pub(crate) struct SettingsCache(std::collections::HashMap<u64, Vec<(CacheKey, Arc<SharedSettings>)>>);
+
+impl SettingsCache {
+    fn hash(labels: &BTreeMap<String, String>, released: &BTreeMap<String, i64>) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        labels.hash(&mut h);
+        released.hash(&mut h);
+        h.finish()
+    }
+
+    pub(crate) fn get(
+        &self,
+        labels: &BTreeMap<String, String>,
+        released: &BTreeMap<String, i64>,
+    ) -> Option<&Arc<SharedSettings>> {
+        self.0
+            .get(&Self::hash(labels, released))?
+            .iter()
+            .find(|((l, r), _)| l == labels && r == released)
+            .map(|(_, s)| s)
+    }
+
+    pub(crate) fn insert(
+        &mut self,
+        labels: &BTreeMap<String, String>,
+        released: &BTreeMap<String, i64>,
+        settings: Arc<SharedSettings>,
+    ) {
+        let slot = self.0.entry(Self::hash(labels, released)).or_default();
+        slot.retain(|((l, r), _)| !(l == labels && r == released));
+        slot.push(((labels.clone(), released.clone()), settings));
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
 
 /// A node's desired state as its sessions see it: the revision and the
 /// shared settings (turned into a `DesiredState` message only when sent).

@@ -279,19 +279,14 @@ impl State {
         name: &str,
         cache: &mut SettingsCache,
     ) -> Option<(Arc<watch::Sender<Desired>>, Desired)> {
-        let base = base_labels(&self.nodes.get(name)?.node, &self.protected_label_keys);
-        let released = self
-            .nodes
-            .get(name)?
-            .node
-            .status
-            .as_ref()
-            .map(|s| s.released.clone())
-            .unwrap_or_default();
-        let key = super::rollouts::cache_key(&base, &released);
-        let settings = match cache.get(&key) {
+        static NONE_RELEASED: BTreeMap<String, i64> = BTreeMap::new();
+        let node = &self.nodes.get(name)?.node;
+        let base = base_labels(node, &self.protected_label_keys);
+        let released = node.status.as_ref().map(|s| &s.released).unwrap_or(&NONE_RELEASED);
+        let settings = match cache.get(&base, released) {
             Some(s) => s.clone(),
             None => {
+                let released = released.clone();
                 let profiles = self.resources.values().filter_map(|r| match r {
                     nodekeeper_proto::Resource::AgentProfile(p) => Some(p),
                     _ => None,
@@ -318,7 +313,7 @@ impl State {
                 let components = self.node_components(&base, &released);
                 desired::add_components(&mut s, &base, components.iter(), &node_sets);
                 let shared = SharedSettings::new(s);
-                cache.insert(key, shared.clone());
+                cache.insert(&base, &released, shared.clone());
                 shared
             }
         };

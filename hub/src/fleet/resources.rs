@@ -371,7 +371,7 @@ impl Fleet {
     fn fan_out(&self) {
         const CHUNK: usize = 512;
         let names: Vec<String> = self.lock().nodes.keys().cloned().collect();
-        let mut cache = SettingsCache::new();
+        let mut cache = SettingsCache::default();
         let mut changed = 0u64;
         for chunk in names.chunks(CHUNK) {
             let mut st = self.lock();

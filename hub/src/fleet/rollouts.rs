@@ -457,8 +457,3 @@ pub(super) fn load(st: &mut State, records: &[(String, String, String)]) {
         }
     }
 }
-
-/// Settings cache key: the labels and the revisions released to the node.
-pub(super) fn cache_key(labels: &BTreeMap<String, String>, released: &BTreeMap<String, i64>) -> super::CacheKey {
-    (labels.clone(), released.clone())
-}
