@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
                 // The Hello's labels also as a join token's: both paths of
                 // label derivation see fuzzed keys.
                 let join = Some(h.labels.clone());
-                let _ = w.fleet.open_session(h, join);
+                let _ = w.fleet.open_session(*h, join);
             }
         }
         Some(agent_message::Body::Reports(b)) => w.rt.block_on(w.fleet.ingest("fuzz", w.session, b.reports)),
