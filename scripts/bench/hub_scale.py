@@ -90,6 +90,7 @@ def main():
             profile = ("apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: bench-fanout}\n"
                        f"spec: {{logLevel: {level}, heartbeatSeconds: 10, labels: {{bench: fanout}}}}\n")
             since_ms = int(time.time() * 1000)
+            cpu0 = proc_cpu_ticks(hub.pid), proc_cpu_ticks(hollow.pid)
             t = time.monotonic()
             bench_hub.request("/v1/apply", "POST", profile)
             answered = time.monotonic() - t
@@ -97,10 +98,11 @@ def main():
                          lambda: (lambda s: s if s and s["nodes"]["inSync"] >= n and s["revision"] >= rev0 + n else None)(
                              summary()))
             total = time.monotonic() - t if dt is not None else None
+            cpu = tuple((b - a) / CLK_TCK for a, b in zip(cpu0, (proc_cpu_ticks(hub.pid), proc_cpu_ticks(hollow.pid))))
             lat = jget(f"{ctl}/latency?sinceMs={since_ms}&revision={rev0 + 1}")
-            return answered, total, lat
+            return answered, total, lat, cpu
 
-        answered, total, lat = fan_out("warn")
+        answered, total, lat, first_cpu = fan_out("warn")
         fig("fan-out: apply request answered after", f"{answered * 1000:.0f}", "ms")
         if total is not None:
             fig("fan-out: apply to all inSync (first apply)", f"{total:.3f}", "s")
@@ -112,6 +114,12 @@ def main():
         if totals:
             fig("fan-out: apply to all inSync (3 later applies)",
                 f"median {totals[len(totals) // 2]:.3f} s, min {totals[0]:.3f} s, max {totals[-1]:.3f}", "s")
+        # The CPU both processes spent from the apply to all inSync (the two
+        # share this machine's cores: what bounds the figures above).
+        cpus = [first_cpu] + [r[3] for r in runs]
+        fig("fan-out: CPU per apply (4 applies)",
+            "hub " + ", ".join(f"{c[0]:.2f}" for c in cpus) + " s; hollow agents " + ", ".join(f"{c[1]:.2f}" for c in cpus),
+            "s")
 
         # A Component (kubelet-like: a package, three templated files, a unit,
         # a health check) selecting every node: its first apply and a version
