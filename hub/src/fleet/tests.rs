@@ -495,3 +495,60 @@ fn remedy_permits_follow_max_concurrent_the_breaker_and_the_approval_queue() {
         1
     );
 }
+
+#[test]
+fn the_settings_cache_finds_a_key_by_value_and_keeps_different_keys_apart() {
+    use std::collections::BTreeMap;
+
+    use nodekeeper_proto::v1::AgentSettings;
+
+    use super::SettingsCache;
+    use crate::store::SharedSettings;
+
+    let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    let released =
+        |pairs: &[(&str, i64)]| -> BTreeMap<String, i64> { pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect() };
+    let settings = |level: &str| {
+        SharedSettings::new(AgentSettings {
+            log_level: level.into(),
+            ..Default::default()
+        })
+    };
+    let mut cache = SettingsCache::default();
+    let (zone_a, zone_b) = (labels(&[("zone", "a")]), labels(&[("zone", "b")]));
+    let (none, kubelet) = (released(&[]), released(&[("kubelet", 2)]));
+    assert!(cache.get(&zone_a, &none).is_none(), "empty cache");
+    cache.insert(&zone_a, &none, settings("info"));
+    cache.insert(&zone_a, &kubelet, settings("warn"));
+    cache.insert(&zone_b, &none, settings("debug"));
+    // Keys built anew (equal by value, not the inserted maps) find their entry.
+    fn level(cache: &SettingsCache, l: &BTreeMap<String, String>, r: &BTreeMap<String, i64>) -> Option<String> {
+        cache.get(l, r).map(|s| s.value.log_level.clone())
+    }
+    assert_eq!(
+        level(&cache, &labels(&[("zone", "a")]), &released(&[])).as_deref(),
+        Some("info")
+    );
+    assert_eq!(
+        level(&cache, &zone_a, &released(&[("kubelet", 2)])).as_deref(),
+        Some("warn")
+    );
+    assert_eq!(level(&cache, &zone_b, &none).as_deref(), Some("debug"));
+    assert_eq!(
+        level(&cache, &zone_a, &released(&[("kubelet", 3)])),
+        None,
+        "another released revision"
+    );
+    assert_eq!(
+        level(&cache, &labels(&[("zone", "a"), ("gpu", "1")]), &none),
+        None,
+        "another label set"
+    );
+    // Inserting a key again replaces its entry.
+    cache.insert(&zone_b, &none, settings("error"));
+    assert_eq!(level(&cache, &zone_b, &none).as_deref(), Some("error"));
+    cache.clear();
+    assert!(cache.get(&zone_a, &none).is_none(), "cleared");
+}
