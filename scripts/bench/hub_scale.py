@@ -16,10 +16,7 @@ def jget(url):
 
 
 def metric(name):
-    for line in HUB.request("/metrics").splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    return HUB.metric(name + " ")
 
 
 _conn = []

@@ -212,12 +212,12 @@ fn kill(child: &mut Child, signal: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
 }
 
-/// A running hub.
 /// How long a hub may take to answer /healthz: generous, because a debug
 /// hub started while the suite loads every core can be slow, and the wait
 /// ends as soon as it answers.
 const HUB_START: Duration = Duration::from_secs(90);
 
+/// A running hub.
 pub struct Hub {
     pub dir: PathBuf,
     pub grpc: String,
