@@ -4,6 +4,8 @@
 # cargo test when nextest is not installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each stage says when it starts, so a slow CI run shows where its time went.
+stage() { echo "== $1 (at ${SECONDS} s)"; }
 
 need_apt=()
 command -v systemd-nspawn >/dev/null || need_apt+=(systemd-container)
@@ -21,18 +23,19 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
+stage "lab"
 # The booted-systemd tests need a Debian root filesystem (built once, cached).
 scripts/lab/systemd-rootfs.sh --cache
 command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)" >&2; exit 1; }
 
-echo "== format and lints"
+stage "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-echo "== build"
+stage build
 cargo build --workspace --bins --quiet
 
-echo "== tests"
+stage tests
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@" || status=$?
@@ -40,6 +43,7 @@ else
   cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
 
-echo "== fuzz (each parser of outside input for a few seconds; long runs: RELIABILITY.md)"
-scripts/fuzz.sh "${FUZZ_SECONDS:-3}"
+stage "fuzz (each parser of outside input for a few seconds; long runs: RELIABILITY.md)"
+scripts/fuzz.sh "${FUZZ_SECONDS:-3}" || status=$?
+stage "done: $([ $status = 0 ] && echo passed || echo FAILED)"
 exit $status
