@@ -5,6 +5,7 @@
 # overflows and hangs).
 #   scripts/fuzz.sh [SECONDS] [TARGET...]   each target for SECONDS (default 10)
 #   RUNS=10000000 scripts/fuzz.sh 0 ...     a fixed number of executions instead
+#   FUZZ_PROFILE=smoke                      a quicker build (fuzz/Cargo.toml; test.sh uses it)
 # Corpora live in fuzz/corpus/<target> (seeded from tests/fixtures); crashes
 # are written to fuzz/artifacts/<target>/ and make this script fail.
 set -euo pipefail
@@ -17,8 +18,9 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$PWD/target/fuzz}
 # An explicit --target keeps RUSTFLAGS off build scripts and proc macros.
 host=$(rustc -vV | sed -n 's/^host: //p')
-(cd fuzz && cargo build --release --quiet --bins --target "$host")
-bin=$CARGO_TARGET_DIR/$host/release
+profile=${FUZZ_PROFILE:-release}
+(cd fuzz && cargo build --profile "$profile" --quiet --bins --target "$host")
+bin=$CARGO_TARGET_DIR/$host/$profile
 scripts/fuzz-seed.sh
 status=0
 for t in "${targets[@]}"; do

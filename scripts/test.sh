@@ -44,6 +44,6 @@ else
 fi
 
 stage "fuzz (each parser of outside input for a few seconds; long runs: RELIABILITY.md)"
-scripts/fuzz.sh "${FUZZ_SECONDS:-3}" || status=$?
+FUZZ_PROFILE=${FUZZ_PROFILE:-smoke} scripts/fuzz.sh "${FUZZ_SECONDS:-3}" || status=$?
 stage "done: $([ $status = 0 ] && echo passed || echo FAILED)"
 exit $status

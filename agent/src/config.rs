@@ -67,6 +67,14 @@ pub struct HubLink {
     /// Fraction of the node certificate's lifetime after which it is renewed.
     #[serde(default = "default_renew_fraction")]
     pub renew_fraction: f64,
+    /// A hub connection silent this long (no acknowledgement of what was
+    /// sent, no keepalive answer) is dropped and dialled again.
+    #[serde(default = "default_dead_peer_seconds")]
+    pub dead_peer_seconds: u64,
+}
+
+fn default_dead_peer_seconds() -> u64 {
+    nodekeeper_proto::daemon::DEAD_PEER_DEFAULT.as_secs()
 }
 
 fn default_renew_fraction() -> f64 {
@@ -299,6 +307,13 @@ impl AgentConfig {
             ));
         }
         if let Some(h) = &self.hub {
+            if !(2..=3600).contains(&h.dead_peer_seconds) {
+                return Err(ConfigError::invalid(
+                    path,
+                    "hub.deadPeerSeconds",
+                    format!("{} is out of range 2..=3600", h.dead_peer_seconds),
+                ));
+            }
             if h.address.starts_with("http://") && !h.insecure {
                 return Err(ConfigError::invalid(
                     path,

@@ -205,7 +205,10 @@ async fn run(cfg: AgentConfig, log: daemon::LogLevel) -> anyhow::Result<()> {
     }
     let link_task = match &cfg.hub {
         Some(hub) => {
-            let lc = LinkConfig::default();
+            let lc = LinkConfig {
+                dead_peer: Duration::from_secs(hub.dead_peer_seconds),
+                ..LinkConfig::default()
+            };
             let ep = link::endpoint(&hub.address, &lc).map_err(anyhow::Error::msg)?;
             let target = if hub.insecure {
                 tracing::warn!(hub = %hub.address, "hub.insecure: plaintext link without identity; for labs only");

@@ -152,6 +152,10 @@ pub struct LimitsConfig {
     pub max_sessions: usize,
     /// The retry hint sent with a refusal (agents add jitter up to as much).
     pub retry_after_seconds: u64,
+    /// An agent connection silent this long (no data or keepalive answer)
+    /// is dropped, freeing its descriptor and memory (TCP keepalive and
+    /// TCP_USER_TIMEOUT; see `daemon::detect_dead_peer`).
+    pub dead_peer_seconds: u64,
 }
 
 impl Default for LimitsConfig {
@@ -161,6 +165,7 @@ impl Default for LimitsConfig {
             max_connections_per_source: 0,
             max_sessions: 0,
             retry_after_seconds: 10,
+            dead_peer_seconds: nodekeeper_proto::daemon::DEAD_PEER_DEFAULT.as_secs(),
         }
     }
 }
@@ -205,6 +210,13 @@ impl HubConfig {
                 path,
                 "limits.retryAfterSeconds",
                 format!("{} is out of range 1..=3600", self.limits.retry_after_seconds),
+            ));
+        }
+        if !(2..=3600).contains(&self.limits.dead_peer_seconds) {
+            return Err(ConfigError::invalid(
+                path,
+                "limits.deadPeerSeconds",
+                format!("{} is out of range 2..=3600", self.limits.dead_peer_seconds),
             ));
         }
         if self.store.max_queued_writes == 0 {

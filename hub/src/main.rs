@@ -85,20 +85,22 @@ async fn run(cfg: HubConfig) -> anyhow::Result<()> {
     let grpc = {
         let mut stop = stop_rx.clone();
         let admission = Admission::new(
-            Limits::resolve(
-                cfg.limits.max_connections,
-                cfg.limits.max_connections_per_source,
-                cfg.limits.max_sessions,
-                Duration::from_secs(cfg.limits.retry_after_seconds),
-            ),
+            Limits {
+                dead_peer: Duration::from_secs(cfg.limits.dead_peer_seconds),
+                ..Limits::resolve(
+                    cfg.limits.max_connections,
+                    cfg.limits.max_connections_per_source,
+                    cfg.limits.max_sessions,
+                    Duration::from_secs(cfg.limits.retry_after_seconds),
+                )
+            },
             fleet.metrics.clone(),
         );
         let svc = AgentLinkServer::new(LinkService::new(fleet.clone(), admission.clone(), auth.clone()));
         let incoming = admission::incoming(grpc_listener, admission);
-        let server = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(svc);
+        // No HTTP/2 PINGs: the kernel finds dead peers (`detect_dead_peer`
+        // in the accept loop) and heartbeats find hung agents.
+        let server = tonic::transport::Server::builder().add_service(svc);
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };

@@ -245,6 +245,14 @@ impl Hosts {
         h
     }
 
+    /// Cuts (`false`) or mends (`true`) node `k`'s (0-based) cable: its veth
+    /// on the hub's side goes down or up. Nothing is told to either end's
+    /// sockets, as when a switch port dies or a host loses power.
+    pub fn cable(&self, k: usize, up: bool) {
+        let veth = format!("h{}", k + 1);
+        ip(&["-n", &self.hub, "link", "set", &veth, if up { "up" } else { "down" }]);
+    }
+
     /// Moves the calling thread (and what it starts from now on) into the
     /// hub's network namespace.
     pub fn enter_hub(&self) {

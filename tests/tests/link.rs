@@ -419,3 +419,43 @@ fn a_refused_agent_waits_for_the_hubs_retry_hint() {
     assert!(second.log().contains("retry_after_ms=3000"), "{}", second.log());
     assert!(hub.node("node-second").is_none(), "a throttled agent registers nothing");
 }
+
+/// A node's cable is cut: nothing tells either end's sockets. With
+/// `deadPeerSeconds: 3` on both sides, the kernel's keepalive and user
+/// timeout make the hub drop the silent session and the agent give up the
+/// dead connection within seconds (HTTP/2 PINGs, before, took 50 s);
+/// mended, the agent reconnects by itself.
+#[test]
+fn a_cut_cable_is_noticed_by_both_ends_within_dead_peer_seconds_and_the_agent_comes_back() {
+    use nodekeeper_e2e::lab::{HUB_ADDR, Hosts};
+    let tmp = TempDir::new("dead-peer");
+    let d = tmp.path();
+    let hosts = Hosts::create("dp", 1);
+    hosts.enter_hub();
+    let hub = Hub::start_on(
+        d,
+        &format!("limits: {{deadPeerSeconds: 3}}\ntls: {{serverNames: [\"{HUB_ADDR}\"]}}\n"),
+        "0.0.0.0",
+    );
+    let link = nodekeeper_e2e::hub_config(&hub.grpc_url_at(HUB_ADDR));
+    let link = link.trim_end().strip_suffix('}').expect("hub: {...}").to_string() + ", deadPeerSeconds: 3}\n";
+    let agent = Agent::start_wrapped(d, "host1", None, &link, hosts.wrap(0, &[]));
+    let connected = |want: u64| Some(hub.summary()).filter(|s| s["nodes"]["connected"] == want);
+    wait_for("the agent connected", T, || connected(1));
+    let sessions = agent.status().expect("status")["hub"]["sessions"].as_u64().unwrap_or(0);
+
+    hosts.cable(0, false);
+    // Both well within the 50 s that HTTP/2 keepalive took.
+    let within = Duration::from_secs(25);
+    wait_for("the hub drops the silent session", within, || connected(0));
+    wait_for("the agent gives up the dead connection", within, || {
+        agent.status().filter(|s| s["hub"]["connected"] == false)
+    });
+
+    hosts.cable(0, true);
+    let st = wait_for("the agent reconnects", Duration::from_secs(60), || {
+        agent.status().filter(|s| s["hub"]["connected"] == true)
+    });
+    assert!(st["hub"]["sessions"].as_u64() > Some(sessions), "a new session: {st}");
+    wait_for("the hub sees it again", T, || connected(1));
+}

@@ -151,7 +151,10 @@ fn a_node_speaks_only_for_itself_and_a_revoked_node_must_join_with_a_new_token()
         )
         .expect("credentials");
         let ep = tonic::transport::Endpoint::from_shared(hub.grpc_url()).expect("endpoint");
-        let (channel, _) = creds.channel(&ep, true).await.expect("TLS with node-a's certificate");
+        let (channel, _) = creds
+            .channel(&ep, true, nodekeeper_proto::daemon::DEAD_PEER_DEFAULT)
+            .await
+            .expect("TLS with node-a's certificate");
         let mut client = nodekeeper_proto::v1::agent_link_client::AgentLinkClient::new(channel);
         let hello = nodekeeper_proto::v1::AgentMessage {
             body: Some(nodekeeper_proto::v1::agent_message::Body::Hello(Box::new(

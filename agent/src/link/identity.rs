@@ -197,21 +197,14 @@ impl Credentials {
         &self,
         endpoint: &Endpoint,
         with_identity: bool,
+        dead_peer: std::time::Duration,
     ) -> Result<(Channel, Option<tls::PinnedCa>), String> {
         let (config, pinned) = self.config(with_identity)?;
         let name = self.server_name.clone();
         let connector = tower::service_fn(move |uri: Uri| {
             let (config, name) = (config.clone(), name.clone());
             async move {
-                let host = uri
-                    .host()
-                    .unwrap_or_default()
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string();
-                let port = uri.port_u16().unwrap_or(443);
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                tcp.set_nodelay(true)?;
+                let tcp = super::tcp(&uri, dead_peer).await?;
                 let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
@@ -225,14 +218,14 @@ impl Credentials {
 
     /// Joins with the bootstrap token (the hub's CA is checked against the
     /// pin during the handshake, before the token is sent).
-    pub async fn join(&self, endpoint: &Endpoint) -> Result<(), JoinError> {
+    pub async fn join(&self, endpoint: &Endpoint, dead_peer: std::time::Duration) -> Result<(), JoinError> {
         let token = self.cfg.bootstrap_token.clone().ok_or_else(|| {
             JoinError::Refused(
                 "no valid node certificate and no bootstrap token: set hub.bootstrapToken (or hub.bootstrapTokenFile) from `nkctl token create join`".into(),
             )
         })?;
         let csr = self.csr().map_err(JoinError::Refused)?;
-        let (channel, pinned) = self.channel(endpoint, false).await.map_err(|e| {
+        let (channel, pinned) = self.channel(endpoint, false, dead_peer).await.map_err(|e| {
             if e.contains("caCertHash") || e.contains("certificate") {
                 JoinError::Refused(e)
             } else {
@@ -326,7 +319,7 @@ pub async fn renewer(creds: Arc<Credentials>, channel: Channel) {
 }
 
 /// A transport error with its causes (rustls' reason is several levels down).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

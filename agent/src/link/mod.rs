@@ -54,6 +54,8 @@ pub struct LinkConfig {
     pub connect_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// See [`nodekeeper_proto::daemon::detect_dead_peer`].
+    pub dead_peer: Duration,
 }
 
 impl Default for LinkConfig {
@@ -62,6 +64,7 @@ impl Default for LinkConfig {
             connect_timeout: Duration::from_secs(5),
             backoff_base: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(30),
+            dead_peer: nodekeeper_proto::daemon::DEAD_PEER_DEFAULT,
         }
     }
 }
@@ -120,13 +123,31 @@ impl From<String> for Failure {
 pub fn endpoint(address: &str, cfg: &LinkConfig) -> Result<Endpoint, String> {
     Endpoint::from_shared(address.to_string())
         .map(|e| {
+            // No HTTP/2 PINGs: the connector's sockets find a dead hub in
+            // the kernel (`tcp`).
             e.connect_timeout(cfg.connect_timeout)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .keep_alive_while_idle(true)
         })
         .map_err(|e| format!("hub.address {address:?}: {e}"))
+}
+
+/// Dials the hub: TCP without Nagle's delay, with the kernel watching for a
+/// dead peer ([`nodekeeper_proto::daemon::detect_dead_peer`]).
+pub(crate) async fn tcp(
+    uri: &tonic::codegen::http::Uri,
+    dead_peer: Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("http") { 80 } else { 443 });
+    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    nodekeeper_proto::daemon::detect_dead_peer(&tcp, dead_peer)?;
+    Ok(tcp)
 }
 
 /// Runs the link until `shutdown` turns true.
@@ -134,7 +155,7 @@ pub async fn run(agent: Arc<Agent>, target: Target, cfg: LinkConfig, mut shutdow
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap);
     loop {
         let result = tokio::select! {
-            r = session(&agent, &target, &mut backoff) => r,
+            r = session(&agent, &target, &cfg, &mut backoff) => r,
             _ = shutdown.wait_for(|s| *s) => Ok(End::Shutdown),
         };
         agent.set_link(|l| l.connected = false);
@@ -183,17 +204,29 @@ fn msg(body: agent_message::Body) -> AgentMessage {
 /// A channel to the hub: over TLS with the node certificate (joining first
 /// when there is none valid), or plaintext on an insecure hub. With TLS,
 /// also the task that renews the certificate while the session lasts.
-async fn connect(target: &Target) -> Result<(Channel, Option<AbortOnDrop>), Failure> {
+async fn connect(target: &Target, dead_peer: Duration) -> Result<(Channel, Option<AbortOnDrop>), Failure> {
     match target {
-        Target::Plain(endpoint) => Ok((endpoint.connect().await.map_err(|e| format!("connect: {e}"))?, None)),
+        Target::Plain(endpoint) => {
+            let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp(&uri, dead_peer).await?))
+            });
+            let channel = endpoint
+                .connect_with_connector(connector)
+                .await
+                .map_err(|e| format!("connect: {}", identity::error_chain(&e)))?;
+            Ok((channel, None))
+        }
         Target::Tls { endpoint, creds } => {
             if !creds.usable() {
-                creds.join(endpoint).await.map_err(|e| match e {
+                creds.join(endpoint, dead_peer).await.map_err(|e| match e {
                     JoinError::Refused(why) => Failure::Refused { why, retry_after: None },
                     JoinError::Unreachable(why) => Failure::Unreachable(why),
                 })?;
             }
-            let (channel, _) = creds.channel(endpoint, true).await.map_err(Failure::Unreachable)?;
+            let (channel, _) = creds
+                .channel(endpoint, true, dead_peer)
+                .await
+                .map_err(Failure::Unreachable)?;
             let renewer = tokio::spawn(identity::renewer(creds.clone(), channel.clone()));
             Ok((channel, Some(AbortOnDrop(renewer))))
         }
@@ -201,8 +234,8 @@ async fn connect(target: &Target) -> Result<(Channel, Option<AbortOnDrop>), Fail
 }
 
 /// One session: `Err` when it never got established.
-async fn session(agent: &Agent, target: &Target, backoff: &mut Backoff) -> Result<End, Failure> {
-    let (channel, _renewer) = connect(target).await?;
+async fn session(agent: &Agent, target: &Target, cfg: &LinkConfig, backoff: &mut Backoff) -> Result<End, Failure> {
+    let (channel, _renewer) = connect(target, cfg.dead_peer).await?;
     let refused = |s: &tonic::Status| {
         // The hub no longer takes this certificate (revoked, deleted,
         // replaced): join again (with the token) next time.

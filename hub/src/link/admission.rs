@@ -34,6 +34,8 @@ pub struct Limits {
     pub max_sessions: usize,
     /// The hint sent with a refusal.
     pub retry_after: Duration,
+    /// How long a silent agent connection is kept (`limits.deadPeerSeconds`).
+    pub dead_peer: Duration,
 }
 
 impl Limits {
@@ -59,6 +61,7 @@ impl Limits {
             max_per_source,
             max_sessions,
             retry_after,
+            dead_peer: nodekeeper_proto::daemon::DEAD_PEER_DEFAULT,
         }
     }
 }
@@ -297,6 +300,9 @@ pub fn incoming(listener: TcpListener, admission: Arc<Admission>) -> impl Stream
             match listener.accept().await {
                 Ok((stream, remote)) => {
                     let _ = stream.set_nodelay(true);
+                    if let Err(e) = nodekeeper_proto::daemon::detect_dead_peer(&stream, admission.limits.dead_peer) {
+                        tracing::debug!(%remote, error = %e, "cannot set TCP keepalive on an agent connection");
+                    }
                     match admission.admit(Some(remote)) {
                         Some((info, guard)) => {
                             let conn = Conn {
@@ -345,6 +351,7 @@ mod tests {
                 max_per_source: per_source,
                 max_sessions: sessions,
                 retry_after: Duration::from_secs(5),
+                dead_peer: Duration::from_secs(60),
             },
             Metrics::new(),
         )
