@@ -215,6 +215,7 @@ fn component_report(agent: &Agent, name: &str, d: &DesiredComponent, observed: &
         last_error: error.into(),
         last_change_time: now_rfc3339(),
         generation: d.generation,
+        ..Default::default()
     };
     agent.set_component(nc.clone());
     if let Err(e) = agent.report(report::Body::Component(nc)) {

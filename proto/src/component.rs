@@ -30,6 +30,11 @@ pub mod phase {
     pub const REMOVED: &str = "Removed";
 }
 
+/// `NodeComponent.reason` when the agent's artifact policy (signatures,
+/// allowed URLs) refused an artifact before anything was touched: a
+/// security event the hub puts in its audit log.
+pub const ARTIFACT_REFUSED: &str = "ArtifactRefused";
+
 /// `onHealthFailure` values.
 pub const ON_HEALTH_FAILURE: &[&str] = &["rollback", "stay"];
 /// `updateStrategy.type` values.

@@ -181,6 +181,106 @@ fn a_node_speaks_only_for_itself_and_a_revoked_node_must_join_with_a_new_token()
         "cannot speak for node \"node-b\""
     ));
 
+    // A node that joined properly may still neither ask the defender for a
+    // permit for another node nor report another node's remedy job.
+    let (m_token, _) = token(&hub, r#"{"type":"join","uses":1}"#);
+    let m_dir = tmp.path().join("mallory");
+    std::fs::create_dir_all(&m_dir).expect("dir");
+    let permit_err = rt.block_on(async {
+        use nodekeeper_proto::v1::{agent_message, hub_message, report};
+        let creds = nodekeeper_agent::link::identity::Credentials::new(
+            nodekeeper_agent::link::identity::IdentityConfig {
+                node: "mallory".into(),
+                dir: Some(m_dir.clone()),
+                bootstrap_token: Some(m_token.clone()),
+                ca_cert_hash: Some(c.ca_cert_hash.clone()),
+                ca_file: None,
+                renew_fraction: 0.66,
+            },
+            &hub.grpc_url(),
+        )
+        .expect("credentials");
+        let ep = tonic::transport::Endpoint::from_shared(hub.grpc_url()).expect("endpoint");
+        let dead_peer = nodekeeper_proto::daemon::DEAD_PEER_DEFAULT;
+        creds.join(&ep, dead_peer).await.expect("mallory joins");
+        let (channel, _) = creds.channel(&ep, true, dead_peer).await.expect("TLS as mallory");
+        let mut client = nodekeeper_proto::v1::agent_link_client::AgentLinkClient::new(channel);
+        let permit_err = client
+            .permit(nodekeeper_proto::v1::PermitRequest {
+                op: "acquire".into(),
+                action: "remedy/reboot".into(),
+                node_name: "node-a".into(),
+                ttl_seconds: 60,
+                ..Default::default()
+            })
+            .await
+            .expect_err("a permit for another node");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let hello = nodekeeper_proto::v1::Hello {
+            node_name: "mallory".into(),
+            protocol: nodekeeper_proto::LINK_PROTOCOL,
+            ..Default::default()
+        };
+        let send = |body| nodekeeper_proto::v1::AgentMessage { body: Some(body) };
+        tx.send(send(agent_message::Body::Hello(Box::new(hello))))
+            .await
+            .expect("send");
+        let mut inbound = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("mallory's own session")
+            .into_inner();
+        let sequence = loop {
+            match inbound.message().await.expect("welcome").and_then(|m| m.body) {
+                Some(hub_message::Body::Welcome(w)) => break w.report_sequence + 1,
+                Some(_) => continue,
+                None => panic!("the session ended before its welcome"),
+            }
+        };
+        let forged = nodekeeper_proto::v1::Report {
+            sequence,
+            time: nodekeeper_proto::time::now_rfc3339(),
+            body: Some(report::Body::Remedy(nodekeeper_proto::v1::RemedyJob {
+                id: "forged-job".into(),
+                node: "node-a".into(),
+                rule: "reboot".into(),
+                phase: "Succeeded".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let batch = nodekeeper_proto::v1::ReportBatch { reports: vec![forged] };
+        tx.send(send(agent_message::Body::Reports(batch))).await.expect("send");
+        // Acknowledged (resending cannot help), not taken.
+        loop {
+            match inbound.message().await.expect("ack").and_then(|m| m.body) {
+                Some(hub_message::Body::ReportAck(a)) if a.sequence >= sequence => break,
+                Some(_) => continue,
+                None => panic!("the session ended before the report's ack"),
+            }
+        }
+        permit_err
+    });
+    assert_eq!(permit_err.code(), tonic::Code::PermissionDenied, "{permit_err:?}");
+    let mallory = audit(&hub, "actor=node:mallory");
+    assert!(
+        refused(&mallory, "node:mallory", "cannot ask for a permit for node \"node-a\""),
+        "{mallory:?}"
+    );
+    assert!(
+        refused(
+            &mallory,
+            "node:mallory",
+            "cannot report remedy job \"forged-job\" of node \"node-a\""
+        ),
+        "{mallory:?}"
+    );
+    let jobs = hub.get("/v1/remedies").expect("remedies");
+    assert!(
+        !jobs.to_string().contains("forged-job"),
+        "another node's job must not be taken: {jobs}"
+    );
+
     // Another machine (another key) with a valid token cannot take the name.
     let thief_dir = tmp.path().join("other");
     std::fs::create_dir_all(&thief_dir).expect("dir");
@@ -239,7 +339,9 @@ use futures::StreamExt;
 fn the_operator_api_needs_a_token_with_a_role_and_every_mutation_is_audited() {
     let tmp = TempDir::new("sec-api");
     let hub = Hub::start(tmp.path(), "");
-    let profile = "apiVersion: nodekeeper.io/v1\nkind: AgentProfile\nmetadata: {name: p}\nspec: {logLevel: debug}\n";
+    // A Component is root code on every node it selects: the thing a
+    // viewer must never push.
+    let component = "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: web}\nspec:\n  version: \"1\"\n  files: [{path: /etc/web.conf, template: x}]\n";
     let (code, body) = hub.request_as(None, "GET", "/v1/nodes", "").expect("request");
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("\"error\""), "{body}");
@@ -254,12 +356,16 @@ fn the_operator_api_needs_a_token_with_a_role_and_every_mutation_is_audited() {
         200
     );
     let (code, body) = hub
-        .request_as(Some(&viewer), "POST", "/v1/apply", profile)
+        .request_as(Some(&viewer), "POST", "/v1/apply", component)
         .expect("apply");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("needs operator"), "{body}");
+    let (code, _) = hub
+        .request_as(Some(&viewer), "GET", "/v1/components/web", "")
+        .expect("get");
+    assert_eq!(code, 404, "the viewer's Component must not exist");
     let (code, body) = hub
-        .request_as(Some(&operator), "POST", "/v1/apply", profile)
+        .request_as(Some(&operator), "POST", "/v1/apply", component)
         .expect("apply");
     assert_eq!(code, 200, "{body}");
     let (code, _) = hub
@@ -278,7 +384,7 @@ fn the_operator_api_needs_a_token_with_a_role_and_every_mutation_is_audited() {
     let applied = audit(&hub, "actor=ci");
     let e = applied
         .iter()
-        .find(|e| e["resource"] == "agentprofiles/p")
+        .find(|e| e["resource"] == "components/web")
         .expect("the apply is audited");
     assert_eq!(e["result"], "ok");
     assert!(!e["resourceVersion"].as_str().unwrap_or_default().is_empty(), "{e}");
@@ -287,7 +393,7 @@ fn the_operator_api_needs_a_token_with_a_role_and_every_mutation_is_audited() {
     let out = hub.nkctl(&["get", "audit", "--actor", "ci", "--since", "1h"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("agentprofiles/p") && !text.contains("dash"),
+        out.status.success() && text.contains("components/web") && !text.contains("dash"),
         "{text}"
     );
     // Tokens are listed without secrets.
@@ -317,6 +423,18 @@ fn the_agent_checks_the_hub_ca_before_its_token_and_tls_ports_refuse_plaintext()
             .all(|e| e["actor"] != format!("join-token:{id}")),
         "the token never reached the hub"
     );
+    // What the hub saw of it: a handshake the client broke off with an alert.
+    let handshakes = |listener: &str, alert: bool| {
+        audit(&hub, "action=tls.handshake").into_iter().any(|x| {
+            x["resource"] == listener
+                && x["result"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("refused") && r.contains("alert") == alert)
+        })
+    };
+    wait_for("the agent's refusal of the hub's CA in the audit log", T, || {
+        handshakes("listen.grpc", true).then_some(())
+    });
     // Plaintext on both TLS ports.
     let plain = nodekeeper_e2e::http(&hub.http, "GET", "/v1/nodes", "");
     assert!(!matches!(plain, Ok((200, _))), "{plain:?}");
@@ -329,10 +447,8 @@ fn the_agent_checks_the_hub_ca_before_its_token_and_tls_ports_refuse_plaintext()
     std::thread::sleep(Duration::from_secs(2));
     assert!(insecure.status().is_some_and(|s| s["hub"]["connected"] == false));
     assert!(hub.node("plain").is_none());
-    wait_for("handshake refusals on both listeners in the audit log", T, || {
-        let e = audit(&hub, "action=tls.handshake");
-        (e.iter().any(|x| x["resource"] == "listen.http") && e.iter().any(|x| x["resource"] == "listen.grpc"))
-            .then_some(())
+    wait_for("plaintext refused on both listeners in the audit log", T, || {
+        (handshakes("listen.http", false) && handshakes("listen.grpc", false)).then_some(())
     });
     // An agent refuses an http:// hub unless told it is insecure.
     let cfg = tmp.path().join("plain.yaml");
@@ -533,9 +649,48 @@ fn artifacts_without_a_valid_signature_or_from_elsewhere_are_refused_before_anyt
             assert!(out_dir.join(name).is_file(), "{name} installed");
         } else {
             assert_eq!(c["phase"], "Failed", "{c}");
+            assert_eq!(c["reason"], "ArtifactRefused", "{c}");
             assert!(c.to_string().contains(why), "{name}: {c}");
             assert!(!out_dir.join(name).exists(), "{name} must not be installed");
         }
+    }
+    // Each refusal reaches the hub's audit log as the node's, once: the
+    // agent retries a failed preparation, and a retry refused again for the
+    // same reason is not a new entry.
+    let refusals = |name: &str| {
+        audit(&hub, "action=artifact&actor=node:signed")
+            .into_iter()
+            .filter(|e| e["resource"] == format!("components/{name}"))
+            .collect::<Vec<_>>()
+    };
+    for (name, _, why) in &cases {
+        if why.is_empty() {
+            continue;
+        }
+        wait_for(&format!("{name}'s refusal in the audit log"), T, || {
+            refused(&refusals(name), "node:signed", why).then_some(())
+        });
+    }
+    wait_for("the unsigned artifact refused again by a retry", T, || {
+        let (_, body) = nodekeeper_e2e::http_unix(&agent.socket, "GET", "/v1/events", "").ok()?;
+        let events: Value = serde_json::from_str(&body).ok()?;
+        events["items"]
+            .as_array()?
+            .iter()
+            .any(|e| {
+                e["message"].as_str().is_some_and(|m| m.contains("component unsigned:"))
+                    && e["count"].as_u64().is_some_and(|n| n >= 2)
+            })
+            .then_some(())
+    });
+    wait_for("the hub has the agent's reports up to the retry", T, || {
+        let seq = agent.status()?["outbox"]["lastSequence"].as_u64()?;
+        hub.node("signed")
+            .filter(|n| n["status"]["reportSequence"].as_u64() >= Some(seq))
+    });
+    for (name, _, why) in &cases {
+        let n = refusals(name).len();
+        assert_eq!(n, usize::from(!why.is_empty()), "{name}: {:?}", refusals(name));
     }
 }
 

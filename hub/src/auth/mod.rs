@@ -103,7 +103,9 @@ struct State {
     log: Log,
     /// Sources whose failed TLS handshakes were audited lately (a scanner
     /// must not flood the log).
-    handshake_audited: HashMap<(IpAddr, String), Instant>,
+    /// When a handshake failure was last audited, by source, listener and
+    /// what went wrong.
+    handshake_audited: HashMap<(IpAddr, String, String), Instant>,
 }
 
 /// The hub's authentication and audit state.
@@ -470,12 +472,14 @@ impl Auth {
         e
     }
 
-    /// Audits a failed TLS handshake, at most once per source and listener
-    /// per minute (a scanner must not flood the log).
+    /// Audits a failed TLS handshake, at most once per source, listener and
+    /// kind of failure per minute: a scanner must not flood the log, and a
+    /// plaintext client must not hide an agent that refused the hub's
+    /// certificate from the same address a moment later.
     pub fn record_handshake_failure(&self, source: Option<std::net::SocketAddr>, listener: &str, why: &str) {
         let now = Instant::now();
         if let Some(ip) = source.map(|s| s.ip()) {
-            let key = (ip, listener.to_string());
+            let key = (ip, listener.to_string(), why.to_string());
             let mut st = self.lock();
             if st
                 .handshake_audited

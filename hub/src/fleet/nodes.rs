@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use nodekeeper_proto::component::phase;
+use nodekeeper_proto::component::{ARTIFACT_REFUSED, phase};
 use nodekeeper_proto::time::{now_rfc3339, rfc3339};
 use nodekeeper_proto::v1::{
     Condition, ConditionChange, Event, Hello, Node, NodeComponent, NodeStatus, ObjectMeta, Report, Welcome, report,
@@ -14,6 +14,7 @@ use nodekeeper_proto::{API_VERSION, validate};
 use tokio::sync::{oneshot, watch};
 
 use super::{Desired, Flags, Fleet, FleetError, NodeCounts, NodeEntry, Ready, SettingsCache, State, desired};
+use crate::auth::audit::Record as AuditRecord;
 use crate::store::{SharedSettings, node_write, revisions_write};
 
 /// Recent events kept per node (identical events are aggregated).
@@ -178,6 +179,31 @@ pub(super) fn add_event(status: &mut NodeStatus, mut e: Event) -> Result<(), Cap
 }
 
 /// Records a component's status on the node; `Removed` drops it.
+/// What a batch of reports comes to: the writes to commit, the node's ack
+/// channel, the sequence to acknowledge after the commit, and the entries
+/// for the audit log.
+struct Ingested {
+    writes: Vec<crate::store::Write>,
+    ack: Arc<watch::Sender<u64>>,
+    seq: u64,
+    audits: Vec<AuditRecord>,
+}
+
+/// Whether `c` reports an artifact refusal the hub has not audited yet: the
+/// node's stored entry does not already carry the same refusal (the agent
+/// keeps reason and error through its retries, so a retry refused again is
+/// not a new entry; another version or another reason is).
+fn refused_anew(status: &NodeStatus, c: &NodeComponent) -> bool {
+    c.phase == phase::FAILED
+        && c.reason == ARTIFACT_REFUSED
+        && !status.components.iter().any(|p| {
+            p.name == c.name
+                && p.reason == c.reason
+                && p.last_error == c.last_error
+                && p.declared_version == c.declared_version
+        })
+}
+
 fn upsert_component(status: &mut NodeStatus, mut c: NodeComponent) -> Result<(), Capped> {
     if too_long(&[&c.name, &c.phase, &c.declared_version, &c.observed_version]) {
         return Err(Capped::FieldLength);
@@ -575,12 +601,22 @@ impl Fleet {
     /// Waits while the store's queue is full, so a stalled disk slows ingest
     /// down (and, through the link's flow control, the agents) instead of
     /// growing the queue.
-    pub async fn ingest(&self, name: &str, id: u64, reports: Vec<Report>) {
+    ///
+    /// Returns what the node did that the audit log must show: an artifact
+    /// its own policy refused (once per refusal, not per retry), a report
+    /// that named another node (refused: a node speaks only for itself).
+    pub async fn ingest(&self, name: &str, id: u64, reports: Vec<Report>) -> Vec<AuditRecord> {
         // Room in the queue first, then the snapshot: what is written is
         // never older than what another writer queued meanwhile.
         let room = self.store.reserve().await;
-        let Some((writes, ack, seq)) = self.ingest_now(name, id, reports) else {
-            return;
+        let Some(Ingested {
+            writes,
+            ack,
+            seq,
+            audits,
+        }) = self.ingest_now(name, id, reports)
+        else {
+            return Vec::new();
         };
         crate::failpoint::kill_if("ingest-before-commit");
         self.store.submit_reserved(
@@ -598,18 +634,14 @@ impl Fleet {
                 }
             })),
         );
+        audits
     }
 
-    /// The in-memory half of [`Fleet::ingest`]: the write to commit, the
-    /// node's ack channel and the sequence to acknowledge after it.
-    fn ingest_now(
-        &self,
-        name: &str,
-        id: u64,
-        reports: Vec<Report>,
-    ) -> Option<(Vec<crate::store::Write>, Arc<watch::Sender<u64>>, u64)> {
+    /// The in-memory half of [`Fleet::ingest`].
+    fn ingest_now(&self, name: &str, id: u64, reports: Vec<Report>) -> Option<Ingested> {
         let mut st = self.lock();
         let mut jobs = Vec::new();
+        let mut audits = Vec::new();
         let e = st.nodes.get_mut(name)?;
         if e.session != Some(id) {
             return None;
@@ -640,10 +672,30 @@ impl Fleet {
                 }
                 Some(report::Body::Condition(c)) => c.condition.map_or(Ok(()), |c| upsert_condition(status, c)),
                 Some(report::Body::Event(ev)) => add_event(status, ev),
-                Some(report::Body::Component(c)) => {
+                Some(report::Body::Component(mut c)) => {
                     component_news |= c.phase == phase::DONE || c.phase == phase::FAILED;
                     component_reported = true;
+                    truncate(&mut c.last_error);
+                    if refused_anew(status, &c) {
+                        audits.push(
+                            AuditRecord::new(format!("node:{name}"), "artifact", format!("components/{}", c.name))
+                                .refused(&c.last_error),
+                        );
+                    }
                     upsert_component(status, c)
+                }
+                // A node speaks only for itself: a job of another node is
+                // refused (still acknowledged: resending cannot help).
+                Some(report::Body::Remedy(j)) if !j.node.is_empty() && j.node != name => {
+                    let why = format!(
+                        "node {name:?} cannot report remedy job {:?} of node {:?}; a node speaks only for itself",
+                        j.id, j.node
+                    );
+                    tracing::warn!(node = name, "{why}");
+                    audits.push(
+                        AuditRecord::new(format!("node:{name}"), "report", format!("nodes/{}", j.node)).refused(why),
+                    );
+                    Ok(())
                 }
                 Some(report::Body::Remedy(j)) => {
                     jobs.push(j);
@@ -685,7 +737,12 @@ impl Fleet {
         for j in jobs {
             writes.extend(st.remedy_reported(name, j, &self.metrics));
         }
-        Some((writes, ack, seq))
+        Some(Ingested {
+            writes,
+            ack,
+            seq,
+            audits,
+        })
     }
 
     /// Turns Ready to Unknown for nodes whose heartbeats stopped for longer

@@ -174,6 +174,89 @@ fn reports_are_deduplicated_by_sequence_and_acknowledged_after_commit() {
     rt.block_on(f.ingest("n1", h.id + 1000, vec![event(9, "Z")]));
 }
 
+fn component(seq: u64, phase: &str, reason: &str, error: &str, version: &str) -> Report {
+    Report {
+        sequence: seq,
+        body: Some(report::Body::Component(nodekeeper_proto::v1::NodeComponent {
+            name: "tool".into(),
+            declared_version: version.into(),
+            phase: phase.into(),
+            reason: reason.into(),
+            last_error: error.into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn an_artifact_refusal_is_audited_once_and_another_nodes_job_is_refused() {
+    use nodekeeper_proto::component::ARTIFACT_REFUSED;
+    let f = fleet_on(&Memory::new());
+    let h = f.open_session(hello("n1", "m1"), None).expect("session");
+    let rt = rt();
+    let no_sig = "Downloading: artifact http://x/tool has no signature";
+    let audits = rt.block_on(f.ingest("n1", h.id, vec![component(1, "Failed", ARTIFACT_REFUSED, no_sig, "1")]));
+    assert_eq!(audits.len(), 1, "{audits:?}");
+    let a = &audits[0];
+    assert_eq!((a.actor.as_str(), a.action.as_str()), ("node:n1", "artifact"));
+    assert_eq!(a.resource, "components/tool");
+    assert!(
+        a.result.starts_with("refused: ") && a.result.contains("no signature"),
+        "{a:?}"
+    );
+    // The agent's retry walks the preparation again, keeping its last error
+    // and reason, and is refused again: nothing new for the log.
+    let retry = vec![
+        component(2, "Downloading", ARTIFACT_REFUSED, no_sig, "1"),
+        component(3, "Failed", ARTIFACT_REFUSED, no_sig, "1"),
+    ];
+    assert!(rt.block_on(f.ingest("n1", h.id, retry)).is_empty());
+    // Another reason, or another version refused, is.
+    let bad_sig = "Verifying: artifact http://x/tool: the signature does not verify";
+    let again = rt.block_on(f.ingest("n1", h.id, vec![component(4, "Failed", ARTIFACT_REFUSED, bad_sig, "1")]));
+    assert_eq!(again.len(), 1, "{again:?}");
+    let v2 = rt.block_on(f.ingest("n1", h.id, vec![component(5, "Failed", ARTIFACT_REFUSED, bad_sig, "2")]));
+    assert_eq!(v2.len(), 1, "{v2:?}");
+    // An ordinary failure is not a refusal.
+    let failed = rt.block_on(f.ingest("n1", h.id, vec![component(6, "Failed", "", "download: timed out", "3")]));
+    assert!(failed.is_empty(), "{failed:?}");
+
+    // A remedy job names its node; a node may report only its own.
+    let job = |seq: u64, id: &str, node: &str| Report {
+        sequence: seq,
+        body: Some(report::Body::Remedy(nodekeeper_proto::v1::RemedyJob {
+            id: id.into(),
+            node: node.into(),
+            rule: "r".into(),
+            phase: "Succeeded".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let refused = rt.block_on(f.ingest("n1", h.id, vec![job(7, "theirs", "n2"), job(8, "mine", "n1")]));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        (refused[0].action.as_str(), refused[0].resource.as_str()),
+        ("report", "nodes/n2")
+    );
+    assert!(
+        refused[0].result.contains("a node speaks only for itself"),
+        "{refused:?}"
+    );
+    let ids: Vec<String> = f
+        .remedy_jobs(&super::JobFilter::default())
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(ids, ["mine"], "another node's job is not taken");
+    // Both were acknowledged: resending cannot help.
+    assert_eq!(
+        f.get_node("n1").expect("node").status.expect("status").report_sequence,
+        8
+    );
+}
+
 #[test]
 fn ready_follows_the_session_and_heartbeats() {
     let f = fleet_on(&Memory::new());

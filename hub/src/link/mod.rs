@@ -231,7 +231,16 @@ impl AgentLink for LinkService {
             status_of(e)
         })?;
         let span = tracing::info_span!("node", node = %handles.node, session = handles.id);
-        tokio::spawn(read_agent(self.fleet.clone(), inbound, handles.node.clone(), handles.id).instrument(span));
+        tokio::spawn(
+            read_agent(
+                self.fleet.clone(),
+                self.auth.clone(),
+                inbound,
+                handles.node.clone(),
+                handles.id,
+            )
+            .instrument(span),
+        );
         let end = identity_end(self.auth.clone(), handles.node.clone());
         Ok(Response::new(outbound(handles, end)))
     }
@@ -336,14 +345,19 @@ fn status_of(e: FleetError) -> Status {
     }
 }
 
-/// Reads heartbeats, reports and acknowledgements until the agent goes away.
-async fn read_agent(fleet: Arc<Fleet>, mut inbound: Streaming<AgentMessage>, node: String, id: u64) {
+/// Reads heartbeats, reports and acknowledgements until the agent goes away;
+/// what the reports show that the audit log must keep goes there.
+async fn read_agent(fleet: Arc<Fleet>, auth: Arc<Auth>, mut inbound: Streaming<AgentMessage>, node: String, id: u64) {
     tracing::debug!("session open");
     loop {
         match inbound.message().await {
             Ok(Some(AgentMessage { body: Some(body) })) => match body {
                 agent_message::Body::Heartbeat(hb) => fleet.heartbeat(&node, id, hb.applied_revision),
-                agent_message::Body::Reports(batch) => fleet.ingest(&node, id, batch.reports).await,
+                agent_message::Body::Reports(batch) => {
+                    for r in fleet.ingest(&node, id, batch.reports).await {
+                        auth.record(r);
+                    }
+                }
                 agent_message::Body::Applied(a) => fleet.applied(&node, id, a.revision, &a.error),
                 agent_message::Body::Hello(_) => tracing::warn!("ignoring a second Hello in one session"),
             },

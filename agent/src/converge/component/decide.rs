@@ -75,8 +75,45 @@ pub struct Now {
     pub retry_wait: u64,
 }
 
+/// Why a step failed. A refusal is the node's own artifact policy saying no
+/// (no signature, one that does not verify, a URL outside
+/// `converge.allowedArtifactUrls`): reported with the reason
+/// [`ARTIFACT_REFUSED`](nodekeeper_proto::component::ARTIFACT_REFUSED) so
+/// the hub audits it; anything else is an ordinary failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepError {
+    Failed(String),
+    Refused(String),
+}
+
+impl StepError {
+    pub fn message(&self) -> &str {
+        match self {
+            StepError::Failed(m) | StepError::Refused(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl From<String> for StepError {
+    fn from(m: String) -> StepError {
+        StepError::Failed(m)
+    }
+}
+
+impl From<&str> for StepError {
+    fn from(m: &str) -> StepError {
+        StepError::Failed(m.to_string())
+    }
+}
+
 /// Moves `rec` on after step `ch.phase` of change `ch` ended with `result`.
-pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(), String>, now: &Now) -> Effects {
+pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(), StepError>, now: &Now) -> Effects {
     let ph = ch.phase;
     let mut fx = Effects::default();
     let mut emit = |severity, reason, message: String| {
@@ -102,6 +139,10 @@ pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(
         }
         Ok(()) => match ph.next() {
             Some(next) => {
+                if ph == Phase::Verifying {
+                    // The artifact passed the node's policy.
+                    rec.reason.clear();
+                }
                 ch.phase = next;
                 rec.phase = next.name().into();
                 rec.change = Some(ch);
@@ -121,6 +162,7 @@ pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(
                 rec.phase = phase::DONE.into();
                 rec.reported_generation = ch.target.generation;
                 rec.last_error.clear();
+                rec.reason.clear();
                 rec.failed_hash.clear();
                 rec.retry_hash.clear();
                 rec.attempts = 0;
@@ -129,6 +171,7 @@ pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(
             }
         },
         Err(e) => {
+            let refused = matches!(e, StepError::Refused(_));
             let e = format!("{}: {e}", ph.name());
             if ph == Phase::RollingBack {
                 let msg = format!("{}; rollback failed: {e}", ch.error);
@@ -142,6 +185,11 @@ pub fn after_step(name: &str, rec: &mut Record, mut ch: Change, result: Result<(
                 rec.retry_at = now.unix + now.retry_wait;
                 rec.phase = phase::FAILED.into();
                 rec.last_error = format!("{e}; nothing on the node was changed");
+                rec.reason = if refused {
+                    nodekeeper_proto::component::ARTIFACT_REFUSED.into()
+                } else {
+                    String::new()
+                };
                 emit(
                     "Warning",
                     "ComponentChangeFailed",
@@ -175,6 +223,7 @@ fn give_up(rec: &mut Record, installed: Option<Installed>, target_hash: String, 
     rec.failed_hash = target_hash;
     rec.phase = phase::FAILED.into();
     rec.last_error = error;
+    rec.reason.clear();
     rec.last_change_time = now.rfc3339.clone();
     rec.change = None;
 }
@@ -393,6 +442,38 @@ mod tests {
                 }
             }
         }
+        // A refusal by the artifact policy is a failure like any other
+        // preparation failure, marked for the hub's audit log; the mark
+        // stays through the retry's first step and goes once the artifact
+        // passes.
+        let mut rec = Record::new("c");
+        let refusal = StepError::Refused("artifact x has no signature".into());
+        after_step(
+            "c",
+            &mut rec,
+            change(Phase::Downloading, None, None),
+            Err(refusal),
+            &now(),
+        );
+        assert_eq!(
+            (rec.phase.as_str(), rec.reason.as_str()),
+            (phase::FAILED, nodekeeper_proto::component::ARTIFACT_REFUSED)
+        );
+        assert!(rec.last_error.contains("has no signature"), "{}", rec.last_error);
+        after_step("c", &mut rec, change(Phase::Downloading, None, None), Ok(()), &now());
+        assert_eq!(rec.reason, nodekeeper_proto::component::ARTIFACT_REFUSED);
+        after_step("c", &mut rec, change(Phase::Verifying, None, None), Ok(()), &now());
+        assert_eq!(rec.reason, "");
+        // An ordinary failure is not a refusal.
+        after_step(
+            "c",
+            &mut rec,
+            change(Phase::Verifying, None, None),
+            Err("sha256 mismatch".into()),
+            &now(),
+        );
+        assert_eq!((rec.phase.as_str(), rec.reason.as_str()), (phase::FAILED, ""));
+
         // onHealthFailure: stay keeps the new version.
         let mut rec = Record::new("c");
         let mut ch = change(

@@ -187,6 +187,10 @@ pub struct Record {
     /// Reported phase (a change's step, or Done / Failed).
     pub phase: String,
     pub last_error: String,
+    /// `ArtifactRefused` while the last failure was the artifact policy's
+    /// refusal (kept through a retry, like `last_error`); empty otherwise.
+    #[serde(default)]
+    pub reason: String,
     pub last_change_time: String,
     /// A spec whose change touched the node and failed: not retried until the
     /// spec changes (retrying would restart a failing service over and over).

@@ -236,6 +236,7 @@ impl Engine {
             last_error: r.last_error.clone(),
             last_change_time: r.last_change_time.clone(),
             generation,
+            reason: r.reason.clone(),
         }
     }
 
@@ -391,6 +392,7 @@ impl Engine {
                     {
                         rec.phase = phase::FAILED.into();
                         rec.last_error = msg;
+                        rec.reason.clear();
                         let rec = rec.clone();
                         let _ = self.save(&rec);
                     }
@@ -502,6 +504,7 @@ impl Engine {
         rec.reported_generation = generation;
         rec.phase = phase::DONE.into();
         rec.last_error.clear();
+        rec.reason.clear();
         rec.failed_hash.clear();
         let rec = rec.clone();
         if let Err(e) = self.save(&rec) {

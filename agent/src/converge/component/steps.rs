@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use nodekeeper_proto::component::{self as spec_rules};
 use nodekeeper_proto::v1::{ComponentSpec, DesiredComponent};
 
-use super::decide::{self, Undo};
+use super::decide::{self, StepError, Undo};
 use super::files::{self, Owner};
 use super::machine::{self, ArtifactState, Change, FileState, Installed, Manager, Phase, Prior};
 use super::package::{Dpkg, PackageManager, Rpm};
@@ -16,21 +16,21 @@ use super::{Engine, archive, health, signature, systemd};
 
 impl Engine {
     /// Performs one step.
-    pub(super) fn step(&self, ch: &mut Change) -> Result<(), String> {
+    pub(super) fn step(&self, ch: &mut Change) -> Result<(), StepError> {
         let spec = ch.target.spec.clone().unwrap_or_default();
         match ch.phase {
             Phase::Downloading => {
                 if let Some((url, sha, size)) = artifact_url(&spec) {
                     if !signature::url_allowed(url, &self.cfg.allowed_artifact_urls) {
-                        return Err(format!(
+                        return Err(StepError::Refused(format!(
                             "artifact {url} is not under converge.allowedArtifactUrls ({}); nothing was downloaded or changed",
                             self.cfg.allowed_artifact_urls.join(", ")
-                        ));
+                        )));
                     }
                     if self.cfg.require_signatures && artifact_signature(&spec).is_empty() {
-                        return Err(format!(
+                        return Err(StepError::Refused(format!(
                             "artifact {url} has no signature and converge.requireSignatures is set; nothing was changed"
-                        ));
+                        )));
                     }
                     self.cache.fetch(url, sha, size)?;
                 }
@@ -48,7 +48,7 @@ impl Engine {
                             .filter_map(|k| signature::parse_key(k).ok())
                             .collect();
                         signature::verify(&path, sig, &keys)
-                            .map_err(|e| format!("artifact {url}: {e}; nothing was changed"))?;
+                            .map_err(|e| StepError::Refused(format!("artifact {url}: {e}; nothing was changed")))?;
                     }
                 }
                 Ok(())
@@ -59,16 +59,16 @@ impl Engine {
                 Ok(())
             }
             Phase::Installing => match staged(ch)?.artifact.as_ref() {
-                Some(a) => self.apply_artifact(a),
+                Some(a) => Ok(self.apply_artifact(a)?),
                 None => Ok(()),
             },
-            Phase::WritingFiles => self.write_files(staged(ch)?, ch.previous.as_ref()),
-            Phase::Restarting => self.restart(staged(ch)?, ch.previous.as_ref(), ch.reason == "drift"),
+            Phase::WritingFiles => Ok(self.write_files(staged(ch)?, ch.previous.as_ref())?),
+            Phase::Restarting => Ok(self.restart(staged(ch)?, ch.previous.as_ref(), ch.reason == "drift")?),
             Phase::HealthCheck => match &spec.health {
-                Some(h) => health::gate(h),
+                Some(h) => Ok(health::gate(h)?),
                 None => Ok(()),
             },
-            Phase::RollingBack => self.rollback(ch),
+            Phase::RollingBack => Ok(self.rollback(ch)?),
         }
     }
 
