@@ -19,6 +19,7 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 [ -x /lib/systemd/systemd-journal-remote ] || need_apt+=(systemd-journal-remote)
 command -v containerd >/dev/null || need_apt+=(containerd runc)
 command -v stress-ng >/dev/null || need_apt+=(stress-ng)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -732,3 +732,340 @@ fn certificates_are_renewed_while_the_agent_stays_connected_and_no_report_is_los
         "{entries:?}"
     );
 }
+
+/// Runs openssl with `args`; (success, stdout and stderr).
+fn openssl(args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl (scripts/test.sh installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("stdin");
+    let out = child.wait_with_output().expect("openssl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A CA and a serving certificate made the way an operator makes them:
+/// with the openssl command line, P-256 keys in PKCS#8.
+fn operator_pki(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("pki dir");
+    let p = |f: &str| dir.join(f).display().to_string();
+    let run = |args: &[&str]| {
+        let (ok, text) = openssl(args, "");
+        assert!(ok, "openssl {args:?}: {text}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.crt"),
+        "-days",
+        "30",
+        "-subj",
+        "/CN=operator CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &p("hub.key"),
+        "-out",
+        &p("hub.csr"),
+        "-subj",
+        "/CN=operator hub",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("hub.csr"),
+        "-CA",
+        &p("ca.crt"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        &p("ext.cnf"),
+        "-out",
+        &p("hub.crt"),
+    ]);
+}
+
+#[test]
+fn the_hub_serves_an_operators_certificates_over_tls_1_3_only_and_agents_trust_a_ca_file() {
+    let tmp = TempDir::new("sec-pki");
+    let pki = tmp.path().join("pki");
+    operator_pki(&pki);
+    // The harness reads the CA from stateDir/ca.crt, so the operator's CA
+    // file is put there; the key, the serving certificate and its key stay
+    // in the operator's directory.
+    let state = tmp.path().join("hub/state");
+    std::fs::create_dir_all(&state).expect("state");
+    std::fs::copy(pki.join("ca.crt"), state.join("ca.crt")).expect("ca");
+    let tls = format!(
+        "tls: {{caFile: \"{}\", certFile: \"{}\", keyFile: \"{}\", caKeyFile: \"{}\"}}\n",
+        state.join("ca.crt").display(),
+        pki.join("hub.crt").display(),
+        pki.join("hub.key").display(),
+        pki.join("ca.key").display()
+    );
+    let mut hub = Hub::start(tmp.path(), &tls);
+    let c = creds(&hub);
+    let ca = nodekeeper_proto::tls::read_certs(&pki.join("ca.crt")).expect("ca");
+    assert_eq!(
+        c.ca_cert_hash,
+        nodekeeper_proto::tls::spki_pin(&ca[0]).expect("pin"),
+        "the hub's pin is the operator's CA"
+    );
+    for made in ["ca.key", "hub.crt", "hub.key"] {
+        assert!(!state.join(made).exists(), "the hub made its own {made}");
+    }
+    // A real OpenSSL client: the operator's serving certificate over TLS
+    // 1.3 on both listeners, and no TLS 1.2 at all.
+    let ca_path = pki.join("ca.crt").display().to_string();
+    for addr in [&hub.http, &hub.grpc] {
+        let (ok, text) = openssl(
+            &[
+                "s_client",
+                "-connect",
+                addr,
+                "-tls1_3",
+                "-CAfile",
+                &ca_path,
+                "-verify_return_error",
+                "-brief",
+            ],
+            "",
+        );
+        assert!(ok, "{addr}: {text}");
+        assert!(
+            text.contains("TLSv1.3") && text.contains("operator hub"),
+            "{addr}: {text}"
+        );
+        let (ok, text) = openssl(
+            &["s_client", "-connect", addr, "-tls1_2", "-CAfile", &ca_path, "-brief"],
+            "",
+        );
+        assert!(!ok, "{addr} accepted TLS 1.2: {text}");
+        assert!(text.contains("alert protocol version"), "{addr}: {text}");
+    }
+
+    // An agent trusting the CA file and reading its token from a file joins
+    // with a certificate the operator's CA signed.
+    let token_file = tmp.path().join("join.token");
+    std::fs::write(&token_file, format!("{}\n", c.join_token)).expect("token file");
+    let agent = Agent::start(
+        tmp.path(),
+        "by-file",
+        None,
+        &format!(
+            "hub: {{address: \"{}\", bootstrapTokenFile: \"{}\", caFile: \"{ca_path}\"}}\n",
+            hub.grpc_url(),
+            token_file.display()
+        ),
+    );
+    wait_for("by-file connected", T, || {
+        hub.node("by-file").filter(|n| n["status"]["connected"] == true)
+    });
+    let node_crt = agent.dir.join("state/node.crt").display().to_string();
+    let (ok, text) = openssl(&["verify", "-CAfile", &ca_path, &node_crt], "");
+    assert!(ok, "{text}");
+
+    // Without the CA key the hub still serves, and the nodes it has keep
+    // their sessions, but it cannot sign: joining is refused, saying why.
+    hub.terminate();
+    let config = std::fs::read_to_string(&hub.config).expect("config");
+    let without_key = config.replace(&format!(", caKeyFile: \"{}\"", pki.join("ca.key").display()), "");
+    assert_ne!(config, without_key);
+    std::fs::write(&hub.config, without_key).expect("config");
+    hub.restart();
+    wait_for("by-file back on its certificate", T, || {
+        hub.node("by-file").filter(|n| n["status"]["connected"] == true)
+    });
+    let (t, _) = token(&hub, r#"{"type":"join"}"#);
+    let late = Agent::start(tmp.path(), "late", None, &joining(&hub, &t, &c.ca_cert_hash));
+    wait_for("joining refused without the CA key", T, || {
+        last_error(&late).contains("tls.caKeyFile").then_some(())
+    });
+    assert!(hub.node("late").is_none());
+}
+
+/// The value after `key:` in nkctl's created-token output.
+fn field(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+}
+
+/// nkctl with no credentials but those `env` gives (no flags, none of the
+/// harness's).
+fn nkctl_env(hub: &Hub, env: &[(&str, &str)], args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(nodekeeper_e2e::bin("nkctl"));
+    cmd.env("XDG_CONFIG_HOME", "/nonexistent")
+        .env_remove("NKCTL_CONFIG")
+        .env_remove("NODEKEEPER_TOKEN")
+        .env_remove("NODEKEEPER_CA")
+        .env_remove("NODEKEEPER_HUB")
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if !env.iter().any(|(k, _)| *k == "NKCTL_CONFIG") {
+        cmd.arg("--hub").arg(hub.http_url());
+    }
+    let mut child = cmd.spawn().expect("nkctl");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.unwrap_or_default().as_bytes()).expect("stdin");
+    drop(input);
+    child.wait_with_output().expect("nkctl")
+}
+
+#[test]
+fn nkctl_creates_lists_and_deletes_tokens_and_finds_its_credentials_in_flags_env_or_its_config_file() {
+    let tmp = TempDir::new("sec-nkctl");
+    let hub = Hub::start(tmp.path(), "");
+    let c = creds(&hub);
+    let ok = |out: &std::process::Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    // A join token with every flag: printed once with the CA's pin.
+    let text = ok(&hub.nkctl(&[
+        "token",
+        "create",
+        "join",
+        "--ttl",
+        "2h",
+        "--uses",
+        "1",
+        "--labels",
+        "pool=gpu,zone=b",
+        "--description",
+        "rack 7",
+    ]));
+    let join = field(&text, "token:");
+    let (id, secret) = join.split_once('.').expect("<id>.<secret>");
+    let lower_alnum = |s: &str| s.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit());
+    assert!(
+        id.len() == 6 && secret.len() == 16 && lower_alnum(id) && lower_alnum(secret),
+        "{join}"
+    );
+    let pin = field(&text, "caCertHash:");
+    assert_eq!(pin, c.ca_cert_hash);
+    let hex = pin.strip_prefix("sha256:").expect("sha256:");
+    assert!(hex.len() == 64 && hex.chars().all(|ch| ch.is_ascii_hexdigit()), "{pin}");
+    let row = |list: &str, id: &str| {
+        list.lines()
+            .find(|l| l.starts_with(id))
+            .map(String::from)
+            .unwrap_or_default()
+    };
+    let list = ok(&hub.nkctl(&["token", "list"]));
+    let r = row(&list, id);
+    assert!(
+        r.contains("join") && r.contains("rack 7") && r.contains("pool=gpu") && r.contains("0/1"),
+        "{list}"
+    );
+    assert!(!list.contains(secret), "a secret listed: {list}");
+
+    // The node that joins with it has the token's labels; the token is used up.
+    let _a = Agent::start(tmp.path(), "gpu-1", None, &joining(&hub, &join, &pin));
+    wait_for("gpu-1 joined with the token's labels", T, || {
+        hub.node("gpu-1")
+            .filter(|n| n["metadata"]["labels"]["pool"] == "gpu" && n["metadata"]["labels"]["zone"] == "b")
+    });
+    assert!(row(&ok(&hub.nkctl(&["token", "list"])), id).contains("1/1"));
+
+    // An API token, used by flag, by environment and from the config file.
+    let text = ok(&hub.nkctl(&[
+        "token", "create", "api", "--role", "viewer", "--name", "dash", "--ttl", "1h",
+    ]));
+    let viewer = field(&text, "token:");
+    assert_eq!(field(&text, "role:"), "viewer");
+    let ca = c.ca.display().to_string();
+    let component = "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: web}\nspec:\n  version: \"1\"\n  files: [{path: /etc/web.conf, template: x}]\n";
+    let by_flag = nkctl_env(&hub, &[], &["--token", &viewer, "--ca", &ca, "get", "nodes"], None);
+    assert!(ok(&by_flag).contains("gpu-1"));
+    let env = [("NODEKEEPER_TOKEN", viewer.as_str()), ("NODEKEEPER_CA", ca.as_str())];
+    assert!(ok(&nkctl_env(&hub, &env, &["get", "nodes"], None)).contains("gpu-1"));
+    let refused = nkctl_env(&hub, &env, &["apply", "-f", "-"], Some(component));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("needs operator"),
+        "{refused:?}"
+    );
+    let cfg_dir = tmp.path().join("home");
+    std::fs::create_dir_all(&cfg_dir).expect("dir");
+    let token_file = cfg_dir.join("viewer.token");
+    std::fs::write(&token_file, format!("{viewer}\n")).expect("token");
+    let cfg = cfg_dir.join("nkctl.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "hub: {}\ntokenFile: {}\nca: {ca}\n",
+            hub.http_url(),
+            token_file.display()
+        ),
+    )
+    .expect("config");
+    let cfg_env = [("NKCTL_CONFIG", cfg.to_str().expect("path"))];
+    assert!(ok(&nkctl_env(&hub, &cfg_env, &["get", "nodes"], None)).contains("gpu-1"));
+    // Without any of them: a clear refusal, not a crash.
+    let bare = nkctl_env(&hub, &[("NODEKEEPER_CA", ca.as_str())], &["get", "nodes"], None);
+    assert!(!bare.status.success());
+    assert!(
+        String::from_utf8_lossy(&bare.stderr).contains("no Authorization header"),
+        "{bare:?}"
+    );
+
+    // Deleted tokens are gone: the viewer is refused, the join token unlisted.
+    let viewer_id = viewer.split('.').next().expect("id");
+    for t in [viewer_id, id] {
+        assert!(ok(&hub.nkctl(&["token", "delete", t])).contains(&format!("token/{t} deleted")));
+    }
+    let after = nkctl_env(&hub, &cfg_env, &["get", "nodes"], None);
+    assert!(!after.status.success());
+    let why = String::from_utf8_lossy(&after.stderr);
+    assert!(why.contains(&format!("token {viewer_id} is not known")), "{why}");
+    let list = ok(&hub.nkctl(&["token", "list"]));
+    assert!(row(&list, id).is_empty() && row(&list, viewer_id).is_empty(), "{list}");
+}
