@@ -122,6 +122,38 @@ fn tokens_that_are_expired_used_up_deleted_or_forged_are_refused_and_audited() {
     });
 }
 
+/// A hand-made agent link as `node`, with the certificate its state `dir`
+/// holds, joining first with `token` when given: for saying what a real
+/// agent never says.
+async fn link_client(
+    hub: &Hub,
+    node: &str,
+    dir: &Path,
+    token: Option<&str>,
+    pin: &str,
+) -> nodekeeper_proto::v1::agent_link_client::AgentLinkClient<tonic::transport::Channel> {
+    use nodekeeper_agent::link::identity::{Credentials, IdentityConfig};
+    let cfg = IdentityConfig {
+        node: node.into(),
+        dir: Some(dir.to_path_buf()),
+        bootstrap_token: token.map(String::from),
+        ca_cert_hash: Some(pin.into()),
+        ca_file: None,
+        renew_fraction: 0.66,
+    };
+    let creds = Credentials::new(cfg, &hub.grpc_url()).expect("credentials");
+    let ep = tonic::transport::Endpoint::from_shared(hub.grpc_url()).expect("endpoint");
+    let dead_peer = nodekeeper_proto::daemon::DEAD_PEER_DEFAULT;
+    if token.is_some() {
+        creds.join(&ep, dead_peer).await.expect("joins");
+    }
+    let (channel, _) = creds
+        .channel(&ep, true, dead_peer)
+        .await
+        .expect("TLS with the node's certificate");
+    nodekeeper_proto::v1::agent_link_client::AgentLinkClient::new(channel)
+}
+
 #[test]
 fn a_node_speaks_only_for_itself_and_a_revoked_node_must_join_with_a_new_token() {
     let tmp = TempDir::new("sec-node");
@@ -138,24 +170,7 @@ fn a_node_speaks_only_for_itself_and_a_revoked_node_must_join_with_a_new_token()
         .build()
         .expect("rt");
     let err = rt.block_on(async {
-        let creds = nodekeeper_agent::link::identity::Credentials::new(
-            nodekeeper_agent::link::identity::IdentityConfig {
-                node: "node-a".into(),
-                dir: Some(a.dir.join("state")),
-                bootstrap_token: None,
-                ca_cert_hash: Some(c.ca_cert_hash.clone()),
-                ca_file: None,
-                renew_fraction: 0.66,
-            },
-            &hub.grpc_url(),
-        )
-        .expect("credentials");
-        let ep = tonic::transport::Endpoint::from_shared(hub.grpc_url()).expect("endpoint");
-        let (channel, _) = creds
-            .channel(&ep, true, nodekeeper_proto::daemon::DEAD_PEER_DEFAULT)
-            .await
-            .expect("TLS with node-a's certificate");
-        let mut client = nodekeeper_proto::v1::agent_link_client::AgentLinkClient::new(channel);
+        let mut client = link_client(&hub, "node-a", &a.dir.join("state"), None, &c.ca_cert_hash).await;
         let hello = nodekeeper_proto::v1::AgentMessage {
             body: Some(nodekeeper_proto::v1::agent_message::Body::Hello(Box::new(
                 nodekeeper_proto::v1::Hello {
@@ -188,23 +203,7 @@ fn a_node_speaks_only_for_itself_and_a_revoked_node_must_join_with_a_new_token()
     std::fs::create_dir_all(&m_dir).expect("dir");
     let permit_err = rt.block_on(async {
         use nodekeeper_proto::v1::{agent_message, hub_message, report};
-        let creds = nodekeeper_agent::link::identity::Credentials::new(
-            nodekeeper_agent::link::identity::IdentityConfig {
-                node: "mallory".into(),
-                dir: Some(m_dir.clone()),
-                bootstrap_token: Some(m_token.clone()),
-                ca_cert_hash: Some(c.ca_cert_hash.clone()),
-                ca_file: None,
-                renew_fraction: 0.66,
-            },
-            &hub.grpc_url(),
-        )
-        .expect("credentials");
-        let ep = tonic::transport::Endpoint::from_shared(hub.grpc_url()).expect("endpoint");
-        let dead_peer = nodekeeper_proto::daemon::DEAD_PEER_DEFAULT;
-        creds.join(&ep, dead_peer).await.expect("mallory joins");
-        let (channel, _) = creds.channel(&ep, true, dead_peer).await.expect("TLS as mallory");
-        let mut client = nodekeeper_proto::v1::agent_link_client::AgentLinkClient::new(channel);
+        let mut client = link_client(&hub, "mallory", &m_dir, Some(&m_token), &c.ca_cert_hash).await;
         let permit_err = client
             .permit(nodekeeper_proto::v1::PermitRequest {
                 op: "acquire".into(),
@@ -733,97 +732,47 @@ fn certificates_are_renewed_while_the_agent_stays_connected_and_no_report_is_los
     );
 }
 
-/// Runs openssl with `args`; (success, stdout and stderr).
-fn openssl(args: &[&str], stdin: &str) -> (bool, String) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("openssl")
+/// Runs openssl with `args` and no input; (success, stdout and stderr).
+fn openssl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
         .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+        .stdin(std::process::Stdio::null())
+        .output()
         .expect("openssl (scripts/test.sh installs it)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("stdin");
-    let out = child.wait_with_output().expect("openssl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text.into_owned())
 }
 
 /// A CA and a serving certificate made the way an operator makes them:
 /// with the openssl command line, P-256 keys in PKCS#8.
 fn operator_pki(dir: &Path) {
     std::fs::create_dir_all(dir).expect("pki dir");
-    let p = |f: &str| dir.join(f).display().to_string();
-    let run = |args: &[&str]| {
-        let (ok, text) = openssl(args, "");
-        assert!(ok, "openssl {args:?}: {text}");
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &p("ca.key"),
-        "-out",
-        &p("ca.crt"),
-        "-days",
-        "30",
-        "-subj",
-        "/CN=operator CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &p("hub.key"),
-        "-out",
-        &p("hub.csr"),
-        "-subj",
-        "/CN=operator hub",
-    ]);
     std::fs::write(
         dir.join("ext.cnf"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n",
     )
     .expect("ext");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        &p("hub.csr"),
-        "-CA",
-        &p("ca.crt"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "30",
-        "-extfile",
-        &p("ext.cnf"),
-        "-out",
-        &p("hub.crt"),
-    ]);
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    for cmd in [
+        format!(
+            "req -x509 {key} -keyout ca.key -out ca.crt -days 30 -subj /CN=operator-CA -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"
+        ),
+        format!("req {key} -keyout hub.key -out hub.csr -subj /CN=operator-hub"),
+        "x509 -req -in hub.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -extfile ext.cnf -out hub.crt".into(),
+    ] {
+        // Every file name is relative to `dir`.
+        let args: Vec<String> = cmd
+            .split_whitespace()
+            .map(|a| match a {
+                "ca.key" | "ca.crt" | "hub.key" | "hub.csr" | "hub.crt" | "ext.cnf" => {
+                    dir.join(a).display().to_string()
+                }
+                _ => a.to_string(),
+            })
+            .collect();
+        let (ok, text) = openssl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "openssl {cmd}: {text}");
+    }
 }
 
 #[test]
@@ -859,28 +808,22 @@ fn the_hub_serves_an_operators_certificates_over_tls_1_3_only_and_agents_trust_a
     // 1.3 on both listeners, and no TLS 1.2 at all.
     let ca_path = pki.join("ca.crt").display().to_string();
     for addr in [&hub.http, &hub.grpc] {
-        let (ok, text) = openssl(
-            &[
-                "s_client",
-                "-connect",
-                addr,
-                "-tls1_3",
-                "-CAfile",
-                &ca_path,
-                "-verify_return_error",
-                "-brief",
-            ],
-            "",
-        );
+        let (ok, text) = openssl(&[
+            "s_client",
+            "-connect",
+            addr,
+            "-tls1_3",
+            "-CAfile",
+            &ca_path,
+            "-verify_return_error",
+            "-brief",
+        ]);
         assert!(ok, "{addr}: {text}");
         assert!(
-            text.contains("TLSv1.3") && text.contains("operator hub"),
+            text.contains("TLSv1.3") && text.contains("operator-hub"),
             "{addr}: {text}"
         );
-        let (ok, text) = openssl(
-            &["s_client", "-connect", addr, "-tls1_2", "-CAfile", &ca_path, "-brief"],
-            "",
-        );
+        let (ok, text) = openssl(&["s_client", "-connect", addr, "-tls1_2", "-CAfile", &ca_path, "-brief"]);
         assert!(!ok, "{addr} accepted TLS 1.2: {text}");
         assert!(text.contains("alert protocol version"), "{addr}: {text}");
     }
@@ -903,7 +846,7 @@ fn the_hub_serves_an_operators_certificates_over_tls_1_3_only_and_agents_trust_a
         hub.node("by-file").filter(|n| n["status"]["connected"] == true)
     });
     let node_crt = agent.dir.join("state/node.crt").display().to_string();
-    let (ok, text) = openssl(&["verify", "-CAfile", &ca_path, &node_crt], "");
+    let (ok, text) = openssl(&["verify", "-CAfile", &ca_path, &node_crt]);
     assert!(ok, "{text}");
 
     // Without the CA key the hub still serves, and the nodes it has keep
