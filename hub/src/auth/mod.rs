@@ -101,10 +101,8 @@ struct State {
     tokens: BTreeMap<String, Token>,
     identities: HashMap<String, Identity>,
     log: Log,
-    /// Sources whose failed TLS handshakes were audited lately (a scanner
-    /// must not flood the log).
-    /// When a handshake failure was last audited, by source, listener and
-    /// what went wrong.
+    /// When a failed TLS handshake was last audited, by source, listener and
+    /// what went wrong (a scanner must not flood the log).
     handshake_audited: HashMap<(IpAddr, String, String), Instant>,
 }
 

@@ -178,7 +178,6 @@ pub(super) fn add_event(status: &mut NodeStatus, mut e: Event) -> Result<(), Cap
     Ok(())
 }
 
-/// Records a component's status on the node; `Removed` drops it.
 /// What a batch of reports comes to: the writes to commit, the node's ack
 /// channel, the sequence to acknowledge after the commit, and the entries
 /// for the audit log.
@@ -204,8 +203,9 @@ fn refused_anew(status: &NodeStatus, c: &NodeComponent) -> bool {
         })
 }
 
+/// Records a component's status on the node; `Removed` drops it.
 fn upsert_component(status: &mut NodeStatus, mut c: NodeComponent) -> Result<(), Capped> {
-    if too_long(&[&c.name, &c.phase, &c.declared_version, &c.observed_version]) {
+    if too_long(&[&c.name, &c.phase, &c.declared_version, &c.observed_version, &c.reason]) {
         return Err(Capped::FieldLength);
     }
     truncate(&mut c.last_error);

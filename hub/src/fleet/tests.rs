@@ -221,6 +221,14 @@ fn an_artifact_refusal_is_audited_once_and_another_nodes_job_is_refused() {
     // An ordinary failure is not a refusal.
     let failed = rt.block_on(f.ingest("n1", h.id, vec![component(6, "Failed", "", "download: timed out", "3")]));
     assert!(failed.is_empty(), "{failed:?}");
+    // A reason no agent sends, as long as a node can make it, is not kept.
+    let huge = "x".repeat(100_000);
+    assert!(
+        rt.block_on(f.ingest("n1", h.id, vec![component(7, "Failed", &huge, "e", "4")]))
+            .is_empty()
+    );
+    let st = f.get_node("n1").expect("node").status.expect("status");
+    assert_eq!(st.components[0].declared_version, "3", "{:?}", st.components);
 
     // A remedy job names its node; a node may report only its own.
     let job = |seq: u64, id: &str, node: &str| Report {
@@ -234,7 +242,7 @@ fn an_artifact_refusal_is_audited_once_and_another_nodes_job_is_refused() {
         })),
         ..Default::default()
     };
-    let refused = rt.block_on(f.ingest("n1", h.id, vec![job(7, "theirs", "n2"), job(8, "mine", "n1")]));
+    let refused = rt.block_on(f.ingest("n1", h.id, vec![job(8, "theirs", "n2"), job(9, "mine", "n1")]));
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(
         (refused[0].action.as_str(), refused[0].resource.as_str()),
@@ -253,7 +261,7 @@ fn an_artifact_refusal_is_audited_once_and_another_nodes_job_is_refused() {
     // Both were acknowledged: resending cannot help.
     assert_eq!(
         f.get_node("n1").expect("node").status.expect("status").report_sequence,
-        8
+        9
     );
 }
 
