@@ -330,6 +330,23 @@ fn a_node_speaks_only_for_itself_and_a_revoked_node_must_join_with_a_new_token()
     wait_for("node-a joined again with a new token", T, || {
         hub.node("node-a").filter(|n| n["status"]["connected"] == true)
     });
+
+    // Deleted by an operator, the name is free: another machine, with
+    // another key, joins as node-a.
+    a.terminate();
+    let out = hub.nkctl(&["delete", "node", "node-a", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key_of = |dir: &Path| {
+        let der = nodekeeper_proto::tls::read_certs(&dir.join("state/node.crt")).expect("node.crt");
+        nodekeeper_proto::tls::cert_facts(&der[0]).expect("facts").spki_sha256
+    };
+    let heir_dir = tmp.path().join("heir");
+    std::fs::create_dir_all(&heir_dir).expect("dir");
+    let heir = Agent::start(&heir_dir, "node-a", Some(&hub.grpc_url()), "");
+    wait_for("another machine joined as node-a after the delete", T, || {
+        hub.node("node-a").filter(|n| n["status"]["connected"] == true)
+    });
+    assert_ne!(key_of(&heir.dir), key_of(&a.dir), "the heir joined with its own key");
 }
 
 use futures::StreamExt;
@@ -1011,4 +1028,29 @@ fn nkctl_creates_lists_and_deletes_tokens_and_finds_its_credentials_in_flags_env
     assert!(why.contains(&format!("token {viewer_id} is not known")), "{why}");
     let list = ok(&hub.nkctl(&["token", "list"]));
     assert!(row(&list, id).is_empty() && row(&list, viewer_id).is_empty(), "{list}");
+}
+
+#[test]
+fn plaintext_mode_is_warned_about_at_every_start_of_hub_and_agent() {
+    let tmp = TempDir::new("sec-insecure");
+    let hub_warning = "insecure: true — plaintext listeners and NO authentication";
+    let agent_warning = "hub.insecure: plaintext link without identity; for labs only";
+    let mut hub = Hub::start(tmp.path(), "insecure: true\n");
+    let mut a = Agent::start(tmp.path(), "lab", Some(&hub.grpc_url()), "");
+    wait_for("lab connected", T, || {
+        hub.node("lab").filter(|n| n["status"]["connected"] == true)
+    });
+    assert!(hub.log().contains(hub_warning), "{}", hub.log());
+    hub.terminate();
+    a.terminate();
+    hub.restart();
+    a.restart();
+    wait_for("lab connected again", T, || {
+        hub.node("lab").filter(|n| n["status"]["connected"] == true)
+    });
+    assert!(hub.log().contains(hub_warning), "the second start: {}", hub.log());
+    assert_eq!(a.log().matches(agent_warning).count(), 2, "{}", a.log());
+    // A hub serving TLS says nothing of the kind.
+    let secure = Hub::start(&tmp.path().join("secure"), "");
+    assert!(!secure.log().contains(hub_warning), "{}", secure.log());
 }
