@@ -61,7 +61,13 @@ fuzz_target!(|data: &[u8]| {
                 let _ = w.fleet.open_session(*h, join);
             }
         }
-        Some(agent_message::Body::Reports(b)) => w.rt.block_on(w.fleet.ingest("fuzz", w.session, b.reports)),
+        Some(agent_message::Body::Reports(b)) => {
+            // Whatever a node reports, what it leaves for the audit log is
+            // its own doing.
+            for r in w.rt.block_on(w.fleet.ingest("fuzz", w.session, b.reports)) {
+                assert_eq!(r.actor, "node:fuzz", "{r:?}");
+            }
+        }
         Some(agent_message::Body::Heartbeat(hb)) => w.fleet.heartbeat("fuzz", w.session, hb.applied_revision),
         Some(agent_message::Body::Applied(a)) => w.fleet.applied("fuzz", w.session, a.revision, &a.error),
         None => {}

@@ -553,10 +553,12 @@ fn remedy_permits_follow_max_concurrent_the_breaker_and_the_approval_queue() {
     // An unknown rule is refused for good.
     assert!(ask_job(&f, "n7", "remedy/nope", "x").terminal);
 
-    // Jobs the agents report are kept and carry who approved them.
+    // Jobs the agents report are kept and carry who approved them; a job
+    // that names no node is the reporting node's (one naming another node
+    // is refused: an_artifact_refusal_is_audited_once_and_another_nodes_job_is_refused).
     let job = nodekeeper_proto::v1::RemedyJob {
         id: "d5".into(),
-        node: "someone-else".into(),
+        node: String::new(),
         rule: "disk".into(),
         phase: "Acting".into(),
         start_time: nodekeeper_proto::time::now_rfc3339(),
