@@ -466,21 +466,37 @@ impl Drop for Hub {
     }
 }
 
-/// Runs nkctl; `stdin` is fed when given.
+/// Runs nkctl as the harness's admin (when `hub` is one of its secure
+/// hubs); `stdin` is fed when given.
 pub fn nkctl(hub: &str, socket: Option<&Path>, args: &[&str], stdin: Option<&str>) -> Output {
+    let creds = creds_of(hub);
+    let ca = creds.as_ref().map(|c| c.ca.display().to_string()).unwrap_or_default();
+    let env: Vec<(&str, &str)> = match &creds {
+        Some(c) => vec![
+            ("NODEKEEPER_TOKEN", c.admin_token.as_str()),
+            ("NODEKEEPER_CA", ca.as_str()),
+        ],
+        None => Vec::new(),
+    };
+    let socket = socket.map(|s| s.display().to_string());
+    let mut all = vec!["--hub", hub];
+    if let Some(s) = &socket {
+        all.extend(["--socket", s.as_str()]);
+    }
+    all.extend_from_slice(args);
+    nkctl_as(&env, &all, stdin)
+}
+
+/// Runs nkctl with no credentials but what `env` and `args` give: no
+/// operator's nkctl config or environment leaks into a test.
+pub fn nkctl_as(env: &[(&str, &str)], args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(bin("nkctl"));
-    cmd.arg("--hub").arg(hub);
-    // No operator's nkctl config leaks into a test.
     cmd.env("XDG_CONFIG_HOME", "/nonexistent")
         .env_remove("NKCTL_CONFIG")
+        .env_remove("NODEKEEPER_HUB")
         .env_remove("NODEKEEPER_TOKEN")
-        .env_remove("NODEKEEPER_CA");
-    if let Some(c) = creds_of(hub) {
-        cmd.env("NODEKEEPER_TOKEN", &c.admin_token).env("NODEKEEPER_CA", &c.ca);
-    }
-    if let Some(s) = socket {
-        cmd.arg("--socket").arg(s);
-    }
+        .env_remove("NODEKEEPER_CA")
+        .envs(env.iter().copied());
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     let mut child = cmd.spawn().expect("spawn nkctl");

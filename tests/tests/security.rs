@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use nodekeeper_e2e::artifacts::{FileServer, sha256};
-use nodekeeper_e2e::{Agent, Hub, TempDir, nkctl, wait_for};
+use nodekeeper_e2e::{Agent, Hub, TempDir, nkctl, nkctl_as, wait_for};
 use ring::signature::KeyPair;
 use serde_json::Value;
 
@@ -351,13 +351,14 @@ fn a_node_speaks_only_for_itself_and_a_revoked_node_must_join_with_a_new_token()
 
 use futures::StreamExt;
 
+/// A Component is root code on every node it selects: the thing a viewer
+/// must never push.
+const COMPONENT: &str = "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: web}\nspec:\n  version: \"1\"\n  files: [{path: /etc/web.conf, template: x}]\n";
+
 #[test]
 fn the_operator_api_needs_a_token_with_a_role_and_every_mutation_is_audited() {
     let tmp = TempDir::new("sec-api");
     let hub = Hub::start(tmp.path(), "");
-    // A Component is root code on every node it selects: the thing a
-    // viewer must never push.
-    let component = "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: web}\nspec:\n  version: \"1\"\n  files: [{path: /etc/web.conf, template: x}]\n";
     let (code, body) = hub.request_as(None, "GET", "/v1/nodes", "").expect("request");
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("\"error\""), "{body}");
@@ -372,7 +373,7 @@ fn the_operator_api_needs_a_token_with_a_role_and_every_mutation_is_audited() {
         200
     );
     let (code, body) = hub
-        .request_as(Some(&viewer), "POST", "/v1/apply", component)
+        .request_as(Some(&viewer), "POST", "/v1/apply", COMPONENT)
         .expect("apply");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("needs operator"), "{body}");
@@ -381,7 +382,7 @@ fn the_operator_api_needs_a_token_with_a_role_and_every_mutation_is_audited() {
         .expect("get");
     assert_eq!(code, 404, "the viewer's Component must not exist");
     let (code, body) = hub
-        .request_as(Some(&operator), "POST", "/v1/apply", component)
+        .request_as(Some(&operator), "POST", "/v1/apply", COMPONENT)
         .expect("apply");
     assert_eq!(code, 200, "{body}");
     let (code, _) = hub
@@ -893,31 +894,6 @@ fn field(text: &str, key: &str) -> String {
         .unwrap_or_else(|| panic!("no {key} in {text}"))
 }
 
-/// nkctl with no credentials but those `env` gives (no flags, none of the
-/// harness's).
-fn nkctl_env(hub: &Hub, env: &[(&str, &str)], args: &[&str], stdin: Option<&str>) -> std::process::Output {
-    use std::io::Write;
-    let mut cmd = std::process::Command::new(nodekeeper_e2e::bin("nkctl"));
-    cmd.env("XDG_CONFIG_HOME", "/nonexistent")
-        .env_remove("NKCTL_CONFIG")
-        .env_remove("NODEKEEPER_TOKEN")
-        .env_remove("NODEKEEPER_CA")
-        .env_remove("NODEKEEPER_HUB")
-        .envs(env.iter().copied())
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    if !env.iter().any(|(k, _)| *k == "NKCTL_CONFIG") {
-        cmd.arg("--hub").arg(hub.http_url());
-    }
-    let mut child = cmd.spawn().expect("nkctl");
-    let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin.unwrap_or_default().as_bytes()).expect("stdin");
-    drop(input);
-    child.wait_with_output().expect("nkctl")
-}
-
 #[test]
 fn nkctl_creates_lists_and_deletes_tokens_and_finds_its_credentials_in_flags_env_or_its_config_file() {
     let tmp = TempDir::new("sec-nkctl");
@@ -981,13 +957,16 @@ fn nkctl_creates_lists_and_deletes_tokens_and_finds_its_credentials_in_flags_env
     ]));
     let viewer = field(&text, "token:");
     assert_eq!(field(&text, "role:"), "viewer");
-    let ca = c.ca.display().to_string();
-    let component = "apiVersion: nodekeeper.io/v1\nkind: Component\nmetadata: {name: web}\nspec:\n  version: \"1\"\n  files: [{path: /etc/web.conf, template: x}]\n";
-    let by_flag = nkctl_env(&hub, &[], &["--token", &viewer, "--ca", &ca, "get", "nodes"], None);
+    let (ca, url) = (c.ca.display().to_string(), hub.http_url());
+    let by_flag = nkctl_as(
+        &[],
+        &["--hub", &url, "--token", &viewer, "--ca", &ca, "get", "nodes"],
+        None,
+    );
     assert!(ok(&by_flag).contains("gpu-1"));
     let env = [("NODEKEEPER_TOKEN", viewer.as_str()), ("NODEKEEPER_CA", ca.as_str())];
-    assert!(ok(&nkctl_env(&hub, &env, &["get", "nodes"], None)).contains("gpu-1"));
-    let refused = nkctl_env(&hub, &env, &["apply", "-f", "-"], Some(component));
+    assert!(ok(&nkctl_as(&env, &["--hub", &url, "get", "nodes"], None)).contains("gpu-1"));
+    let refused = nkctl_as(&env, &["--hub", &url, "apply", "-f", "-"], Some(COMPONENT));
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("needs operator"),
@@ -1008,9 +987,13 @@ fn nkctl_creates_lists_and_deletes_tokens_and_finds_its_credentials_in_flags_env
     )
     .expect("config");
     let cfg_env = [("NKCTL_CONFIG", cfg.to_str().expect("path"))];
-    assert!(ok(&nkctl_env(&hub, &cfg_env, &["get", "nodes"], None)).contains("gpu-1"));
+    assert!(ok(&nkctl_as(&cfg_env, &["get", "nodes"], None)).contains("gpu-1"));
     // Without any of them: a clear refusal, not a crash.
-    let bare = nkctl_env(&hub, &[("NODEKEEPER_CA", ca.as_str())], &["get", "nodes"], None);
+    let bare = nkctl_as(
+        &[("NODEKEEPER_CA", ca.as_str())],
+        &["--hub", &url, "get", "nodes"],
+        None,
+    );
     assert!(!bare.status.success());
     assert!(
         String::from_utf8_lossy(&bare.stderr).contains("no Authorization header"),
@@ -1022,7 +1005,7 @@ fn nkctl_creates_lists_and_deletes_tokens_and_finds_its_credentials_in_flags_env
     for t in [viewer_id, id] {
         assert!(ok(&hub.nkctl(&["token", "delete", t])).contains(&format!("token/{t} deleted")));
     }
-    let after = nkctl_env(&hub, &cfg_env, &["get", "nodes"], None);
+    let after = nkctl_as(&cfg_env, &["get", "nodes"], None);
     assert!(!after.status.success());
     let why = String::from_utf8_lossy(&after.stderr);
     assert!(why.contains(&format!("token {viewer_id} is not known")), "{why}");

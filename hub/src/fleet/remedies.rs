@@ -359,7 +359,8 @@ impl State {
         mut job: RemedyJob,
         metrics: &crate::metrics::Metrics,
     ) -> Vec<Write> {
-        // A node speaks only for itself.
+        // A job that names no node is the reporter's (ingest refuses one
+        // that names another node).
         job.node = node.to_string();
         if job.id.is_empty() || job.id.len() > 200 {
             return Vec::new();

@@ -86,17 +86,11 @@ pub enum StepError {
     Refused(String),
 }
 
-impl StepError {
-    pub fn message(&self) -> &str {
-        match self {
-            StepError::Failed(m) | StepError::Refused(m) => m,
-        }
-    }
-}
-
 impl std::fmt::Display for StepError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.message())
+        match self {
+            StepError::Failed(m) | StepError::Refused(m) => f.write_str(m),
+        }
     }
 }
 
